@@ -1,0 +1,83 @@
+//! One interface for every backend (Flannel's model): the daemon asks a backend what to publish
+//! in its lease, hands it the lease it got, then feeds it other nodes' leases as they change.
+
+mod host_gw;
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use async_trait::async_trait;
+use subnet_manager::config::NetworkConfig;
+use subnet_manager::lease::Lease;
+use thiserror::Error;
+
+use crate::netlink::{Link, NetlinkError};
+
+#[derive(Debug, Error)]
+pub enum BackendError {
+    #[error("backend type {0:?} is not supported (known: host-gw)")]
+    UnknownType(String),
+    #[error("Backend config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("peer {peer}: {reason}")]
+    Peer { peer: String, reason: String },
+}
+
+/// The underlay this node talks on: chosen by `--iface`/`--public-ip`.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    pub iface: Link,
+    pub public_ip: Ipv4Addr,
+    pub public_ipv6: Option<Ipv6Addr>,
+}
+
+/// What a backend puts into our lease besides the public addresses.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LeaseData {
+    pub backend_type: Option<String>,
+    pub backend_data: Option<serde_json::Value>,
+    pub backend_v6_data: Option<serde_json::Value>,
+}
+
+#[async_trait]
+pub trait Backend: Send {
+    /// The `Backend.Type` string, for logs.
+    fn name(&self) -> &'static str;
+
+    /// Bytes of encapsulation per packet: the pod MTU is the underlay MTU minus this.
+    fn mtu_overhead(&self) -> u32;
+
+    /// What to publish in our lease. Called before the lease is taken: a backend that needs a
+    /// device to know its data (VXLAN's MAC, WireGuard's key) creates it in `new`.
+    fn lease_data(&self) -> LeaseData;
+
+    /// Configures the local side for the lease we hold. Called again if the lease changes.
+    async fn start(&mut self, own: &Lease) -> Result<(), BackendError>;
+
+    /// A peer's lease appeared or changed. An error concerns this peer alone.
+    async fn add_peer(&mut self, peer: &Lease) -> Result<(), BackendError>;
+
+    /// A peer's lease is gone. An error concerns this peer alone.
+    async fn remove_peer(&mut self, peer: &Lease) -> Result<(), BackendError>;
+
+    /// The full set of peers after the first listing: install what is missing and remove what we
+    /// installed earlier (e.g. before a restart) that no lease justifies any more.
+    async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError>;
+}
+
+/// Builds the backend named by `Backend.Type`.
+pub async fn new_backend(
+    config: &NetworkConfig,
+    node: &NodeInfo,
+) -> Result<Box<dyn Backend>, BackendError> {
+    match config.backend_type.to_ascii_lowercase().as_str() {
+        "host-gw" => Ok(Box::new(host_gw::HostGw::new(config, node)?)),
+        other => Err(BackendError::UnknownType(other.to_string())),
+    }
+}
+
+/// Whether a peer's lease was written by a node running `backend_type` (Flannel ignores others).
+fn same_backend(peer: &Lease, backend_type: &str) -> bool {
+    peer.attrs.backend_type.as_deref().unwrap_or("udp") == backend_type
+}

@@ -1,0 +1,172 @@
+//! ADD, DEL and CHECK: subnet.env and our config in, the delegate plugin does the work.
+
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+use subnet_manager::subnet_env::SubnetEnv;
+
+use super::args::{CniArgs, Command, Environment};
+use super::conf::NetConf;
+use super::error::CniError;
+use super::saved::SavedConfigs;
+use super::{delegate, invoke};
+
+/// How long ADD waits for subnet.env to appear (or be complete) before giving up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub subnet_env_wait: Duration,
+    pub subnet_env_poll: Duration,
+}
+
+impl Default for Options {
+    /// flanneld writes subnet.env within moments of starting; kubelet retries ADD anyway, so
+    /// waiting a few seconds turns a start-up race into a slow ADD instead of a failed pod.
+    fn default() -> Self {
+        Options {
+            subnet_env_wait: Duration::from_secs(5),
+            subnet_env_poll: Duration::from_millis(100),
+        }
+    }
+}
+
+/// ADD: returns the delegate's result unchanged.
+pub fn add(
+    args: &CniArgs,
+    conf: &NetConf,
+    env: &Environment,
+    opts: &Options,
+) -> Result<Vec<u8>, CniError> {
+    let subnet_env = read_subnet_env(&conf.subnet_file, opts)?;
+    let delegate = delegate::build(conf, &subnet_env)?;
+    let plugin = plugin_type(&delegate).unwrap_or(delegate::DEFAULT_TYPE).to_string();
+    // Found before anything is saved: a missing plugin leaves no config that would make every
+    // later DEL fail too.
+    let plugin_path = invoke::find_in_path(&plugin, &args.path)?;
+    let bytes = to_json(delegate);
+    let saved = SavedConfigs::new(&conf.data_dir);
+    // Saved before the delegate runs, so a DEL after a crash mid-ADD can still clean up.
+    saved.save(&args.container_id, &bytes)?;
+
+    let failure = match invoke::exec(&plugin_path, &plugin, Command::Add, &bytes, env) {
+        Ok(out) if serde_json::from_slice::<Value>(&out).is_ok_and(|v| v.is_object()) => {
+            return Ok(out)
+        }
+        Ok(out) => CniError::DelegateFailed {
+            plugin: plugin.clone(),
+            command: "ADD",
+            message: format!(
+                "it succeeded but printed no JSON result: {:?}",
+                String::from_utf8_lossy(&out)
+            ),
+            raw: None,
+        },
+        Err(e) => e,
+    };
+    // Undo whatever the delegate did before failing (veth, IPAM allocation). If that fails too,
+    // the saved config stays for the runtime's own DEL to retry with.
+    match invoke::exec(&plugin_path, &plugin, Command::Del, &bytes, env) {
+        Ok(_) => {
+            if let Err(e) = saved.remove(&args.container_id) {
+                eprintln!("flannel: after failed ADD: {e}");
+            }
+        }
+        Err(e) => eprintln!("flannel: cleanup after failed ADD: {e}"),
+    }
+    Err(failure)
+}
+
+/// DEL: runs the delegate with the config ADD saved; no saved config means nothing to undo.
+pub fn del(args: &CniArgs, conf: &NetConf, env: &Environment) -> Result<Vec<u8>, CniError> {
+    let saved = SavedConfigs::new(&conf.data_dir);
+    let Some(bytes) = saved.load(&args.container_id)? else {
+        return Ok(Vec::new());
+    };
+    let plugin = match parse_saved(&saved, &args.container_id, &bytes) {
+        Ok(map) => plugin_type(&map).map(str::to_string),
+        Err(_) => None,
+    };
+    let Some(plugin) = plugin else {
+        // Nothing can be run with it, and failing would block the pod's teardown forever;
+        // Flannel's plugin also reports success here.
+        eprintln!(
+            "flannel: saved delegate config {} is unreadable; removed without running a delegate",
+            saved.path(&args.container_id).display()
+        );
+        saved.remove(&args.container_id)?;
+        return Ok(Vec::new());
+    };
+    invoke::run(&plugin, &args.path, Command::Del, &bytes, env)?;
+    saved.remove(&args.container_id)?;
+    Ok(Vec::new())
+}
+
+/// CHECK: the delegate's CHECK with the saved config and the runtime's prevResult.
+pub fn check(args: &CniArgs, conf: &NetConf, env: &Environment) -> Result<Vec<u8>, CniError> {
+    let saved = SavedConfigs::new(&conf.data_dir);
+    let Some(bytes) = saved.load(&args.container_id)? else {
+        return Err(CniError::NoSavedConfig(saved.path(&args.container_id)));
+    };
+    let mut delegate = parse_saved(&saved, &args.container_id, &bytes)?;
+    let plugin = plugin_type(&delegate)
+        .ok_or_else(|| CniError::CorruptSavedConfig {
+            path: saved.path(&args.container_id),
+            reason: "no string \"type\"".into(),
+        })?
+        .to_string();
+    if let Some(prev) = &conf.prev_result {
+        delegate.insert("prevResult".into(), prev.clone());
+    }
+    // prevResult is in the runtime's current version; the delegate must read it as such.
+    if let Some(v) = &conf.cni_version {
+        delegate.insert("cniVersion".into(), Value::String(v.clone()));
+    }
+    invoke::run(&plugin, &args.path, Command::Check, &to_json(delegate), env)?;
+    Ok(Vec::new())
+}
+
+/// Reads subnet.env, waiting while it is missing or incomplete (flanneld starting up).
+fn read_subnet_env(path: &Path, opts: &Options) -> Result<SubnetEnv, CniError> {
+    let start = Instant::now();
+    loop {
+        match SubnetEnv::read(path) {
+            Ok(env) => return Ok(env),
+            Err(e) if e.is_not_found() || e.is_incomplete() => {
+                if start.elapsed() >= opts.subnet_env_wait {
+                    return Err(CniError::SubnetEnvNotReady {
+                        waited_ms: start.elapsed().as_millis(),
+                        source: e,
+                    });
+                }
+                thread::sleep(opts.subnet_env_poll);
+            }
+            Err(e) => return Err(CniError::SubnetEnv(e)),
+        }
+    }
+}
+
+fn parse_saved(
+    saved: &SavedConfigs,
+    container_id: &str,
+    bytes: &[u8],
+) -> Result<Map<String, Value>, CniError> {
+    let corrupt = |reason: String| CniError::CorruptSavedConfig {
+        path: saved.path(container_id),
+        reason,
+    };
+    match serde_json::from_slice(bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(corrupt("not a JSON object".into())),
+        Err(e) => Err(corrupt(e.to_string())),
+    }
+}
+
+fn plugin_type(conf: &Map<String, Value>) -> Option<&str> {
+    conf.get("type").and_then(Value::as_str)
+}
+
+fn to_json(map: Map<String, Value>) -> Vec<u8> {
+    // A Value with string keys always serializes; the empty fallback is never taken.
+    serde_json::to_vec(&Value::Object(map)).unwrap_or_default()
+}

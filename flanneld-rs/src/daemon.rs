@@ -1,0 +1,347 @@
+//! The daemon's life: wait for a valid config, take a lease, start the backend, write
+//! subnet.env, then follow other nodes' leases and keep ours renewed until told to stop.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use encap::netlink::Netlink;
+use encap::{new_backend, Backend, NodeInfo};
+use subnet_manager::alloc::Identity;
+use subnet_manager::config::NetworkConfig;
+use subnet_manager::lease::{Lease, LeaseAttrs, SubnetKey};
+use subnet_manager::lifecycle::{self, LeaseLost, LeaseRequest};
+use subnet_manager::registry::{EtcdOptions, HeldLease, Registry};
+use subnet_manager::subnet_env::SubnetEnv;
+use subnet_manager::watch::{self, LeaseEvent};
+use subnet_manager::Backoff;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{oneshot, watch as tokio_watch};
+use tokio::task::JoinHandle;
+
+use crate::flags::Flags;
+use crate::iface;
+
+/// Set when SIGTERM or SIGINT arrives; every wait in the daemon also waits on it.
+#[derive(Clone)]
+struct Shutdown(tokio_watch::Receiver<bool>);
+
+impl Shutdown {
+    fn install() -> Result<Self> {
+        let (tx, rx) = tokio_watch::channel(false);
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        tokio::spawn(async move {
+            let which = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            tracing::info!("{which} received: stopping (the lease stays in etcd for the restart)");
+            let _ = tx.send(true);
+        });
+        Ok(Shutdown(rx))
+    }
+
+    async fn wait(&mut self) {
+        while !*self.0.borrow() {
+            if self.0.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Sleeps, or returns false at once if we are stopping.
+    async fn sleep(&mut self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = self.wait() => false,
+        }
+    }
+}
+
+/// Retries `op` with back-off until it succeeds (`Some`) or we are told to stop (`None`).
+/// Errors are logged only when their text changes, so a long etcd outage is not a log flood.
+async fn retry<T, E, F, Fut>(what: &str, shutdown: &mut Shutdown, mut op: F) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut last = String::new();
+    loop {
+        let attempt = tokio::select! {
+            r = op() => r,
+            _ = shutdown.wait() => return None,
+        };
+        match attempt {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                let msg = e.to_string();
+                if msg != last {
+                    tracing::error!("{what}: {msg} (retrying)");
+                    last = msg;
+                }
+                if !shutdown.sleep(backoff.next_delay()).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+pub async fn run(flags: Flags) -> Result<()> {
+    let mut shutdown = Shutdown::install()?;
+    let registry = Registry::connect(&etcd_options(&flags)).await?;
+    let netlink = Netlink::open().context("opening netlink")?;
+    let node = iface::choose(&netlink, &flags).await?;
+
+    let Some(config) = retry("waiting for a valid network config", &mut shutdown, || {
+        registry.network_config()
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    tracing::info!(
+        network = ?config.network,
+        ipv6_network = ?config.ipv6_network,
+        backend = %config.backend_type,
+        "network config loaded"
+    );
+    let mut backend = new_backend(&config, &node)
+        .await
+        .with_context(|| format!("starting the {} backend", config.backend_type))?;
+
+    let previous = previous_subnet(&flags);
+    let mut req = LeaseRequest {
+        attrs: lease_attrs(&node, backend.as_ref()),
+        identity: Identity {
+            public_ip: node.public_ip,
+            public_ipv6: node.public_ipv6,
+        },
+        config,
+        previous,
+        ttl: flags.subnet_lease_ttl,
+    };
+    let Some(held) = retry("acquiring a subnet lease", &mut shutdown, || {
+        lifecycle::acquire(&registry, &req)
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    let mut own = start_lease(&flags, &req.config, &node, backend.as_mut(), &held).await?;
+    let mut renewer = Renewer::spawn(&registry, held, flags.renew_margin());
+
+    let mut events = watch::spawn(registry.clone());
+    let mut peers: HashMap<SubnetKey, Lease> = HashMap::new();
+    let mut reconciled = false;
+    loop {
+        let lost = tokio::select! {
+            _ = shutdown.wait() => break,
+            lost = &mut renewer.lost => match lost {
+                Ok(why) => Some(format!("{why:?}")),
+                Err(_) => Some("renewal task ended".to_string()),
+            },
+            batch = events.recv() => {
+                let Some(batch) = batch else { break };
+                let own_removed = apply_events(&own, batch, &mut peers, backend.as_mut(), reconciled).await;
+                if !reconciled {
+                    reconciled = true;
+                    let all: Vec<Lease> = peers.values().cloned().collect();
+                    if let Err(e) = backend.reconcile(&all).await {
+                        tracing::warn!("reconciling peers: {e}");
+                    }
+                    tracing::info!(peers = peers.len(), "peers programmed");
+                }
+                own_removed.then(|| "our lease key was deleted from etcd".to_string())
+            }
+        };
+        if let Some(why) = lost {
+            tracing::warn!(subnet = %own.key, "lease lost ({why}): acquiring again");
+            renewer.stop();
+            req.previous = Some(own.key.clone());
+            let Some(held) = retry("re-acquiring a subnet lease", &mut shutdown, || {
+                lifecycle::acquire(&registry, &req)
+            })
+            .await
+            else {
+                break;
+            };
+            if held.key != own.key {
+                tracing::warn!(old = %own.key, new = %held.key, "our old subnet was taken meanwhile: pods created before keep addresses from the old one until recreated");
+                own = start_lease(&flags, &req.config, &node, backend.as_mut(), &held).await?;
+            } else {
+                tracing::info!(subnet = %held.key, "lease re-acquired with the same subnet");
+            }
+            renewer = Renewer::spawn(&registry, held, flags.renew_margin());
+        }
+    }
+    renewer.stop();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Feeds a batch of lease events to the backend. Returns true if our own lease was deleted.
+async fn apply_events(
+    own: &Lease,
+    batch: Vec<LeaseEvent>,
+    peers: &mut HashMap<SubnetKey, Lease>,
+    backend: &mut dyn Backend,
+    reconciled: bool,
+) -> bool {
+    let mut own_removed = false;
+    for ev in batch {
+        match ev {
+            LeaseEvent::Added(lease) if lease.key == own.key => {}
+            LeaseEvent::Removed(lease) if lease.key == own.key => own_removed = true,
+            LeaseEvent::Added(lease) => {
+                tracing::info!(subnet = %lease.key, public_ip = %lease.attrs.public_ip, "peer added");
+                if reconciled {
+                    if let Err(e) = backend.add_peer(&lease).await {
+                        tracing::warn!("{e}");
+                    }
+                }
+                peers.insert(lease.key.clone(), lease);
+            }
+            LeaseEvent::Removed(lease) => {
+                tracing::info!(subnet = %lease.key, public_ip = %lease.attrs.public_ip, "peer removed");
+                peers.remove(&lease.key);
+                if let Err(e) = backend.remove_peer(&lease).await {
+                    tracing::warn!("{e}");
+                }
+            }
+        }
+    }
+    own_removed
+}
+
+/// Configures the backend for the lease we hold and writes subnet.env for the CNI plugin.
+async fn start_lease(
+    flags: &Flags,
+    config: &NetworkConfig,
+    node: &NodeInfo,
+    backend: &mut dyn Backend,
+    held: &HeldLease,
+) -> Result<Lease> {
+    let own = Lease {
+        key: held.key.clone(),
+        attrs: held.attrs.clone(),
+    };
+    backend
+        .start(&own)
+        .await
+        .with_context(|| format!("configuring the {} backend for {}", backend.name(), own.key))?;
+    let env = SubnetEnv {
+        network: config.network,
+        subnet: own.key.ipv4.map(first_host),
+        ipv6_network: config.ipv6_network,
+        ipv6_subnet: own.key.ipv6.map(first_host),
+        mtu: node.iface.mtu.saturating_sub(backend.mtu_overhead()),
+        ipmasq: flags.ip_masq,
+    };
+    env.write_atomic(&flags.subnet_file)
+        .with_context(|| format!("writing {}", flags.subnet_file.display()))?;
+    tracing::info!(file = %flags.subnet_file.display(), subnet = %own.key, mtu = env.mtu, "wrote subnet.env");
+    Ok(own)
+}
+
+/// The lease's first address with the lease's prefix length (FLANNEL_SUBNET's form).
+fn first_host<N: SubnetAddr>(net: N) -> N {
+    net.first_host()
+}
+
+trait SubnetAddr {
+    fn first_host(self) -> Self;
+}
+
+impl SubnetAddr for ipnet::Ipv4Net {
+    fn first_host(self) -> Self {
+        let addr = std::net::Ipv4Addr::from(u32::from(self.network()).wrapping_add(1));
+        ipnet::Ipv4Net::new(addr, self.prefix_len()).unwrap_or(self)
+    }
+}
+
+impl SubnetAddr for ipnet::Ipv6Net {
+    fn first_host(self) -> Self {
+        let addr = std::net::Ipv6Addr::from(u128::from(self.network()).wrapping_add(1));
+        ipnet::Ipv6Net::new(addr, self.prefix_len()).unwrap_or(self)
+    }
+}
+
+/// The subnet recorded by a previous run (ours or Go Flannel's), to ask for it again.
+fn previous_subnet(flags: &Flags) -> Option<SubnetKey> {
+    match SubnetEnv::read(&flags.subnet_file) {
+        Ok(env) => {
+            let key = SubnetKey {
+                ipv4: env.leased_ipv4(),
+                ipv6: env.leased_ipv6(),
+            };
+            (key.ipv4.is_some() || key.ipv6.is_some()).then_some(key)
+        }
+        Err(e) => {
+            tracing::debug!("no previous subnet: {e}");
+            None
+        }
+    }
+}
+
+fn lease_attrs(node: &NodeInfo, backend: &dyn Backend) -> LeaseAttrs {
+    let data = backend.lease_data();
+    LeaseAttrs {
+        public_ip: node.public_ip,
+        public_ipv6: node.public_ipv6,
+        backend_type: data.backend_type,
+        backend_data: data.backend_data,
+        backend_v6_data: data.backend_v6_data,
+    }
+}
+
+fn etcd_options(flags: &Flags) -> EtcdOptions {
+    EtcdOptions {
+        endpoints: flags.etcd_endpoints.clone(),
+        prefix: flags.etcd_prefix.clone(),
+        username: flags.etcd_username.clone(),
+        password: flags.etcd_password.clone(),
+        cafile: flags.etcd_cafile.clone(),
+        certfile: flags.etcd_certfile.clone(),
+        keyfile: flags.etcd_keyfile.clone(),
+    }
+}
+
+/// The background task that keeps our lease renewed and says when it is lost.
+struct Renewer {
+    task: JoinHandle<()>,
+    lost: oneshot::Receiver<LeaseLost>,
+}
+
+impl Renewer {
+    fn spawn(registry: &Registry, mut held: HeldLease, margin: Duration) -> Self {
+        let (tx, lost) = oneshot::channel();
+        let registry = registry.clone();
+        let task = tokio::spawn(async move {
+            let why = lifecycle::keep_renewed(&registry, &mut held, margin).await;
+            let _ = tx.send(why);
+        });
+        Renewer { task, lost }
+    }
+
+    fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnet_env_address_is_first_host() {
+        let n: ipnet::Ipv4Net = "10.244.3.0/24".parse().expect("net");
+        assert_eq!(first_host(n).to_string(), "10.244.3.1/24");
+        let n6: ipnet::Ipv6Net = "fc00:0:0:3::/64".parse().expect("net");
+        assert_eq!(first_host(n6).to_string(), "fc00:0:0:3::1/64");
+    }
+}

@@ -1,0 +1,6 @@
+//! flanneld-rs: the daemon's wiring and the Flannel-compatible CNI plugin.
+
+pub mod cni;
+pub mod daemon;
+pub mod flags;
+mod iface;

@@ -1,0 +1,39 @@
+//! The flanneld-rs daemon binary: flags, logging, runtime; the rest lives in `daemon`.
+
+use flanneld_rs::{daemon, flags::Flags};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    let flags = Flags::from_args();
+    let level = match flags.verbosity {
+        0 => "info",
+        1..=4 => "debug",
+        _ => "trace",
+    };
+    // RUST_LOG, when set, wins over -v (e.g. RUST_LOG=subnet_manager=debug).
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "flanneld-rs starting");
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("starting the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(daemon::run(flags)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("fatal: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

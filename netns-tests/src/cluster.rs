@@ -1,0 +1,315 @@
+//! A cluster in network namespaces:
+//!
+//! ```text
+//!   <p>-ul (underlay): bridge br0 172.30.0.254/24, etcd on :2379
+//!      ├── veth n1 ── eth0 172.30.0.11/24 in <p>-n1 (node: daemon, cni0, pods <p>-n1p1 …)
+//!      ├── veth n2 ── eth0 172.30.0.12/24 in <p>-n2
+//!      └── …
+//! ```
+//! Every link is created inside our own namespaces; the host's namespace is never touched.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tempfile::TempDir;
+
+use crate::etcd::Etcd;
+use crate::proc::{self, run, run_in, Daemon};
+use crate::{binary, bin_dir, sweep, unique_prefix, wait_until};
+
+pub const UNDERLAY_GW: &str = "172.30.0.254";
+pub const ETCD_PREFIX: &str = "/coreos.com/network";
+pub const POD_NETWORK: &str = "10.244.0.0/16";
+
+pub struct Node {
+    pub name: String,
+    /// The node's namespace.
+    pub ns: String,
+    /// The node's underlay address on its eth0.
+    pub ip: String,
+    /// Per-node files: subnet.env, CNI state, IPAM state, daemon log.
+    pub dir: PathBuf,
+    pub daemon: Option<Daemon>,
+    pods: usize,
+}
+
+impl Node {
+    pub fn subnet_file(&self) -> PathBuf {
+        self.dir.join("subnet.env")
+    }
+
+    /// Runs a command in this node's namespace.
+    pub fn run(&self, prog: &str, args: &[&str]) -> Result<String> {
+        run_in(&self.ns, prog, args)
+    }
+
+    /// `ip route` of the node, one route per line.
+    pub fn routes(&self) -> Result<String> {
+        self.run("ip", &["route", "show"])
+    }
+
+    pub fn log(&self) -> String {
+        self.daemon.as_ref().map(Daemon::log_text).unwrap_or_default()
+    }
+}
+
+/// A pod: its own namespace, attached to a node through the CNI plugin.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub ns: String,
+    pub node: usize,
+    pub container_id: String,
+    /// The pod's address, without prefix length.
+    pub ip: String,
+}
+
+pub struct Cluster {
+    pub prefix: String,
+    pub underlay: String,
+    pub nodes: Vec<Node>,
+    pub etcd: Option<Etcd>,
+    namespaces: Vec<String>,
+    // Declared last: dropped after everything that writes into it.
+    pub dir: TempDir,
+}
+
+impl Cluster {
+    /// Builds the underlay, etcd and `n` node namespaces (no daemons yet).
+    pub fn new(n: usize) -> Result<Self> {
+        sweep();
+        let prefix = unique_prefix();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{prefix}-"))
+            .tempdir()
+            .context("creating the cluster's temp dir")?;
+        let mut cluster = Cluster {
+            underlay: format!("{prefix}-ul"),
+            prefix,
+            nodes: Vec::new(),
+            etcd: None,
+            namespaces: Vec::new(),
+            dir,
+        };
+        let ul = cluster.underlay.clone();
+        cluster.add_netns(&ul)?;
+        run_in(&ul, "ip", &["link", "add", "br0", "type", "bridge"])?;
+        run_in(&ul, "ip", &["addr", "add", &format!("{UNDERLAY_GW}/24"), "dev", "br0"])?;
+        run_in(&ul, "ip", &["link", "set", "br0", "up"])?;
+        cluster.etcd = Some(Etcd::in_netns(&ul, UNDERLAY_GW, cluster.dir.path())?);
+        for _ in 0..n {
+            cluster.add_node()?;
+        }
+        Ok(cluster)
+    }
+
+    fn add_netns(&mut self, name: &str) -> Result<()> {
+        run("ip", &["netns", "add", name])?;
+        self.namespaces.push(name.to_string());
+        run_in(name, "ip", &["link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// Adds one node namespace wired to the underlay bridge; returns its index.
+    pub fn add_node(&mut self) -> Result<usize> {
+        let i = self.nodes.len();
+        let name = format!("n{}", i + 1);
+        let ns = format!("{}-{name}", self.prefix);
+        let ip = format!("172.30.0.{}", 11 + i);
+        self.add_netns(&ns)?;
+        let ul = self.underlay.clone();
+        run_in(&ul, "ip", &["link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        run_in(&ul, "ip", &["link", "set", &name, "master", "br0", "up"])?;
+        run_in(&ns, "ip", &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        run_in(&ns, "ip", &["link", "set", "eth0", "up"])?;
+        run_in(&ns, "ip", &["route", "add", "default", "via", UNDERLAY_GW])?;
+        // Kubelet or the container runtime enables forwarding on real nodes; flannel does not.
+        run_in(&ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        let dir = self.dir.path().join(&name);
+        std::fs::create_dir_all(&dir)?;
+        self.nodes.push(Node {
+            name,
+            ns,
+            ip,
+            dir,
+            daemon: None,
+            pods: 0,
+        });
+        Ok(i)
+    }
+
+    pub fn etcd(&self) -> Result<&Etcd> {
+        self.etcd.as_ref().ok_or_else(|| anyhow!("etcd is not running"))
+    }
+
+    /// Writes the network config, e.g. `{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}`.
+    pub fn put_config(&self, json: &str) -> Result<()> {
+        self.etcd()?.put(&format!("{ETCD_PREFIX}/config"), json)
+    }
+
+    /// The leases in etcd as (key suffix, JSON value).
+    pub fn leases(&self) -> Result<Vec<(String, String)>> {
+        let prefix = format!("{ETCD_PREFIX}/subnets/");
+        Ok(self
+            .etcd()?
+            .list(&prefix)?
+            .into_iter()
+            .map(|(k, v)| (k.trim_start_matches(&prefix).to_string(), v))
+            .collect())
+    }
+
+    /// Starts flanneld-rs in node `i` with the harness's flags plus `extra`.
+    pub fn start_daemon(&mut self, i: usize, extra: &[&str]) -> Result<()> {
+        let prog = binary("flanneld-rs")?;
+        let node = &self.nodes[i];
+        let mut args = vec![
+            format!("--etcd-endpoints=http://{UNDERLAY_GW}:2379"),
+            format!("--etcd-prefix={ETCD_PREFIX}"),
+            "--iface=eth0".to_string(),
+            format!("--subnet-file={}", node.subnet_file().display()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.start_program(i, &prog, &args, &[("RUST_LOG", "debug")])
+    }
+
+    /// Starts any daemon in node `i` (ours or another implementation), logging to its dir.
+    pub fn start_program(
+        &mut self,
+        i: usize,
+        prog: &Path,
+        args: &[String],
+        envs: &[(&str, &str)],
+    ) -> Result<()> {
+        let node = &mut self.nodes[i];
+        if node.daemon.is_some() {
+            bail!("node {} already runs a daemon", node.name);
+        }
+        let log = node.dir.join("daemon.log");
+        node.daemon = Some(Daemon::spawn(&node.name, Some(&node.ns), prog, args, envs, &log)?);
+        Ok(())
+    }
+
+    /// Stops node `i`'s daemon with SIGTERM; returns its exit code (None if it had to be killed).
+    pub fn stop_daemon(&mut self, i: usize) -> Option<i32> {
+        self.nodes[i]
+            .daemon
+            .take()
+            .and_then(|mut d| d.stop(Duration::from_secs(10)))
+    }
+
+    /// Waits for node `i`'s subnet.env and returns its text.
+    pub fn wait_subnet_env(&self, i: usize, timeout: Duration) -> Result<String> {
+        let path = self.nodes[i].subnet_file();
+        wait_until(&format!("{}", path.display()), timeout, || path.exists())
+            .with_context(|| format!("daemon log:\n{}", self.nodes[i].log()))?;
+        Ok(std::fs::read_to_string(&path)?)
+    }
+
+    /// The CNI config our runtime hands the plugin: Flannel's format, state kept in our dir.
+    fn cni_conf(&self, node: &Node) -> String {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "cbr0",
+            "type": "flannel",
+            "subnetFile": node.subnet_file(),
+            "dataDir": node.dir.join("cni"),
+            "delegate": {"hairpinMode": true, "isDefaultGateway": true},
+            "ipam": {"dataDir": node.dir.join("ipam")},
+        })
+        .to_string()
+    }
+
+    /// Calls the CNI plugin in node `i` the way a container runtime does.
+    pub fn cni(&self, i: usize, command: &str, pod_ns: &str, container_id: &str) -> Result<String> {
+        let node = &self.nodes[i];
+        let plugin = binary("flannel")?;
+        let cni_path = format!("{}:/usr/lib/cni", bin_dir()?.display());
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &node.ns, "env"])
+            .arg(format!("CNI_COMMAND={command}"))
+            .arg(format!("CNI_CONTAINERID={container_id}"))
+            .arg(format!("CNI_NETNS=/var/run/netns/{pod_ns}"))
+            .arg("CNI_IFNAME=eth0")
+            .arg(format!("CNI_PATH={cni_path}"))
+            .arg(plugin)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running the CNI plugin")?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(self.cni_conf(node).as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "CNI {command} on {} failed: {stdout} {}",
+                node.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(stdout)
+    }
+
+    /// Creates a pod namespace on node `i` and attaches it with CNI ADD.
+    pub fn add_pod(&mut self, i: usize) -> Result<Pod> {
+        self.nodes[i].pods += 1;
+        let ns = format!("{}p{}", self.nodes[i].ns, self.nodes[i].pods);
+        self.add_netns(&ns)?;
+        let container_id = format!("{}-{}", self.prefix, ns);
+        let result = self.cni(i, "ADD", &ns, &container_id)?;
+        let json: serde_json::Value =
+            serde_json::from_str(&result).with_context(|| format!("CNI result is not JSON: {result}"))?;
+        let addr = json["ips"][0]["address"]
+            .as_str()
+            .ok_or_else(|| anyhow!("CNI result has no ips[0].address: {result}"))?;
+        let ip = addr.split('/').next().unwrap_or(addr).to_string();
+        Ok(Pod {
+            ns,
+            node: i,
+            container_id,
+            ip,
+        })
+    }
+
+    /// CNI DEL for a pod (its namespace stays until the cluster drops).
+    pub fn del_pod(&self, pod: &Pod) -> Result<()> {
+        self.cni(pod.node, "DEL", &pod.ns, &pod.container_id).map(drop)
+    }
+
+    /// Pings `dst` from a pod; Ok if all `count` replies came back.
+    pub fn ping(&self, from: &Pod, dst: &str, count: u32) -> Result<()> {
+        run_in(&from.ns, "ping", &["-c", &count.to_string(), "-i", "0.1", "-W", "1", "-q", dst])
+            .map(drop)
+    }
+
+    /// Pings every pod from every other pod (one packet each, two tries).
+    pub fn ping_mesh(&self, pods: &[Pod]) -> Result<()> {
+        for a in pods {
+            for b in pods {
+                if a.ns != b.ns && self.ping(a, &b.ip, 1).is_err() {
+                    self.ping(a, &b.ip, 2)
+                        .with_context(|| format!("ping {} ({}) -> {} ({})", a.ns, a.ip, b.ns, b.ip))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            // Dropping a daemon stops it, and prints its log's tail if the test panicked.
+            node.daemon = None;
+        }
+        self.etcd = None;
+        for ns in self.namespaces.iter().rev() {
+            proc::kill_netns_pids(ns);
+            let _ = run("ip", &["netns", "del", ns]);
+        }
+    }
+}

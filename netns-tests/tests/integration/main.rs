@@ -1,0 +1,16 @@
+//! Integration tests against real etcd, real namespaces and Debian's CNI plugins.
+//! One test binary (link once); tests needing root say so and skip without it.
+
+mod host_gw;
+mod registry;
+
+/// Skips a root-only test with a message (CI runs as root, so there they always run).
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !netns_tests::is_root() {
+            eprintln!("skipped: needs root (network namespaces)");
+            return Ok(());
+        }
+    };
+}

@@ -1,0 +1,344 @@
+//! The etcd v3 adapter: the only part of this crate that does I/O.
+//!
+//! It reads the network config, creates and renews lease keys the way Flannel does (a
+//! create-only-if-absent transaction under a granted etcd lease) and lists the subnets with the
+//! revision a watch resumes from. Everything it decides is delegated to the pure modules.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity as TlsIdentity,
+    PutOptions, TlsOptions, Txn, TxnOp,
+};
+use thiserror::Error;
+
+use crate::config::{ConfigError, NetworkConfig};
+use crate::lease::{Lease, LeaseAttrs, LeaseError, SubnetKey};
+
+/// How to reach etcd: Flannel's `--etcd-*` flags.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// CA, certificate and key files; TLS is used only when certificate and key are both given.
+    pub cafile: Option<String>,
+    pub certfile: Option<String>,
+    pub keyfile: Option<String>,
+}
+
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    #[error("etcd ({context}): {source}")]
+    Etcd {
+        context: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error(
+        "network config not found at {key} (did you create it with the etcd v3 API? e.g. etcdctl put {key} '{{\"Network\":\"10.244.0.0/16\",\"Backend\":{{\"Type\":\"host-gw\"}}}}')"
+    )]
+    ConfigMissing { key: String },
+    #[error("network config at {key}: {source}")]
+    ConfigInvalid {
+        key: String,
+        #[source]
+        source: ConfigError,
+    },
+    #[error("reading TLS file {path}: {source}")]
+    TlsFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("etcd TLS needs both --etcd-certfile and --etcd-keyfile")]
+    TlsIncomplete,
+}
+
+impl RegistryError {
+    fn etcd(context: impl Into<String>) -> impl FnOnce(etcd_client::Error) -> Self {
+        let context = context.into();
+        move |source| RegistryError::Etcd { context, source }
+    }
+}
+
+/// Counters an operator wants to see (exported as metrics by the daemon).
+#[derive(Debug, Default)]
+pub struct RegistryStats {
+    pub etcd_errors: AtomicU64,
+    pub malformed_leases: AtomicU64,
+    pub watch_restarts: AtomicU64,
+    pub lease_renewals: AtomicU64,
+}
+
+impl RegistryStats {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The subnets in etcd at one revision. Malformed entries are reported, not fatal.
+#[derive(Debug, Default)]
+pub struct LeaseList {
+    pub leases: Vec<Lease>,
+    pub malformed: Vec<LeaseError>,
+    pub revision: i64,
+}
+
+/// A lease key written by us under an etcd lease grant.
+#[derive(Clone, Debug)]
+pub struct HeldLease {
+    pub key: SubnetKey,
+    pub attrs: LeaseAttrs,
+    pub grant_id: i64,
+    pub ttl: Duration,
+    /// When the grant runs out, by the local monotonic clock.
+    pub expires_at: tokio::time::Instant,
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    client: Client,
+    prefix: String,
+    pub stats: Arc<RegistryStats>,
+}
+
+impl Registry {
+    /// Connects lazily: an etcd that is down makes the first request fail, not this call.
+    pub async fn connect(opts: &EtcdOptions) -> Result<Self, RegistryError> {
+        let mut connect = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        if let (Some(user), Some(pass)) = (&opts.username, &opts.password) {
+            connect = connect.with_user(user.clone(), pass.clone());
+        }
+        if let Some(tls) = tls_options(opts)? {
+            connect = connect.with_tls(tls);
+        }
+        let client = Client::connect(&opts.endpoints, Some(connect))
+            .await
+            .map_err(RegistryError::etcd(format!(
+                "connecting to {}",
+                opts.endpoints.join(",")
+            )))?;
+        Ok(Registry {
+            client,
+            prefix: opts.prefix.trim_end_matches('/').to_string(),
+            stats: Arc::default(),
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn config_key(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+
+    pub fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.prefix)
+    }
+
+    pub(crate) fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    fn count_err<T>(&self, r: Result<T, RegistryError>) -> Result<T, RegistryError> {
+        if matches!(r, Err(RegistryError::Etcd { .. })) {
+            RegistryStats::bump(&self.stats.etcd_errors);
+        }
+        r
+    }
+
+    /// Reads and checks `<prefix>/config`.
+    pub async fn network_config(&self) -> Result<NetworkConfig, RegistryError> {
+        let key = self.config_key();
+        let resp = self.count_err(
+            self.client
+                .clone()
+                .get(key.as_str(), None)
+                .await
+                .map_err(RegistryError::etcd(format!("reading {key}"))),
+        )?;
+        let Some(kv) = resp.kvs().first() else {
+            return Err(RegistryError::ConfigMissing { key });
+        };
+        NetworkConfig::parse(kv.value())
+            .map_err(|source| RegistryError::ConfigInvalid { key, source })
+    }
+
+    /// Lists every subnet lease with the revision to watch from.
+    pub async fn list_leases(&self) -> Result<LeaseList, RegistryError> {
+        let prefix = self.subnets_prefix();
+        let resp = self.count_err(
+            self.client
+                .clone()
+                .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+                .await
+                .map_err(RegistryError::etcd(format!("listing {prefix}"))),
+        )?;
+        let mut list = LeaseList {
+            revision: resp.header().map(|h| h.revision()).unwrap_or_default(),
+            ..LeaseList::default()
+        };
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key());
+            match Lease::parse(&self.prefix, &key, kv.value()) {
+                None => {}
+                Some(Ok(lease)) => list.leases.push(lease),
+                Some(Err(e)) => {
+                    RegistryStats::bump(&self.stats.malformed_leases);
+                    list.malformed.push(e);
+                }
+            }
+        }
+        Ok(list)
+    }
+
+    async fn grant(&self, ttl: Duration) -> Result<i64, RegistryError> {
+        let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let resp = self.count_err(
+            self.client
+                .clone()
+                .lease_grant(secs, None)
+                .await
+                .map_err(RegistryError::etcd("granting a lease")),
+        )?;
+        Ok(resp.id())
+    }
+
+    /// Best effort: a grant we no longer use would otherwise linger until its TTL.
+    async fn revoke(&self, grant_id: i64) {
+        if let Err(e) = self.client.clone().lease_revoke(grant_id).await {
+            tracing::debug!(grant_id, error = %e, "revoking an unused etcd lease grant failed");
+        }
+    }
+
+    fn held(&self, key: &SubnetKey, attrs: &LeaseAttrs, grant_id: i64, ttl: Duration) -> HeldLease {
+        HeldLease {
+            key: key.clone(),
+            attrs: attrs.clone(),
+            grant_id,
+            ttl,
+            expires_at: tokio::time::Instant::now() + ttl,
+        }
+    }
+
+    /// Writes a lease key only if it does not exist yet. `Ok(None)`: someone else holds it.
+    pub async fn create_lease(
+        &self,
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Option<HeldLease>, RegistryError> {
+        let full = key.to_key(&self.prefix);
+        let grant_id = self.grant(ttl).await?;
+        let txn = Txn::new()
+            .when([Compare::version(full.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                full.as_str(),
+                attrs.to_json(),
+                Some(PutOptions::new().with_lease(grant_id)),
+            )]);
+        let resp = self.count_err(
+            self.client
+                .clone()
+                .txn(txn)
+                .await
+                .map_err(RegistryError::etcd(format!("creating {full}"))),
+        )?;
+        if resp.succeeded() {
+            Ok(Some(self.held(key, attrs, grant_id, ttl)))
+        } else {
+            self.revoke(grant_id).await;
+            Ok(None)
+        }
+    }
+
+    /// Re-puts a lease key under a fresh grant. With `must_exist`, only while the key is still
+    /// there (`Ok(None)` when it was deleted: the caller acquires again rather than resurrect a
+    /// subnet another node may have taken meanwhile).
+    pub async fn put_lease(
+        &self,
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+        must_exist: bool,
+    ) -> Result<Option<HeldLease>, RegistryError> {
+        let full = key.to_key(&self.prefix);
+        let grant_id = self.grant(ttl).await?;
+        let put = TxnOp::put(
+            full.as_str(),
+            attrs.to_json(),
+            Some(PutOptions::new().with_lease(grant_id)),
+        );
+        let txn = if must_exist {
+            Txn::new()
+                .when([Compare::version(full.as_str(), CompareOp::Greater, 0)])
+                .and_then([put])
+        } else {
+            Txn::new().and_then([put])
+        };
+        let resp = self.count_err(
+            self.client
+                .clone()
+                .txn(txn)
+                .await
+                .map_err(RegistryError::etcd(format!("writing {full}"))),
+        )?;
+        if resp.succeeded() {
+            Ok(Some(self.held(key, attrs, grant_id, ttl)))
+        } else {
+            self.revoke(grant_id).await;
+            Ok(None)
+        }
+    }
+
+    /// Renews a held lease: the same value under a fresh grant, then the old grant is revoked.
+    pub async fn renew(&self, held: &HeldLease) -> Result<Option<HeldLease>, RegistryError> {
+        let renewed = self.put_lease(&held.key, &held.attrs, held.ttl, true).await?;
+        if renewed.is_some() {
+            RegistryStats::bump(&self.stats.lease_renewals);
+            self.revoke(held.grant_id).await;
+        }
+        Ok(renewed)
+    }
+
+    pub async fn delete_lease(&self, key: &SubnetKey) -> Result<(), RegistryError> {
+        let full = key.to_key(&self.prefix);
+        self.count_err(
+            self.client
+                .clone()
+                .delete(full.as_str(), None)
+                .await
+                .map_err(RegistryError::etcd(format!("deleting {full}"))),
+        )?;
+        Ok(())
+    }
+}
+
+fn tls_options(opts: &EtcdOptions) -> Result<Option<TlsOptions>, RegistryError> {
+    let read = |path: &String| {
+        std::fs::read(path).map_err(|source| RegistryError::TlsFile {
+            path: path.clone(),
+            source,
+        })
+    };
+    match (&opts.certfile, &opts.keyfile) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => {
+            let mut tls = TlsOptions::new().identity(TlsIdentity::from_pem(read(cert)?, read(key)?));
+            if let Some(ca) = &opts.cafile {
+                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            Ok(Some(tls))
+        }
+        _ => Err(RegistryError::TlsIncomplete),
+    }
+}
