@@ -11,7 +11,7 @@ use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
 };
 use netlink_packet_route::AddressFamily;
-use rtnetlink::{Handle, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use thiserror::Error;
 
 /// Routes we install carry this protocol number, so we can tell ours from an operator's and
@@ -107,6 +107,61 @@ impl Netlink {
             .ok_or_else(|| NetlinkError::NoSuchLink(name.to_string()))
     }
 
+    /// Sets a link's MTU and brings it up.
+    pub async fn set_mtu_up(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(index).mtu(mtu).up().build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(op(format!("setting MTU {mtu} and up on link {index}")))
+    }
+
+    /// Makes `addr` the only address of its family on the link: others are removed (a previous
+    /// lease's), the wanted one added if missing.
+    pub async fn set_sole_address(&self, index: u32, addr: IpNet) -> Result<(), NetlinkError> {
+        let mut present = false;
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(op(format!("listing addresses of link {index}")))?;
+        for m in msgs {
+            let ip = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            let Some(ip) = ip else { continue };
+            if ip.is_ipv4() != addr.addr().is_ipv4() {
+                continue;
+            }
+            if ip == addr.addr() && m.header.prefix_len == addr.prefix_len() {
+                present = true;
+            } else {
+                self.handle
+                    .address()
+                    .del(m)
+                    .execute()
+                    .await
+                    .map_err(op(format!("removing old address {ip} from link {index}")))?;
+            }
+        }
+        if !present {
+            self.handle
+                .address()
+                .add(index, addr.addr(), addr.prefix_len())
+                .execute()
+                .await
+                .map_err(op(format!("adding address {addr} to link {index}")))?;
+        }
+        Ok(())
+    }
+
     /// Every address on the host with the index of its link, in the kernel's order.
     pub async fn addresses(&self) -> Result<Vec<(u32, IpNet)>, NetlinkError> {
         let msgs: Vec<_> = self
@@ -182,13 +237,19 @@ impl Netlink {
                 for a in &r.attributes {
                     match a {
                         RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
-                            dst = IpNet::new(IpAddr::V4(*ip), r.header.destination_prefix_length).ok()
+                            dst =
+                                IpNet::new(IpAddr::V4(*ip), r.header.destination_prefix_length).ok()
                         }
                         RouteAttribute::Destination(RouteAddress::Inet6(ip)) => {
-                            dst = IpNet::new(IpAddr::V6(*ip), r.header.destination_prefix_length).ok()
+                            dst =
+                                IpNet::new(IpAddr::V6(*ip), r.header.destination_prefix_length).ok()
                         }
-                        RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(IpAddr::V4(*ip)),
-                        RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => gateway = Some(IpAddr::V6(*ip)),
+                        RouteAttribute::Gateway(RouteAddress::Inet(ip)) => {
+                            gateway = Some(IpAddr::V4(*ip))
+                        }
+                        RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => {
+                            gateway = Some(IpAddr::V6(*ip))
+                        }
                         RouteAttribute::Oif(i) => oif = Some(*i),
                         _ => {}
                     }

@@ -24,7 +24,11 @@ pub struct Flags {
     pub etcd_endpoints: Vec<String>,
 
     /// etcd prefix under which the config and subnet leases live.
-    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = "/coreos.com/network")]
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_PREFIX",
+        default_value = "/coreos.com/network"
+    )]
     pub etcd_prefix: String,
 
     /// SSL key file used to secure etcd communication.
@@ -65,7 +69,11 @@ pub struct Flags {
     pub public_ipv6: Option<Ipv6Addr>,
 
     /// Filename where env variables (subnet, MTU, ...) will be written to.
-    #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_FILE",
+        default_value = "/run/flannel/subnet.env"
+    )]
     pub subnet_file: PathBuf,
 
     /// Subnet lease renewal margin, in minutes.
@@ -112,7 +120,10 @@ pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
         .map(|a| {
             let name = a.strip_prefix('-').unwrap_or("");
             let name_len = name.split('=').next().map_or(0, str::len);
-            if !a.starts_with("--") && name_len > 1 && name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            if !a.starts_with("--")
+                && name_len > 1
+                && name.starts_with(|c: char| c.is_ascii_alphabetic())
+            {
                 format!("-{a}")
             } else {
                 a

@@ -18,7 +18,12 @@ pub async fn choose(netlink: &Netlink, flags: &Flags) -> Result<NodeInfo> {
             .iface
             .iter()
             .find_map(|want| by_name_or_ip(want, &links, &addrs))
-            .ok_or_else(|| anyhow!("none of --iface {:?} names an interface or one of its addresses", flags.iface))?
+            .ok_or_else(|| {
+                anyhow!(
+                    "none of --iface {:?} names an interface or one of its addresses",
+                    flags.iface
+                )
+            })?
     } else if !flags.iface_regex.is_empty() {
         by_regex(&flags.iface_regex, &links, &addrs)?
     } else {
@@ -37,7 +42,10 @@ pub async fn choose(netlink: &Netlink, flags: &Flags) -> Result<NodeInfo> {
     let public_ip = match (flags.public_ip, v4) {
         (Some(ip), _) => ip,
         (None, Some(ip)) => ip,
-        (None, None) => bail!("interface {} has no IPv4 address: pass --public-ip or another --iface", link.name),
+        (None, None) => bail!(
+            "interface {} has no IPv4 address: pass --public-ip or another --iface",
+            link.name
+        ),
     };
     let public_ipv6 = flags.public_ipv6.or_else(|| first_v6(&addrs, link.index));
     tracing::info!(iface = %link.name, %public_ip, mtu = link.mtu, "using interface");
@@ -50,7 +58,10 @@ pub async fn choose(netlink: &Netlink, flags: &Flags) -> Result<NodeInfo> {
 
 fn by_name_or_ip(want: &str, links: &[Link], addrs: &[(u32, IpNet)]) -> Option<Link> {
     let index = match want.parse::<IpAddr>() {
-        Ok(ip) => addrs.iter().find(|(_, a)| a.addr() == ip).map(|(i, _)| *i)?,
+        Ok(ip) => addrs
+            .iter()
+            .find(|(_, a)| a.addr() == ip)
+            .map(|(i, _)| *i)?,
         Err(_) => links.iter().find(|l| l.name == want)?.index,
     };
     links.iter().find(|l| l.index == index).cloned()
@@ -58,8 +69,12 @@ fn by_name_or_ip(want: &str, links: &[Link], addrs: &[(u32, IpNet)]) -> Option<L
 
 fn by_regex(patterns: &[String], links: &[Link], addrs: &[(u32, IpNet)]) -> Result<Link> {
     for p in patterns {
-        let re = regex::Regex::new(p).with_context(|| format!("--iface-regex {p:?} is not a valid regex"))?;
-        let by_ip = addrs.iter().find(|(_, a)| re.is_match(&a.addr().to_string())).map(|(i, _)| *i);
+        let re = regex::Regex::new(p)
+            .with_context(|| format!("--iface-regex {p:?} is not a valid regex"))?;
+        let by_ip = addrs
+            .iter()
+            .find(|(_, a)| re.is_match(&a.addr().to_string()))
+            .map(|(i, _)| *i);
         let found = by_ip
             .and_then(|i| links.iter().find(|l| l.index == i))
             .or_else(|| links.iter().find(|l| re.is_match(&l.name)));
@@ -90,9 +105,21 @@ mod tests {
 
     fn fixture() -> (Vec<Link>, Vec<(u32, IpNet)>) {
         let links = vec![
-            Link { index: 1, name: "lo".into(), mtu: 65536 },
-            Link { index: 2, name: "eth0".into(), mtu: 1500 },
-            Link { index: 3, name: "eth1".into(), mtu: 9000 },
+            Link {
+                index: 1,
+                name: "lo".into(),
+                mtu: 65536,
+            },
+            Link {
+                index: 2,
+                name: "eth0".into(),
+                mtu: 1500,
+            },
+            Link {
+                index: 3,
+                name: "eth1".into(),
+                mtu: 9000,
+            },
         ];
         let addrs = vec![
             (1, "127.0.0.1/8".parse().expect("net")),
@@ -105,8 +132,14 @@ mod tests {
     #[test]
     fn iface_by_name_or_ip() {
         let (links, addrs) = fixture();
-        assert_eq!(by_name_or_ip("eth1", &links, &addrs).map(|l| l.index), Some(3));
-        assert_eq!(by_name_or_ip("192.168.1.10", &links, &addrs).map(|l| l.index), Some(2));
+        assert_eq!(
+            by_name_or_ip("eth1", &links, &addrs).map(|l| l.index),
+            Some(3)
+        );
+        assert_eq!(
+            by_name_or_ip("192.168.1.10", &links, &addrs).map(|l| l.index),
+            Some(2)
+        );
         assert_eq!(by_name_or_ip("wlan0", &links, &addrs), None);
         assert_eq!(first_v4(&addrs, 3), Some("10.9.0.5".parse().expect("ip")));
     }
@@ -118,6 +151,9 @@ mod tests {
         assert_eq!(pick(r"^10\.9\.").ok().as_deref(), Some("eth1"));
         assert_eq!(pick("^eth0$").ok().as_deref(), Some("eth0"));
         assert!(pick("nope").is_err());
-        assert!(pick("(").unwrap_err().to_string().contains("not a valid regex"));
+        assert!(pick("(")
+            .unwrap_err()
+            .to_string()
+            .contains("not a valid regex"));
     }
 }

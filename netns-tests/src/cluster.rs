@@ -18,7 +18,7 @@ use tempfile::TempDir;
 
 use crate::etcd::Etcd;
 use crate::proc::{self, run, run_in, Daemon};
-use crate::{binary, bin_dir, sweep, unique_prefix, wait_until};
+use crate::{bin_dir, binary, sweep, unique_prefix, wait_until};
 
 pub const UNDERLAY_GW: &str = "172.30.0.254";
 pub const ETCD_PREFIX: &str = "/coreos.com/network";
@@ -52,7 +52,10 @@ impl Node {
     }
 
     pub fn log(&self) -> String {
-        self.daemon.as_ref().map(Daemon::log_text).unwrap_or_default()
+        self.daemon
+            .as_ref()
+            .map(Daemon::log_text)
+            .unwrap_or_default()
     }
 }
 
@@ -96,7 +99,11 @@ impl Cluster {
         let ul = cluster.underlay.clone();
         cluster.add_netns(&ul)?;
         run_in(&ul, "ip", &["link", "add", "br0", "type", "bridge"])?;
-        run_in(&ul, "ip", &["addr", "add", &format!("{UNDERLAY_GW}/24"), "dev", "br0"])?;
+        run_in(
+            &ul,
+            "ip",
+            &["addr", "add", &format!("{UNDERLAY_GW}/24"), "dev", "br0"],
+        )?;
         run_in(&ul, "ip", &["link", "set", "br0", "up"])?;
         cluster.etcd = Some(Etcd::in_netns(&ul, UNDERLAY_GW, cluster.dir.path())?);
         for _ in 0..n {
@@ -120,9 +127,19 @@ impl Cluster {
         let ip = format!("172.30.0.{}", 11 + i);
         self.add_netns(&ns)?;
         let ul = self.underlay.clone();
-        run_in(&ul, "ip", &["link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        run_in(
+            &ul,
+            "ip",
+            &[
+                "link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ],
+        )?;
         run_in(&ul, "ip", &["link", "set", &name, "master", "br0", "up"])?;
-        run_in(&ns, "ip", &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        run_in(
+            &ns,
+            "ip",
+            &["addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+        )?;
         run_in(&ns, "ip", &["link", "set", "eth0", "up"])?;
         run_in(&ns, "ip", &["route", "add", "default", "via", UNDERLAY_GW])?;
         // Kubelet or the container runtime enables forwarding on real nodes; flannel does not.
@@ -141,7 +158,9 @@ impl Cluster {
     }
 
     pub fn etcd(&self) -> Result<&Etcd> {
-        self.etcd.as_ref().ok_or_else(|| anyhow!("etcd is not running"))
+        self.etcd
+            .as_ref()
+            .ok_or_else(|| anyhow!("etcd is not running"))
     }
 
     /// Writes the network config, e.g. `{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}`.
@@ -187,7 +206,14 @@ impl Cluster {
             bail!("node {} already runs a daemon", node.name);
         }
         let log = node.dir.join("daemon.log");
-        node.daemon = Some(Daemon::spawn(&node.name, Some(&node.ns), prog, args, envs, &log)?);
+        node.daemon = Some(Daemon::spawn(
+            &node.name,
+            Some(&node.ns),
+            prog,
+            args,
+            envs,
+            &log,
+        )?);
         Ok(())
     }
 
@@ -261,8 +287,8 @@ impl Cluster {
         self.add_netns(&ns)?;
         let container_id = format!("{}-{}", self.prefix, ns);
         let result = self.cni(i, "ADD", &ns, &container_id)?;
-        let json: serde_json::Value =
-            serde_json::from_str(&result).with_context(|| format!("CNI result is not JSON: {result}"))?;
+        let json: serde_json::Value = serde_json::from_str(&result)
+            .with_context(|| format!("CNI result is not JSON: {result}"))?;
         let addr = json["ips"][0]["address"]
             .as_str()
             .ok_or_else(|| anyhow!("CNI result has no ips[0].address: {result}"))?;
@@ -277,13 +303,18 @@ impl Cluster {
 
     /// CNI DEL for a pod (its namespace stays until the cluster drops).
     pub fn del_pod(&self, pod: &Pod) -> Result<()> {
-        self.cni(pod.node, "DEL", &pod.ns, &pod.container_id).map(drop)
+        self.cni(pod.node, "DEL", &pod.ns, &pod.container_id)
+            .map(drop)
     }
 
     /// Pings `dst` from a pod; Ok if all `count` replies came back.
     pub fn ping(&self, from: &Pod, dst: &str, count: u32) -> Result<()> {
-        run_in(&from.ns, "ping", &["-c", &count.to_string(), "-i", "0.1", "-W", "1", "-q", dst])
-            .map(drop)
+        run_in(
+            &from.ns,
+            "ping",
+            &["-c", &count.to_string(), "-i", "0.1", "-W", "1", "-q", dst],
+        )
+        .map(drop)
     }
 
     /// Pings every pod from every other pod (one packet each, two tries).
@@ -291,8 +322,9 @@ impl Cluster {
         for a in pods {
             for b in pods {
                 if a.ns != b.ns && self.ping(a, &b.ip, 1).is_err() {
-                    self.ping(a, &b.ip, 2)
-                        .with_context(|| format!("ping {} ({}) -> {} ({})", a.ns, a.ip, b.ns, b.ip))?;
+                    self.ping(a, &b.ip, 2).with_context(|| {
+                        format!("ping {} ({}) -> {} ({})", a.ns, a.ip, b.ns, b.ip)
+                    })?;
                 }
             }
         }

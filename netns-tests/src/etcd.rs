@@ -81,7 +81,12 @@ impl Etcd {
     /// Runs `etcdctl` (v3 API) against this etcd.
     pub fn ctl(&self, args: &[&str]) -> Result<String> {
         let ep = format!("--endpoints={}", self.endpoint);
-        let mut all = vec!["ETCDCTL_API=3", "etcdctl", ep.as_str(), "--command-timeout=5s"];
+        let mut all = vec![
+            "ETCDCTL_API=3",
+            "etcdctl",
+            ep.as_str(),
+            "--command-timeout=5s",
+        ];
         all.extend_from_slice(args);
         match &self.ns {
             Some(ns) => proc::run_in(ns, "env", &all),

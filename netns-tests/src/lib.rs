@@ -21,7 +21,11 @@ pub const TAG: &str = "frt";
 /// A fresh prefix for one test: unique across the runs and tests alive on this machine.
 pub fn unique_prefix() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("{TAG}{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{TAG}{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Whether we can create namespaces (root tests skip with a message otherwise).
@@ -58,7 +62,11 @@ pub fn binary(name: &str) -> Result<PathBuf> {
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; returns the time it took.
-pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<Duration> {
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> bool,
+) -> Result<Duration> {
     let start = Instant::now();
     loop {
         if cond() {
@@ -78,9 +86,13 @@ pub fn sweep() {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
-        let Some(rest) = name.strip_prefix(TAG) else { continue };
+        let Some(rest) = name.strip_prefix(TAG) else {
+            continue;
+        };
         let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-        let Ok(pid) = pid.parse::<u32>() else { continue };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
         if pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }

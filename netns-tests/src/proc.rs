@@ -34,7 +34,10 @@ pub fn run_in(ns: &str, prog: &str, args: &[&str]) -> Result<String> {
 /// Kills every process inside a namespace (leftovers of a dead run).
 pub fn kill_netns_pids(ns: &str) {
     if let Ok(pids) = run("ip", &["netns", "pids", ns]) {
-        for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        for pid in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
             // SAFETY: plain kill(2) on a pid read from the namespace.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
@@ -142,7 +145,11 @@ impl Drop for Daemon {
             if std::thread::panicking() {
                 let text = self.log_text();
                 let tail: Vec<&str> = text.lines().rev().take(40).collect();
-                eprintln!("---- last lines of {} ({}) ----", self.name, self.log.display());
+                eprintln!(
+                    "---- last lines of {} ({}) ----",
+                    self.name,
+                    self.log.display()
+                );
                 for l in tail.iter().rev() {
                     eprintln!("{l}");
                 }

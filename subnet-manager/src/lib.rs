@@ -21,7 +21,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(min: std::time::Duration, max: std::time::Duration) -> Self {
-        Backoff { next: min, min, max }
+        Backoff {
+            next: min,
+            min,
+            max,
+        }
     }
 
     /// The delay to wait now; each call doubles the next one up to the maximum.

@@ -90,7 +90,9 @@ pub async fn acquire(registry: &Registry, req: &LeaseRequest) -> Result<HeldLeas
 /// so that a short test TTL with Flannel's default 60 min margin does not renew in a loop.
 pub fn renew_at(held: &HeldLease, margin: Duration) -> Instant {
     let margin = margin.min(held.ttl / 2);
-    held.expires_at.checked_sub(margin).unwrap_or(held.expires_at)
+    held.expires_at
+        .checked_sub(margin)
+        .unwrap_or(held.expires_at)
 }
 
 /// How long to wait after a failed renewal: Flannel's minute, shortened for short TTLs.
@@ -108,7 +110,11 @@ pub enum LeaseLost {
 }
 
 /// Renews `held` in place until the lease is lost. Never returns while all is well.
-pub async fn keep_renewed(registry: &Registry, held: &mut HeldLease, margin: Duration) -> LeaseLost {
+pub async fn keep_renewed(
+    registry: &Registry,
+    held: &mut HeldLease,
+    margin: Duration,
+) -> LeaseLost {
     let mut failures = 0;
     let mut wake = renew_at(held, margin);
     loop {

@@ -302,7 +302,9 @@ impl Registry {
 
     /// Renews a held lease: the same value under a fresh grant, then the old grant is revoked.
     pub async fn renew(&self, held: &HeldLease) -> Result<Option<HeldLease>, RegistryError> {
-        let renewed = self.put_lease(&held.key, &held.attrs, held.ttl, true).await?;
+        let renewed = self
+            .put_lease(&held.key, &held.attrs, held.ttl, true)
+            .await?;
         if renewed.is_some() {
             RegistryStats::bump(&self.stats.lease_renewals);
             self.revoke(held.grant_id).await;
@@ -333,7 +335,8 @@ fn tls_options(opts: &EtcdOptions) -> Result<Option<TlsOptions>, RegistryError> 
     match (&opts.certfile, &opts.keyfile) {
         (None, None) => Ok(None),
         (Some(cert), Some(key)) => {
-            let mut tls = TlsOptions::new().identity(TlsIdentity::from_pem(read(cert)?, read(key)?));
+            let mut tls =
+                TlsOptions::new().identity(TlsIdentity::from_pem(read(cert)?, read(key)?));
             if let Some(ca) = &opts.cafile {
                 tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
             }

@@ -197,8 +197,8 @@ impl SubnetEnv {
             .create(dir)
             .map_err(err("creating parent directory"))?;
 
-        let (tmp_path, mut file) = create_temp(dir, &name.to_string_lossy())
-            .map_err(err("creating temp file"))?;
+        let (tmp_path, mut file) =
+            create_temp(dir, &name.to_string_lossy()).map_err(err("creating temp file"))?;
         let written = (|| {
             file.write_all(self.render().as_bytes())?;
             // The mode given at open is reduced by the umask; the contract wants exactly 0644.
@@ -277,7 +277,12 @@ where
     if value.contains(',') {
         // Newer Flannel can list several networks; one node's lease here has exactly one, and
         // keeping only the first would silently drop routes.
-        return Err(invalid(line, key, value, "lists of networks are not supported"));
+        return Err(invalid(
+            line,
+            key,
+            value,
+            "lists of networks are not supported",
+        ));
     }
     value
         .parse()
@@ -411,21 +416,33 @@ mod tests {
         let err = SubnetEnv::parse(&text).unwrap_err();
         assert!(matches!(
             err,
-            SubnetEnvError::InvalidValue { line: 2, key: "FLANNEL_SUBNET", .. }
+            SubnetEnvError::InvalidValue {
+                line: 2,
+                key: "FLANNEL_SUBNET",
+                ..
+            }
         ));
-        assert!(err.to_string().contains("line 2: invalid FLANNEL_SUBNET"), "{err}");
+        assert!(
+            err.to_string().contains("line 2: invalid FLANNEL_SUBNET"),
+            "{err}"
+        );
 
         for (bad, key) in [
             ("FLANNEL_MTU=+1450", "FLANNEL_MTU"),
             ("FLANNEL_MTU=99999999999", "FLANNEL_MTU"),
             ("FLANNEL_IPMASQ=True", "FLANNEL_IPMASQ"),
-            ("FLANNEL_NETWORK=10.244.0.0/16,10.245.0.0/16", "FLANNEL_NETWORK"),
+            (
+                "FLANNEL_NETWORK=10.244.0.0/16,10.245.0.0/16",
+                "FLANNEL_NETWORK",
+            ),
             ("FLANNEL_IPV6_SUBNET=10.244.3.1/24", "FLANNEL_IPV6_SUBNET"),
             ("FLANNEL_NETWORK=", "FLANNEL_NETWORK"),
         ] {
             let text = format!("{GO_FLANNEL_V4}{bad}\n");
             match SubnetEnv::parse(&text) {
-                Err(SubnetEnvError::InvalidValue { line: 5, key: k, .. }) => assert_eq!(k, key),
+                Err(SubnetEnvError::InvalidValue {
+                    line: 5, key: k, ..
+                }) => assert_eq!(k, key),
                 other => panic!("{bad}: {other:?}"),
             }
         }
@@ -446,7 +463,10 @@ mod tests {
     #[test]
     fn leases() {
         assert_eq!(v4().leased_ipv4(), Some("10.244.3.0/24".parse().unwrap()));
-        assert_eq!(dual().leased_ipv6(), Some("fc00:0:0:3::/64".parse().unwrap()));
+        assert_eq!(
+            dual().leased_ipv6(),
+            Some("fc00:0:0:3::/64".parse().unwrap())
+        );
         assert_eq!(v4().leased_ipv6(), None);
         assert_eq!(
             SubnetEnv::subnet_for_lease("10.244.3.0/24".parse().unwrap()),
@@ -487,7 +507,10 @@ mod tests {
         let err = SubnetEnv::read(&path).unwrap_err();
         assert!(!err.is_not_found() && !err.is_incomplete());
         let msg = err.to_string();
-        assert!(msg.contains(&*path.to_string_lossy()) && msg.contains("line 1"), "{msg}");
+        assert!(
+            msg.contains(&*path.to_string_lossy()) && msg.contains("line 1"),
+            "{msg}"
+        );
     }
 
     #[test]

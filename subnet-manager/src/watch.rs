@@ -68,7 +68,10 @@ async fn run(registry: Registry, tx: mpsc::Sender<Vec<LeaseEvent>>) {
             Ok(list) => list,
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(retry_in_ms = delay.as_millis() as u64, "listing leases failed: {e}");
+                tracing::warn!(
+                    retry_in_ms = delay.as_millis() as u64,
+                    "listing leases failed: {e}"
+                );
                 tokio::time::sleep(delay).await;
                 continue;
             }
@@ -85,7 +88,10 @@ async fn run(registry: Registry, tx: mpsc::Sender<Vec<LeaseEvent>>) {
             Err(why) => {
                 RegistryStats::bump(&registry.stats.watch_restarts);
                 let delay = backoff.next_delay();
-                tracing::warn!(retry_in_ms = delay.as_millis() as u64, "lease watch interrupted ({why}); listing again");
+                tracing::warn!(
+                    retry_in_ms = delay.as_millis() as u64,
+                    "lease watch interrupted ({why}); listing again"
+                );
                 tokio::time::sleep(delay).await;
             }
         }
@@ -116,7 +122,10 @@ async fn follow(
             Err(e) => return Err(format!("stream error: {e}")),
         };
         if resp.compact_revision() != 0 {
-            return Err(format!("revision compacted up to {}", resp.compact_revision()));
+            return Err(format!(
+                "revision compacted up to {}",
+                resp.compact_revision()
+            ));
         }
         if resp.canceled() {
             return Err(format!("watch canceled: {}", resp.cancel_reason()));
@@ -132,7 +141,9 @@ async fn follow(
                     Some(Ok(lease)) => known.put(lease),
                     Some(Err(e)) => {
                         RegistryStats::bump(&registry.stats.malformed_leases);
-                        tracing::error!("skipping malformed lease (keeping what we had for it): {e}");
+                        tracing::error!(
+                            "skipping malformed lease (keeping what we had for it): {e}"
+                        );
                         None
                     }
                 },

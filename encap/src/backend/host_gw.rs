@@ -45,9 +45,11 @@ impl HostGw {
                 });
             }
         }
-        if let (Some(net), Some(ip), true) =
-            (peer.key.ipv6, peer.attrs.public_ipv6, self.network.enable_ipv6)
-        {
+        if let (Some(net), Some(ip), true) = (
+            peer.key.ipv6,
+            peer.attrs.public_ipv6,
+            self.network.enable_ipv6,
+        ) {
             out.push(OwnRoute {
                 dst: IpNet::V6(net),
                 gateway: Some(IpAddr::V6(ip)),
@@ -116,7 +118,10 @@ impl Backend for HostGw {
                 Err(e) => {
                     result = Err(BackendError::Peer {
                         peer: peer.key.to_string(),
-                        reason: format!("{e} (host-gw needs every node on the same L2 network as {})", self.node.iface.name),
+                        reason: format!(
+                            "{e} (host-gw needs every node on the same L2 network as {})",
+                            self.node.iface.name
+                        ),
                     })
                 }
             }

@@ -161,7 +161,10 @@ fn validate_ifname(name: &str) -> Result<(), CniError> {
         "interface name is too long (at most 15 bytes)"
     } else if name == "." || name == ".." {
         "interface name is . or .."
-    } else if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+    } else if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
         "interface name contains / or : or whitespace characters"
     } else {
         return Ok(());

@@ -40,11 +40,13 @@ pub fn add(
 ) -> Result<Vec<u8>, CniError> {
     let subnet_env = read_subnet_env(&conf.subnet_file, opts)?;
     let delegate = delegate::build(conf, &subnet_env)?;
-    let plugin = plugin_type(&delegate).unwrap_or(delegate::DEFAULT_TYPE).to_string();
+    let plugin = plugin_type(&delegate)
+        .unwrap_or(delegate::DEFAULT_TYPE)
+        .to_string();
     // Found before anything is saved: a missing plugin leaves no config that would make every
     // later DEL fail too.
     let plugin_path = invoke::find_in_path(&plugin, &args.path)?;
-    let bytes = to_json(delegate);
+    let bytes = delegate::to_json(delegate);
     let saved = SavedConfigs::new(&conf.data_dir);
     // Saved before the delegate runs, so a DEL after a crash mid-ADD can still clean up.
     saved.save(&args.container_id, &bytes)?;
@@ -102,27 +104,23 @@ pub fn del(args: &CniArgs, conf: &NetConf, env: &Environment) -> Result<Vec<u8>,
     Ok(Vec::new())
 }
 
-/// CHECK: the delegate's CHECK with the saved config and the runtime's prevResult.
-pub fn check(args: &CniArgs, conf: &NetConf, env: &Environment) -> Result<Vec<u8>, CniError> {
+/// CHECK: the pod must have a saved, readable delegate config (ADD ran and DEL did not).
+///
+/// Go's plugin answers CHECK with success and nothing else. We check our own state but do not
+/// run the delegate's CHECK: Debian's `bridge` (1.1.x) fails it on every healthy pod, because
+/// it installs our gateway-less IPAM routes via the gateway and then looks them up without one.
+pub fn check(args: &CniArgs, conf: &NetConf, _env: &Environment) -> Result<Vec<u8>, CniError> {
     let saved = SavedConfigs::new(&conf.data_dir);
     let Some(bytes) = saved.load(&args.container_id)? else {
         return Err(CniError::NoSavedConfig(saved.path(&args.container_id)));
     };
-    let mut delegate = parse_saved(&saved, &args.container_id, &bytes)?;
-    let plugin = plugin_type(&delegate)
-        .ok_or_else(|| CniError::CorruptSavedConfig {
+    let delegate = parse_saved(&saved, &args.container_id, &bytes)?;
+    if plugin_type(&delegate).is_none() {
+        return Err(CniError::CorruptSavedConfig {
             path: saved.path(&args.container_id),
             reason: "no string \"type\"".into(),
-        })?
-        .to_string();
-    if let Some(prev) = &conf.prev_result {
-        delegate.insert("prevResult".into(), prev.clone());
+        });
     }
-    // prevResult is in the runtime's current version; the delegate must read it as such.
-    if let Some(v) = &conf.cni_version {
-        delegate.insert("cniVersion".into(), Value::String(v.clone()));
-    }
-    invoke::run(&plugin, &args.path, Command::Check, &to_json(delegate), env)?;
     Ok(Vec::new())
 }
 
@@ -164,9 +162,4 @@ fn parse_saved(
 
 fn plugin_type(conf: &Map<String, Value>) -> Option<&str> {
     conf.get("type").and_then(Value::as_str)
-}
-
-fn to_json(map: Map<String, Value>) -> Vec<u8> {
-    // A Value with string keys always serializes; the empty fallback is never taken.
-    serde_json::to_vec(&Value::Object(map)).unwrap_or_default()
 }

@@ -196,11 +196,26 @@ mod tests {
         assert_eq!(parse_json(b"[1]").unwrap_err().code(), 7);
         for (conf, needle) in [
             (json!({"cniVersion": "1.0.0"}), "missing network name"),
-            (json!({"name": "a b"}), "invalid characters found in network name \"a b\""),
-            (json!({"name": 5}), "\"name\" must be a string, got a number"),
-            (json!({"name": "n", "subnetFile": 5}), "\"subnetFile\" must be a string"),
-            (json!({"name": "n", "delegate": "bridge"}), "\"delegate\" must be an object"),
-            (json!({"name": "n", "ipam": []}), "\"ipam\" must be an object, got an array"),
+            (
+                json!({"name": "a b"}),
+                "invalid characters found in network name \"a b\"",
+            ),
+            (
+                json!({"name": 5}),
+                "\"name\" must be a string, got a number",
+            ),
+            (
+                json!({"name": "n", "subnetFile": 5}),
+                "\"subnetFile\" must be a string",
+            ),
+            (
+                json!({"name": "n", "delegate": "bridge"}),
+                "\"delegate\" must be an object",
+            ),
+            (
+                json!({"name": "n", "ipam": []}),
+                "\"ipam\" must be an object, got an array",
+            ),
         ] {
             let err = decode(conf.clone()).unwrap_err();
             assert_eq!(err.code(), 7, "{conf}");
@@ -228,7 +243,10 @@ mod tests {
     #[test]
     fn error_version_only_when_supported() {
         let j = |v: Value| parse_json(v.to_string().as_bytes()).unwrap();
-        assert_eq!(error_version(&j(json!({"cniVersion": "0.3.1"}))), Some("0.3.1"));
+        assert_eq!(
+            error_version(&j(json!({"cniVersion": "0.3.1"}))),
+            Some("0.3.1")
+        );
         assert_eq!(error_version(&j(json!({"cniVersion": "9.9"}))), None);
         assert_eq!(error_version(&j(json!({"cniVersion": 1}))), None);
     }

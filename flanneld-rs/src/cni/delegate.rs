@@ -50,6 +50,15 @@ pub fn build(conf: &NetConf, env: &SubnetEnv) -> Result<Map<String, Value>, CniE
     Ok(d)
 }
 
+/// The delegate config as bytes, object keys sorted at every level as Go's encoder sorts map
+/// keys: the saved file is byte for byte what Flannel's plugin would have saved.
+pub fn to_json(map: Map<String, Value>) -> Vec<u8> {
+    let mut value = Value::Object(map);
+    value.sort_all_objects();
+    // A Value with string keys always serializes; the empty fallback is never taken.
+    serde_json::to_vec(&value).unwrap_or_default()
+}
+
 /// The user's `ipam` (other fields such as a host-local `dataDir` kept) with `ranges` replaced
 /// by our lease and our networks appended to its `routes`.
 fn ipam(conf: &NetConf, env: &SubnetEnv) -> Result<Map<String, Value>, CniError> {
@@ -124,6 +133,12 @@ mod tests {
         SubnetEnv::parse(text).unwrap()
     }
 
+    fn sorted(v: &Value) -> String {
+        let mut v = v.clone();
+        v.sort_all_objects();
+        v.to_string()
+    }
+
     const V4: &str = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\n\
                       FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n";
 
@@ -131,22 +146,26 @@ mod tests {
     /// (both sort object keys).
     #[test]
     fn matches_go_plugin_for_kube_flannel_default_conf() {
-        let c = conf(json!({"cniVersion": "1.0.0", "name": "cbr0", "type": "flannel",
+        let c = conf(
+            json!({"cniVersion": "1.0.0", "name": "cbr0", "type": "flannel",
             "delegate": {"hairpinMode": true, "isDefaultGateway": true},
-            "ipam": {"dataDir": "/tmp/ipam"}}));
+            "ipam": {"dataDir": "/tmp/ipam"}}),
+        );
         let d = build(&c, &env(V4)).unwrap();
         assert_eq!(
-            Value::Object(d).to_string(),
+            String::from_utf8(to_json(d)).unwrap(),
             r#"{"cniVersion":"1.0.0","hairpinMode":true,"ipMasq":true,"ipam":{"dataDir":"/tmp/ipam","ranges":[[{"subnet":"10.244.3.0/24"}]],"routes":[{"dst":"10.244.0.0/16"}],"type":"host-local"},"isDefaultGateway":true,"isGateway":true,"mtu":1450,"name":"cbr0","type":"bridge"}"#
         );
     }
 
     #[test]
     fn matches_go_plugin_with_user_routes_and_runtime_config() {
-        let c = conf(json!({"cniVersion": "1.0.0", "name": "n", "delegate": {"type": "fakeplug"},
+        let c = conf(
+            json!({"cniVersion": "1.0.0", "name": "n", "delegate": {"type": "fakeplug"},
             "ipam": {"type": "host-local", "dataDir": "/x",
                      "routes": [{"dst": "1.2.3.4/8", "gw": "10.244.3.9"}]},
-            "runtimeConfig": {"portMappings": []}}));
+            "runtimeConfig": {"portMappings": []}}),
+        );
         let text = V4.replace("IPMASQ=false", "IPMASQ=true");
         let d = build(&c, &env(&text)).unwrap();
         let go: Value = serde_json::from_str(
@@ -159,19 +178,23 @@ mod tests {
     #[test]
     fn dual_stack_and_ipv6_only_match_go_plugin() {
         let c = conf(json!({"cniVersion": "1.0.0", "name": "n", "delegate": {"type": "x"}}));
-        let dual = env("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\n\
+        let dual = env(
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\n\
                         FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:3::1/64\n\
-                        FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n");
+                        FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+        );
         let d = build(&c, &dual).unwrap();
         assert_eq!(
-            d["ipam"].to_string(),
+            sorted(&d["ipam"]),
             r#"{"ranges":[[{"subnet":"10.244.3.0/24"}],[{"subnet":"fc00:0:0:3::/64"}]],"routes":[{"dst":"10.244.0.0/16"},{"dst":"fc00::/48"}],"type":"host-local"}"#
         );
-        let v6 = env("FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:3::1/64\n\
-                      FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n");
+        let v6 = env(
+            "FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:3::1/64\n\
+                      FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+        );
         let d = build(&c, &v6).unwrap();
         assert_eq!(
-            d["ipam"].to_string(),
+            sorted(&d["ipam"]),
             r#"{"ranges":[[{"subnet":"fc00:0:0:3::/64"}]],"routes":[{"dst":"fc00::/48"}],"type":"host-local"}"#
         );
         // Not a bridge: no isGateway.

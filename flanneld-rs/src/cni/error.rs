@@ -111,8 +111,10 @@ impl CniError {
     fn details(&self) -> Option<String> {
         match self {
             CniError::IncompatibleVersion { config } | CniError::CheckNotAllowed { config } => {
-                let supported: Vec<String> =
-                    SUPPORTED_VERSIONS.iter().map(|v| format!("{v:?}")).collect();
+                let supported: Vec<String> = SUPPORTED_VERSIONS
+                    .iter()
+                    .map(|v| format!("{v:?}"))
+                    .collect();
                 Some(format!(
                     "config is {config:?}, plugin supports [{}]",
                     supported.join(" ")
@@ -180,9 +182,15 @@ mod tests {
 
     #[test]
     fn codes() {
-        assert_eq!(parse(&CniError::MissingEnv(vec!["CNI_NETNS"]), "1.0.0")["code"], 4);
         assert_eq!(
-            parse(&CniError::MissingEnv(vec!["CNI_NETNS", "CNI_PATH"]), "1.0.0")["msg"],
+            parse(&CniError::MissingEnv(vec!["CNI_NETNS"]), "1.0.0")["code"],
+            4
+        );
+        assert_eq!(
+            parse(
+                &CniError::MissingEnv(vec!["CNI_NETNS", "CNI_PATH"]),
+                "1.0.0"
+            )["msg"],
             "required env variables [CNI_NETNS,CNI_PATH] missing"
         );
         let decode = serde_json::from_str::<Value>("{").unwrap_err();

@@ -155,7 +155,10 @@ mod tests {
             a.path().to_string_lossy().into_owned(),
             b.path().to_string_lossy().into_owned(),
         ];
-        assert_eq!(find_in_path("bridge", &dirs).unwrap(), b.path().join("bridge"));
+        assert_eq!(
+            find_in_path("bridge", &dirs).unwrap(),
+            b.path().join("bridge")
+        );
         let err = find_in_path("macvlan", &dirs).unwrap_err();
         assert!(matches!(err, CniError::PluginNotFound { .. }));
         assert!(err.to_string().contains("\"macvlan\""), "{err}");
@@ -176,7 +179,10 @@ mod tests {
         let env = Environment::from_pairs([("CNI_COMMAND", "ADD"), ("CNI_ARGS", "A=1")]);
         let out = run("echoer", &dirs, Command::Del, b"{\"x\":1}", &env).unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v, serde_json::json!({"cmd": "DEL", "args": "A=1", "conf": {"x": 1}}));
+        assert_eq!(
+            v,
+            serde_json::json!({"cmd": "DEL", "args": "A=1", "conf": {"x": 1}})
+        );
     }
 
     #[test]

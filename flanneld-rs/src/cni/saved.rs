@@ -107,7 +107,10 @@ mod tests {
         saved.save("ctr1", b"{\"a\":2}").unwrap();
         assert_eq!(saved.load("ctr1").unwrap().unwrap(), b"{\"a\":2}");
         assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
-        assert_eq!(fs::metadata(dir.join("ctr1")).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(dir.join("ctr1")).unwrap().mode() & 0o777,
+            0o600
+        );
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temp file left");
         saved.remove("ctr1").unwrap();
         saved.remove("ctr1").unwrap();
@@ -121,7 +124,8 @@ mod tests {
         fs::write(&blocker, "").unwrap();
         let err = SavedConfigs::new(&blocker).save("ctr1", b"{}").unwrap_err();
         assert!(
-            err.to_string().contains(&*blocker.join("ctr1").to_string_lossy()),
+            err.to_string()
+                .contains(&*blocker.join("ctr1").to_string_lossy()),
             "{err}"
         );
     }

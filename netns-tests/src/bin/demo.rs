@@ -47,7 +47,10 @@ fn main() -> Result<()> {
         println!("    /coreos.com/network/subnets/{k} = {v}");
     }
     println!("\n==> n1's subnet.env");
-    print!("{}", indent(&std::fs::read_to_string(c.nodes[0].subnet_file())?));
+    print!(
+        "{}",
+        indent(&std::fs::read_to_string(c.nodes[0].subnet_file())?)
+    );
     println!("\n==> pods created through our CNI plugin (flannel -> bridge + host-local)");
     let mut pods = Vec::new();
     for i in 0..3 {
@@ -60,13 +63,28 @@ fn main() -> Result<()> {
     print!("{}", indent(&c.nodes[0].routes()?));
     println!("\n==> pinging across nodes");
     for (a, b) in [(0, 1), (1, 2), (2, 0)] {
-        let out = netns_tests::proc::run_in(&pods[a].ns, "ping", &["-c", "3", "-i", "0.2", &pods[b].ip])?;
-        let summary = out.lines().filter(|l| l.contains("packets") || l.contains("rtt")).collect::<Vec<_>>();
-        println!("    {} -> {}: {}", pods[a].ip, pods[b].ip, summary.join(" | "));
+        let out =
+            netns_tests::proc::run_in(&pods[a].ns, "ping", &["-c", "3", "-i", "0.2", &pods[b].ip])?;
+        let summary = out
+            .lines()
+            .filter(|l| l.contains("packets") || l.contains("rtt"))
+            .collect::<Vec<_>>();
+        println!(
+            "    {} -> {}: {}",
+            pods[a].ip,
+            pods[b].ip,
+            summary.join(" | ")
+        );
     }
     if hold {
-        println!("\n==> cluster up. Try: ip netns exec {} ping {}", pods[0].ns, pods[2].ip);
-        println!("    node logs under {}; Ctrl-C tears everything down", c.dir.path().display());
+        println!(
+            "\n==> cluster up. Try: ip netns exec {} ping {}",
+            pods[0].ns, pods[2].ip
+        );
+        println!(
+            "    node logs under {}; Ctrl-C tears everything down",
+            c.dir.path().display()
+        );
         while !STOP.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(200));
         }

@@ -29,8 +29,13 @@ fn node_subnet(c: &Cluster, i: usize) -> Result<String> {
         .lines()
         .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
         .context("no FLANNEL_SUBNET")?;
-    let (addr, len) = line.split_once('/').context("FLANNEL_SUBNET without prefix")?;
-    let net = addr.rsplit_once('.').map(|(a, _)| format!("{a}.0")).context("bad address")?;
+    let (addr, len) = line
+        .split_once('/')
+        .context("FLANNEL_SUBNET without prefix")?;
+    let net = addr
+        .rsplit_once('.')
+        .map(|(a, _)| format!("{a}.0"))
+        .context("bad address")?;
     Ok(format!("{net}/{len}"))
 }
 
@@ -58,7 +63,11 @@ fn three_nodes_lease_route_and_ping() -> Result<()> {
             .map(|(_, v)| v.clone())
             .with_context(|| format!("no lease {key} in {leases:?}"))?;
         ensure!(
-            value == format!(r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"host-gw"}}"#, node.ip),
+            value
+                == format!(
+                    r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"host-gw"}}"#,
+                    node.ip
+                ),
             "lease value {value}"
         );
         let env = std::fs::read_to_string(node.subnet_file())?;
@@ -75,12 +84,18 @@ fn three_nodes_lease_route_and_ping() -> Result<()> {
         for j in 0..3 {
             if i != j {
                 let subnet = node_subnet(&c, j)?;
-                wait_until(&format!("route to {subnet} on n{}", i + 1), Duration::from_secs(5), || {
-                    has_route(&c, i, &subnet)
-                })?;
+                wait_until(
+                    &format!("route to {subnet} on n{}", i + 1),
+                    Duration::from_secs(5),
+                    || has_route(&c, i, &subnet),
+                )?;
                 let routes = c.nodes[i].routes()?;
                 let want = format!("{subnet} via {} dev eth0", c.nodes[j].ip);
-                ensure!(routes.contains(&want), "n{} lacks `{want}`:\n{routes}", i + 1);
+                ensure!(
+                    routes.contains(&want),
+                    "n{} lacks `{want}`:\n{routes}",
+                    i + 1
+                );
             }
         }
     }
@@ -93,7 +108,11 @@ fn three_nodes_lease_route_and_ping() -> Result<()> {
 
     // CNI DEL releases the address: host-local's reservation file is gone.
     let reserved = c.nodes[0].dir.join("ipam/cbr0").join(&second.ip);
-    ensure!(reserved.exists(), "{} should be reserved", reserved.display());
+    ensure!(
+        reserved.exists(),
+        "{} should be reserved",
+        reserved.display()
+    );
     c.del_pod(&second)?;
     ensure!(!reserved.exists(), "CNI DEL left {}", reserved.display());
     c.del_pod(&second)?; // DEL is idempotent
@@ -105,16 +124,24 @@ fn restart_reclaims_and_lease_deletion_removes_routes() -> Result<()> {
     require_root!();
     let mut c = running_cluster(3, &["--subnet-lease-ttl=60s"])?;
     let subnet3 = node_subnet(&c, 2)?;
-    wait_until("n1 routes n3", Duration::from_secs(5), || has_route(&c, 0, &subnet3))?;
+    wait_until("n1 routes n3", Duration::from_secs(5), || {
+        has_route(&c, 0, &subnet3)
+    })?;
 
     // SIGTERM: exits 0, lease stays in etcd, routes stay; a restart gets the same subnet.
     ensure!(c.stop_daemon(2) == Some(0), "SIGTERM should exit 0");
     let key = format!("{ETCD_PREFIX}/subnets/{}", subnet3.replace('/', "-"));
-    ensure!(c.etcd()?.get(&key)?.is_some(), "lease must survive a clean stop");
+    ensure!(
+        c.etcd()?.get(&key)?.is_some(),
+        "lease must survive a clean stop"
+    );
     std::fs::remove_file(c.nodes[2].subnet_file())?;
     c.start_daemon(2, &["--subnet-lease-ttl=60s"])?;
     c.wait_subnet_env(2, START)?;
-    ensure!(node_subnet(&c, 2)? == subnet3, "restart must reclaim {subnet3} (by PublicIP)");
+    ensure!(
+        node_subnet(&c, 2)? == subnet3,
+        "restart must reclaim {subnet3} (by PublicIP)"
+    );
 
     // A live node whose key is deleted writes it again, with the same subnet.
     let subnet2 = node_subnet(&c, 1)?;
@@ -131,7 +158,10 @@ fn restart_reclaims_and_lease_deletion_removes_routes() -> Result<()> {
     wait_until("routes to n3 to go", Duration::from_secs(1), || {
         !has_route(&c, 0, &subnet3) && !has_route(&c, 1, &subnet3)
     })?;
-    eprintln!("routes to a deleted lease removed after {:?}", deleted.elapsed());
+    eprintln!(
+        "routes to a deleted lease removed after {:?}",
+        deleted.elapsed()
+    );
     ensure!(has_route(&c, 0, &subnet2), "other routes must stay");
     Ok(())
 }
@@ -142,13 +172,23 @@ fn missing_then_bad_config_is_named_and_recovered() -> Result<()> {
     let mut c = Cluster::new(1)?;
     c.start_daemon(0, &[])?;
     wait_until("the missing-config error", Duration::from_secs(10), || {
-        c.nodes[0].log().contains("network config not found at /coreos.com/network/config")
+        c.nodes[0]
+            .log()
+            .contains("network config not found at /coreos.com/network/config")
     })?;
     c.put_config(r#"{"Network":"10.244.0.0/16","SubnetLen":31,"Backend":{"Type":"host-gw"}}"#)?;
-    wait_until("the bad-field error", Duration::from_secs(10), || c.nodes[0].log().contains("SubnetLen"))?;
-    ensure!(!c.nodes[0].subnet_file().exists(), "no subnet.env from a bad config");
+    wait_until("the bad-field error", Duration::from_secs(10), || {
+        c.nodes[0].log().contains("SubnetLen")
+    })?;
+    ensure!(
+        !c.nodes[0].subnet_file().exists(),
+        "no subnet.env from a bad config"
+    );
     c.put_config(HOST_GW)?;
     c.wait_subnet_env(0, Duration::from_secs(15))?;
-    ensure!(c.nodes[0].daemon.as_mut().is_some_and(|d| d.alive()), "daemon must keep running");
+    ensure!(
+        c.nodes[0].daemon.as_mut().is_some_and(|d| d.alive()),
+        "daemon must keep running"
+    );
     Ok(())
 }

@@ -29,7 +29,11 @@ async fn registry(etcd: &Etcd) -> Result<Registry> {
     .await?)
 }
 
-fn request(registry_config: subnet_manager::config::NetworkConfig, ip: Ipv4Addr, ttl: Duration) -> LeaseRequest {
+fn request(
+    registry_config: subnet_manager::config::NetworkConfig,
+    ip: Ipv4Addr,
+    ttl: Duration,
+) -> LeaseRequest {
     LeaseRequest {
         config: registry_config,
         identity: Identity {
@@ -60,8 +64,14 @@ async fn twenty_racers_for_seven_subnets() -> Result<()> {
         let reg = registry(&etcd).await?;
         tasks.push(tokio::spawn(async move {
             let config = reg.network_config().await?;
-            let req = request(config, Ipv4Addr::new(192, 168, 0, i), Duration::from_secs(600));
-            lifecycle::acquire(&reg, &req).await.map_err(anyhow::Error::from)
+            let req = request(
+                config,
+                Ipv4Addr::new(192, 168, 0, i),
+                Duration::from_secs(600),
+            );
+            lifecycle::acquire(&reg, &req)
+                .await
+                .map_err(anyhow::Error::from)
         }));
     }
     let mut won = Vec::new();
@@ -72,10 +82,16 @@ async fn twenty_racers_for_seven_subnets() -> Result<()> {
             Err(e) => {
                 let msg = format!("{e:#}");
                 assert!(
-                    matches!(e.downcast_ref::<AcquireError>(), Some(AcquireError::Alloc(_))),
+                    matches!(
+                        e.downcast_ref::<AcquireError>(),
+                        Some(AcquireError::Alloc(_))
+                    ),
                     "unexpected error: {msg}"
                 );
-                assert!(msg.contains("7"), "full-pool error should say how many subnets: {msg}");
+                assert!(
+                    msg.contains("7"),
+                    "full-pool error should say how many subnets: {msg}"
+                );
                 full += 1;
             }
         }
@@ -86,28 +102,46 @@ async fn twenty_racers_for_seven_subnets() -> Result<()> {
     assert_eq!(won.len(), before, "two racers got the same subnet: {won:?}");
     assert_eq!(won.len(), 7, "winners: {won:?}");
     assert_eq!(full, 13);
-    assert!(!won.contains(&"10.10.0.0-29".to_string()), "the first subnet is never handed out");
-    assert_eq!(etcd.list(&format!("{PREFIX}/subnets/"))?.len(), 7, "no partial lease left");
+    assert!(
+        !won.contains(&"10.10.0.0-29".to_string()),
+        "the first subnet is never handed out"
+    );
+    assert_eq!(
+        etcd.list(&format!("{PREFIX}/subnets/"))?.len(),
+        7,
+        "no partial lease left"
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn lease_json_is_flannels_and_reclaimed_by_public_ip() -> Result<()> {
     let (etcd, _dir) = start_etcd()?;
-    etcd.put(&format!("{PREFIX}/config"), r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#)?;
+    etcd.put(
+        &format!("{PREFIX}/config"),
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#,
+    )?;
     let reg = registry(&etcd).await?;
     let config = reg.network_config().await?;
     let ip = Ipv4Addr::new(192, 168, 1, 10);
-    let held = lifecycle::acquire(&reg, &request(config.clone(), ip, Duration::from_secs(600))).await?;
+    let held =
+        lifecycle::acquire(&reg, &request(config.clone(), ip, Duration::from_secs(600))).await?;
     let key = held.key.to_key(PREFIX);
-    assert!(key.starts_with("/coreos.com/network/subnets/10.244."), "{key}");
+    assert!(
+        key.starts_with("/coreos.com/network/subnets/10.244."),
+        "{key}"
+    );
     assert!(key.ends_with("-24"), "{key}");
     assert_eq!(
         etcd.get(&key)?.as_deref(),
         Some(r#"{"PublicIP":"192.168.1.10","PublicIPv6":null,"BackendType":"host-gw"}"#)
     );
     // A restart (new client, no subnet.env) finds its lease by PublicIP.
-    let again = lifecycle::acquire(&registry(&etcd).await?, &request(config, ip, Duration::from_secs(600))).await?;
+    let again = lifecycle::acquire(
+        &registry(&etcd).await?,
+        &request(config, ip, Duration::from_secs(600)),
+    )
+    .await?;
     assert_eq!(again.key, held.key);
     assert_eq!(etcd.list(&format!("{PREFIX}/subnets/"))?.len(), 1);
     Ok(())
@@ -116,18 +150,31 @@ async fn lease_json_is_flannels_and_reclaimed_by_public_ip() -> Result<()> {
 #[tokio::test]
 async fn short_ttl_is_renewed_and_expires_without_renewal() -> Result<()> {
     let (etcd, _dir) = start_etcd()?;
-    etcd.put(&format!("{PREFIX}/config"), r#"{"Network":"10.244.0.0/16"}"#)?;
+    etcd.put(
+        &format!("{PREFIX}/config"),
+        r#"{"Network":"10.244.0.0/16"}"#,
+    )?;
     let reg = registry(&etcd).await?;
     let config = reg.network_config().await?;
     let ttl = Duration::from_secs(2);
-    let mut kept = lifecycle::acquire(&reg, &request(config.clone(), Ipv4Addr::new(10, 0, 0, 1), ttl)).await?;
-    let dropped = lifecycle::acquire(&reg, &request(config, Ipv4Addr::new(10, 0, 0, 2), ttl)).await?;
+    let mut kept = lifecycle::acquire(
+        &reg,
+        &request(config.clone(), Ipv4Addr::new(10, 0, 0, 1), ttl),
+    )
+    .await?;
+    let dropped =
+        lifecycle::acquire(&reg, &request(config, Ipv4Addr::new(10, 0, 0, 2), ttl)).await?;
     let renewing = {
         let reg = reg.clone();
-        tokio::spawn(async move { lifecycle::keep_renewed(&reg, &mut kept, Duration::from_secs(3600)).await })
+        tokio::spawn(async move {
+            lifecycle::keep_renewed(&reg, &mut kept, Duration::from_secs(3600)).await
+        })
     };
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert!(etcd.get(&dropped.key.to_key(PREFIX))?.is_none(), "unrenewed lease should expire");
+    assert!(
+        etcd.get(&dropped.key.to_key(PREFIX))?.is_none(),
+        "unrenewed lease should expire"
+    );
     let leases = etcd.list(&format!("{PREFIX}/subnets/"))?;
     assert_eq!(leases.len(), 1, "the renewed lease stays: {leases:?}");
     assert!(!renewing.is_finished());
@@ -142,31 +189,61 @@ async fn short_ttl_is_renewed_and_expires_without_renewal() -> Result<()> {
 async fn malformed_leases_are_skipped_and_watch_follows_changes() -> Result<()> {
     let (etcd, _dir) = start_etcd()?;
     let sub = format!("{PREFIX}/subnets");
-    etcd.put(&format!("{sub}/10.244.1.0-24"), r#"{"PublicIP":"172.30.0.11","BackendType":"host-gw"}"#)?;
+    etcd.put(
+        &format!("{sub}/10.244.1.0-24"),
+        r#"{"PublicIP":"172.30.0.11","BackendType":"host-gw"}"#,
+    )?;
     etcd.put(&format!("{sub}/10.244.2.0-24"), "not json")?;
-    etcd.put(&format!("{sub}/10.244.3.0-24"), r#"{"PublicIP":"300.1.1.1"}"#)?;
+    etcd.put(
+        &format!("{sub}/10.244.3.0-24"),
+        r#"{"PublicIP":"300.1.1.1"}"#,
+    )?;
     etcd.put(&format!("{sub}/garbage"), r#"{"PublicIP":"172.30.0.99"}"#)?;
     let reg = registry(&etcd).await?;
     let list = reg.list_leases().await?;
     assert_eq!(list.leases.len(), 1);
     assert_eq!(list.malformed.len(), 2, "{:?}", list.malformed);
-    let text = list.malformed.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
-    assert!(text.contains("10.244.2.0-24") && text.contains("10.244.3.0-24"), "{text}");
+    let text = list
+        .malformed
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        text.contains("10.244.2.0-24") && text.contains("10.244.3.0-24"),
+        "{text}"
+    );
     assert!(text.contains("PublicIP"), "{text}");
 
     let mut events = watch::spawn(reg.clone());
-    let first = tokio::time::timeout(Duration::from_secs(5), events.recv()).await?.unwrap_or_default();
+    let first = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await?
+        .unwrap_or_default();
     assert_eq!(first.len(), 1, "{first:?}");
-    etcd.put(&format!("{sub}/10.244.4.0-24"), r#"{"PublicIP":"172.30.0.14","BackendType":"host-gw"}"#)?;
+    etcd.put(
+        &format!("{sub}/10.244.4.0-24"),
+        r#"{"PublicIP":"172.30.0.14","BackendType":"host-gw"}"#,
+    )?;
     etcd.put(&format!("{sub}/10.244.5.0-24"), "{broken")?; // logged and skipped
     etcd.ctl(&["del", &format!("{sub}/10.244.1.0-24")])?;
     let mut seen = Vec::new();
     while seen.len() < 2 {
-        let batch = tokio::time::timeout(Duration::from_secs(5), events.recv()).await?.unwrap_or_default();
+        let batch = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await?
+            .unwrap_or_default();
         seen.extend(batch);
     }
-    assert!(matches!(&seen[0], LeaseEvent::Added(l) if l.key == SubnetKey::parse("10.244.4.0-24")?));
-    assert!(matches!(&seen[1], LeaseEvent::Removed(l) if l.key == SubnetKey::parse("10.244.1.0-24")?));
-    assert!(reg.stats.malformed_leases.load(std::sync::atomic::Ordering::Relaxed) >= 3);
+    assert!(
+        matches!(&seen[0], LeaseEvent::Added(l) if l.key == SubnetKey::parse("10.244.4.0-24")?)
+    );
+    assert!(
+        matches!(&seen[1], LeaseEvent::Removed(l) if l.key == SubnetKey::parse("10.244.1.0-24")?)
+    );
+    assert!(
+        reg.stats
+            .malformed_leases
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 3
+    );
     Ok(())
 }

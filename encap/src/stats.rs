@@ -1,0 +1,119 @@
+//! Datapath counters, shared by the packet threads and read by metrics and tests. Threads add
+//! their per-batch sums, not one atomic operation per packet.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why a packet was dropped. Each reason has its own counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drop {
+    /// A datagram whose outer source is no current lease's PublicIP.
+    UnknownSender,
+    /// A datagram whose inner source is outside the sender's leased subnet.
+    SpoofedSource,
+    /// A datagram whose inner destination is not in our subnet.
+    NotForUs,
+    /// Not a valid IP packet (too short, bad version or lengths).
+    Malformed,
+    /// A packet from a local pod to a subnet no lease covers.
+    NoRoute,
+    /// TTL or hop limit ran out.
+    TtlExpired,
+    /// The kernel refused the send or write.
+    IoError,
+}
+
+impl Drop {
+    pub const ALL: [Drop; 7] = [
+        Drop::UnknownSender,
+        Drop::SpoofedSource,
+        Drop::NotForUs,
+        Drop::Malformed,
+        Drop::NoRoute,
+        Drop::TtlExpired,
+        Drop::IoError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Drop::UnknownSender => "unknown_sender",
+            Drop::SpoofedSource => "spoofed_source",
+            Drop::NotForUs => "not_for_us",
+            Drop::Malformed => "malformed",
+            Drop::NoRoute => "no_route",
+            Drop::TtlExpired => "ttl_expired",
+            Drop::IoError => "io_error",
+        }
+    }
+}
+
+impl fmt::Display for Drop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub tx_syscalls: AtomicU64,
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub rx_syscalls: AtomicU64,
+    drops: [AtomicU64; Drop::ALL.len()],
+}
+
+impl Stats {
+    pub fn drop(&self, why: Drop, n: u64) {
+        if n > 0 {
+            self.drops[why as usize].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub fn drops(&self, why: Drop) -> u64 {
+        self.drops[why as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        if n > 0 {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Per-batch tallies, flushed into `Stats` once per batch.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub packets: u64,
+    pub bytes: u64,
+    pub syscalls: u64,
+    pub drops: [u64; Drop::ALL.len()],
+}
+
+impl Tally {
+    pub fn drop(&mut self, why: Drop) {
+        self.drops[why as usize] += 1;
+    }
+
+    pub fn flush_tx(&mut self, s: &Stats) {
+        Stats::add(&s.tx_packets, self.packets);
+        Stats::add(&s.tx_bytes, self.bytes);
+        Stats::add(&s.tx_syscalls, self.syscalls);
+        self.flush_drops(s);
+    }
+
+    pub fn flush_rx(&mut self, s: &Stats) {
+        Stats::add(&s.rx_packets, self.packets);
+        Stats::add(&s.rx_bytes, self.bytes);
+        Stats::add(&s.rx_syscalls, self.syscalls);
+        self.flush_drops(s);
+    }
+
+    fn flush_drops(&mut self, s: &Stats) {
+        for why in Drop::ALL {
+            s.drop(why, self.drops[why as usize]);
+        }
+        *self = Tally::default();
+    }
+}

@@ -1,0 +1,416 @@
+//! The benchmark: one run builds the same 2-node namespace cluster for each datapath and
+//! measures pod-to-pod TCP (1 and 4 streams), 64-byte UDP packet rate, median ping RTT and the
+//! daemons' CPU time per GB, each also as a ratio to kernel VXLAN (wired by hand exactly as
+//! Flannel wires it) and to plain routing measured in the same run.
+//!
+//! `bench [--seconds N] [--modes a,b,…] [--write BENCHMARKS.md]` (root; release build).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use netns_tests::cluster::{Cluster, Pod};
+use netns_tests::proc::{run, run_in, Daemon};
+
+struct Args {
+    seconds: u32,
+    modes: Vec<String>,
+    write: Option<String>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        seconds: 5,
+        modes: ["routing", "kernel-vxlan", "udp"]
+            .map(String::from)
+            .to_vec(),
+        write: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--seconds" => a.seconds = it.next().context("--seconds N")?.parse()?,
+            "--modes" => {
+                a.modes = it
+                    .next()
+                    .context("--modes a,b")?
+                    .split(',')
+                    .map(String::from)
+                    .collect()
+            }
+            "--write" => a.write = Some(it.next().context("--write FILE")?),
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    Ok(a)
+}
+
+/// One datapath's figures.
+#[derive(Default, Clone)]
+struct Row {
+    tcp1_gbps: f64,
+    tcp4_gbps: f64,
+    udp64_kpps: f64,
+    rtt_us: f64,
+    cpu_s_per_gb: Option<f64>,
+    note: String,
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    if !netns_tests::is_root() {
+        bail!("the benchmark builds network namespaces: run it as root");
+    }
+    let mut rows: BTreeMap<usize, (String, Row)> = BTreeMap::new();
+    for (i, mode) in args.modes.iter().enumerate() {
+        eprintln!("== {mode}");
+        match measure(mode, args.seconds) {
+            Ok(row) => {
+                eprintln!(
+                    "   tcp1 {:.2} Gbit/s, tcp4 {:.2}, udp64 {:.0} kpps, rtt {:.0} us",
+                    row.tcp1_gbps, row.tcp4_gbps, row.udp64_kpps, row.rtt_us
+                );
+                rows.insert(i, (mode.clone(), row));
+            }
+            Err(e) => {
+                eprintln!("   failed: {e:#}");
+                let row = Row {
+                    note: format!("failed: {e}"),
+                    ..Row::default()
+                };
+                rows.insert(i, (mode.clone(), row));
+            }
+        }
+    }
+    let table = render(&rows, args.seconds);
+    println!("{table}");
+    if let Some(path) = args.write {
+        write_benchmarks(&path, &table)?;
+        eprintln!("wrote {path}");
+    }
+    Ok(())
+}
+
+fn config(backend: &str) -> String {
+    format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{backend}"}}}}"#)
+}
+
+/// Builds the cluster for `mode`, with one pod per node, and measures it.
+fn measure(mode: &str, seconds: u32) -> Result<Row> {
+    let mut c = Cluster::new(2)?;
+    match mode {
+        "routing" => start_ours(&mut c, "host-gw")?,
+        "kernel-vxlan" => wire_kernel_vxlan(&c)?,
+        "udp" | "vxlan" | "wireguard" => start_ours(&mut c, mode)?,
+        other => bail!("unknown mode {other:?}"),
+    }
+    let a = c.add_pod(0)?;
+    let b = c.add_pod(1)?;
+    c.ping(&a, &b.ip, 3)
+        .context("pods cannot reach each other")?;
+    let daemons: Vec<u32> = c
+        .nodes
+        .iter()
+        .filter_map(|n| n.daemon.as_ref().and_then(Daemon::pid))
+        .collect();
+
+    let mut row = Row::default();
+    let _server = iperf_server(&c, &b)?;
+    let cpu_before = cpu_seconds(&daemons);
+    let (gbps, bytes) = iperf_tcp(&a, &b, 1, seconds)?;
+    row.tcp1_gbps = gbps;
+    if !daemons.is_empty() && bytes > 0.0 {
+        row.cpu_s_per_gb = Some((cpu_seconds(&daemons) - cpu_before) / (bytes / 1e9));
+    }
+    row.tcp4_gbps = iperf_tcp(&a, &b, 4, seconds)?.0;
+    row.udp64_kpps = iperf_udp64(&a, &b, seconds)?;
+    row.rtt_us = median_rtt_us(&a, &b)?;
+    Ok(row)
+}
+
+fn start_ours(c: &mut Cluster, backend: &str) -> Result<()> {
+    c.put_config(&config(backend))?;
+    for i in 0..c.nodes.len() {
+        c.start_daemon(i, &[])?;
+        c.wait_subnet_env(i, Duration::from_secs(20))?;
+    }
+    // Let each daemon learn the other's lease.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(())
+}
+
+/// Kernel VXLAN set up by hand exactly as Flannel's vxlan backend does it, with no daemon:
+/// flannel.1 (VNI 1, port 8472, learning off, MTU 1450), and per peer a permanent neighbour,
+/// an FDB entry and an onlink route.
+fn wire_kernel_vxlan(c: &Cluster) -> Result<()> {
+    let mac = |i: usize| format!("0a:58:0a:f4:{:02x}:00", i + 1);
+    for (i, n) in c.nodes.iter().enumerate() {
+        let sub = i + 1;
+        n.run(
+            "ip",
+            &[
+                "link",
+                "add",
+                "flannel.1",
+                "address",
+                &mac(i),
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "local",
+                &n.ip,
+                "dev",
+                "eth0",
+                "dstport",
+                "8472",
+                "nolearning",
+            ],
+        )?;
+        n.run("ip", &["link", "set", "flannel.1", "mtu", "1450", "up"])?;
+        n.run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("10.244.{sub}.0/32"),
+                "dev",
+                "flannel.1",
+            ],
+        )?;
+        std::fs::write(
+            n.subnet_file(),
+            format!("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.{sub}.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"),
+        )?;
+    }
+    for (i, n) in c.nodes.iter().enumerate() {
+        for (j, peer) in c.nodes.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let psub = j + 1;
+            let paddr = format!("10.244.{psub}.0");
+            n.run(
+                "ip",
+                &[
+                    "neigh",
+                    "replace",
+                    &paddr,
+                    "lladdr",
+                    &mac(j),
+                    "dev",
+                    "flannel.1",
+                    "nud",
+                    "permanent",
+                ],
+            )?;
+            n.run(
+                "bridge",
+                &[
+                    "fdb",
+                    "append",
+                    &mac(j),
+                    "dev",
+                    "flannel.1",
+                    "dst",
+                    &peer.ip,
+                ],
+            )?;
+            n.run(
+                "ip",
+                &[
+                    "route",
+                    "replace",
+                    &format!("10.244.{psub}.0/24"),
+                    "via",
+                    &paddr,
+                    "dev",
+                    "flannel.1",
+                    "onlink",
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn iperf_server(c: &Cluster, on: &Pod) -> Result<Daemon> {
+    let log = c.dir.path().join("iperf3-server.log");
+    let d = Daemon::spawn(
+        "iperf3-server",
+        Some(&on.ns),
+        std::path::Path::new("/usr/bin/iperf3"),
+        &["-s".to_string(), "-B".to_string(), on.ip.clone()],
+        &[],
+        &log,
+    )?;
+    netns_tests::wait_until("iperf3 server", Duration::from_secs(5), || {
+        run_in(&on.ns, "ss", &["-ltn", "sport = :5201"]).is_ok_and(|o| o.contains("5201"))
+    })?;
+    Ok(d)
+}
+
+fn iperf_json(from: &Pod, args: &[&str]) -> Result<serde_json::Value> {
+    let mut all = vec!["-J", "-c"];
+    all.extend_from_slice(args);
+    let out = run_in(&from.ns, "iperf3", &all)?;
+    serde_json::from_str(&out).context("iperf3 -J output")
+}
+
+/// Returns (Gbit/s received, bytes received).
+fn iperf_tcp(a: &Pod, b: &Pod, streams: u32, seconds: u32) -> Result<(f64, f64)> {
+    let j = iperf_json(
+        a,
+        &[
+            &b.ip,
+            "-t",
+            &seconds.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-O",
+            "1",
+        ],
+    )?;
+    let sum = &j["end"]["sum_received"];
+    let bps = sum["bits_per_second"]
+        .as_f64()
+        .context("no sum_received.bits_per_second")?;
+    let bytes = sum["bytes"].as_f64().unwrap_or(0.0);
+    Ok((bps / 1e9, bytes))
+}
+
+/// Thousands of 64-byte UDP datagrams per second delivered to the receiver.
+fn iperf_udp64(a: &Pod, b: &Pod, seconds: u32) -> Result<f64> {
+    let j = iperf_json(
+        a,
+        &[
+            &b.ip,
+            "-u",
+            "-l",
+            "64",
+            "-b",
+            "0",
+            "-t",
+            &seconds.to_string(),
+        ],
+    )?;
+    let sum = &j["end"]["sum"];
+    let packets = sum["packets"].as_f64().context("no end.sum.packets")?;
+    let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
+    let secs = sum["seconds"]
+        .as_f64()
+        .unwrap_or(f64::from(seconds))
+        .max(0.001);
+    Ok((packets - lost) / secs / 1000.0)
+}
+
+fn median_rtt_us(a: &Pod, b: &Pod) -> Result<f64> {
+    let out = run_in(&a.ns, "ping", &["-c", "100", "-i", "0.005", &b.ip])?;
+    let mut times: Vec<f64> = out
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.split_whitespace().next())
+        .filter_map(|t| t.parse::<f64>().ok())
+        .collect();
+    if times.is_empty() {
+        bail!("no ping replies");
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2] * 1000.0)
+}
+
+/// User + system CPU seconds of processes, from /proc/<pid>/stat.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = f.get(11)?.parse().ok()?;
+            let stime: f64 = f.get(12)?.parse().ok()?;
+            Some((utime + stime) / hz)
+        })
+        .sum()
+}
+
+fn render(rows: &BTreeMap<usize, (String, Row)>, seconds: u32) -> String {
+    let base = |name: &str| {
+        rows.values()
+            .find(|(m, _)| m == name)
+            .map(|(_, r)| r.clone())
+    };
+    let vx = base("kernel-vxlan");
+    let rt = base("routing");
+    let ratio = |v: f64, b: Option<f64>| match b {
+        Some(b) if b > 0.0 && v > 0.0 => format!(" ({:.2}×)", v / b),
+        _ => String::new(),
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| datapath | TCP 1 stream Gbit/s (× VXLAN) | × routing | TCP 4 streams Gbit/s (× VXLAN) | UDP 64 B kpps (× VXLAN) | median RTT µs (× VXLAN) | daemon CPU s/GB | note |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    for (mode, r) in rows.values() {
+        let _ = writeln!(
+            s,
+            "| {} | {:.2}{} | {} | {:.2}{} | {:.0}{} | {:.0}{} | {} | {} |",
+            label(mode),
+            r.tcp1_gbps,
+            ratio(r.tcp1_gbps, vx.as_ref().map(|v| v.tcp1_gbps)),
+            ratio(r.tcp1_gbps, rt.as_ref().map(|v| v.tcp1_gbps))
+                .trim()
+                .trim_matches(|c| c == '(' || c == ')'),
+            r.tcp4_gbps,
+            ratio(r.tcp4_gbps, vx.as_ref().map(|v| v.tcp4_gbps)),
+            r.udp64_kpps,
+            ratio(r.udp64_kpps, vx.as_ref().map(|v| v.udp64_kpps)),
+            r.rtt_us,
+            ratio(r.rtt_us, vx.as_ref().map(|v| v.rtt_us)),
+            r.cpu_s_per_gb
+                .map_or("–".to_string(), |c| format!("{c:.2}")),
+            r.note,
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n{seconds} s per iperf3 run; 2 nodes in network namespaces on one machine, one pod each."
+    );
+    s
+}
+
+fn label(mode: &str) -> &str {
+    match mode {
+        "routing" => "plain routing (our host-gw)",
+        "kernel-vxlan" => "kernel VXLAN, wired by hand as Flannel does",
+        "udp" => "flanneld-rs udp",
+        "vxlan" => "flanneld-rs vxlan",
+        "wireguard" => "flanneld-rs wireguard",
+        other => other,
+    }
+}
+
+fn write_benchmarks(path: &str, table: &str) -> Result<()> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let kernel = run("uname", &["-r"]).unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let text = format!(
+        "# Benchmarks\n\nMade by `sudo ./scripts/bench.sh {}` (release build), on {cores} cores, {cpu}, kernel {}.\n\n{table}",
+        args.join(" "),
+        kernel.trim()
+    );
+    std::fs::write(path, text).with_context(|| format!("writing {path}"))
+}
