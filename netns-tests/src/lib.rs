@@ -35,18 +35,18 @@ pub fn is_root() -> bool {
 }
 
 /// The directory holding the workspace's built binaries (`target/<profile>`), found from the
-/// test executable (`target/<profile>/deps/…`) unless `FLANNELD_RS_BIN_DIR` says otherwise.
+/// running executable (a test in `target/<profile>/deps/`, or `demo`/`bench`) unless `FLANNELD_RS_BIN_DIR` says otherwise.
 pub fn bin_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("FLANNELD_RS_BIN_DIR") {
         return Ok(PathBuf::from(dir));
     }
     let exe = std::env::current_exe().context("locating the test executable")?;
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .context("test executable has no target/<profile> directory")?
-        .to_path_buf();
-    Ok(dir)
+    let mut dir = exe.parent().context("executable has no directory")?;
+    // Test binaries live in target/<profile>/deps, the harness's own binaries one level up.
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("deps/ has no parent")?;
+    }
+    Ok(dir.to_path_buf())
 }
 
 /// Path to one of our binaries, with a clear error if the workspace was not built.
