@@ -2,6 +2,10 @@
 //! `Backend.Type` string of the network config, and the netlink plumbing they share.
 
 pub mod backend;
+pub mod io;
 pub mod netlink;
+pub mod peers;
+pub mod stats;
+pub mod wire;
 
 pub use backend::{new_backend, Backend, BackendError, NodeInfo};

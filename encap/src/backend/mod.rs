@@ -2,6 +2,7 @@
 //! in its lease, hands it the lease it got, then feeds it other nodes' leases as they change.
 
 mod host_gw;
+mod udp;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -14,7 +15,7 @@ use crate::netlink::{Link, NetlinkError};
 
 #[derive(Debug, Error)]
 pub enum BackendError {
-    #[error("backend type {0:?} is not supported (known: host-gw)")]
+    #[error("backend type {0:?} is not supported (known: host-gw, udp)")]
     UnknownType(String),
     #[error("Backend config: {0}")]
     Config(String),
@@ -61,6 +62,11 @@ pub trait Backend: Send {
     /// A peer's lease is gone. An error concerns this peer alone.
     async fn remove_peer(&mut self, peer: &Lease) -> Result<(), BackendError>;
 
+    /// Datapath counters, for backends that move packets themselves (none for kernel paths).
+    fn stats(&self) -> Option<std::sync::Arc<crate::stats::Stats>> {
+        None
+    }
+
     /// The full set of peers after the first listing: install what is missing and remove what we
     /// installed earlier (e.g. before a restart) that no lease justifies any more.
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError>;
@@ -73,7 +79,24 @@ pub async fn new_backend(
 ) -> Result<Box<dyn Backend>, BackendError> {
     match config.backend_type.to_ascii_lowercase().as_str() {
         "host-gw" => Ok(Box::new(host_gw::HostGw::new(config, node)?)),
+        "udp" => Ok(Box::new(udp::Udp::new(config, node)?)),
         other => Err(BackendError::UnknownType(other.to_string())),
+    }
+}
+
+/// Reads `Backend.<name>` (matched case-insensitively, as Go's JSON decoding does) as a port.
+fn backend_port(config: &NetworkConfig, name: &str, default: u16) -> Result<u16, BackendError> {
+    let field = config.backend.as_object().and_then(|o| {
+        o.get(name)
+            .or_else(|| o.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
+    });
+    match field {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(v) => v
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+            .ok_or_else(|| BackendError::Config(format!("field \"Backend.{name}\": {v} is not a port (1-65535)"))),
     }
 }
 

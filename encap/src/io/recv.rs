@@ -1,0 +1,302 @@
+//! `recvmmsg` into buffers allocated once: [`RecvBatch`] owns the data, address and cmsg space
+//! for `count` messages and, after [`UdpSock::recv_batch`], each message's length, source and
+//! GRO segment size.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+
+use libc::{c_int, c_uint};
+
+use super::addr::{RawAddr, RAW_ADDR_LEN};
+use super::sys::{cvt, retry};
+use super::udp::{CmsgBuf, UdpSock};
+
+/// Most messages per `recvmmsg` (`UIO_MAXIOV`; the kernel caps `vlen` there anyway).
+const MAX_COUNT: usize = 1024;
+
+/// Where a message's source could not be read (never seen for UDP; kept total rather than panic).
+const UNKNOWN_SRC: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+
+/// What the last receive put in one slot.
+#[derive(Clone, Copy, Debug)]
+struct Meta {
+    len: usize,
+    src: SocketAddr,
+    gro: Option<u16>,
+    truncated: bool,
+}
+
+/// Preallocated room for a batch of received messages; reuse it for every call.
+pub struct RecvBatch {
+    /// `count` slots of `slot_len` bytes, back to back.
+    data: Vec<u8>,
+    slot_len: usize,
+    iovs: Vec<libc::iovec>,
+    names: Vec<RawAddr>,
+    ctrl: Vec<CmsgBuf>,
+    hdrs: Vec<libc::mmsghdr>,
+    meta: Vec<Meta>,
+    filled: usize,
+}
+
+// SAFETY: the raw pointers in `iovs` and `hdrs` only ever point into this batch's own heap
+// buffers (which move with it) and are rewritten right before each recvmmsg.
+unsafe impl Send for RecvBatch {}
+// SAFETY: no `&self` method dereferences those pointers; shared access only reads plain data.
+unsafe impl Sync for RecvBatch {}
+
+impl std::fmt::Debug for RecvBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBatch")
+            .field("capacity", &self.capacity())
+            .field("buf_len", &self.slot_len)
+            .field("filled", &self.filled)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One received message: possibly several GRO-merged datagrams, see [`RecvMsg::datagrams`].
+#[derive(Clone, Copy, Debug)]
+pub struct RecvMsg<'a> {
+    data: &'a [u8],
+    src: SocketAddr,
+    gro_size: Option<u16>,
+    truncated: bool,
+}
+
+impl<'a> RecvMsg<'a> {
+    /// The bytes received: one datagram, or several back to back when GRO merged them.
+    pub fn data(&self) -> &'a [u8] {
+        self.data
+    }
+
+    /// The sender (`0.0.0.0:0` if the kernel gave no usable address, which UDP never does).
+    pub fn source(&self) -> SocketAddr {
+        self.src
+    }
+
+    /// The `UDP_GRO` segment size when the kernel merged datagrams, else `None`.
+    pub fn gro_size(&self) -> Option<u16> {
+        self.gro_size
+    }
+
+    /// The message did not fit its slot: `data` is only its beginning. Drop it.
+    pub fn is_truncated(&self) -> bool {
+        self.truncated
+    }
+
+    /// The individual datagrams, split at the GRO segment size.
+    pub fn datagrams(&self) -> Datagrams<'a> {
+        Datagrams::new(self.data, self.gro_size)
+    }
+}
+
+/// Splits a GRO-merged message into its datagrams: `seg` bytes each, the last possibly shorter.
+/// Without a (non-zero) segment size the whole message is one datagram; empty data yields none.
+#[derive(Clone, Debug)]
+pub struct Datagrams<'a> {
+    rest: &'a [u8],
+    seg: usize,
+}
+
+impl<'a> Datagrams<'a> {
+    pub fn new(data: &'a [u8], seg: Option<u16>) -> Self {
+        let seg = match seg {
+            Some(s) if s > 0 => usize::from(s),
+            _ => data.len(),
+        };
+        Self { rest: data, seg }
+    }
+}
+
+impl<'a> Iterator for Datagrams<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let (head, tail) = self.rest.split_at(self.seg.min(self.rest.len()));
+        self.rest = tail;
+        Some(head)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.rest.len().div_ceil(self.seg.max(1));
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for Datagrams<'_> {}
+
+impl RecvBatch {
+    /// Room for `count` messages (1..=1024) of `buf_len` bytes each (at least 1). With GRO on,
+    /// use 65535: a merged message larger than its slot is truncated and lost.
+    pub fn new(count: usize, buf_len: usize) -> Self {
+        let count = count.clamp(1, MAX_COUNT);
+        let slot_len = buf_len.max(1);
+        let empty_iov = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        let empty_meta = Meta {
+            len: 0,
+            src: UNKNOWN_SRC,
+            gro: None,
+            truncated: false,
+        };
+        // SAFETY: mmsghdr is a plain C struct; all zeros is a valid (empty) value.
+        let empty_hdr: libc::mmsghdr = unsafe { std::mem::zeroed() };
+        Self {
+            data: vec![0; count * slot_len],
+            slot_len,
+            iovs: vec![empty_iov; count],
+            names: vec![RawAddr::zeroed(); count],
+            ctrl: vec![CmsgBuf([0; 64]); count],
+            hdrs: vec![empty_hdr; count],
+            meta: vec![empty_meta; count],
+            filled: 0,
+        }
+    }
+
+    /// How many messages one receive can return.
+    pub fn capacity(&self) -> usize {
+        self.hdrs.len()
+    }
+
+    /// The size of each message slot.
+    pub fn buf_len(&self) -> usize {
+        self.slot_len
+    }
+
+    /// Messages filled by the last receive (0 after an error).
+    pub fn len(&self) -> usize {
+        self.filled
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.filled == 0
+    }
+
+    /// Message `i` of the last receive, `None` past [`len`](Self::len).
+    pub fn msg(&self, i: usize) -> Option<RecvMsg<'_>> {
+        let m = self.meta.get(i).filter(|_| i < self.filled)?;
+        let start = i * self.slot_len;
+        Some(RecvMsg {
+            data: &self.data[start..start + m.len],
+            src: m.src,
+            gro_size: m.gro,
+            truncated: m.truncated,
+        })
+    }
+
+    /// Message `i`'s data for in-place rewriting (e.g. header fixes before a TUN write).
+    pub fn data_mut(&mut self, i: usize) -> Option<&mut [u8]> {
+        let m = self.meta.get(i).filter(|_| i < self.filled)?;
+        let start = i * self.slot_len;
+        Some(&mut self.data[start..start + m.len])
+    }
+
+    /// The messages of the last receive, in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = RecvMsg<'_>> + '_ {
+        self.meta[..self.filled]
+            .iter()
+            .zip(self.data.chunks(self.slot_len))
+            .map(|(m, slot)| RecvMsg {
+                data: &slot[..m.len],
+                src: m.src,
+                gro_size: m.gro,
+                truncated: m.truncated,
+            })
+    }
+
+    /// Points every header at its slot, name and cmsg space, resetting the in/out lengths.
+    fn prepare(&mut self) {
+        self.filled = 0;
+        let data = self.data.as_mut_ptr();
+        for (i, iov) in self.iovs.iter_mut().enumerate() {
+            *iov = libc::iovec {
+                iov_base: data.wrapping_add(i * self.slot_len).cast(),
+                iov_len: self.slot_len,
+            };
+        }
+        // Raw pointers are taken after the last write through a reference to these buffers.
+        let (iovs, names, ctrl) = (
+            self.iovs.as_mut_ptr(),
+            self.names.as_mut_ptr(),
+            self.ctrl.as_mut_ptr(),
+        );
+        for (i, h) in self.hdrs.iter_mut().enumerate() {
+            let m = &mut h.msg_hdr;
+            m.msg_name = names.wrapping_add(i).cast();
+            m.msg_namelen = RAW_ADDR_LEN;
+            m.msg_iov = iovs.wrapping_add(i);
+            m.msg_iovlen = 1;
+            m.msg_control = ctrl.wrapping_add(i).cast();
+            m.msg_controllen = size_of::<CmsgBuf>() as _;
+            m.msg_flags = 0;
+            h.msg_len = 0;
+        }
+    }
+
+    /// Records length, source, GRO size and truncation of the first `n` messages.
+    fn finish(&mut self, n: usize) {
+        for i in 0..n {
+            let h = &self.hdrs[i];
+            self.meta[i] = Meta {
+                len: (h.msg_len as usize).min(self.slot_len),
+                src: self.names[i]
+                    .get(h.msg_hdr.msg_namelen)
+                    .unwrap_or(UNKNOWN_SRC),
+                gro: gro_size(&h.msg_hdr),
+                truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+            };
+        }
+        self.filled = n;
+    }
+}
+
+/// The `UDP_GRO` cmsg's segment size, if the kernel attached one.
+fn gro_size(hdr: &libc::msghdr) -> Option<u16> {
+    let mut found = None;
+    // SAFETY: `msg_control` points to this message's CmsgBuf and the kernel set
+    // `msg_controllen` to the bytes it wrote there (at most the buffer size), so the CMSG_*
+    // walk stays inside it; the payload is read unaligned and only when its length covers an int.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
+        while !cmsg.is_null() {
+            let c = &*cmsg;
+            if c.cmsg_level == libc::SOL_UDP
+                && c.cmsg_type == libc::UDP_GRO
+                && c.cmsg_len as usize >= libc::CMSG_LEN(size_of::<c_int>() as c_uint) as usize
+            {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<c_int>());
+                found = u16::try_from(v).ok().filter(|&s| s > 0);
+            }
+            cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
+        }
+    }
+    found
+}
+
+impl UdpSock {
+    /// Receives up to `batch.capacity()` messages with one `recvmmsg`, waiting (up to the
+    /// timeout, then `TimedOut`) until at least one is there but not for more after that.
+    /// The wait is a `poll`, not recvmmsg's own timeout, which is only checked between
+    /// datagrams and so cannot end an idle wait.
+    pub fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        batch.prepare();
+        let fd = self.as_raw_fd();
+        let hdrs = batch.hdrs.as_mut_ptr();
+        let vlen = batch.hdrs.len() as c_uint;
+        let n = retry(fd, libc::POLLIN, &self.timeout, || {
+            // SAFETY: `prepare` pointed all `vlen` headers at buffers owned by `batch`, which
+            // stays exclusively borrowed (nothing else touches it) until recvmmsg returns.
+            cvt(unsafe { libc::recvmmsg(fd, hdrs, vlen, libc::MSG_DONTWAIT, std::ptr::null_mut()) })
+        })?;
+        let n = n as usize;
+        batch.finish(n);
+        Ok(n)
+    }
+}

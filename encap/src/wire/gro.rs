@@ -1,0 +1,432 @@
+//! Receive side: merge consecutive TCP segments of one flow, as they come off the UDP socket,
+//! back into super-packets with a `virtio_net_hdr`, so that one TUN write hands the kernel up
+//! to 64 KiB (what Linux GRO and wireguard-go/Tailscale's TUN offload do).
+//!
+//! A segment is appended to the newest output packet of its flow only when it continues it
+//! exactly: next sequence number, same IP/TCP header apart from length/ID/checksum/sequence,
+//! flags ACK (or ACK|PSH, which ends the packet), payload no larger than the first one's (the
+//! MSS; a shorter one ends the packet), IPv4 IDs consecutive or DF set, at most 65535 bytes in
+//! all. Each merged segment's IP and TCP checksums are verified first, because the merged packet
+//! goes to the kernel as `NEEDS_CSUM`, which it trusts: a corrupt segment must stay on its own,
+//! where the kernel checks and drops it. Everything else passes through unchanged, in arrival
+//! order; within a flow nothing is reordered, since only a flow's newest packet grows.
+
+use super::bytes::{arr, be16, put16};
+use super::ip::{self, PROTO_TCP, V6_HDR_LEN};
+use super::vnet::{VnetHdr, FLAG_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN};
+use super::{checksum, WireError};
+
+const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
+/// Largest IP packet (and so super-packet) built.
+const MAX_IP_LEN: usize = 65535;
+/// Offset of the checksum in the TCP header.
+const TCP_CSUM_OFFSET: usize = 16;
+
+/// A TCP flow: addresses and ports (in packet byte order), one direction.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FlowKey {
+    v6: bool,
+    addrs: [u8; 32],
+    ports: [u8; 4],
+}
+
+/// A data segment that may start or extend a merge.
+struct Seg {
+    key: FlowKey,
+    v6: bool,
+    ip_hdr_len: usize,
+    /// IP + TCP header length.
+    hdr_len: usize,
+    payload_len: usize,
+    seq: u32,
+    id: u16,
+    psh: bool,
+}
+
+/// State of an output packet that holds TCP data.
+#[derive(Clone, Copy)]
+struct Run {
+    v6: bool,
+    ip_hdr_len: usize,
+    hdr_len: usize,
+    /// Payload length of the first segment: the MSS of the super-packet.
+    gso_size: usize,
+    segs: usize,
+    next_seq: u32,
+    next_id: u16,
+    /// Whether another segment may still be appended.
+    open: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    /// IP packet length (after the vnet header).
+    len: usize,
+    run: Option<Run>,
+}
+
+struct Flow {
+    key: FlowKey,
+    /// The flow's newest output packet.
+    slot: usize,
+}
+
+enum Class {
+    /// Not TCP (or unparseable): passes through.
+    Other,
+    /// TCP that cannot be merged: passes through, and ends its flow's current merge so that
+    /// later segments are not moved in front of it.
+    TcpOther(FlowKey),
+    Data(Seg),
+}
+
+/// A batch of received packets being coalesced. Preallocates `max_packets` slots of
+/// `max_packet_len` bytes (vnet header included) and a flow table; nothing is allocated after.
+pub struct Gro {
+    buf: Vec<u8>,
+    stride: usize,
+    max_packets: usize,
+    slots: Vec<Slot>,
+    flows: Vec<Flow>,
+    /// Slots before this index have their vnet header written and are closed.
+    finalized: usize,
+}
+
+impl Gro {
+    /// A batch of up to `max_packets` output packets of up to `max_packet_len` bytes each
+    /// including the vnet header (use `65535 + VNET_HDR_LEN` to build full super-packets).
+    pub fn new(max_packets: usize, max_packet_len: usize) -> Self {
+        let stride = max_packet_len.max(VNET_HDR_LEN);
+        Gro {
+            buf: vec![0; max_packets.saturating_mul(stride)],
+            stride,
+            max_packets,
+            slots: Vec::with_capacity(max_packets),
+            flows: Vec::with_capacity(max_packets),
+            finalized: 0,
+        }
+    }
+
+    /// Adds one complete inner IP packet: appended to its flow's newest packet when it continues
+    /// it, else copied into a new output packet. Fails with [`WireError::Full`] (nothing
+    /// changed) when a new packet is needed and none is free, and with [`WireError::TooBig`]
+    /// when it cannot fit one.
+    pub fn push(&mut self, pkt: &[u8]) -> Result<(), WireError> {
+        let cap = self.stride - VNET_HDR_LEN;
+        if pkt.len() > cap {
+            return Err(WireError::TooBig {
+                len: pkt.len(),
+                mtu: cap,
+            });
+        }
+        match classify(pkt) {
+            Class::Other => {
+                self.check_room()?;
+                self.start(pkt, None)?;
+            }
+            Class::TcpOther(key) => {
+                self.check_room()?;
+                self.start(pkt, None)?;
+                if let Some(i) = self.flows.iter().position(|f| f.key == key) {
+                    self.flows.swap_remove(i);
+                }
+            }
+            Class::Data(seg) => {
+                let flow = self.flows.iter().position(|f| f.key == seg.key);
+                if let Some(slot) = flow.and_then(|i| self.flows.get(i)).map(|f| f.slot) {
+                    if self.try_append(slot, &seg, pkt) {
+                        return Ok(());
+                    }
+                }
+                self.check_room()?;
+                let slot = self.start(pkt, Some(Run::first(&seg)))?;
+                match flow.and_then(|i| self.flows.get_mut(i)) {
+                    Some(f) => f.slot = slot,
+                    None => self.flows.push(Flow { key: seg.key, slot }),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every slot is taken: a `push` that needs a new packet would fail.
+    pub fn is_full(&self) -> bool {
+        self.slots.len() >= self.max_packets
+    }
+
+    /// Number of output packets so far.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether nothing was pushed since the last `clear`.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Finalizes the batch and yields each output packet as vnet header + IP packet, ready
+    /// for one TUN write. Merged packets carry `GSO_TCPV4`/`GSO_TCPV6`, `gso_size` = MSS,
+    /// `NEEDS_CSUM` with the pseudo-header sum in the TCP checksum field, and fixed IP lengths;
+    /// the others a zero header and their bytes unchanged. Packets pushed afterwards start new
+    /// output packets; call [`Gro::clear`] once they are written.
+    pub fn packets(&mut self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.finalize();
+        let stride = self.stride;
+        let buf = &self.buf;
+        self.slots.iter().enumerate().map(move |(i, s)| {
+            let base = i * stride;
+            buf.get(base..base + VNET_HDR_LEN + s.len)
+                .unwrap_or_default()
+        })
+    }
+
+    /// Empties the batch (keeping its buffers).
+    pub fn clear(&mut self) {
+        self.slots.clear();
+        self.flows.clear();
+        self.finalized = 0;
+    }
+
+    fn check_room(&self) -> Result<(), WireError> {
+        if self.is_full() {
+            Err(WireError::Full)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Copies `pkt` into the next free slot and returns the slot's index.
+    fn start(&mut self, pkt: &[u8], run: Option<Run>) -> Result<usize, WireError> {
+        let i = self.slots.len();
+        let base = i * self.stride + VNET_HDR_LEN;
+        let dst = self
+            .buf
+            .get_mut(base..base + pkt.len())
+            .ok_or(WireError::Full)?;
+        dst.copy_from_slice(pkt);
+        self.slots.push(Slot {
+            len: pkt.len(),
+            run,
+        });
+        Ok(i)
+    }
+
+    /// Appends `seg`'s payload to slot `i` if it continues it exactly; `false` (nothing
+    /// changed) otherwise.
+    fn try_append(&mut self, i: usize, seg: &Seg, pkt: &[u8]) -> bool {
+        let Some(slot) = self.slots.get(i).copied() else {
+            return false;
+        };
+        let Some(mut run) = slot.run else {
+            return false;
+        };
+        let new_len = slot.len + seg.payload_len;
+        if !run.open
+            || run.v6 != seg.v6
+            || run.ip_hdr_len != seg.ip_hdr_len
+            || run.hdr_len != seg.hdr_len
+            || run.next_seq != seg.seq
+            || seg.payload_len > run.gso_size
+            || new_len > MAX_IP_LEN
+            || new_len > self.stride - VNET_HDR_LEN
+        {
+            return false;
+        }
+        let base = i * self.stride + VNET_HDR_LEN;
+        let (Some(head), Some(new)) = (
+            self.buf.get(base..base + run.hdr_len),
+            pkt.get(..seg.hdr_len),
+        ) else {
+            return false;
+        };
+        if !headers_match(head, new, run.v6, run.ip_hdr_len) {
+            return false;
+        }
+        // Without DF, IDs must be consecutive (Linux GRO's rule; resegmenting counts up).
+        let df = head.get(6).is_some_and(|b| b & 0x40 != 0);
+        if !run.v6 && !df && seg.id != run.next_id {
+            return false;
+        }
+        let (Some(dst), Some(src)) = (
+            self.buf.get_mut(base + slot.len..base + new_len),
+            pkt.get(seg.hdr_len..),
+        ) else {
+            return false;
+        };
+        if dst.len() != src.len() {
+            return false;
+        }
+        dst.copy_from_slice(src);
+        if seg.psh {
+            if let Some(flags) = self.buf.get_mut(base + run.ip_hdr_len + 13) {
+                *flags |= TCP_PSH;
+            }
+        }
+        run.segs += 1;
+        run.next_seq = run.next_seq.wrapping_add(seg.payload_len as u32);
+        run.next_id = run.next_id.wrapping_add(1);
+        run.open = !seg.psh && seg.payload_len == run.gso_size;
+        if let Some(s) = self.slots.get_mut(i) {
+            *s = Slot {
+                len: new_len,
+                run: Some(run),
+            };
+        }
+        true
+    }
+
+    /// Writes the vnet header of every slot not yet finalized, fixing merged packets' headers.
+    fn finalize(&mut self) {
+        for i in self.finalized..self.slots.len() {
+            let Some(slot) = self.slots.get(i).copied() else {
+                break;
+            };
+            let base = i * self.stride;
+            let Some(area) = self.buf.get_mut(base..base + VNET_HDR_LEN + slot.len) else {
+                continue;
+            };
+            let Some((vh, pkt)) = area.split_at_mut_checked(VNET_HDR_LEN) else {
+                continue;
+            };
+            let hdr = match slot.run {
+                Some(run) if run.segs > 1 => seal(pkt, &run).unwrap_or_default(),
+                _ => VnetHdr::default(),
+            };
+            // `vh` is exactly VNET_HDR_LEN long, so this cannot fail.
+            let _ = hdr.encode(vh);
+        }
+        self.finalized = self.slots.len();
+        self.flows.clear();
+    }
+}
+
+impl Run {
+    fn first(seg: &Seg) -> Run {
+        Run {
+            v6: seg.v6,
+            ip_hdr_len: seg.ip_hdr_len,
+            hdr_len: seg.hdr_len,
+            gso_size: seg.payload_len,
+            segs: 1,
+            next_seq: seg.seq.wrapping_add(seg.payload_len as u32),
+            next_id: seg.id.wrapping_add(1),
+            open: !seg.psh,
+        }
+    }
+}
+
+/// Fixes the IP length (and IPv4 checksum) of a merged packet, puts the pseudo-header sum in
+/// the TCP checksum field, and returns the vnet header describing it.
+fn seal(pkt: &mut [u8], run: &Run) -> Option<VnetHdr> {
+    let len = pkt.len();
+    if run.v6 {
+        put16(pkt, 4, u16::try_from(len - V6_HDR_LEN).ok()?)?;
+    } else {
+        put16(pkt, 2, u16::try_from(len).ok()?)?;
+        put16(pkt, 10, 0)?;
+        let c = checksum::ipv4_header(pkt.get(..run.ip_hdr_len)?);
+        put16(pkt, 10, c)?;
+    }
+    let tcp_len = len - run.ip_hdr_len;
+    let psum = ip::pseudo(pkt, run.v6, PROTO_TCP, tcp_len)?;
+    put16(pkt, run.ip_hdr_len + TCP_CSUM_OFFSET, checksum::fold(psum))?;
+    Some(VnetHdr {
+        flags: FLAG_NEEDS_CSUM,
+        gso_type: if run.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+        hdr_len: u16::try_from(run.hdr_len).ok()?,
+        gso_size: u16::try_from(run.gso_size).ok()?,
+        csum_start: u16::try_from(run.ip_hdr_len).ok()?,
+        csum_offset: TCP_CSUM_OFFSET as u16,
+    })
+}
+
+/// Whether two segments' headers agree on everything but IP length/ID/checksum and TCP
+/// sequence/checksum (and PSH, which only the newer may carry). Both are `hdr_len` long.
+fn headers_match(head: &[u8], new: &[u8], v6: bool, ip_hdr_len: usize) -> bool {
+    let same = |a: usize, b: usize| {
+        let (x, y) = (head.get(a..b), new.get(a..b));
+        x.is_some() && x == y
+    };
+    let ip_ok = if v6 {
+        // Version/traffic class/flow label; next header/hop limit; addresses.
+        same(0, 4) && same(6, V6_HDR_LEN)
+    } else {
+        // Version/IHL/TOS; flags/fragment/TTL/protocol; addresses.
+        same(0, 2) && same(6, 10) && same(12, 20)
+    };
+    let t = ip_hdr_len;
+    let flags_ok = matches!(
+        (head.get(t + 13), new.get(t + 13)),
+        (Some(a), Some(b)) if *a == b & !TCP_PSH
+    );
+    ip_ok
+        && same(t, t + 4)
+        && same(t + 8, t + 13)
+        && flags_ok
+        && same(t + 14, t + 16)
+        && same(t + 18, head.len())
+}
+
+/// Sorts a received packet into pass-through or mergeable TCP data (checksums verified).
+fn classify(pkt: &[u8]) -> Class {
+    let Ok(ip) = ip::parse(pkt) else {
+        return Class::Other;
+    };
+    if ip.proto != PROTO_TCP || ip.fragment {
+        return Class::Other;
+    }
+    let off = ip.hdr_len;
+    let Some(t) = arr::<20>(pkt, off).filter(|_| off + 20 <= ip.len) else {
+        return Class::Other;
+    };
+    let mut key = FlowKey {
+        v6: ip.v6,
+        addrs: [0; 32],
+        ports: [t[0], t[1], t[2], t[3]],
+    };
+    let addrs = if ip.v6 {
+        pkt.get(8..40)
+    } else {
+        pkt.get(12..20)
+    };
+    for (k, a) in key.addrs.iter_mut().zip(addrs.unwrap_or_default()) {
+        *k = *a;
+    }
+    let tcp_hdr_len = usize::from(t[12] >> 4) * 4;
+    let hdr_len = off + tcp_hdr_len;
+    let flags = t[13];
+    let mergeable = ip.len == pkt.len()
+        && (ip.v6 || off == 20)
+        && tcp_hdr_len >= 20
+        && hdr_len < ip.len
+        && (flags == TCP_ACK || flags == TCP_ACK | TCP_PSH)
+        && checksums_ok(pkt, ip.v6, off);
+    if !mergeable {
+        return Class::TcpOther(key);
+    }
+    Class::Data(Seg {
+        key,
+        v6: ip.v6,
+        ip_hdr_len: off,
+        hdr_len,
+        payload_len: ip.len - hdr_len,
+        seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+        id: if ip.v6 { 0 } else { be16(pkt, 4).unwrap_or(0) },
+        psh: flags & TCP_PSH != 0,
+    })
+}
+
+/// IPv4 header checksum and TCP checksum of a whole (untrimmed) packet.
+fn checksums_ok(pkt: &[u8], v6: bool, ip_hdr_len: usize) -> bool {
+    let ip_ok = v6
+        || pkt
+            .get(..ip_hdr_len)
+            .is_some_and(|h| checksum::verifies(checksum::sum(h, 0)));
+    let tcp_len = pkt.len().saturating_sub(ip_hdr_len);
+    ip_ok
+        && matches!(
+            (pkt.get(ip_hdr_len..), ip::pseudo(pkt, v6, PROTO_TCP, tcp_len)),
+            (Some(tcp), Some(ps)) if checksum::verifies(checksum::sum(tcp, ps))
+        )
+}
