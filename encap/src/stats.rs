@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Why a packet was dropped. Each reason has its own counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Drop {
+pub enum DropReason {
     /// A datagram whose outer source is no current lease's PublicIP.
     UnknownSender,
     /// A datagram whose inner source is outside the sender's leased subnet.
@@ -23,31 +23,31 @@ pub enum Drop {
     IoError,
 }
 
-impl Drop {
-    pub const ALL: [Drop; 7] = [
-        Drop::UnknownSender,
-        Drop::SpoofedSource,
-        Drop::NotForUs,
-        Drop::Malformed,
-        Drop::NoRoute,
-        Drop::TtlExpired,
-        Drop::IoError,
+impl DropReason {
+    pub const ALL: [DropReason; 7] = [
+        DropReason::UnknownSender,
+        DropReason::SpoofedSource,
+        DropReason::NotForUs,
+        DropReason::Malformed,
+        DropReason::NoRoute,
+        DropReason::TtlExpired,
+        DropReason::IoError,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
-            Drop::UnknownSender => "unknown_sender",
-            Drop::SpoofedSource => "spoofed_source",
-            Drop::NotForUs => "not_for_us",
-            Drop::Malformed => "malformed",
-            Drop::NoRoute => "no_route",
-            Drop::TtlExpired => "ttl_expired",
-            Drop::IoError => "io_error",
+            DropReason::UnknownSender => "unknown_sender",
+            DropReason::SpoofedSource => "spoofed_source",
+            DropReason::NotForUs => "not_for_us",
+            DropReason::Malformed => "malformed",
+            DropReason::NoRoute => "no_route",
+            DropReason::TtlExpired => "ttl_expired",
+            DropReason::IoError => "io_error",
         }
     }
 }
 
-impl fmt::Display for Drop {
+impl fmt::Display for DropReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -61,17 +61,17 @@ pub struct Stats {
     pub rx_packets: AtomicU64,
     pub rx_bytes: AtomicU64,
     pub rx_syscalls: AtomicU64,
-    drops: [AtomicU64; Drop::ALL.len()],
+    drops: [AtomicU64; DropReason::ALL.len()],
 }
 
 impl Stats {
-    pub fn drop(&self, why: Drop, n: u64) {
+    pub fn count_drop(&self, why: DropReason, n: u64) {
         if n > 0 {
             self.drops[why as usize].fetch_add(n, Ordering::Relaxed);
         }
     }
 
-    pub fn drops(&self, why: Drop) -> u64 {
+    pub fn drops(&self, why: DropReason) -> u64 {
         self.drops[why as usize].load(Ordering::Relaxed)
     }
 
@@ -88,11 +88,11 @@ pub struct Tally {
     pub packets: u64,
     pub bytes: u64,
     pub syscalls: u64,
-    pub drops: [u64; Drop::ALL.len()],
+    pub drops: [u64; DropReason::ALL.len()],
 }
 
 impl Tally {
-    pub fn drop(&mut self, why: Drop) {
+    pub fn count_drop(&mut self, why: DropReason) {
         self.drops[why as usize] += 1;
     }
 
@@ -111,8 +111,8 @@ impl Tally {
     }
 
     fn flush_drops(&mut self, s: &Stats) {
-        for why in Drop::ALL {
-            s.drop(why, self.drops[why as usize]);
+        for why in DropReason::ALL {
+            s.count_drop(why, self.drops[why as usize]);
         }
         *self = Tally::default();
     }

@@ -3,6 +3,9 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -22,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::flags::Flags;
 use crate::iface;
+use crate::status::{self, Status};
 
 /// Set when SIGTERM or SIGINT arrives; every wait in the daemon also waits on it.
 #[derive(Clone)]
@@ -93,6 +97,12 @@ where
 
 pub async fn run(flags: Flags) -> Result<()> {
     let mut shutdown = Shutdown::install()?;
+    let status = Arc::new(Status::default());
+    let mut ports = vec![flags.healthz_port, flags.metrics_port];
+    ports.dedup();
+    for port in ports.into_iter().filter(|p| *p != 0) {
+        status::serve(SocketAddr::new(flags.healthz_ip, port), status.clone()).await?;
+    }
     let registry = Registry::connect(&etcd_options(&flags)).await?;
     let netlink = Netlink::open().context("opening netlink")?;
     let node = iface::choose(&netlink, &flags).await?;
@@ -113,6 +123,7 @@ pub async fn run(flags: Flags) -> Result<()> {
     let mut backend = new_backend(&config, &node)
         .await
         .with_context(|| format!("starting the {} backend", config.backend_type))?;
+    status.set_sources(backend.name(), registry.stats.clone(), backend.stats());
 
     let previous = previous_subnet(&flags);
     let mut req = LeaseRequest {
@@ -133,7 +144,9 @@ pub async fn run(flags: Flags) -> Result<()> {
         return Ok(());
     };
     let mut own = start_lease(&flags, &req.config, &node, backend.as_mut(), &held).await?;
-    let mut renewer = Renewer::spawn(&registry, held, flags.renew_margin());
+    status.set_lease(Some(&held));
+    status.backend_running.store(true, Ordering::Relaxed);
+    let mut renewer = Renewer::spawn(&registry, held, flags.renew_margin(), status.clone());
 
     let mut events = watch::spawn(registry.clone());
     let mut peers: HashMap<SubnetKey, Lease> = HashMap::new();
@@ -148,6 +161,7 @@ pub async fn run(flags: Flags) -> Result<()> {
             batch = events.recv() => {
                 let Some(batch) = batch else { break };
                 let own_removed = apply_events(&own, batch, &mut peers, backend.as_mut(), reconciled).await;
+                status.peers.store(peers.len(), Ordering::Relaxed);
                 if !reconciled {
                     reconciled = true;
                     let all: Vec<Lease> = peers.values().cloned().collect();
@@ -162,6 +176,7 @@ pub async fn run(flags: Flags) -> Result<()> {
         if let Some(why) = lost {
             tracing::warn!(subnet = %own.key, "lease lost ({why}): acquiring again");
             renewer.stop();
+            status.set_lease(None);
             req.previous = Some(own.key.clone());
             let Some(held) = retry("re-acquiring a subnet lease", &mut shutdown, || {
                 lifecycle::acquire(&registry, &req)
@@ -176,7 +191,8 @@ pub async fn run(flags: Flags) -> Result<()> {
             } else {
                 tracing::info!(subnet = %held.key, "lease re-acquired with the same subnet");
             }
-            renewer = Renewer::spawn(&registry, held, flags.renew_margin());
+            status.set_lease(Some(&held));
+            renewer = Renewer::spawn(&registry, held, flags.renew_margin(), status.clone());
         }
     }
     renewer.stop();
@@ -318,11 +334,19 @@ struct Renewer {
 }
 
 impl Renewer {
-    fn spawn(registry: &Registry, mut held: HeldLease, margin: Duration) -> Self {
+    fn spawn(
+        registry: &Registry,
+        mut held: HeldLease,
+        margin: Duration,
+        status: Arc<Status>,
+    ) -> Self {
         let (tx, lost) = oneshot::channel();
         let registry = registry.clone();
         let task = tokio::spawn(async move {
-            let why = lifecycle::keep_renewed(&registry, &mut held, margin).await;
+            let why = lifecycle::keep_renewed(&registry, &mut held, margin, |h| {
+                status.set_lease(Some(h))
+            })
+            .await;
             let _ = tx.send(why);
         });
         Renewer { task, lost }

@@ -97,6 +97,11 @@ pub struct Flags {
     #[arg(short = 'v', long = "v", env = "FLANNELD_V", default_value_t = 0)]
     pub verbosity: u8,
 
+    /// [flanneld-rs] Port for Prometheus /metrics on --healthz-ip (0 disables it; the healthz
+    /// port serves /metrics too).
+    #[arg(long, env = "FLANNELD_METRICS_PORT", default_value_t = 0)]
+    pub metrics_port: u16,
+
     /// [flanneld-rs] TTL of the subnet lease in etcd, e.g. 24h, 90m, 30s (Flannel: fixed 24h).
     #[arg(long, env = "FLANNELD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
     pub subnet_lease_ttl: Duration,

@@ -4,3 +4,4 @@ pub mod cni;
 pub mod daemon;
 pub mod flags;
 mod iface;
+pub mod status;

@@ -8,6 +8,7 @@
 pub mod cluster;
 pub mod etcd;
 pub mod proc;
+pub mod traffic;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};

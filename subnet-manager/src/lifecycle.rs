@@ -109,11 +109,13 @@ pub enum LeaseLost {
     RenewFailed(u32),
 }
 
-/// Renews `held` in place until the lease is lost. Never returns while all is well.
+/// Renews `held` in place until the lease is lost, calling `on_renew` after each renewal.
+/// Never returns while all is well.
 pub async fn keep_renewed(
     registry: &Registry,
     held: &mut HeldLease,
     margin: Duration,
+    mut on_renew: impl FnMut(&HeldLease),
 ) -> LeaseLost {
     let mut failures = 0;
     let mut wake = renew_at(held, margin);
@@ -123,6 +125,7 @@ pub async fn keep_renewed(
             Ok(Some(renewed)) => {
                 tracing::info!(subnet = %renewed.key, ttl_s = renewed.ttl.as_secs(), "lease renewed");
                 *held = renewed;
+                on_renew(held);
                 failures = 0;
                 wake = renew_at(held, margin);
             }

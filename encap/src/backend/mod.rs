@@ -87,8 +87,11 @@ pub async fn new_backend(
 /// Reads `Backend.<name>` (matched case-insensitively, as Go's JSON decoding does) as a port.
 fn backend_port(config: &NetworkConfig, name: &str, default: u16) -> Result<u16, BackendError> {
     let field = config.backend.as_object().and_then(|o| {
-        o.get(name)
-            .or_else(|| o.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
+        o.get(name).or_else(|| {
+            o.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+        })
     });
     match field {
         None | Some(serde_json::Value::Null) => Ok(default),
@@ -96,7 +99,11 @@ fn backend_port(config: &NetworkConfig, name: &str, default: u16) -> Result<u16,
             .as_u64()
             .and_then(|p| u16::try_from(p).ok())
             .filter(|p| *p != 0)
-            .ok_or_else(|| BackendError::Config(format!("field \"Backend.{name}\": {v} is not a port (1-65535)"))),
+            .ok_or_else(|| {
+                BackendError::Config(format!(
+                    "field \"Backend.{name}\": {v} is not a port (1-65535)"
+                ))
+            }),
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod host_gw;
 mod registry;
+mod udp;
 
 /// Skips a root-only test with a message (CI runs as root, so there they always run).
 #[macro_export]

@@ -167,7 +167,7 @@ async fn short_ttl_is_renewed_and_expires_without_renewal() -> Result<()> {
     let renewing = {
         let reg = reg.clone();
         tokio::spawn(async move {
-            lifecycle::keep_renewed(&reg, &mut kept, Duration::from_secs(3600)).await
+            lifecycle::keep_renewed(&reg, &mut kept, Duration::from_secs(3600), |_| {}).await
         })
     };
     tokio::time::sleep(Duration::from_secs(5)).await;

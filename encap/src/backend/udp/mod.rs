@@ -72,7 +72,9 @@ pub struct Udp {
 impl Udp {
     pub fn new(network: &NetworkConfig, node: &NodeInfo) -> Result<Self, BackendError> {
         if network.network.is_none() {
-            return Err(BackendError::Config("the udp backend needs an IPv4 Network".into()));
+            return Err(BackendError::Config(
+                "the udp backend needs an IPv4 Network".into(),
+            ));
         }
         let port = backend_port(network, "Port", DEFAULT_PORT)?;
         let mtu = node.iface.mtu.saturating_sub(OVERHEAD) as usize;
@@ -110,14 +112,17 @@ impl Udp {
 
     /// Opens the TUN queues and sockets and starts one sender and one receiver per queue.
     fn start_threads(&mut self) -> Result<(), BackendError> {
-        let io_err = |what: &str, e: &dyn std::fmt::Display| BackendError::Config(format!("{what}: {e}"));
-        let queues = open_tun(DEVICE, QUEUES, true).map_err(|e| io_err("opening TUN flannel0", &e))?;
+        let io_err =
+            |what: &str, e: &dyn std::fmt::Display| BackendError::Config(format!("{what}: {e}"));
+        let queues =
+            open_tun(DEVICE, QUEUES, true).map_err(|e| io_err("opening TUN flannel0", &e))?;
         let offload = queues.first().map(|q| q.offload()).unwrap_or_default();
         let bind = SocketAddr::new(IpAddr::V4(self.node.public_ip), self.port);
         let mut modes = Vec::new();
         for (i, q) in queues.into_iter().enumerate() {
             let q = Arc::new(q);
-            let sock = UdpSock::bind(bind, true).map_err(|e| io_err(&format!("binding UDP {bind}"), &e))?;
+            let sock = UdpSock::bind(bind, true)
+                .map_err(|e| io_err(&format!("binding UDP {bind}"), &e))?;
             sock.grow_buffers(DEFAULT_SOCKET_BUFFER);
             let gro = sock.enable_gro();
             let gso = sock.gso_supported();
@@ -130,7 +135,10 @@ impl Udp {
             let tx = tx::Sender::new(q.clone(), sock.clone(), self.shared.clone(), gso);
             let rx = rx::Receiver::new(q, sock, self.shared.clone());
             for (name, job) in [
-                (format!("udp-tx{i}"), Box::new(move || tx.run()) as Box<dyn FnOnce() + Send>),
+                (
+                    format!("udp-tx{i}"),
+                    Box::new(move || tx.run()) as Box<dyn FnOnce() + Send>,
+                ),
                 (format!("udp-rx{i}"), Box::new(move || rx.run())),
             ] {
                 let handle = std::thread::Builder::new()
@@ -140,7 +148,12 @@ impl Udp {
                 self.threads.push(handle);
             }
         }
-        tracing::info!(port = self.port, queues = QUEUES, "udp datapath running: {}", modes.join("; "));
+        tracing::info!(
+            port = self.port,
+            queues = QUEUES,
+            "udp datapath running: {}",
+            modes.join("; ")
+        );
         Ok(())
     }
 }
@@ -172,7 +185,9 @@ impl Backend for Udp {
 
     async fn start(&mut self, own: &Lease) -> Result<(), BackendError> {
         let (Some(subnet), Some(network)) = (own.key.ipv4, self.network.network) else {
-            return Err(BackendError::Config("the udp backend needs an IPv4 lease".into()));
+            return Err(BackendError::Config(
+                "the udp backend needs an IPv4 lease".into(),
+            ));
         };
         if self.threads.is_empty() {
             self.start_threads()?;
@@ -183,8 +198,12 @@ impl Backend for Udp {
         let link = self.netlink.link_by_name(DEVICE).await?;
         let addr = Ipv4Net::new(subnet.network(), network.prefix_len())
             .map_err(|e| BackendError::Config(format!("address for {DEVICE}: {e}")))?;
-        self.netlink.set_sole_address(link.index, IpNet::V4(addr)).await?;
-        self.netlink.set_mtu_up(link.index, self.shared.mtu as u32).await?;
+        self.netlink
+            .set_sole_address(link.index, IpNet::V4(addr))
+            .await?;
+        self.netlink
+            .set_mtu_up(link.index, self.shared.mtu as u32)
+            .await?;
         Ok(())
     }
 

@@ -11,7 +11,7 @@ use ipnet::Ipv4Net;
 use super::Shared;
 use crate::io::{is_timeout, RecvBatch, TunQueue, UdpSock};
 use crate::peers::PeerTable;
-use crate::stats::{Drop, Tally};
+use crate::stats::{DropReason, Tally};
 use crate::wire::{ip, Gro, VNET_HDR_LEN};
 
 /// Messages per `recvmmsg`; each may hold many GRO-merged datagrams.
@@ -61,14 +61,14 @@ impl Receiver {
                     IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
                         Some(ip) => ip,
                         None => {
-                            tally.drop(Drop::UnknownSender);
+                            tally.count_drop(DropReason::UnknownSender);
                             continue;
                         }
                     },
                 };
                 for d in msg.datagrams() {
                     if let Err(why) = admit(d, sender, own, &table) {
-                        tally.drop(why);
+                        tally.count_drop(why);
                         continue;
                     }
                     if gro.is_full() {
@@ -79,7 +79,7 @@ impl Receiver {
                             tally.packets += 1;
                             tally.bytes += d.len() as u64;
                         }
-                        Err(_) => tally.drop(Drop::Malformed),
+                        Err(_) => tally.count_drop(DropReason::Malformed),
                     }
                 }
             }
@@ -94,7 +94,7 @@ impl Receiver {
         for p in gro.packets() {
             tally.syscalls += 1;
             if self.tun.write(p).is_err() {
-                tally.drop(Drop::IoError);
+                tally.count_drop(DropReason::IoError);
             }
         }
         gro.clear();
@@ -103,20 +103,25 @@ impl Receiver {
 
 /// The anti-spoofing rules: the sender is a peer, the inner source is in its subnet, the
 /// inner destination in ours.
-fn admit(pkt: &[u8], sender: Ipv4Addr, own: Option<Ipv4Net>, table: &PeerTable) -> Result<(), Drop> {
+fn admit(
+    pkt: &[u8],
+    sender: Ipv4Addr,
+    own: Option<Ipv4Net>,
+    table: &PeerTable,
+) -> Result<(), DropReason> {
     if !table.knows(sender) {
-        return Err(Drop::UnknownSender);
+        return Err(DropReason::UnknownSender);
     }
     let (src, dst) = match ip::addrs(pkt) {
         Ok((IpAddr::V4(s), IpAddr::V4(d))) => (s, d),
-        Ok(_) => return Err(Drop::NotForUs),
-        Err(_) => return Err(Drop::Malformed),
+        Ok(_) => return Err(DropReason::NotForUs),
+        Err(_) => return Err(DropReason::Malformed),
     };
     if !table.may_send_from(sender, src) {
-        return Err(Drop::SpoofedSource);
+        return Err(DropReason::SpoofedSource);
     }
     if !own.is_some_and(|o| o.contains(&dst)) {
-        return Err(Drop::NotForUs);
+        return Err(DropReason::NotForUs);
     }
     Ok(())
 }
@@ -148,12 +153,24 @@ mod tests {
         let own = Some("10.244.1.0/24".parse().expect("net"));
         let ok = v4_packet([10, 244, 2, 5], [10, 244, 1, 7]);
         assert_eq!(admit(&ok, sender, own, &table), Ok(()));
-        assert_eq!(admit(&ok, "172.30.0.99".parse().expect("ip"), own, &table), Err(Drop::UnknownSender));
+        assert_eq!(
+            admit(&ok, "172.30.0.99".parse().expect("ip"), own, &table),
+            Err(DropReason::UnknownSender)
+        );
         let spoofed = v4_packet([10, 244, 3, 5], [10, 244, 1, 7]);
-        assert_eq!(admit(&spoofed, sender, own, &table), Err(Drop::SpoofedSource));
+        assert_eq!(
+            admit(&spoofed, sender, own, &table),
+            Err(DropReason::SpoofedSource)
+        );
         let elsewhere = v4_packet([10, 244, 2, 5], [10, 244, 9, 7]);
-        assert_eq!(admit(&elsewhere, sender, own, &table), Err(Drop::NotForUs));
-        assert_eq!(admit(&[0x45, 0, 1], sender, own, &table), Err(Drop::Malformed));
-        assert_eq!(admit(&ok, sender, None, &table), Err(Drop::NotForUs));
+        assert_eq!(
+            admit(&elsewhere, sender, own, &table),
+            Err(DropReason::NotForUs)
+        );
+        assert_eq!(
+            admit(&[0x45, 0, 1], sender, own, &table),
+            Err(DropReason::Malformed)
+        );
+        assert_eq!(admit(&ok, sender, None, &table), Err(DropReason::NotForUs));
     }
 }

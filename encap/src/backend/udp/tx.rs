@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::Shared;
 use crate::io::{is_timeout, TunQueue, UdpSock, GSO_MAX_SEGMENTS, TUN_READ_BUF_LEN};
-use crate::stats::{Drop, Tally};
+use crate::stats::{DropReason, Tally};
 use crate::wire::{ip, segment, VnetHdr, VNET_HDR_LEN};
 
 /// The most UDP payload one GSO send may carry (64 KiB less IP and UDP headers, rounded down).
@@ -25,7 +25,12 @@ pub(super) struct Sender {
 
 impl Sender {
     pub fn new(tun: Arc<TunQueue>, sock: Arc<UdpSock>, shared: Arc<Shared>, gso: bool) -> Self {
-        Sender { tun, sock, shared, gso }
+        Sender {
+            tun,
+            sock,
+            shared,
+            gso,
+        }
     }
 
     pub fn run(self) {
@@ -65,39 +70,39 @@ impl Sender {
 
     fn forward(&self, buf: &mut [u8], out: &mut [u8], tally: &mut Tally) {
         let Some((hdr, pkt)) = buf.split_at_mut_checked(VNET_HDR_LEN) else {
-            return tally.drop(Drop::Malformed);
+            return tally.count_drop(DropReason::Malformed);
         };
         let Ok(hdr) = VnetHdr::decode(hdr) else {
-            return tally.drop(Drop::Malformed);
+            return tally.count_drop(DropReason::Malformed);
         };
         let dst = match ip::addrs(pkt) {
             Ok((_, IpAddr::V4(dst))) => dst,
-            Ok(_) => return tally.drop(Drop::NoRoute),
-            Err(_) => return tally.drop(Drop::Malformed),
+            Ok(_) => return tally.count_drop(DropReason::NoRoute),
+            Err(_) => return tally.count_drop(DropReason::Malformed),
         };
         let table = self.shared.peers.load();
         let Some(peer) = table.route(dst) else {
             self.reply_unreachable(pkt);
-            return tally.drop(Drop::NoRoute);
+            return tally.count_drop(DropReason::NoRoute);
         };
         // Flannel's udp backend is a router hop: it decrements the TTL.
         match ip::decrement_ttl(pkt) {
             Ok(true) => {}
-            Ok(false) => return tally.drop(Drop::TtlExpired),
-            Err(_) => return tally.drop(Drop::Malformed),
+            Ok(false) => return tally.count_drop(DropReason::TtlExpired),
+            Err(_) => return tally.count_drop(DropReason::Malformed),
         }
         let segs = match segment(&hdr, pkt, self.shared.mtu, out) {
             Ok(s) => s,
-            Err(_) => return tally.drop(Drop::Malformed),
+            Err(_) => return tally.count_drop(DropReason::Malformed),
         };
         let Some(data) = out.get(..segs.total) else {
-            return tally.drop(Drop::Malformed);
+            return tally.count_drop(DropReason::Malformed);
         };
         if self.send(peer.endpoint, data, segs.seg_len, tally) {
             tally.packets += segs.count as u64;
             tally.bytes += segs.total as u64;
         } else {
-            tally.drop(Drop::IoError);
+            tally.count_drop(DropReason::IoError);
         }
     }
 
@@ -137,9 +142,13 @@ impl Sender {
     /// Tells a local pod its destination is in no lease (ICMP net unreachable), as a router would.
     fn reply_unreachable(&self, pkt: &[u8]) {
         let mut reply = [0u8; VNET_HDR_LEN + 600];
-        let Some(own) = self.shared.own_subnet() else { return };
+        let Some(own) = self.shared.own_subnet() else {
+            return;
+        };
         let from = IpAddr::V4(own.network());
-        let Some((hdr, body)) = reply.split_at_mut_checked(VNET_HDR_LEN) else { return };
+        let Some((hdr, body)) = reply.split_at_mut_checked(VNET_HDR_LEN) else {
+            return;
+        };
         if VnetHdr::default().encode(hdr).is_err() {
             return;
         }

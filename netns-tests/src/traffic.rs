@@ -1,0 +1,128 @@
+//! Traffic from inside namespaces without helper processes: a thread enters a namespace with
+//! `setns` (network namespaces are per thread) and uses ordinary sockets there.
+
+use std::hash::Hasher;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// Runs `f` on a new thread inside network namespace `ns` and returns its result.
+pub fn in_netns<T, F>(ns: &str, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    let path = format!("/var/run/netns/{ns}");
+    let handle = std::thread::spawn(move || -> Result<T> {
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        // SAFETY: setns on a valid namespace fd affects only this thread, which we own.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns({path}): {}", std::io::Error::last_os_error());
+        }
+        f()
+    });
+    handle
+        .join()
+        .map_err(|_| anyhow!("thread in {ns} panicked"))?
+}
+
+/// A cheap deterministic byte stream (xorshift64*), so both ends can agree on content.
+pub struct Xorshift(pub u64);
+
+impl Xorshift {
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// Sends `bytes` of pseudo-random data over TCP from namespace `from_ns` to `to_ip` (a listener
+/// in `to_ns`). Returns the hashes of what was sent and what was received.
+pub fn tcp_transfer(from_ns: &str, to_ns: &str, to_ip: &str, bytes: u64) -> Result<(u64, u64)> {
+    let addr: SocketAddr = format!("{to_ip}:7777").parse()?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let to_ns = to_ns.to_string();
+    let receiver = std::thread::spawn(move || {
+        in_netns(&to_ns, move || {
+            let listener = TcpListener::bind(addr).context("binding the receiver")?;
+            let _ = ready_tx.send(());
+            let (mut conn, _) = listener.accept()?;
+            conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut total = 0u64;
+            loop {
+                let n = conn.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.write(&buf[..n]);
+                total += n as u64;
+            }
+            Ok((h.finish(), total))
+        })
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("receiver did not start")?;
+    let sent = in_netns(from_ns, move || {
+        let mut conn =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(10)).context("connecting")?;
+        let mut rng = Xorshift(0x9E37_79B9_7F4A_7C15 ^ bytes);
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            rng.fill(&mut buf[..n]);
+            conn.write_all(&buf[..n])?;
+            h.write(&buf[..n]);
+            left -= n as u64;
+        }
+        Ok(h.finish())
+    })?;
+    let (received, total) = receiver
+        .join()
+        .map_err(|_| anyhow!("receiver panicked"))??;
+    if total != bytes {
+        bail!("received {total} bytes of {bytes}");
+    }
+    Ok((sent, received))
+}
+
+/// `GET path` on `127.0.0.1:port` inside `ns`; returns (status line, body).
+pub fn http_get(ns: &str, port: u16, path: &str) -> Result<(String, String)> {
+    let path = path.to_string();
+    in_netns(ns, move || {
+        let mut conn = TcpStream::connect(("127.0.0.1", port))?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conn.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text)?;
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        Ok((
+            head.lines().next().unwrap_or("").to_string(),
+            body.to_string(),
+        ))
+    })
+}
+
+/// The value of one Prometheus sample line (`name{labels} value`) in a /metrics body.
+pub fn metric(body: &str, name_and_labels: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+}

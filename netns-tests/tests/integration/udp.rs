@@ -1,0 +1,179 @@
+//! The udp backend end to end: mesh, large transfers with hashes, MTU edges, and hostile
+//! datagrams on the encapsulation port.
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use netns_tests::cluster::{Cluster, Pod};
+use netns_tests::proc::run_in;
+use netns_tests::traffic::{http_get, in_netns, metric, tcp_transfer, Xorshift};
+
+use crate::require_root;
+
+const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
+const METRICS: u16 = 9101;
+
+fn udp_cluster(n: usize) -> Result<(Cluster, Vec<Pod>)> {
+    let mut c = Cluster::new(n)?;
+    c.put_config(UDP)?;
+    for i in 0..n {
+        c.start_daemon(i, &[&format!("--metrics-port={METRICS}")])?;
+        c.wait_subnet_env(i, Duration::from_secs(20))?;
+    }
+    let pods = (0..n).map(|i| c.add_pod(i)).collect::<Result<Vec<_>>>()?;
+    Ok((c, pods))
+}
+
+#[test]
+fn udp_mesh_transfers_and_mtu_edges() -> Result<()> {
+    require_root!();
+    let (c, pods) = udp_cluster(3)?;
+    let env = std::fs::read_to_string(c.nodes[0].subnet_file())?;
+    ensure!(
+        env.contains("FLANNEL_MTU=1472\n"),
+        "udp MTU is underlay - 28:\n{env}"
+    );
+    let link = c.nodes[0].run("ip", &["-d", "link", "show", "flannel0"])?;
+    ensure!(link.contains("mtu 1472") && link.contains("tun"), "{link}");
+    c.ping_mesh(&pods)?;
+
+    for (from, to, bytes) in [(0, 1, 1u64 << 20), (0, 1, 200 << 20), (2, 0, 1 << 20)] {
+        let (sent, received) = tcp_transfer(&pods[from].ns, &pods[to].ns, &pods[to].ip, bytes)?;
+        ensure!(
+            sent == received,
+            "{bytes} bytes n{} -> n{}: hash mismatch",
+            from + 1,
+            to + 1
+        );
+    }
+
+    // A DF ping of exactly the pod MTU passes; one byte more is refused loudly, not lost.
+    run_in(
+        &pods[0].ns,
+        "ping",
+        &["-c", "1", "-W", "2", "-M", "do", "-s", "1444", &pods[1].ip],
+    )?;
+    let over = run_in(
+        &pods[0].ns,
+        "ping",
+        &["-c", "1", "-W", "2", "-M", "do", "-s", "1445", &pods[1].ip],
+    );
+    let err = format!(
+        "{:#}",
+        over.err().map_or(anyhow::anyhow!("succeeded"), |e| e)
+    );
+    ensure!(
+        err.contains("message too long") || err.contains("Frag needed"),
+        "oversized DF ping: {err}"
+    );
+
+    let (_, body) = http_get(&c.nodes[0].ns, METRICS, "/metrics")?;
+    let tx = metric(&body, "flanneld_datapath_packets_total{direction=\"tx\"}").unwrap_or(0.0);
+    let calls = metric(&body, "flanneld_datapath_syscalls_total{direction=\"tx\"}").unwrap_or(0.0);
+    ensure!(tx > 100_000.0, "tx packets {tx}");
+    eprintln!(
+        "n1 tx: {tx} packets in {calls} syscalls ({:.1} per syscall)",
+        tx / calls.max(1.0)
+    );
+    Ok(())
+}
+
+/// A valid IPv4/UDP packet from `src` to `dst` (what a pod would send).
+fn inner_packet(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    let mut p = vec![0u8; 40];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&40u16.to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    let mut sum = 0u32;
+    for w in p[..20].chunks(2) {
+        sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    p[20..22].copy_from_slice(&9u16.to_be_bytes());
+    p[22..24].copy_from_slice(&9u16.to_be_bytes());
+    p[24..26].copy_from_slice(&20u16.to_be_bytes());
+    p
+}
+
+#[test]
+fn hostile_datagrams_are_counted_and_harmless() -> Result<()> {
+    require_root!();
+    let (mut c, pods) = udp_cluster(3)?;
+    let target = format!("{}:8285", c.nodes[1].ip);
+    // 5,000 random datagrams from a peer's address (node 3): they reach the parser.
+    let to = target.clone();
+    in_netns(&c.nodes[2].ns, move || {
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        let mut rng = Xorshift(42);
+        let mut buf = [0u8; 1500];
+        for _ in 0..5000 {
+            let len = 1 + (rng.next_u64() % 1499) as usize;
+            rng.fill(&mut buf[..len]);
+            sock.send_to(&buf[..len], &to)?;
+        }
+        Ok(())
+    })?;
+    // 1,000 well-formed packets from node 1 whose inner source is not node 1's subnet.
+    let dst: std::net::Ipv4Addr = pods[1].ip.parse()?;
+    let to = target.clone();
+    in_netns(&c.nodes[0].ns, move || {
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        for i in 0..1000u32 {
+            sock.send_to(
+                &inner_packet([10, 244, 250, (i % 250) as u8 + 1], dst.octets()),
+                &to,
+            )?;
+            if i % 100 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(())
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(
+        c.nodes[1].daemon.as_mut().is_some_and(|d| d.alive()),
+        "daemon on n2 died"
+    );
+    c.ping_mesh(&pods)?;
+
+    let (status, body) = http_get(&c.nodes[1].ns, METRICS, "/metrics")?;
+    ensure!(status.contains("200"), "{status}");
+    let drop = |r: &str| {
+        metric(
+            &body,
+            &format!("flanneld_datapath_drops_total{{reason=\"{r}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let spoofed = drop("spoofed_source");
+    let total: f64 = [
+        "unknown_sender",
+        "spoofed_source",
+        "not_for_us",
+        "malformed",
+    ]
+    .iter()
+    .map(|r| drop(r))
+    .sum();
+    eprintln!(
+        "n2 drops: spoofed {spoofed}, malformed {}, not_for_us {}, total {total}",
+        drop("malformed"),
+        drop("not_for_us")
+    );
+    ensure!(spoofed >= 1000.0, "spoofed drops {spoofed}\n{body}");
+    // Socket buffers are large, but a burst can still overflow in the kernel: allow 1% loss.
+    ensure!(
+        total >= 5940.0,
+        "drops {total} for 6,000 hostile datagrams\n{body}"
+    );
+    let (h, _) = http_get(&c.nodes[1].ns, METRICS, "/healthz")?;
+    ensure!(h.contains("200"), "healthz: {h}");
+    Ok(())
+}
