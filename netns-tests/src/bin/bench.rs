@@ -17,6 +17,8 @@ struct Args {
     seconds: u32,
     modes: Vec<String>,
     write: Option<String>,
+    /// Record the daemons with `perf` during the single-stream run; reports go here.
+    profile: Option<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -26,6 +28,7 @@ fn parse_args() -> Result<Args> {
             .map(String::from)
             .to_vec(),
         write: None,
+        profile: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -40,6 +43,7 @@ fn parse_args() -> Result<Args> {
                     .collect()
             }
             "--write" => a.write = Some(it.next().context("--write FILE")?),
+            "--profile" => a.profile = Some(it.next().context("--profile DIR")?),
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -65,7 +69,7 @@ fn main() -> Result<()> {
     let mut rows: BTreeMap<usize, (String, Row)> = BTreeMap::new();
     for (i, mode) in args.modes.iter().enumerate() {
         eprintln!("== {mode}");
-        match measure(mode, args.seconds) {
+        match measure(mode, args.seconds, args.profile.as_deref()) {
             Ok(row) => {
                 eprintln!(
                     "   tcp1 {:.2} Gbit/s, tcp4 {:.2}, udp64 {:.0} kpps, rtt {:.0} us",
@@ -97,7 +101,7 @@ fn config(backend: &str) -> String {
 }
 
 /// Builds the cluster for `mode`, with one pod per node, and measures it.
-fn measure(mode: &str, seconds: u32) -> Result<Row> {
+fn measure(mode: &str, seconds: u32, profile: Option<&str>) -> Result<Row> {
     let mut c = Cluster::new(2)?;
     match mode {
         "routing" => start_ours(&mut c, "host-gw")?,
@@ -118,7 +122,15 @@ fn measure(mode: &str, seconds: u32) -> Result<Row> {
     let mut row = Row::default();
     let _server = iperf_server(&c, &b)?;
     let cpu_before = cpu_seconds(&daemons);
+    let perf = match profile {
+        Some(dir) if !daemons.is_empty() => Some(start_perf(dir, mode, &daemons, seconds)?),
+        _ => None,
+    };
     let (gbps, bytes) = iperf_tcp(&a, &b, 1, seconds)?;
+    if let Some((mut p, dir)) = perf {
+        let _ = p.stop(Duration::from_secs(30));
+        report_perf(&dir, mode);
+    }
     row.tcp1_gbps = gbps;
     if !daemons.is_empty() && bytes > 0.0 {
         row.cpu_s_per_gb = Some((cpu_seconds(&daemons) - cpu_before) / (bytes / 1e9));
@@ -127,6 +139,71 @@ fn measure(mode: &str, seconds: u32) -> Result<Row> {
     row.udp64_kpps = iperf_udp64(&a, &b, seconds)?;
     row.rtt_us = median_rtt_us(&a, &b)?;
     Ok(row)
+}
+
+/// `perf record` (software clock, call graphs) of the daemons for the length of one run.
+fn start_perf(dir: &str, mode: &str, pids: &[u32], seconds: u32) -> Result<(Daemon, String)> {
+    std::fs::create_dir_all(dir)?;
+    let pid_list = pids
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let args: Vec<String> = [
+        "record",
+        "-e",
+        "cpu-clock",
+        "-F",
+        "1999",
+        "-g",
+        "-p",
+        &pid_list,
+        "-o",
+        &format!("{dir}/{mode}.perf.data"),
+        "--",
+        "sleep",
+        &(seconds + 1).to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let d = Daemon::spawn(
+        "perf",
+        None,
+        std::path::Path::new("/usr/bin/perf"),
+        &args,
+        &[],
+        &std::path::Path::new(dir).join(format!("{mode}.perf.log")),
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok((d, dir.to_string()))
+}
+
+/// Writes a flat profile (self time by symbol) next to the recording.
+fn report_perf(dir: &str, mode: &str) {
+    let data = format!("{dir}/{mode}.perf.data");
+    match run(
+        "perf",
+        &[
+            "report",
+            "-i",
+            &data,
+            "--stdio",
+            "--no-children",
+            "--sort",
+            "comm,sym",
+            "-g",
+            "none",
+            "--percent-limit",
+            "0.5",
+        ],
+    ) {
+        Ok(text) => {
+            let _ = std::fs::write(format!("{dir}/{mode}.perf.txt"), &text);
+            eprintln!("   profile: {dir}/{mode}.perf.txt");
+        }
+        Err(e) => eprintln!("   perf report failed: {e:#}"),
+    }
 }
 
 fn start_ours(c: &mut Cluster, backend: &str) -> Result<()> {

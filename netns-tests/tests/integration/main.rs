@@ -2,6 +2,7 @@
 //! One test binary (link once); tests needing root say so and skip without it.
 
 mod host_gw;
+mod mixed;
 mod registry;
 mod udp;
 
