@@ -1,6 +1,7 @@
 //! Integration tests against real etcd, real namespaces and Debian's CNI plugins.
 //! One test binary (link once); tests needing root say so and skip without it.
 
+mod faults;
 mod host_gw;
 mod mixed;
 mod registry;

@@ -52,15 +52,13 @@ fn request(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn twenty_racers_for_seven_subnets() -> Result<()> {
+/// `racers` managers start at once on a pool of `pool` subnets: exactly `pool` win, with
+/// distinct subnets; the rest get the full-pool error naming the pool size; nothing partial.
+async fn race(racers: u8, config: &str, pool: usize) -> Result<()> {
     let (etcd, _dir) = start_etcd()?;
-    etcd.put(
-        &format!("{PREFIX}/config"),
-        r#"{"Network":"10.10.0.0/26","SubnetLen":29,"Backend":{"Type":"host-gw"}}"#,
-    )?;
+    etcd.put(&format!("{PREFIX}/config"), config)?;
     let mut tasks = Vec::new();
-    for i in 1..=20u8 {
+    for i in 1..=racers {
         let reg = registry(&etcd).await?;
         tasks.push(tokio::spawn(async move {
             let config = reg.network_config().await?;
@@ -89,7 +87,7 @@ async fn twenty_racers_for_seven_subnets() -> Result<()> {
                     "unexpected error: {msg}"
                 );
                 assert!(
-                    msg.contains("7"),
+                    msg.contains(&pool.to_string()),
                     "full-pool error should say how many subnets: {msg}"
                 );
                 full += 1;
@@ -100,18 +98,40 @@ async fn twenty_racers_for_seven_subnets() -> Result<()> {
     let before = won.len();
     won.dedup();
     assert_eq!(won.len(), before, "two racers got the same subnet: {won:?}");
-    assert_eq!(won.len(), 7, "winners: {won:?}");
-    assert_eq!(full, 13);
-    assert!(
-        !won.contains(&"10.10.0.0-29".to_string()),
-        "the first subnet is never handed out"
-    );
+    assert_eq!(won.len(), pool, "winners: {won:?}");
+    assert_eq!(full, usize::from(racers) - pool);
     assert_eq!(
         etcd.list(&format!("{PREFIX}/subnets/"))?.len(),
-        7,
+        pool,
         "no partial lease left"
     );
+    for w in &won {
+        assert!(
+            !w.ends_with(".0.0-29"),
+            "the first subnet is never handed out: {w}"
+        );
+    }
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_racers_for_seven_subnets() -> Result<()> {
+    race(
+        20,
+        r#"{"Network":"10.10.0.0/26","SubnetLen":29,"Backend":{"Type":"host-gw"}}"#,
+        7,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_racers_for_thirty_one_subnets() -> Result<()> {
+    race(
+        50,
+        r#"{"Network":"10.20.0.0/24","SubnetLen":29,"Backend":{"Type":"host-gw"}}"#,
+        31,
+    )
+    .await
 }
 
 #[tokio::test]
