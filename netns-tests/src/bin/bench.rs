@@ -107,6 +107,7 @@ fn measure(mode: &str, seconds: u32, profile: Option<&str>) -> Result<Row> {
         "routing" => start_ours(&mut c, "host-gw")?,
         "kernel-vxlan" => wire_kernel_vxlan(&c)?,
         "udp" | "vxlan" | "wireguard" => start_ours(&mut c, mode)?,
+        "go-udp" | "go-vxlan" => start_go(&mut c, mode.trim_start_matches("go-"))?,
         other => bail!("unknown mode {other:?}"),
     }
     let a = c.add_pod(0)?;
@@ -204,6 +205,20 @@ fn report_perf(dir: &str, mode: &str) {
         }
         Err(e) => eprintln!("   perf report failed: {e:#}"),
     }
+}
+
+/// Go Flannel v0.20.2 on every node, started one at a time (its README's advice).
+fn start_go(c: &mut Cluster, backend: &str) -> Result<()> {
+    if let Some(why) = netns_tests::goflannel::skip_reason()? {
+        bail!("{why}");
+    }
+    c.put_config(&config(backend))?;
+    for i in 0..c.nodes.len() {
+        c.start_go_flannel(i, &[])?;
+        c.wait_subnet_env(i, Duration::from_secs(30))?;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    Ok(())
 }
 
 fn start_ours(c: &mut Cluster, backend: &str) -> Result<()> {
@@ -466,6 +481,8 @@ fn label(mode: &str) -> &str {
         "udp" => "flanneld-rs udp",
         "vxlan" => "flanneld-rs vxlan",
         "wireguard" => "flanneld-rs wireguard",
+        "go-udp" => "Go Flannel v0.20.2 udp",
+        "go-vxlan" => "Go Flannel v0.20.2 vxlan",
         other => other,
     }
 }
