@@ -237,28 +237,8 @@ impl Registry {
         attrs: &LeaseAttrs,
         ttl: Duration,
     ) -> Result<Option<HeldLease>, RegistryError> {
-        let full = key.to_key(&self.prefix);
-        let grant_id = self.grant(ttl).await?;
-        let txn = Txn::new()
-            .when([Compare::version(full.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                full.as_str(),
-                attrs.to_json(),
-                Some(PutOptions::new().with_lease(grant_id)),
-            )]);
-        let resp = self.count_err(
-            self.client
-                .clone()
-                .txn(txn)
-                .await
-                .map_err(RegistryError::etcd(format!("creating {full}"))),
-        )?;
-        if resp.succeeded() {
-            Ok(Some(self.held(key, attrs, grant_id, ttl)))
-        } else {
-            self.revoke(grant_id).await;
-            Ok(None)
-        }
+        self.put_if(key, attrs, ttl, Some((CompareOp::Equal, "creating")))
+            .await
     }
 
     /// Re-puts a lease key under a fresh grant. With `must_exist`, only while the key is still
@@ -271,6 +251,20 @@ impl Registry {
         ttl: Duration,
         must_exist: bool,
     ) -> Result<Option<HeldLease>, RegistryError> {
+        let condition = must_exist.then_some((CompareOp::Greater, "writing"));
+        self.put_if(key, attrs, ttl, condition).await
+    }
+
+    /// Puts `attrs` at `key` under a new grant of `ttl`, in a transaction that requires the
+    /// key's version to compare to 0 as given (Equal: absent; Greater: present), if any.
+    /// On a failed condition the unused grant is revoked and `Ok(None)` returned.
+    async fn put_if(
+        &self,
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+        condition: Option<(CompareOp, &str)>,
+    ) -> Result<Option<HeldLease>, RegistryError> {
         let full = key.to_key(&self.prefix);
         let grant_id = self.grant(ttl).await?;
         let put = TxnOp::put(
@@ -278,19 +272,21 @@ impl Registry {
             attrs.to_json(),
             Some(PutOptions::new().with_lease(grant_id)),
         );
-        let txn = if must_exist {
-            Txn::new()
-                .when([Compare::version(full.as_str(), CompareOp::Greater, 0)])
-                .and_then([put])
-        } else {
-            Txn::new().and_then([put])
+        let (txn, verb) = match condition {
+            Some((op, verb)) => (
+                Txn::new()
+                    .when([Compare::version(full.as_str(), op, 0)])
+                    .and_then([put]),
+                verb,
+            ),
+            None => (Txn::new().and_then([put]), "writing"),
         };
         let resp = self.count_err(
             self.client
                 .clone()
                 .txn(txn)
                 .await
-                .map_err(RegistryError::etcd(format!("writing {full}"))),
+                .map_err(RegistryError::etcd(format!("{verb} {full}"))),
         )?;
         if resp.succeeded() {
             Ok(Some(self.held(key, attrs, grant_id, ttl)))
