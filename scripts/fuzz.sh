@@ -9,9 +9,15 @@ command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
 cargo fuzz build -s none -O
 for target in $(cargo fuzz list); do
   echo "fuzz: $target for ${seconds}s"
-  cargo fuzz run -s none -O "$target" -- -max_total_time="$seconds" -print_final_stats=0 2>&1 | grep -E "^Done|ERROR|panicked" || true
-  if [ "${PIPESTATUS[0]}" -ne 0 ]; then
+  log="$(mktemp)"
+  rc=0
+  cargo fuzz run -s none -O "$target" -- -max_total_time="$seconds" >"$log" 2>&1 || rc=$?
+  grep -E "^Done|ERROR|panicked" "$log" || true
+  if [ "$rc" -ne 0 ]; then
+    tail -n 40 "$log" >&2
+    rm -f "$log"
     echo "fuzz: $target failed; see fuzz/artifacts/$target" >&2
     exit 1
   fi
+  rm -f "$log"
 done
