@@ -1,11 +1,17 @@
 //! Integration tests against real etcd, real namespaces and Debian's CNI plugins.
 //! One test binary (link once); tests needing root say so and skip without it.
 
+mod deploy;
+mod etcd_tls;
 mod faults;
 mod host_gw;
+mod ipmasq;
 mod mixed;
 mod registry;
+mod soak;
+mod services;
 mod udp;
+mod vxlan;
 
 /// Skips a root-only test with a message (CI runs as root, so there they always run).
 #[macro_export]
