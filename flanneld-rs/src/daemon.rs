@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::flags::Flags;
 use crate::iface;
+use crate::ipmasq::{IpMasq, MasqConfig};
 use crate::status::{self, Status};
 
 /// Set when SIGTERM or SIGINT arrives; every wait in the daemon also waits on it.
@@ -144,6 +145,17 @@ pub async fn run(flags: Flags) -> Result<()> {
         return Ok(());
     };
     let mut own = start_lease(&flags, &req.config, &node, backend.as_mut(), &held).await?;
+    // After subnet.env, as Flannel does: the rules need our lease's subnet.
+    let mut masq = if flags.ip_masq {
+        let rules = MasqConfig::new(&req.config, &own.key);
+        Some(
+            IpMasq::install(rules)
+                .await
+                .context("installing the --ip-masq rules")?,
+        )
+    } else {
+        None
+    };
     status.set_lease(Some(&held));
     status.backend_running.store(true, Ordering::Relaxed);
     let mut renewer = Renewer::spawn(&registry, held, flags.renew_margin(), status.clone());
@@ -188,6 +200,11 @@ pub async fn run(flags: Flags) -> Result<()> {
             if held.key != own.key {
                 tracing::warn!(old = %own.key, new = %held.key, "our old subnet was taken meanwhile: pods created before keep addresses from the old one until recreated");
                 own = start_lease(&flags, &req.config, &node, backend.as_mut(), &held).await?;
+                if let Some(m) = masq.as_mut() {
+                    m.update(MasqConfig::new(&req.config, &own.key))
+                        .await
+                        .context("updating the --ip-masq rules")?;
+                }
             } else {
                 tracing::info!(subnet = %held.key, "lease re-acquired with the same subnet");
             }
@@ -196,6 +213,13 @@ pub async fn run(flags: Flags) -> Result<()> {
         }
     }
     renewer.stop();
+    // Our NAT rules go with us (routes and the lease stay for the restart, as with Flannel).
+    if let Some(m) = masq {
+        match m.remove().await {
+            Ok(()) => tracing::info!("ip-masq rules removed"),
+            Err(e) => tracing::warn!("{e:#}"),
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -4,4 +4,5 @@ pub mod cni;
 pub mod daemon;
 pub mod flags;
 mod iface;
+pub mod ipmasq;
 pub mod status;

@@ -16,13 +16,15 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use tempfile::TempDir;
 
-use crate::etcd::Etcd;
+use crate::etcd::{Etcd, TlsFiles};
 use crate::proc::{self, run, run_in, Daemon};
 use crate::{bin_dir, binary, sweep, unique_prefix, wait_until};
 
 pub const UNDERLAY_GW: &str = "172.30.0.254";
 pub const ETCD_PREFIX: &str = "/coreos.com/network";
 pub const POD_NETWORK: &str = "10.244.0.0/16";
+/// The address of the "outside" host (`add_outside`): on the underlay, off the pod network.
+pub const OUTSIDE_IP: &str = "172.30.0.200";
 
 pub struct Node {
     pub name: String,
@@ -74,6 +76,8 @@ pub struct Cluster {
     pub underlay: String,
     pub nodes: Vec<Node>,
     pub etcd: Option<Etcd>,
+    /// The `--etcd-*` flags `start_daemon` passes (endpoint, and certificates with TLS).
+    pub etcd_flags: Vec<String>,
     namespaces: Vec<String>,
     // Declared last: dropped after everything that writes into it.
     pub dir: TempDir,
@@ -82,6 +86,17 @@ pub struct Cluster {
 impl Cluster {
     /// Builds the underlay, etcd and `n` node namespaces (no daemons yet).
     pub fn new(n: usize) -> Result<Self> {
+        Self::build(n, false, &[])
+    }
+
+    /// Like `new`, with etcd on `https://172.30.0.254:2379` demanding client certificates (made
+    /// with openssl into the cluster's dir); the daemons get `--etcd-cafile/certfile/keyfile`.
+    /// `etcd_args` go to etcd as they are.
+    pub fn new_tls(n: usize, etcd_args: &[&str]) -> Result<Self> {
+        Self::build(n, true, etcd_args)
+    }
+
+    fn build(n: usize, tls: bool, etcd_args: &[&str]) -> Result<Self> {
         sweep();
         let prefix = unique_prefix();
         let dir = tempfile::Builder::new()
@@ -93,6 +108,7 @@ impl Cluster {
             prefix,
             nodes: Vec::new(),
             etcd: None,
+            etcd_flags: Vec::new(),
             namespaces: Vec::new(),
             dir,
         };
@@ -105,7 +121,22 @@ impl Cluster {
             &["addr", "add", &format!("{UNDERLAY_GW}/24"), "dev", "br0"],
         )?;
         run_in(&ul, "ip", &["link", "set", "br0", "up"])?;
-        cluster.etcd = Some(Etcd::in_netns(&ul, UNDERLAY_GW, cluster.dir.path())?);
+        let etcd = if tls {
+            let files = TlsFiles::generate(&cluster.dir.path().join("tls"), &[UNDERLAY_GW])?;
+            let etcd = Etcd::in_netns_tls(&ul, UNDERLAY_GW, cluster.dir.path(), &files, etcd_args)?;
+            cluster.etcd_flags = vec![
+                format!("--etcd-endpoints={}", etcd.endpoint),
+                format!("--etcd-cafile={}", files.ca.display()),
+                format!("--etcd-certfile={}", files.client_cert.display()),
+                format!("--etcd-keyfile={}", files.client_key.display()),
+            ];
+            etcd
+        } else {
+            let etcd = Etcd::in_netns(&ul, UNDERLAY_GW, cluster.dir.path())?;
+            cluster.etcd_flags = vec![format!("--etcd-endpoints={}", etcd.endpoint)];
+            etcd
+        };
+        cluster.etcd = Some(etcd);
         for _ in 0..n {
             cluster.add_node()?;
         }
@@ -157,6 +188,29 @@ impl Cluster {
         Ok(i)
     }
 
+    /// Adds a host on the underlay that is not a node (no daemon, no route to pods): the
+    /// "internet" for ip-masq tests. Returns its namespace; its address is `OUTSIDE_IP`.
+    pub fn add_outside(&mut self) -> Result<String> {
+        let ns = format!("{}-out", self.prefix);
+        self.add_netns(&ns)?;
+        let ul = self.underlay.clone();
+        run_in(
+            &ul,
+            "ip",
+            &[
+                "link", "add", "out", "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ],
+        )?;
+        run_in(&ul, "ip", &["link", "set", "out", "master", "br0", "up"])?;
+        run_in(
+            &ns,
+            "ip",
+            &["addr", "add", &format!("{OUTSIDE_IP}/24"), "dev", "eth0"],
+        )?;
+        run_in(&ns, "ip", &["link", "set", "eth0", "up"])?;
+        Ok(ns)
+    }
+
     pub fn etcd(&self) -> Result<&Etcd> {
         self.etcd
             .as_ref()
@@ -182,15 +236,22 @@ impl Cluster {
     /// Starts flanneld-rs in node `i` with the harness's flags plus `extra`.
     pub fn start_daemon(&mut self, i: usize, extra: &[&str]) -> Result<()> {
         let prog = binary("flanneld-rs")?;
+        let args = self.daemon_args(i, extra);
+        self.start_program(i, &prog, &args, &[("RUST_LOG", "debug")])
+    }
+
+    /// The flags `start_daemon` gives node `i`'s flanneld-rs: etcd, interface, subnet file,
+    /// then `extra`.
+    pub fn daemon_args(&self, i: usize, extra: &[&str]) -> Vec<String> {
         let node = &self.nodes[i];
-        let mut args = vec![
-            format!("--etcd-endpoints=http://{UNDERLAY_GW}:2379"),
+        let mut args = self.etcd_flags.clone();
+        args.extend([
             format!("--etcd-prefix={ETCD_PREFIX}"),
             "--iface=eth0".to_string(),
             format!("--subnet-file={}", node.subnet_file().display()),
-        ];
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
-        self.start_program(i, &prog, &args, &[("RUST_LOG", "debug")])
+        args
     }
 
     /// Starts any daemon in node `i` (ours or another implementation), logging to its dir.

@@ -8,8 +8,8 @@ mod host_gw;
 mod ipmasq;
 mod mixed;
 mod registry;
-mod soak;
 mod services;
+mod soak;
 mod udp;
 mod vxlan;
 
