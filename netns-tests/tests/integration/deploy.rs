@@ -891,6 +891,11 @@ fn logs_one_line_per_lifecycle_event() -> Result<()> {
     tcp_transfer(&pods[0].ns, &pods[1].ns, &pods[1].ip, 20 << 20)?;
     c.ping(&pods[0], &pods[1].ip, 200)?;
     let after = log_lines(&c, 0);
+    eprintln!(
+        "n1: {} lines to start, {} more during 20 MB + 200 pings",
+        start.len(),
+        after.len().saturating_sub(start.len())
+    );
     ensure!(
         after.len() == start.len(),
         "traffic was logged:\n{}",
