@@ -6,12 +6,15 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::LinkAttribute;
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::AddressFamily;
-use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 use thiserror::Error;
 
 /// Routes we install carry this protocol number, so we can tell ours from an operator's and
@@ -51,6 +54,153 @@ pub struct OwnRoute {
     pub dst: IpNet,
     pub gateway: Option<IpAddr>,
     pub oif: Option<u32>,
+}
+
+/// The answer of a route lookup (`ip route get`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteLookup {
+    pub gateway: Option<IpAddr>,
+    pub oif: Option<u32>,
+}
+
+/// A link with its MAC address and kind (`vxlan`, `veth`, …).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkDetails {
+    pub link: Link,
+    pub mac: Vec<u8>,
+    pub kind: Option<String>,
+    /// Set when the link is a VXLAN device.
+    pub vxlan: Option<VxlanAttrs>,
+}
+
+/// The VXLAN attributes that decide whether an existing device can be kept.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VxlanAttrs {
+    pub vni: Option<u32>,
+    pub port: Option<u16>,
+    pub local: Option<Ipv4Addr>,
+    /// The underlay link (`dev`).
+    pub dev: Option<u32>,
+    pub learning: bool,
+    pub gbp: bool,
+}
+
+impl VxlanAttrs {
+    fn from_info(infos: &[InfoVxlan]) -> Self {
+        let mut v = VxlanAttrs::default();
+        for i in infos {
+            match i {
+                InfoVxlan::Id(id) => v.vni = Some(*id),
+                InfoVxlan::Port(p) => v.port = Some(*p),
+                InfoVxlan::Local(ip) => v.local = Some(*ip),
+                InfoVxlan::Link(l) => v.dev = Some(*l),
+                InfoVxlan::Learning(l) => v.learning = *l,
+                InfoVxlan::Gbp => v.gbp = true,
+                _ => {}
+            }
+        }
+        v
+    }
+}
+
+/// A VXLAN device to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VxlanSpec {
+    pub name: String,
+    pub vni: u32,
+    pub port: u16,
+    pub local: Ipv4Addr,
+    /// Index of the underlay link.
+    pub dev: u32,
+    pub learning: bool,
+    pub gbp: bool,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+}
+
+/// An IPv4 neighbour (ARP) entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Neighbour {
+    pub ip: Ipv4Addr,
+    pub mac: Vec<u8>,
+    pub permanent: bool,
+}
+
+/// A forwarding database entry of a VXLAN device: frames for `mac` go to `dst`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FdbEntry {
+    pub mac: Vec<u8>,
+    pub dst: Option<IpAddr>,
+    pub permanent: bool,
+}
+
+/// `aa:bb:cc:dd:ee:ff`, as `ip` and Go's `net.HardwareAddr` print it.
+pub fn format_mac(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// `NUD_PERMANENT` may come combined with other state bits (`bridge fdb … permanent` adds
+/// `NUD_NOARP`), which the parsed enum reports as `Other`.
+fn is_permanent(state: NeighbourState) -> bool {
+    u16::from(state) & u16::from(NeighbourState::Permanent) != 0
+}
+
+/// An FDB dump carries its destination as raw bytes (the message's family is AF_BRIDGE).
+fn neighbour_ip(a: &NeighbourAddress) -> Option<IpAddr> {
+    match a {
+        NeighbourAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
+        NeighbourAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
+        NeighbourAddress::Other(b) => match b.len() {
+            4 => <[u8; 4]>::try_from(b.as_slice())
+                .ok()
+                .map(|o| IpAddr::V4(Ipv4Addr::from(o))),
+            16 => <[u8; 16]>::try_from(b.as_slice())
+                .ok()
+                .map(|o| IpAddr::V6(Ipv6Addr::from(o))),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The table of a route: the header's 8-bit field, or the `RTA_TABLE` attribute for ids > 255.
+fn route_table(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table))
+}
+
+/// Destination, gateway and outgoing interface of a dumped route.
+fn parse_route(r: &RouteMessage) -> Option<OwnRoute> {
+    let mut dst = None;
+    let mut gateway = None;
+    let mut oif = None;
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
+                dst = IpNet::new(IpAddr::V4(*ip), r.header.destination_prefix_length).ok()
+            }
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => {
+                dst = IpNet::new(IpAddr::V6(*ip), r.header.destination_prefix_length).ok()
+            }
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(IpAddr::V4(*ip)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => gateway = Some(IpAddr::V6(*ip)),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    Some(OwnRoute {
+        dst: dst?,
+        gateway,
+        oif,
+    })
 }
 
 #[derive(Clone)]
@@ -231,35 +381,328 @@ impl Netlink {
                 if r.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) {
                     continue;
                 }
-                let mut dst = None;
-                let mut gateway = None;
-                let mut oif = None;
-                for a in &r.attributes {
-                    match a {
-                        RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
-                            dst =
-                                IpNet::new(IpAddr::V4(*ip), r.header.destination_prefix_length).ok()
-                        }
-                        RouteAttribute::Destination(RouteAddress::Inet6(ip)) => {
-                            dst =
-                                IpNet::new(IpAddr::V6(*ip), r.header.destination_prefix_length).ok()
-                        }
-                        RouteAttribute::Gateway(RouteAddress::Inet(ip)) => {
-                            gateway = Some(IpAddr::V4(*ip))
-                        }
-                        RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => {
-                            gateway = Some(IpAddr::V6(*ip))
-                        }
-                        RouteAttribute::Oif(i) => oif = Some(*i),
-                        _ => {}
-                    }
-                }
-                if let Some(dst) = dst {
-                    out.push(OwnRoute { dst, gateway, oif });
+                if let Some(route) = parse_route(&r) {
+                    out.push(route);
                 }
             }
         }
         Ok(out)
+    }
+
+    /// IPv4 routes of the main table that leave through link `index`, whoever made them
+    /// (for a device that belongs to us alone, such as `flannel.<VNI>`).
+    pub async fn routes_on_link(&self, index: u32) -> Result<Vec<OwnRoute>, NetlinkError> {
+        Ok(self
+            .routes(AddressFamily::Inet)
+            .await?
+            .iter()
+            .filter(|r| route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN))
+            .filter_map(parse_route)
+            .filter(|r| r.oif == Some(index))
+            .collect())
+    }
+
+    /// Deletes a route whatever its protocol number (e.g. one Go Flannel left on
+    /// `flannel.<VNI>`); a route that is already gone is not an error.
+    pub async fn delete_route_any_protocol(&self, route: &OwnRoute) -> Result<(), NetlinkError> {
+        let mut msg = Self::route_message(route.dst, route.gateway, route.oif.unwrap_or(0), false);
+        // RTPROT_UNSPEC in a delete request matches routes of any protocol.
+        msg.header.protocol = RouteProtocol::Unspec;
+        match self.handle.route().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
+            Err(e) => Err(NetlinkError::Op {
+                what: format!("deleting route {}", route.dst),
+                source: e,
+            }),
+        }
+    }
+
+    /// The kernel's route lookup for `ip` (`ip route get`): its gateway, if any, and the
+    /// outgoing interface. No gateway means `ip` is on a directly connected network.
+    pub async fn route_to(&self, ip: Ipv4Addr) -> Result<RouteLookup, NetlinkError> {
+        let mut query = RouteMessage::default();
+        query.header.address_family = AddressFamily::Inet;
+        query.header.destination_prefix_length = 32;
+        query
+            .attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(ip)));
+        let answers: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(query)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(op(format!("looking up the route to {ip}")))?;
+        let mut out = RouteLookup::default();
+        for a in answers.iter().flat_map(|m| m.attributes.iter()) {
+            match a {
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => {
+                    out.gateway = Some(IpAddr::V4(*g))
+                }
+                RouteAttribute::Oif(i) => out.oif = Some(*i),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// A link's details by name, with its VXLAN attributes if it is one; `None` if there is no
+    /// such link.
+    pub async fn link_details(&self, name: &str) -> Result<Option<LinkDetails>, NetlinkError> {
+        let msgs: Result<Vec<_>, _> = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute()
+            .try_collect()
+            .await;
+        let msgs = match msgs {
+            Ok(m) => m,
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                return Ok(None)
+            }
+            Err(e) => {
+                return Err(NetlinkError::Op {
+                    what: format!("reading link {name}"),
+                    source: e,
+                })
+            }
+        };
+        let Some(m) = msgs.into_iter().next() else {
+            return Ok(None);
+        };
+        let mut d = LinkDetails {
+            link: Link {
+                index: m.header.index,
+                name: name.to_string(),
+                mtu: 1500,
+            },
+            mac: Vec::new(),
+            kind: None,
+            vxlan: None,
+        };
+        for attr in m.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => d.link.name = n,
+                LinkAttribute::Mtu(mtu) => d.link.mtu = mtu,
+                LinkAttribute::Address(mac) => d.mac = mac,
+                LinkAttribute::LinkInfo(infos) => {
+                    for info in infos {
+                        match info {
+                            LinkInfo::Kind(k) => d.kind = Some(k.to_string()),
+                            LinkInfo::Data(InfoData::Vxlan(v)) => {
+                                d.vxlan = Some(VxlanAttrs::from_info(&v))
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if d.kind.as_deref() != Some(&InfoKind::Vxlan.to_string()) {
+            d.vxlan = None;
+        }
+        Ok(Some(d))
+    }
+
+    /// Creates a VXLAN device (`ip link add NAME address MAC mtu MTU type vxlan id VNI local IP
+    /// dev LINK dstport PORT [no]learning [gbp]`), down. Attributes not set keep the kernel's
+    /// defaults, as Go Flannel's netlink library leaves them (UDP checksums included).
+    pub async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<(), NetlinkError> {
+        let mut b = LinkVxlan::new(&spec.name, spec.vni)
+            .dev(spec.dev)
+            .local(spec.local)
+            .port(spec.port)
+            .learning(spec.learning);
+        if spec.gbp {
+            b = b.gbp();
+        }
+        let msg = b.address(spec.mac.to_vec()).mtu(spec.mtu).build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(op(format!(
+                "creating VXLAN device {} (VNI {}, port {}, local {})",
+                spec.name, spec.vni, spec.port, spec.local
+            )))
+    }
+
+    /// Deletes a link; one that is already gone is not an error.
+    pub async fn delete_link(&self, index: u32) -> Result<(), NetlinkError> {
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+            Err(e) => Err(NetlinkError::Op {
+                what: format!("deleting link {index}"),
+                source: e,
+            }),
+        }
+    }
+
+    /// The IPv4 neighbour (ARP) entries of link `index`.
+    pub async fn neighbours(&self, index: u32) -> Result<Vec<Neighbour>, NetlinkError> {
+        let msgs: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(op("listing neighbours"))?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.ifindex == index)
+            .filter_map(|m| {
+                let mut ip = None;
+                let mut mac = Vec::new();
+                for a in &m.attributes {
+                    match a {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                            ip = Some(*v4)
+                        }
+                        NeighbourAttribute::LinkLayerAddress(l) => mac = l.clone(),
+                        _ => {}
+                    }
+                }
+                Some(Neighbour {
+                    ip: ip?,
+                    mac,
+                    permanent: is_permanent(m.header.state),
+                })
+            })
+            .collect())
+    }
+
+    /// Adds or replaces the permanent neighbour entry `ip lladdr mac` on link `index`
+    /// (`ip neigh replace IP lladdr MAC dev LINK nud permanent`).
+    pub async fn replace_neighbour(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        mac: [u8; 6],
+    ) -> Result<(), NetlinkError> {
+        self.handle
+            .neighbours()
+            .add(index, IpAddr::V4(ip))
+            .link_layer_address(&mac)
+            .state(NeighbourState::Permanent)
+            .kind(RouteType::Unicast)
+            .replace()
+            .execute()
+            .await
+            .map_err(op(format!(
+                "adding neighbour {ip} lladdr {} on link {index}",
+                format_mac(&mac)
+            )))
+    }
+
+    /// Deletes the neighbour entry for `ip` on link `index`; one already gone is not an error.
+    pub async fn delete_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = index;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        match self.handle.neighbours().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENOENT => Ok(()),
+            Err(e) => Err(NetlinkError::Op {
+                what: format!("deleting neighbour {ip} on link {index}"),
+                source: e,
+            }),
+        }
+    }
+
+    /// The forwarding database entries of link `index` itself (`bridge fdb show dev LINK`,
+    /// the `self` ones).
+    pub async fn fdb_entries(&self, index: u32) -> Result<Vec<FdbEntry>, NetlinkError> {
+        let msgs: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(op("listing forwarding database entries"))?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.ifindex == index)
+            .map(|m| {
+                let mut entry = FdbEntry {
+                    mac: Vec::new(),
+                    dst: None,
+                    permanent: is_permanent(m.header.state),
+                };
+                for a in &m.attributes {
+                    match a {
+                        NeighbourAttribute::LinkLayerAddress(l) => entry.mac = l.clone(),
+                        NeighbourAttribute::Destination(d) => entry.dst = neighbour_ip(d),
+                        _ => {}
+                    }
+                }
+                entry
+            })
+            .collect())
+    }
+
+    /// Adds or replaces the permanent FDB entry `mac dst IP` on VXLAN link `index`
+    /// (`bridge fdb replace MAC dev LINK dst IP self permanent`).
+    pub async fn replace_fdb(
+        &self,
+        index: u32,
+        mac: [u8; 6],
+        dst: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        self.handle
+            .neighbours()
+            .add_bridge(index, &mac)
+            .flags(NeighbourFlags::Own)
+            .state(NeighbourState::Permanent)
+            .destination(IpAddr::V4(dst))
+            .replace()
+            .execute()
+            .await
+            .map_err(op(format!(
+                "adding FDB entry {} dst {dst} on link {index}",
+                format_mac(&mac)
+            )))
+    }
+
+    /// Deletes the FDB entry `mac dst IP` of VXLAN link `index`; one already gone is not an
+    /// error.
+    pub async fn delete_fdb(
+        &self,
+        index: u32,
+        mac: [u8; 6],
+        dst: Option<IpAddr>,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = index;
+        // NTF_SELF: the entry lives in the VXLAN device's own table, not a bridge master's.
+        msg.header.flags = NeighbourFlags::Own;
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        if let Some(ip) = dst {
+            msg.attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::from(ip)));
+        }
+        match self.handle.neighbours().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENOENT => Ok(()),
+            Err(e) => Err(NetlinkError::Op {
+                what: format!("deleting FDB entry {} on link {index}", format_mac(&mac)),
+                source: e,
+            }),
+        }
     }
 
     fn route_message(dst: IpNet, gateway: Option<IpAddr>, oif: u32, onlink: bool) -> RouteMessage {

@@ -3,6 +3,7 @@
 
 mod host_gw;
 mod udp;
+mod vxlan;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -15,7 +16,7 @@ use crate::netlink::{Link, NetlinkError};
 
 #[derive(Debug, Error)]
 pub enum BackendError {
-    #[error("backend type {0:?} is not supported (known: host-gw, udp)")]
+    #[error("backend type {0:?} is not supported (known: host-gw, udp, vxlan)")]
     UnknownType(String),
     #[error("Backend config: {0}")]
     Config(String),
@@ -80,6 +81,7 @@ pub async fn new_backend(
     match config.backend_type.to_ascii_lowercase().as_str() {
         "host-gw" => Ok(Box::new(host_gw::HostGw::new(config, node)?)),
         "udp" => Ok(Box::new(udp::Udp::new(config, node)?)),
+        "vxlan" => Ok(Box::new(vxlan::Vxlan::new(config, node).await?)),
         other => Err(BackendError::UnknownType(other.to_string())),
     }
 }
