@@ -393,6 +393,9 @@ fn manifests_parse_and_agree_with_the_daemon() -> Result<()> {
         ensure!(unit.lines().any(|l| l == want), "the unit lacks {want}");
     }
 
+    // Where their tools exist, Kubernetes' own decoder and systemd's own parser get a look too.
+    tool_checks(&unit)?;
+
     // The scripts are valid shell and executable.
     for (shell, name) in [("sh", "install-cni.sh"), ("bash", "etcd-config.sh")] {
         let path = deploy_dir().join(name);
@@ -403,6 +406,56 @@ fn manifests_parse_and_agree_with_the_daemon() -> Result<()> {
             std::fs::metadata(&path)?.permissions().mode() & 0o111 != 0,
             "{name} not executable"
         );
+    }
+    Ok(())
+}
+
+/// `kubectl` decodes every object into Kubernetes' Go types offline (`--local`: a wrong type
+/// anywhere fails); `systemd-analyze verify` parses the unit (with ExecStart pointed at our
+/// build, since it wants the binary to exist). Each is skipped, saying so, where missing.
+fn tool_checks(unit: &str) -> Result<()> {
+    let has = |tool: &str| {
+        Command::new(tool)
+            .arg("--help")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    };
+    if has("kubectl") {
+        let out = Command::new("kubectl")
+            .args(["set", "env", "--local", "--list", "-f"])
+            .arg(deploy_dir().join("kube-flannel-rs.yml"))
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success() && stdout.contains("FLANNELD_ETCD_ENDPOINTS from configmap"),
+            "kubectl: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        eprintln!("kubectl not found: Kubernetes decoding skipped");
+    }
+    if has("systemd-analyze") {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("flanneld-rs.service");
+        let ours = binary("flanneld-rs")?;
+        std::fs::write(
+            &path,
+            unit.replace("/usr/local/bin/flanneld-rs", &ours.to_string_lossy()),
+        )?;
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()?;
+        // It reports bad settings on stderr and still exits 0.
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.success() && err.trim().is_empty(),
+            "systemd-analyze: {err}"
+        );
+    } else {
+        eprintln!("systemd-analyze not found: unit verification skipped");
     }
     Ok(())
 }
