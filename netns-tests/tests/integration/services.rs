@@ -181,3 +181,9 @@ fn clusterip_udp() -> Result<()> {
     require_root!();
     clusterip_across_the_overlay("udp")
 }
+
+#[test]
+fn clusterip_vxlan() -> Result<()> {
+    require_root!();
+    clusterip_across_the_overlay("vxlan")
+}
