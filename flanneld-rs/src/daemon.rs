@@ -15,7 +15,7 @@ use subnet_manager::alloc::Identity;
 use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::{Lease, LeaseAttrs, SubnetKey};
 use subnet_manager::lifecycle::{self, LeaseLost, LeaseRequest};
-use subnet_manager::registry::{EtcdOptions, HeldLease, Registry};
+use subnet_manager::registry::{EtcdOptions, HeldLease, Registry, RegistryError};
 use subnet_manager::subnet_env::SubnetEnv;
 use subnet_manager::watch::{self, LeaseEvent};
 use subnet_manager::Backoff;
@@ -104,7 +104,19 @@ pub async fn run(flags: Flags) -> Result<()> {
     for port in ports.into_iter().filter(|p| *p != 0) {
         status::serve(SocketAddr::new(flags.healthz_ip, port), status.clone()).await?;
     }
-    let registry = Registry::connect(&etcd_options(&flags)).await?;
+    let etcd = etcd_options(&flags);
+    // Unreachable etcd or a refused login is retried; bad TLS files are fatal (a restart with
+    // the same flags cannot fix them).
+    let connect = retry("connecting to etcd", &mut shutdown, || async {
+        match Registry::connect(&etcd).await {
+            Err(e @ RegistryError::Etcd { .. }) => Err(e),
+            other => Ok(other),
+        }
+    });
+    let registry = match connect.await {
+        Some(r) => r?,
+        None => return Ok(()),
+    };
     let netlink = Netlink::open().context("opening netlink")?;
     let node = iface::choose(&netlink, &flags).await?;
 

@@ -5,10 +5,12 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let flags = Flags::from_args();
+    // -v raises our own crates' detail; the libraries (gRPC, HTTP/2) stay at info unless
+    // RUST_LOG asks for them.
     let level = match flags.verbosity {
         0 => "info",
-        1..=4 => "debug",
-        _ => "trace",
+        1..=4 => "info,flanneld_rs=debug,subnet_manager=debug,encap=debug",
+        _ => "info,flanneld_rs=trace,subnet_manager=trace,encap=trace",
     };
     // RUST_LOG, when set, wins over -v (e.g. RUST_LOG=subnet_manager=debug).
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));

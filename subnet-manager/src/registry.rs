@@ -107,13 +107,17 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Connects lazily: an etcd that is down makes the first request fail, not this call.
+    /// Connects lazily without auth: an etcd that is down makes the first request fail, not
+    /// this call. With a username the client logs in here, so this can fail: callers retry.
     pub async fn connect(opts: &EtcdOptions) -> Result<Self, RegistryError> {
         let mut connect = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            // etcd's auth tokens expire (5 min idle by default) while a 24 h lease renews every
+            // 12 h: without a refresh every request after that fails with "invalid auth token".
+            .with_auto_token_refresh(true);
         if let (Some(user), Some(pass)) = (&opts.username, &opts.password) {
             connect = connect.with_user(user.clone(), pass.clone());
         }

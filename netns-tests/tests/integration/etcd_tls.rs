@@ -229,7 +229,6 @@ fn renewals(c: &Cluster, i: usize) -> f64 {
 /// 24 h lease renews every 12 h), and are lost when etcd restarts. The client must
 /// authenticate again then, or every request fails with "invalid auth token" for good.
 #[test]
-#[ignore = "fails until subnet-manager's Registry::connect sets ConnectOptions::with_auto_token_refresh(true)"]
 fn user_auth_survives_token_expiry() -> Result<()> {
     require_root!();
     // Tokens live 3 s here: each renewal, 5 s apart, needs a new one.
