@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod etcd;
+pub mod etcd_cluster;
 pub mod goflannel;
 pub mod proc;
 pub mod traffic;
