@@ -8,6 +8,7 @@ mod host_gw;
 mod ipmasq;
 mod mixed;
 mod registry;
+mod scale;
 mod services;
 mod soak;
 mod udp;

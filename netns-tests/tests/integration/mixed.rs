@@ -151,3 +151,17 @@ fn go_flannel_migration_udp() -> Result<()> {
     require_go_flannel!();
     migration_in_place("udp")
 }
+
+#[test]
+fn go_flannel_mixed_vxlan() -> Result<()> {
+    require_root!();
+    require_go_flannel!();
+    mixed_cluster_carries_traffic("vxlan")
+}
+
+#[test]
+fn go_flannel_migration_vxlan() -> Result<()> {
+    require_root!();
+    require_go_flannel!();
+    migration_in_place("vxlan")
+}

@@ -1,0 +1,193 @@
+//! Scale: 1,000 leases in etcd. A starting daemon programs them all quickly and stays small,
+//! and a change to one lease touches only that peer's kernel state (counted with `ip monitor`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use netns_tests::cluster::{Cluster, ETCD_PREFIX, UNDERLAY_GW};
+use netns_tests::proc::Daemon;
+use netns_tests::traffic::{http_get, in_netns, metric};
+use netns_tests::wait_until;
+use subnet_manager::lease::{LeaseAttrs, SubnetKey};
+use subnet_manager::registry::{EtcdOptions, Registry};
+
+use crate::require_root;
+
+const PEERS: u32 = 1000;
+const METRICS: u16 = 9103;
+
+/// The fake peer `i`: subnet 10.1xx.yy.0/24 and a public IP on the underlay (host-gw needs
+/// its gateways on-link, so addresses repeat; that is fine for programming state).
+fn fake_lease(i: u32, backend: &str) -> (SubnetKey, LeaseAttrs) {
+    let subnet = format!("10.{}.{}.0-24", 100 + i / 250, i % 250);
+    let ip = format!("172.30.0.{}", 20 + i % 200);
+    let (backend_type, backend_data) = match backend {
+        "vxlan" => (
+            Some("vxlan".to_string()),
+            Some(
+                serde_json::json!({"VNI": 1, "VtepMAC": format!("0a:58:00:00:{:02x}:{:02x}", i / 256, i % 256)}),
+            ),
+        ),
+        "udp" => (None, None),
+        other => (Some(other.to_string()), None),
+    };
+    let attrs = LeaseAttrs {
+        public_ip: ip.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+        public_ipv6: None,
+        backend_type,
+        backend_data,
+        backend_v6_data: None,
+    };
+    (
+        SubnetKey::parse(&subnet).unwrap_or(SubnetKey {
+            ipv4: None,
+            ipv6: None,
+        }),
+        attrs,
+    )
+}
+
+/// The generator: writes `PEERS` leases through the etcd API from inside the underlay.
+fn write_leases(c: &Cluster, backend: &str) -> Result<()> {
+    let backend = backend.to_string();
+    in_netns(&c.underlay, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let reg = Registry::connect(&EtcdOptions {
+                endpoints: vec![format!("http://{UNDERLAY_GW}:2379")],
+                prefix: ETCD_PREFIX.into(),
+                ..EtcdOptions::default()
+            })
+            .await?;
+            for i in 0..PEERS {
+                let (key, attrs) = fake_lease(i, &backend);
+                reg.put_lease(&key, &attrs, Duration::from_secs(3600), false)
+                    .await?;
+            }
+            Ok(())
+        })
+    })
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
+
+fn thousand_peers(backend: &str) -> Result<()> {
+    let mut c = Cluster::new(1)?;
+    c.put_config(&format!(
+        r#"{{"Network":"10.0.0.0/8","SubnetMin":"10.200.0.0","Backend":{{"Type":"{backend}"}}}}"#
+    ))?;
+    write_leases(&c, backend)?;
+    let start = Instant::now();
+    c.start_daemon(0, &[&format!("--metrics-port={METRICS}")])?;
+    let ns = c.nodes[0].ns.clone();
+    let routes = |c: &Cluster| -> usize {
+        c.nodes[0]
+            .routes()
+            .map(|r| r.lines().filter(|l| l.starts_with("10.1")).count())
+            .unwrap_or(0)
+    };
+    wait_until("1,000 peers programmed", Duration::from_secs(30), || {
+        let known = http_get(&ns, METRICS, "/metrics")
+            .ok()
+            .and_then(|(_, body)| metric(&body, "flanneld_peers"))
+            .is_some_and(|p| p >= f64::from(PEERS));
+        // udp keeps its peers in a table of its own; the others program one route per peer.
+        known && (backend == "udp" || routes(&c) >= PEERS as usize)
+    })?;
+    let took = start.elapsed();
+    let log = c.nodes[0].log();
+    let pid = c.nodes[0]
+        .daemon
+        .as_ref()
+        .and_then(Daemon::pid)
+        .context("pid")?;
+    let rss = rss_kib(pid)?;
+    let kernel_state = if backend == "udp" {
+        PEERS as usize
+    } else {
+        routes(&c)
+    };
+    eprintln!("{backend}: daemon start to 1,000 peers programmed: {took:?} (including etcd connect and lease); RSS {rss} KiB; {kernel_state} routes");
+    ensure!(
+        kernel_state >= PEERS as usize,
+        "{backend}: only {kernel_state} routes"
+    );
+    ensure!(rss <= 30 * 1024, "{backend}: RSS {rss} KiB over 30 MiB");
+    ensure!(
+        !log.contains("WARN") || backend != "host-gw",
+        "warnings while programming:\n{log}"
+    );
+
+    // One lease changes: count the kernel's route/neighbour/fdb notifications it causes.
+    let monitor_log = c.dir.path().join("monitor.log");
+    let mut monitor = Daemon::spawn(
+        "ip-monitor",
+        Some(&ns),
+        Path::new("/usr/sbin/ip"),
+        &["monitor".into(), "route".into(), "neigh".into()],
+        &[],
+        &monitor_log,
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (key, mut attrs) = fake_lease(7, backend);
+    attrs.public_ip = "172.30.0.250".parse()?;
+    if let Some(data) = attrs.backend_data.as_mut() {
+        data["VtepMAC"] = serde_json::json!("0a:58:00:00:ff:07");
+    }
+    c.etcd()?.put(&key.to_key(ETCD_PREFIX), &attrs.to_json())?;
+    let changed = Instant::now();
+    let dst = key.ipv4.map(|n| n.to_string()).unwrap_or_default();
+    match backend {
+        "host-gw" => wait_until("the changed route", Duration::from_secs(5), || {
+            c.nodes[0].routes().is_ok_and(|r| {
+                r.lines()
+                    .any(|l| l.starts_with(&dst) && l.contains("172.30.0.250"))
+            })
+        })?,
+        "vxlan" => wait_until("the changed neighbour", Duration::from_secs(5), || {
+            c.nodes[0]
+                .run("ip", &["neigh", "show"])
+                .is_ok_and(|n| n.contains("0a:58:00:00:ff:07"))
+        })?,
+        _ => Duration::ZERO,
+    };
+    let applied = changed.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    monitor.stop(Duration::from_secs(2));
+    let events = std::fs::read_to_string(&monitor_log)?;
+    let touched: Vec<&str> = events.lines().filter(|l| !l.trim().is_empty()).collect();
+    eprintln!("{backend}: one lease changed, applied in {applied:?}, {} kernel notifications: {touched:?}", touched.len());
+    ensure!(
+        touched.len() <= 6,
+        "{backend}: one change touched too much:\n{events}"
+    );
+    Ok(())
+}
+
+#[test]
+fn thousand_peers_host_gw() -> Result<()> {
+    require_root!();
+    thousand_peers("host-gw")
+}
+
+#[test]
+fn thousand_peers_udp() -> Result<()> {
+    require_root!();
+    thousand_peers("udp")
+}
+
+#[test]
+fn thousand_peers_vxlan() -> Result<()> {
+    require_root!();
+    thousand_peers("vxlan")
+}
