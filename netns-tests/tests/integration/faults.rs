@@ -136,6 +136,12 @@ fn etcd_outage_udp() -> Result<()> {
 }
 
 #[test]
+fn etcd_outage_vxlan() -> Result<()> {
+    require_root!();
+    etcd_outage_loses_no_pings("vxlan")
+}
+
+#[test]
 fn etcd_wiped_leases_return_with_same_subnets() -> Result<()> {
     require_root!();
     let (c, pods) = cluster("udp", 3, &[])?;
@@ -323,7 +329,12 @@ fn etcd_member_loss_udp() -> Result<()> {
     let mut c = Cluster::new(2)?;
     c.etcd = None; // replaced by a 3-member cluster; member 0 takes the harness's etcd address
     let ul = c.underlay.clone();
-    let mut etcd = EtcdMembers::start(&ul, "br0", &[UNDERLAY_GW, "172.30.0.253", "172.30.0.252"], c.dir.path())?;
+    let mut etcd = EtcdMembers::start(
+        &ul,
+        "br0",
+        &[UNDERLAY_GW, "172.30.0.253", "172.30.0.252"],
+        c.dir.path(),
+    )?;
     etcd.ctl(&["put", &format!("{ETCD_PREFIX}/config"), &config("udp")])?;
     let endpoints = format!("--etcd-endpoints={}", etcd.endpoints());
     for i in 0..2 {
@@ -331,21 +342,43 @@ fn etcd_member_loss_udp() -> Result<()> {
         c.wait_subnet_env(i, Duration::from_secs(20))?;
     }
     let pods = vec![c.add_pod(0)?, c.add_pod(1)?];
-    wait_until("the mesh", Duration::from_secs(10), || c.ping_mesh(&pods).is_ok())?;
-    let leases = etcd.ctl(&["get", "--prefix", "--keys-only", &format!("{ETCD_PREFIX}/subnets/")])?;
+    wait_until("the mesh", Duration::from_secs(10), || {
+        c.ping_mesh(&pods).is_ok()
+    })?;
+    let leases = etcd.ctl(&[
+        "get",
+        "--prefix",
+        "--keys-only",
+        &format!("{ETCD_PREFIX}/subnets/"),
+    ])?;
 
     let pinger = ping_in_background(&pods[0], &pods[1], 25);
     std::thread::sleep(Duration::from_secs(2));
     etcd.kill(0)?; // the first endpoint every daemon was given
-    // Longer than the 20 s TTL: renewals must go through the surviving members.
-    let (sent, got) = pinger.join().map_err(|_| anyhow::anyhow!("pinger panicked"))??;
+                   // Longer than the 20 s TTL: renewals must go through the surviving members.
+    let (sent, got) = pinger
+        .join()
+        .map_err(|_| anyhow::anyhow!("pinger panicked"))??;
     eprintln!("3-member etcd, member 0 killed: {got}/{sent} pings answered");
     ensure!(got == sent, "lost {} pings", sent - got);
-    let after = etcd.ctl(&["get", "--prefix", "--keys-only", &format!("{ETCD_PREFIX}/subnets/")])?;
+    let after = etcd.ctl(&[
+        "get",
+        "--prefix",
+        "--keys-only",
+        &format!("{ETCD_PREFIX}/subnets/"),
+    ])?;
     ensure!(after == leases, "leases changed: {leases} -> {after}");
     for i in 0..2 {
-        ensure!(c.nodes[i].daemon.as_mut().is_some_and(|d| d.alive()), "n{} died", i + 1);
-        ensure!(!c.nodes[i].log().contains("lease lost"), "n{} lost its lease", i + 1);
+        ensure!(
+            c.nodes[i].daemon.as_mut().is_some_and(|d| d.alive()),
+            "n{} died",
+            i + 1
+        );
+        ensure!(
+            !c.nodes[i].log().contains("lease lost"),
+            "n{} lost its lease",
+            i + 1
+        );
     }
     Ok(())
 }
