@@ -102,6 +102,12 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_METRICS_PORT", default_value_t = 0)]
     pub metrics_port: u16,
 
+    /// WireGuard private key file of the wireguard backend, created if missing (Flannel reads
+    /// the same WIREGUARD_KEY_FILE variable). Default: `wgkey` beside --subnet-file, which is
+    /// Flannel's /run/flannel/wgkey with the default --subnet-file.
+    #[arg(long, env = "WIREGUARD_KEY_FILE")]
+    pub wg_key_file: Option<PathBuf>,
+
     /// [flanneld-rs] TTL of the subnet lease in etcd, e.g. 24h, 90m, 30s (Flannel: fixed 24h).
     #[arg(long, env = "FLANNELD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
     pub subnet_lease_ttl: Duration,

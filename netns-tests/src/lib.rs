@@ -11,6 +11,7 @@ pub mod etcd_cluster;
 pub mod goflannel;
 pub mod proc;
 pub mod traffic;
+pub mod wg;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -2,8 +2,10 @@
 //! in its lease, hands it the lease it got, then feeds it other nodes' leases as they change.
 
 mod host_gw;
+mod pump;
 mod udp;
 mod vxlan;
+mod wireguard;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -16,7 +18,7 @@ use crate::netlink::{Link, NetlinkError};
 
 #[derive(Debug, Error)]
 pub enum BackendError {
-    #[error("backend type {0:?} is not supported (known: host-gw, udp, vxlan)")]
+    #[error("backend type {0:?} is not supported (known: host-gw, udp, vxlan, wireguard)")]
     UnknownType(String),
     #[error("Backend config: {0}")]
     Config(String),
@@ -32,6 +34,8 @@ pub struct NodeInfo {
     pub iface: Link,
     pub public_ip: Ipv4Addr,
     pub public_ipv6: Option<Ipv6Addr>,
+    /// The wireguard backend's private key file (`None`: Flannel's `/run/flannel/wgkey`).
+    pub wg_key_file: Option<std::path::PathBuf>,
 }
 
 /// What a backend puts into our lease besides the public addresses.
@@ -81,6 +85,7 @@ pub async fn new_backend(
     match config.backend_type.to_ascii_lowercase().as_str() {
         "host-gw" => Ok(Box::new(host_gw::HostGw::new(config, node)?)),
         "udp" => Ok(Box::new(udp::Udp::new(config, node)?)),
+        "wireguard" => Ok(Box::new(wireguard::WireGuard::new(config, node)?)),
         "vxlan" => Ok(Box::new(vxlan::Vxlan::new(config, node).await?)),
         other => Err(BackendError::UnknownType(other.to_string())),
     }

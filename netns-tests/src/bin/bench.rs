@@ -108,6 +108,7 @@ fn measure(mode: &str, seconds: u32, profile: Option<&str>) -> Result<Row> {
         "kernel-vxlan" => wire_kernel_vxlan(&c)?,
         "udp" | "vxlan" | "wireguard" => start_ours(&mut c, mode)?,
         "go-udp" | "go-vxlan" => start_go(&mut c, mode.trim_start_matches("go-"))?,
+        "wireguard-go" => start_wireguard_go(&mut c)?,
         other => bail!("unknown mode {other:?}"),
     }
     let a = c.add_pod(0)?;
@@ -218,6 +219,37 @@ fn start_go(c: &mut Cluster, backend: &str) -> Result<()> {
         c.wait_subnet_env(i, Duration::from_secs(30))?;
     }
     std::thread::sleep(Duration::from_secs(1));
+    Ok(())
+}
+
+/// wireguard-go + wg on every node, configured by hand as a WireGuard peer of Flannel's would
+/// be: device address = lease address with the Network's prefix (so the whole Network routes
+/// into it), MTU 1420, each peer with AllowedIPs = its pod subnet and endpoint = its node:51820.
+fn start_wireguard_go(c: &mut Cluster) -> Result<()> {
+    if let Some(why) = netns_tests::wg::skip_reason()? {
+        bail!("{why}");
+    }
+    let mut devs = Vec::new();
+    for i in 0..c.nodes.len() {
+        let keys = netns_tests::wg::WgKeys::generate()?;
+        let sub = i + 1;
+        devs.push(c.start_wireguard_go(i, &keys, 51820, &format!("10.244.{sub}.0/16"), 1420)?);
+        c.write_subnet_env(i, &format!("10.244.{sub}.0/24"), 1420)?;
+    }
+    for dev in &devs {
+        for (j, peer) in devs.iter().enumerate() {
+            if peer.node != dev.node {
+                let endpoint = format!("{}:{}", c.nodes[j].ip, peer.port);
+                c.wg_set_peer(
+                    dev,
+                    &peer.keys.public,
+                    &format!("10.244.{}.0/24", j + 1),
+                    &endpoint,
+                    None,
+                )?;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -480,7 +512,8 @@ fn label(mode: &str) -> &str {
         "kernel-vxlan" => "kernel VXLAN, wired by hand as Flannel does",
         "udp" => "flanneld-rs udp",
         "vxlan" => "flanneld-rs vxlan",
-        "wireguard" => "flanneld-rs wireguard",
+        "wireguard" => "flanneld-rs wireguard (userspace, boringtun)",
+        "wireguard-go" => "wireguard-go 0.0.20220316, configured by hand",
         "go-udp" => "Go Flannel v0.20.2 udp",
         "go-vxlan" => "Go Flannel v0.20.2 vxlan",
         other => other,

@@ -13,6 +13,7 @@ mod services;
 mod soak;
 mod udp;
 mod vxlan;
+mod wireguard;
 
 /// Skips a root-only test with a message (CI runs as root, so there they always run).
 #[macro_export]

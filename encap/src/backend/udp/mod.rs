@@ -7,57 +7,30 @@
 //! source is no lease's PublicIP, whose inner source is outside that lease's subnet, or whose
 //! inner destination is not ours.
 
-mod rx;
-mod tx;
+mod codec;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use ipnet::{IpNet, Ipv4Net};
 use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::{Lease, SubnetKey};
 
+use super::pump::{Pump, Shared};
 use super::{backend_port, same_backend, Backend, BackendError, LeaseData, NodeInfo};
-use crate::io::{open_tun, UdpSock, DEFAULT_SOCKET_BUFFER};
 use crate::netlink::Netlink;
 use crate::peers::{Peer, PeerTable, SharedPeers};
 use crate::stats::Stats;
+use codec::UdpCodec;
 
 const TYPE: &str = "udp";
 const DEVICE: &str = "flannel0";
 const DEFAULT_PORT: u16 = 8285;
 /// IPv4 (20) + UDP (8) headers around each inner packet.
 const OVERHEAD: u32 = 28;
-/// One queue and one thread pair per core we may use: this machine kind has two.
-const QUEUES: usize = 2;
-
-/// State shared with the packet threads.
-pub(crate) struct Shared {
-    pub peers: SharedPeers,
-    /// Our lease's subnet as `addr << 8 | prefix_len` (0 = none yet): read per batch.
-    pub own: AtomicU64,
-    pub stats: Arc<Stats>,
-    pub stop: AtomicBool,
-    /// The TUN MTU: the largest inner packet we send.
-    pub mtu: usize,
-}
-
-impl Shared {
-    pub fn own_subnet(&self) -> Option<Ipv4Net> {
-        let v = self.own.load(Ordering::Relaxed);
-        let len = (v & 0xff) as u8;
-        (v != 0).then(|| Ipv4Net::new(Ipv4Addr::from((v >> 8) as u32), len).ok())?
-    }
-
-    fn set_own_subnet(&self, net: Ipv4Net) {
-        let v = (u64::from(u32::from(net.network())) << 8) | u64::from(net.prefix_len());
-        self.own.store(v, Ordering::Relaxed);
-    }
-}
 
 pub struct Udp {
     netlink: Netlink,
@@ -65,8 +38,9 @@ pub struct Udp {
     network: NetworkConfig,
     port: u16,
     shared: Arc<Shared>,
+    table: Arc<SharedPeers>,
     peers: HashMap<SubnetKey, Peer>,
-    threads: Vec<JoinHandle<()>>,
+    pump: Option<Pump>,
 }
 
 impl Udp {
@@ -83,21 +57,16 @@ impl Udp {
             node: node.clone(),
             network: network.clone(),
             port,
-            shared: Arc::new(Shared {
-                peers: SharedPeers::from_pointee(PeerTable::default()),
-                own: AtomicU64::new(0),
-                stats: Arc::new(Stats::default()),
-                stop: AtomicBool::new(false),
-                mtu,
-            }),
+            shared: Arc::new(Shared::new(mtu)),
+            table: Arc::new(SharedPeers::from_pointee(PeerTable::default())),
             peers: HashMap::new(),
-            threads: Vec::new(),
+            pump: None,
         })
     }
 
     fn publish_peers(&self) {
         let table = PeerTable::new(self.peers.values().cloned().collect());
-        self.shared.peers.store(Arc::new(table));
+        self.table.store(Arc::new(table));
     }
 
     fn peer_of(&self, lease: &Lease) -> Option<Peer> {
@@ -108,53 +77,6 @@ impl Udp {
             public_ip: ip,
             endpoint: SocketAddr::new(IpAddr::V4(ip), self.port),
         })
-    }
-
-    /// Opens the TUN queues and sockets and starts one sender and one receiver per queue.
-    fn start_threads(&mut self) -> Result<(), BackendError> {
-        let io_err =
-            |what: &str, e: &dyn std::fmt::Display| BackendError::Config(format!("{what}: {e}"));
-        let queues =
-            open_tun(DEVICE, QUEUES, true).map_err(|e| io_err("opening TUN flannel0", &e))?;
-        let offload = queues.first().map(|q| q.offload()).unwrap_or_default();
-        let bind = SocketAddr::new(IpAddr::V4(self.node.public_ip), self.port);
-        let mut modes = Vec::new();
-        for (i, q) in queues.into_iter().enumerate() {
-            let q = Arc::new(q);
-            let sock = UdpSock::bind(bind, true)
-                .map_err(|e| io_err(&format!("binding UDP {bind}"), &e))?;
-            sock.grow_buffers(DEFAULT_SOCKET_BUFFER);
-            let gro = sock.enable_gro();
-            let gso = sock.gso_supported();
-            if i == 0 {
-                modes.push(format!(
-                    "tun offload {offload:?}, udp gso {gso}, udp gro {gro}"
-                ));
-            }
-            let sock = Arc::new(sock);
-            let tx = tx::Sender::new(q.clone(), sock.clone(), self.shared.clone(), gso);
-            let rx = rx::Receiver::new(q, sock, self.shared.clone());
-            for (name, job) in [
-                (
-                    format!("udp-tx{i}"),
-                    Box::new(move || tx.run()) as Box<dyn FnOnce() + Send>,
-                ),
-                (format!("udp-rx{i}"), Box::new(move || rx.run())),
-            ] {
-                let handle = std::thread::Builder::new()
-                    .name(name.clone())
-                    .spawn(job)
-                    .map_err(|e| io_err(&format!("starting thread {name}"), &e))?;
-                self.threads.push(handle);
-            }
-        }
-        tracing::info!(
-            port = self.port,
-            queues = QUEUES,
-            "udp datapath running: {}",
-            modes.join("; ")
-        );
-        Ok(())
     }
 }
 
@@ -189,8 +111,12 @@ impl Backend for Udp {
                 "the udp backend needs an IPv4 lease".into(),
             ));
         };
-        if self.threads.is_empty() {
-            self.start_threads()?;
+        if self.pump.is_none() {
+            let codec = Arc::new(UdpCodec {
+                peers: self.table.clone(),
+            });
+            let bind = SocketAddr::new(IpAddr::V4(self.node.public_ip), self.port);
+            self.pump = Some(Pump::start(TYPE, DEVICE, bind, codec, self.shared.clone())?);
         }
         self.shared.set_own_subnet(subnet);
         // flannel0 carries the lease's network address with the whole Network's prefix, so the

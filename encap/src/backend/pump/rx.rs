@@ -1,0 +1,84 @@
+//! Network -> pod: receive datagrams in batches (`recvmmsg`, UDP GRO), let the codec open them
+//! and vet their senders, drop what is not for our subnet, merge TCP segments into
+//! super-packets and write them to the TUN.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+
+use super::{Codec, Shared, Wire};
+use crate::io::{is_timeout, RecvBatch, TunQueue};
+use crate::stats::{DropReason, Tally};
+use crate::wire::{ip, Gro, VNET_HDR_LEN};
+
+/// Messages per `recvmmsg`; each may hold many GRO-merged datagrams.
+const BATCH: usize = 16;
+/// Super-packets the coalescer holds before it must be flushed to the TUN.
+const GRO_PACKETS: usize = 64;
+
+pub(super) fn run<C: Codec>(codec: &C, tun: &TunQueue, wire: &Wire, shared: &Shared) {
+    let mut batch = RecvBatch::new(BATCH, 65_535);
+    let mut gro = Gro::new(GRO_PACKETS, VNET_HDR_LEN + 65_535);
+    let mut scratch = codec.rx_scratch();
+    let mut tally = Tally::default();
+    let mut reported = false;
+    while !shared.stopping() {
+        let n = match wire.sock.recv_batch(&mut batch) {
+            Ok(n) => n,
+            Err(e) if is_timeout(&e) => {
+                tally.flush_rx(&shared.stats);
+                continue;
+            }
+            Err(e) => {
+                if !reported {
+                    tracing::error!("receiving from the UDP socket failed: {e}");
+                    reported = true;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        tally.syscalls += 1;
+        let own = shared.own_subnet();
+        for i in 0..n {
+            let Some(msg) = batch.msg(i) else { continue };
+            codec.receive(&mut scratch, &msg, wire, &mut tally, |pkt, tally| {
+                deliver(pkt, own, tun, &mut gro, tally)
+            });
+        }
+        flush(tun, &mut gro, &mut tally);
+        if tally.packets >= 1024 {
+            tally.flush_rx(&shared.stats);
+        }
+    }
+}
+
+/// Queues an admitted inner packet for the TUN if it is for a pod of ours.
+fn deliver(pkt: &[u8], own: Option<Ipv4Net>, tun: &TunQueue, gro: &mut Gro, tally: &mut Tally) {
+    match ip::addrs(pkt) {
+        Ok((_, IpAddr::V4(dst))) if own.is_some_and(|o| o.contains(&dst)) => {}
+        Ok(_) => return tally.count_drop(DropReason::NotForUs),
+        Err(_) => return tally.count_drop(DropReason::Malformed),
+    }
+    if gro.is_full() {
+        flush(tun, gro, tally);
+    }
+    match gro.push(pkt) {
+        Ok(()) => {
+            tally.packets += 1;
+            tally.bytes += pkt.len() as u64;
+        }
+        Err(_) => tally.count_drop(DropReason::Malformed),
+    }
+}
+
+fn flush(tun: &TunQueue, gro: &mut Gro, tally: &mut Tally) {
+    for p in gro.packets() {
+        tally.syscalls += 1;
+        if tun.write(p).is_err() {
+            tally.count_drop(DropReason::IoError);
+        }
+    }
+    gro.clear();
+}

@@ -1,0 +1,428 @@
+//! wireguard: Flannel's wireguard backend without the kernel module. The WireGuard protocol runs
+//! in userspace (boringtun's noise state machine) on the same batched TUN/UDP pump as the udp
+//! backend, so it speaks standard WireGuard to Flannel's kernel backend, wireguard-go or `wg`
+//! peers, and is fast.
+//!
+//! Like Flannel: TUN `flannel-wg` holding the lease's network address with the Network's prefix
+//! (one route for the whole Network into the device), MTU = underlay - 80, one WireGuard peer per
+//! remote node with AllowedIPs = its lease subnet and endpoint = PublicIP:Port, the private key
+//! in a key file (created once, reused), and `{"PublicKey":…,"Port":…}` in our lease.
+//!
+//! IPv4 only for now: `Mode` ipv6 and dual-stack configs are refused with a clear error.
+
+mod codec;
+#[cfg(test)]
+mod codec_tests;
+mod config;
+mod keys;
+mod peers;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use boringtun::noise::Tunn;
+use boringtun::x25519::PublicKey;
+use ipnet::{IpNet, Ipv4Net};
+use serde_json::{json, Value};
+use subnet_manager::config::NetworkConfig;
+use subnet_manager::lease::{Lease, SubnetKey};
+
+use super::pump::{Pump, Shared, Wire};
+use super::{same_backend, Backend, BackendError, LeaseData, NodeInfo};
+use crate::netlink::Netlink;
+use crate::stats::{Stats, Tally};
+use codec::WgCodec;
+use config::WgConfig;
+use peers::{WgPeer, WgTable, INDEX_BITS};
+
+const TYPE: &str = "wireguard";
+const DEVICE: &str = "flannel-wg";
+/// Flannel's figure: outer IPv6 header (40, the worst case) + UDP (8) + WireGuard (32).
+const OVERHEAD: u32 = 80;
+/// Flannel's key file.
+pub const DEFAULT_KEY_FILE: &str = "/run/flannel/wgkey";
+/// How often peer timers run: well under WireGuard's shortest timer (REKEY_TIMEOUT, 5 s).
+const TIMER_TICK: Duration = Duration::from_millis(100);
+
+/// One lease of a wireguard node, as it configures a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct LeasePeer {
+    public_key: [u8; 32],
+    subnet: Ipv4Net,
+    endpoint: SocketAddr,
+}
+
+pub struct WireGuard {
+    netlink: Netlink,
+    network: NetworkConfig,
+    cfg: WgConfig,
+    codec: Arc<WgCodec>,
+    shared: Arc<Shared>,
+    /// Every wireguard lease but ours, by lease key.
+    leases: HashMap<SubnetKey, LeasePeer>,
+    /// One peer per public key (a node may briefly hold two leases with one key).
+    peers: HashMap<[u8; 32], Arc<WgPeer>>,
+    next_index: u32,
+    pump: Option<Pump>,
+}
+
+impl WireGuard {
+    pub fn new(network: &NetworkConfig, node: &NodeInfo) -> Result<Self, BackendError> {
+        let cfg = WgConfig::parse(network)?;
+        let key_file = node
+            .wg_key_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_KEY_FILE));
+        let keys = keys::load_or_create(&key_file)?;
+        tracing::info!(
+            public_key = %keys::encode_key(keys.public.as_bytes()),
+            file = %key_file.display(),
+            port = cfg.listen_port,
+            ?cfg,
+            "WireGuard key loaded"
+        );
+        let seed = keys::random_key().map_err(|e| {
+            BackendError::Config(format!("reading random bytes for peer indexes: {e}"))
+        })?;
+        let mtu = node.iface.mtu.saturating_sub(OVERHEAD) as usize;
+        Ok(WireGuard {
+            netlink: Netlink::open()?,
+            network: network.clone(),
+            cfg,
+            codec: Arc::new(WgCodec::new(keys)),
+            shared: Arc::new(Shared::new(mtu)),
+            leases: HashMap::new(),
+            peers: HashMap::new(),
+            next_index: u32::from_le_bytes([seed[0], seed[1], seed[2], 0]),
+            pump: None,
+        })
+    }
+}
+
+/// The peer a wireguard lease describes (`listen_port`: ours, for leases of older Flannel
+/// that publish no Port); the error says why it cannot be one.
+fn lease_peer(lease: &Lease, listen_port: u16) -> Result<LeasePeer, String> {
+    let subnet = lease
+        .key
+        .ipv4
+        .ok_or("no IPv4 subnet (the wireguard backend is IPv4 only for now)")?;
+    let ip = lease.attrs.public_ip;
+    if ip.is_unspecified() {
+        return Err("no PublicIP".into());
+    }
+    let data = lease
+        .attrs
+        .backend_data
+        .as_ref()
+        .and_then(Value::as_object)
+        .ok_or("no BackendData object with the node's PublicKey")?;
+    // Go decodes BackendData case-insensitively.
+    let get = |name: &str| {
+        data.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+            .filter(|v| !v.is_null())
+    };
+    let public_key = get("PublicKey")
+        .and_then(Value::as_str)
+        .and_then(keys::decode_key)
+        .ok_or("BackendData.PublicKey is not a base64 WireGuard key")?;
+    // Older Flannel publishes no Port: its peers listen where we do.
+    let port = match get("Port") {
+        None => listen_port,
+        Some(v) => v
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("BackendData.Port {v} is not a port"))?,
+    };
+    Ok(LeasePeer {
+        public_key,
+        subnet,
+        endpoint: SocketAddr::new(IpAddr::V4(ip), port),
+    })
+}
+
+impl WireGuard {
+    fn alloc_index(&mut self) -> u32 {
+        let mask = (1u32 << INDEX_BITS) - 1;
+        loop {
+            self.next_index = self.next_index.wrapping_add(1) & mask;
+            let i = self.next_index;
+            if i != 0 && !self.peers.values().any(|p| p.index == i) {
+                return i;
+            }
+        }
+    }
+
+    /// Makes the peers match the leases: new keys get a fresh `Tunn`, gone keys are dropped
+    /// (their keys wiped once the packet threads let go), endpoints follow lease changes; then
+    /// the packet threads get the new table.
+    fn sync_peers(&mut self, changed: &[LeasePeer]) {
+        let mut wanted: HashMap<[u8; 32], Vec<Ipv4Net>> = HashMap::new();
+        for l in self.leases.values() {
+            wanted.entry(l.public_key).or_default().push(l.subnet);
+        }
+        self.peers.retain(|k, _| wanted.contains_key(k));
+        for key in wanted.keys() {
+            if self.peers.contains_key(key) {
+                continue;
+            }
+            let Some(lease) = self.leases.values().find(|l| l.public_key == *key) else {
+                continue;
+            };
+            let endpoint = changed
+                .iter()
+                .find(|l| l.public_key == *key)
+                .map_or(lease.endpoint, |l| l.endpoint);
+            let index = self.alloc_index();
+            let tunn = Tunn::new(
+                self.codec.keys().secret.clone(),
+                PublicKey::from(*key),
+                self.cfg.psk,
+                self.cfg.keepalive,
+                index,
+                Some(self.codec.limiter.clone()),
+            );
+            self.peers
+                .insert(*key, Arc::new(WgPeer::new(index, *key, tunn, endpoint)));
+        }
+        // A lease that moved its endpoint moves the peer, even if it had roamed meanwhile.
+        for l in changed {
+            if let Some(peer) = self.peers.get(&l.public_key) {
+                let mut st = peer.lock();
+                if st.configured != l.endpoint {
+                    st.configured = l.endpoint;
+                    st.endpoint = l.endpoint;
+                }
+            }
+        }
+        let mut entries: Vec<(Arc<WgPeer>, Vec<Ipv4Net>)> = wanted
+            .into_iter()
+            .filter_map(|(k, mut nets)| {
+                nets.sort();
+                Some((self.peers.get(&k)?.clone(), nets))
+            })
+            .collect();
+        entries.sort_by_key(|(p, _)| p.index);
+        self.codec.table.store(Arc::new(WgTable::new(entries)));
+    }
+
+    /// Opens flannel-wg (replacing a leftover device of that name that is not a TUN, e.g.
+    /// Flannel's kernel WireGuard device on a node migrating to us) and starts the threads.
+    async fn start_pump(&mut self) -> Result<(), BackendError> {
+        let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), self.cfg.listen_port);
+        let start = || Pump::start("wg", DEVICE, bind, self.codec.clone(), self.shared.clone());
+        let pump = match start() {
+            Ok(p) => p,
+            Err(first) => {
+                let Ok(old) = self.netlink.link_by_name(DEVICE).await else {
+                    return Err(first);
+                };
+                tracing::warn!(
+                    "{first}: replacing the existing {DEVICE} (index {})",
+                    old.index
+                );
+                self.netlink
+                    .handle()
+                    .link()
+                    .del(old.index)
+                    .execute()
+                    .await
+                    .map_err(|e| BackendError::Config(format!("deleting the old {DEVICE}: {e}")))?;
+                start()?
+            }
+        };
+        spawn_timers(self.codec.clone(), pump.wire.clone(), self.shared.clone())?;
+        self.pump = Some(pump);
+        Ok(())
+    }
+}
+
+/// The timer thread: handshake retries, rekeying, keepalives, the rate limiter's reset.
+fn spawn_timers(
+    codec: Arc<WgCodec>,
+    wire: Arc<Wire>,
+    shared: Arc<Shared>,
+) -> Result<(), BackendError> {
+    std::thread::Builder::new()
+        .name("wg-timers".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 65_536 + 256];
+            let mut tally = Tally::default();
+            while !shared.stopping() {
+                std::thread::sleep(TIMER_TICK);
+                codec.tick(&wire, &mut buf, &mut tally);
+                tally.flush_tx(&shared.stats);
+            }
+        })
+        .map(drop)
+        .map_err(|e| BackendError::Config(format!("starting thread wg-timers: {e}")))
+}
+
+impl Drop for WireGuard {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[async_trait]
+impl Backend for WireGuard {
+    fn name(&self) -> &'static str {
+        TYPE
+    }
+
+    fn mtu_overhead(&self) -> u32 {
+        OVERHEAD
+    }
+
+    fn lease_data(&self) -> LeaseData {
+        LeaseData {
+            backend_type: Some(TYPE.into()),
+            backend_data: Some(json!({
+                "PublicKey": keys::encode_key(self.codec.keys().public.as_bytes()),
+                "Port": self.cfg.listen_port,
+            })),
+            backend_v6_data: None,
+        }
+    }
+
+    fn stats(&self) -> Option<Arc<Stats>> {
+        Some(self.shared.stats.clone())
+    }
+
+    async fn start(&mut self, own: &Lease) -> Result<(), BackendError> {
+        let (Some(subnet), Some(network)) = (own.key.ipv4, self.network.network) else {
+            return Err(BackendError::Config(
+                "the wireguard backend needs an IPv4 lease".into(),
+            ));
+        };
+        if self.pump.is_none() {
+            self.start_pump().await?;
+        }
+        self.shared.set_own_subnet(subnet);
+        // As flannel0: the lease's network address with the whole Network's prefix, so the
+        // kernel routes every other node's pods into the device.
+        let link = self.netlink.link_by_name(DEVICE).await?;
+        let addr = Ipv4Net::new(subnet.network(), network.prefix_len())
+            .map_err(|e| BackendError::Config(format!("address for {DEVICE}: {e}")))?;
+        self.netlink
+            .set_sole_address(link.index, IpNet::V4(addr))
+            .await?;
+        self.netlink
+            .set_mtu_up(link.index, self.shared.mtu as u32)
+            .await?;
+        Ok(())
+    }
+
+    async fn add_peer(&mut self, peer: &Lease) -> Result<(), BackendError> {
+        let err = |reason: String| BackendError::Peer {
+            peer: peer.key.to_string(),
+            reason,
+        };
+        if !same_backend(peer, TYPE) {
+            return Err(err(format!(
+                "ignored: its BackendType is {:?}, not wireguard",
+                peer.attrs.backend_type.as_deref().unwrap_or("udp")
+            )));
+        }
+        let lp = lease_peer(peer, self.cfg.listen_port).map_err(err)?;
+        if lp.public_key == *self.codec.keys().public.as_bytes() {
+            return Err(err(
+                "ignored: it carries our own public key (a copied key file?)".into(),
+            ));
+        }
+        let changed = self.leases.get(&peer.key) != Some(&lp);
+        self.leases.insert(peer.key.clone(), lp.clone());
+        if changed {
+            self.sync_peers(&[lp]);
+        }
+        Ok(())
+    }
+
+    async fn remove_peer(&mut self, peer: &Lease) -> Result<(), BackendError> {
+        if self.leases.remove(&peer.key).is_some() {
+            self.sync_peers(&[]);
+        }
+        Ok(())
+    }
+
+    async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError> {
+        let own = *self.codec.keys().public.as_bytes();
+        self.leases = peers
+            .iter()
+            .filter(|p| same_backend(p, TYPE))
+            .filter_map(|p| match lease_peer(p, self.cfg.listen_port) {
+                Ok(lp) if lp.public_key != own => Some((p.key.clone(), lp)),
+                Ok(_) => None,
+                Err(why) => {
+                    tracing::warn!(peer = %p.key, "wireguard lease ignored: {why}");
+                    None
+                }
+            })
+            .collect();
+        let all: Vec<LeasePeer> = self.leases.values().cloned().collect();
+        self.sync_peers(&all);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(json: &str) -> Lease {
+        Lease {
+            key: SubnetKey::parse("10.244.7.0-24").expect("key"),
+            attrs: subnet_manager::lease::LeaseAttrs::from_json(json.as_bytes()).expect("attrs"),
+        }
+    }
+
+    const KEY: &str = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
+
+    #[test]
+    fn lease_peers_like_flannel() {
+        let new = lease(&format!(
+            r#"{{"PublicIP":"172.30.0.13","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"Port":5555,"PublicKey":"{KEY}"}}}}"#
+        ));
+        let p = lease_peer(&new, 51820).expect("newer Flannel");
+        assert_eq!(p.endpoint, "172.30.0.13:5555".parse().expect("addr"));
+        assert_eq!(p.subnet, "10.244.7.0/24".parse::<Ipv4Net>().expect("net"));
+        assert_eq!(keys::encode_key(&p.public_key), KEY);
+        let old = lease(&format!(
+            r#"{{"PublicIP":"172.30.0.13","BackendType":"wireguard","BackendData":{{"publickey":"{KEY}"}}}}"#
+        ));
+        let p = lease_peer(&old, 51999).expect("older Flannel: no Port");
+        assert_eq!(p.endpoint.port(), 51999, "our ListenPort");
+        for (json, want) in [
+            (
+                r#"{"PublicIP":"172.30.0.13","BackendType":"wireguard"}"#,
+                "no BackendData",
+            ),
+            (
+                r#"{"PublicIP":"172.30.0.13","BackendType":"wireguard","BackendData":{"PublicKey":"xyz="}}"#,
+                "PublicKey",
+            ),
+            (
+                &format!(
+                    r#"{{"PublicIP":"172.30.0.13","BackendType":"wireguard","BackendData":{{"PublicKey":"{KEY}","Port":0}}}}"#
+                ),
+                "Port",
+            ),
+            (
+                &format!(
+                    r#"{{"PublicIP":"0.0.0.0","BackendType":"wireguard","BackendData":{{"PublicKey":"{KEY}"}}}}"#
+                ),
+                "PublicIP",
+            ),
+        ] {
+            let err = lease_peer(&lease(json), 51820).expect_err(json);
+            assert!(err.contains(want), "{json}: {err}");
+        }
+    }
+}
