@@ -20,7 +20,8 @@ impl EtcdMembers {
     /// `IP:2380`, data under `workdir`.
     pub fn start(ns: &str, dev: &str, ips: &[&str], workdir: &Path) -> Result<Self> {
         for ip in ips {
-            let present = run_in(ns, "ip", &["-o", "addr", "show", "dev", dev])?.contains(&format!("inet {ip}/"));
+            let present = run_in(ns, "ip", &["-o", "addr", "show", "dev", dev])?
+                .contains(&format!("inet {ip}/"));
             if !present {
                 run_in(ns, "ip", &["addr", "add", &format!("{ip}/24"), "dev", dev])?;
             }
@@ -47,16 +48,25 @@ impl EtcdMembers {
                 "--log-level=warn".into(),
             ];
             let log = workdir.join(format!("etcd-m{i}.log"));
-            members.push(Some(Daemon::spawn(&format!("etcd-m{i}"), Some(ns), Path::new("/usr/bin/etcd"), &args, &[], &log)?));
+            members.push(Some(Daemon::spawn(
+                &format!("etcd-m{i}"),
+                Some(ns),
+                Path::new("/usr/bin/etcd"),
+                &args,
+                &[],
+                &log,
+            )?));
         }
         let cluster = EtcdMembers {
             ns: ns.to_string(),
             ips: ips.iter().map(|s| s.to_string()).collect(),
             members,
         };
-        wait_until("the etcd cluster to be healthy", Duration::from_secs(30), || {
-            cluster.ctl(&["endpoint", "health", "--cluster"]).is_ok()
-        })?;
+        wait_until(
+            "the etcd cluster to be healthy",
+            Duration::from_secs(30),
+            || cluster.ctl(&["endpoint", "health", "--cluster"]).is_ok(),
+        )?;
         Ok(cluster)
     }
 
@@ -73,14 +83,23 @@ impl EtcdMembers {
 
     pub fn ctl(&self, args: &[&str]) -> Result<String> {
         let ep = format!("--endpoints={}", self.endpoints());
-        let mut all = vec!["ETCDCTL_API=3", "etcdctl", ep.as_str(), "--command-timeout=5s"];
+        let mut all = vec![
+            "ETCDCTL_API=3",
+            "etcdctl",
+            ep.as_str(),
+            "--command-timeout=5s",
+        ];
         all.extend_from_slice(args);
         run_in(&self.ns, "env", &all)
     }
 
     /// Kills member `i` (SIGKILL: no goodbye to its peers or clients).
     pub fn kill(&mut self, i: usize) -> Result<()> {
-        let m = self.members.get_mut(i).and_then(Option::take).context("no such running member")?;
+        let m = self
+            .members
+            .get_mut(i)
+            .and_then(Option::take)
+            .context("no such running member")?;
         m.signal(libc::SIGKILL);
         drop(m);
         Ok(())

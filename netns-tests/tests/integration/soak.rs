@@ -39,8 +39,14 @@ fn soak_udp_with_churning_peers() -> Result<()> {
     }
     let a = c.add_pod(0)?;
     let b = c.add_pod(1)?;
-    wait_until("traffic", Duration::from_secs(10), || c.ping(&a, &b.ip, 1).is_ok())?;
-    let pid = c.nodes[0].daemon.as_ref().and_then(|d| d.pid()).context("pid")?;
+    wait_until("traffic", Duration::from_secs(10), || {
+        c.ping(&a, &b.ip, 1).is_ok()
+    })?;
+    let pid = c.nodes[0]
+        .daemon
+        .as_ref()
+        .and_then(|d| d.pid())
+        .context("pid")?;
 
     let start = Instant::now();
     let mut samples: Vec<(u64, u64, usize)> = Vec::new();
@@ -49,10 +55,16 @@ fn soak_udp_with_churning_peers() -> Result<()> {
         round += 1;
         // A peer joins and another leaves (fake nodes: leases written as a node would).
         let joining = format!("{ETCD_PREFIX}/subnets/10.244.{}.0-24", 200 + round % 50);
-        let json = format!(r#"{{"PublicIP":"172.30.0.{}","PublicIPv6":null}}"#, 100 + round % 100);
+        let json = format!(
+            r#"{{"PublicIP":"172.30.0.{}","PublicIPv6":null}}"#,
+            100 + round % 100
+        );
         c.etcd()?.put(&joining, &json)?;
         if round > 3 {
-            let leaving = format!("{ETCD_PREFIX}/subnets/10.244.{}.0-24", 200 + (round - 3) % 50);
+            let leaving = format!(
+                "{ETCD_PREFIX}/subnets/10.244.{}.0-24",
+                200 + (round - 3) % 50
+            );
             c.etcd()?.ctl(&["del", &leaving])?;
         }
         // Traffic: a hashed TCP transfer and pings between the real pods.
@@ -62,7 +74,10 @@ fn soak_udp_with_churning_peers() -> Result<()> {
         samples.push((start.elapsed().as_secs(), rss_kib(pid)?, fds(pid)?));
         std::thread::sleep(Duration::from_secs(2));
     }
-    ensure!(c.nodes[0].daemon.as_mut().is_some_and(|d| d.alive()), "daemon died");
+    ensure!(
+        c.nodes[0].daemon.as_mut().is_some_and(|d| d.alive()),
+        "daemon died"
+    );
     // Flat: after the first quarter (warm-up: allocator arenas, buffers), no growth.
     let warm = samples.len() / 4;
     let (_, rss0, fd0) = samples[warm];
@@ -72,7 +87,13 @@ fn soak_udp_with_churning_peers() -> Result<()> {
     eprintln!(
         "soak {secs} s, {round} rounds of join/leave + 20 MB: RSS {rss0} -> {rss_end} KiB (max {rss_max}), fds {fd0} -> {fd_end} (max {fd_max})"
     );
-    ensure!(rss_max <= rss0 + 4096, "RSS grew from {rss0} to {rss_max} KiB");
-    ensure!(fd_max <= fd0 + 4, "file descriptors grew from {fd0} to {fd_max}");
+    ensure!(
+        rss_max <= rss0 + 4096,
+        "RSS grew from {rss0} to {rss_max} KiB"
+    );
+    ensure!(
+        fd_max <= fd0 + 4,
+        "file descriptors grew from {fd0} to {fd_max}"
+    );
     Ok(())
 }
