@@ -11,7 +11,9 @@ use netns_tests::cluster::{Cluster, Pod, ETCD_PREFIX};
 use netns_tests::proc::run_in;
 use netns_tests::traffic::{http_get, in_netns, metric, tcp_transfer, Xorshift};
 use netns_tests::wait_until;
-use netns_tests::wg::{self, capture_udp, pod_reaches, send_datagrams, WgDevice, WgKeys};
+use netns_tests::wg::{
+    self, capture_udp, handshake_flood, pod_reaches, send_datagrams, WgDevice, WgKeys,
+};
 
 use crate::require_root;
 
@@ -397,5 +399,58 @@ fn wireguard_rejects_wrong_keys_replays_and_garbage() -> Result<()> {
     c.ping(&pods[1], &pods[0].ip, 2)?;
     let (h, _) = http_get(&c.nodes[1].ns, METRICS, "/healthz")?;
     ensure!(h.contains("200"), "healthz: {h}");
+    Ok(())
+}
+
+#[test]
+fn wireguard_handshake_flood_gets_cookies() -> Result<()> {
+    require_root!();
+    // n1, n2 ours; n3 (no daemon) floods n1 with initiations that pass the mac1 check.
+    let mut c = Cluster::new(3)?;
+    c.put_config(WG_CONFIG)?;
+    for i in 0..2 {
+        start_ours(&mut c, i)?;
+    }
+    let pods = (0..2).map(|i| c.add_pod(i)).collect::<Result<Vec<_>>>()?;
+    c.ping_mesh(&pods)?;
+    let (_, n1) = lease_of(&c, &c.nodes[0].ip)?;
+    let key = n1["BackendData"]["PublicKey"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let (ns, to) = (c.nodes[2].ns.clone(), format!("{}:51820", c.nodes[0].ip));
+    let flood = std::thread::spawn(move || handshake_flood(&ns, &to, &key, 10, 2000));
+    std::thread::sleep(Duration::from_secs(1));
+    // Established sessions carry on; a node restarting now must handshake under load (its
+    // first initiation gets a cookie reply, the next one carries mac2 and is answered).
+    c.ping(&pods[0], &pods[1].ip, 3)?;
+    c.stop_daemon(1);
+    start_ours(&mut c, 1)?;
+    let took = wait_until("n2 -> n1 during the flood", Duration::from_secs(8), || {
+        pod_reaches(&pods[1].ns, &pods[0].ip, 1)
+    })?;
+    let report = flood
+        .join()
+        .map_err(|_| anyhow::anyhow!("flood thread panicked"))??;
+    eprintln!("flood: {report:?}; n2 reconnected after {took:?}");
+    ensure!(
+        report.cookies > 0,
+        "no cookie replies to {} initiations",
+        report.sent
+    );
+    ensure!(report.other == 0, "forged initiations answered: {report:?}");
+    ensure!(
+        c.nodes[0].daemon.as_mut().is_some_and(|d| d.alive()),
+        "n1's daemon died"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let m = metrics(&c, 0)?;
+    ensure!(
+        drops(&m, "unknown_sender") >= report.sent as f64 * 0.9,
+        "drops {} for {} forged initiations",
+        drops(&m, "unknown_sender"),
+        report.sent
+    );
+    c.ping_mesh(&pods)?;
     Ok(())
 }

@@ -186,10 +186,11 @@ impl WgCodec {
                 Ok(Packet::HandshakeResponse(resp)) => table.by_receiver(resp.receiver_idx),
                 Ok(_) => None,
                 Err(TunnResult::WriteToNetwork(cookie)) => {
-                    // Under load: prove your address first (WireGuard's cookie reply).
+                    // Under load: prove your address first (WireGuard's cookie reply). The
+                    // message itself is dropped unread.
                     tally.syscalls += 1;
                     let _ = wire.send_one(src, cookie);
-                    return;
+                    return tally.count_drop(DropReason::UnknownSender);
                 }
                 Err(_) => None,
             }
