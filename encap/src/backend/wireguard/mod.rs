@@ -384,6 +384,134 @@ mod tests {
     }
 
     const KEY: &str = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
+    const KEY2: &str = "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=";
+
+    fn wg_lease(subnet: &str, ip: &str, key: &str) -> Lease {
+        Lease {
+            key: SubnetKey::parse(subnet).expect("key"),
+            attrs: subnet_manager::lease::LeaseAttrs::from_json(
+                format!(
+                    r#"{{"PublicIP":"{ip}","BackendType":"wireguard","BackendData":{{"PublicKey":"{key}","Port":51820}}}}"#
+                )
+                .as_bytes(),
+            )
+            .expect("attrs"),
+        }
+    }
+
+    /// The table the packet threads see: (peer index, public key, endpoint, AllowedIPs).
+    fn table(wg: &WireGuard) -> Vec<(u32, String, SocketAddr, Vec<String>)> {
+        let t = wg.codec.table.load();
+        t.peers()
+            .iter()
+            .enumerate()
+            .map(|(slot, p)| {
+                let nets = ["10.244.1.0", "10.244.2.0", "10.244.3.0"]
+                    .iter()
+                    .filter(|n| t.allows(slot, n.parse().expect("ip")))
+                    .map(|n| n.to_string())
+                    .collect();
+                (
+                    p.index,
+                    keys::encode_key(&p.public_key),
+                    p.lock().endpoint,
+                    nets,
+                )
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn peers_follow_the_leases() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config =
+            NetworkConfig::parse(br#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#)
+                .expect("config");
+        let node = NodeInfo {
+            iface: crate::netlink::Link {
+                index: 1,
+                name: "eth0".into(),
+                mtu: 1500,
+            },
+            public_ip: "172.30.0.11".parse().expect("ip"),
+            public_ipv6: None,
+            wg_key_file: Some(dir.path().join("wgkey")),
+        };
+        let mut wg = WireGuard::new(&config, &node).expect("backend");
+        assert_eq!(wg.mtu_overhead(), 80);
+        let data = wg.lease_data();
+        assert_eq!(data.backend_type.as_deref(), Some("wireguard"));
+        let own = data.backend_data.expect("data");
+        assert_eq!(own["Port"], 51820);
+        let own_key = own["PublicKey"].as_str().expect("key").to_string();
+
+        wg.add_peer(&wg_lease("10.244.1.0-24", "172.30.0.12", KEY))
+            .await
+            .expect("peer");
+        let t = table(&wg);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].2, "172.30.0.12:51820".parse().expect("addr"));
+        let first_index = t[0].0;
+
+        // A second lease with the same key (a node that moved subnet before its old lease
+        // expired) adds AllowedIPs to the same peer, keeping its noise state.
+        wg.add_peer(&wg_lease("10.244.2.0-24", "172.30.0.12", KEY))
+            .await
+            .expect("peer");
+        let t = table(&wg);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].0, first_index);
+        assert_eq!(t[0].3, vec!["10.244.1.0", "10.244.2.0"]);
+
+        // The node moves: the endpoint follows the lease.
+        wg.add_peer(&wg_lease("10.244.2.0-24", "172.30.0.99", KEY))
+            .await
+            .expect("peer");
+        assert_eq!(table(&wg)[0].2, "172.30.0.99:51820".parse().expect("addr"));
+
+        // A lease whose key changed (the node got a new key file) gets a new peer.
+        wg.add_peer(&wg_lease("10.244.1.0-24", "172.30.0.12", KEY2))
+            .await
+            .expect("peer");
+        let t = table(&wg);
+        assert_eq!(t.len(), 2);
+        let renewed = t.iter().find(|p| p.1 == KEY2).expect("new key");
+        assert_ne!(renewed.0, first_index);
+        assert_eq!(renewed.3, vec!["10.244.1.0"]);
+
+        // Removal: the old key's last lease goes, and its peer with it.
+        let old = Arc::downgrade(
+            wg.peers
+                .get(&keys::decode_key(KEY).expect("key"))
+                .expect("peer"),
+        );
+        wg.remove_peer(&wg_lease("10.244.2.0-24", "172.30.0.99", KEY))
+            .await
+            .expect("removed");
+        let t = table(&wg);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].1, KEY2);
+        assert!(
+            old.upgrade().is_none(),
+            "the removed peer (and its Tunn) is freed"
+        );
+
+        // Leases we must not take as peers.
+        let ours = wg_lease("10.244.3.0-24", "172.30.0.13", &own_key);
+        assert!(wg.add_peer(&ours).await.is_err(), "our own key");
+        let mut udp = wg_lease("10.244.3.0-24", "172.30.0.13", KEY);
+        udp.attrs.backend_type = None;
+        assert!(wg.add_peer(&udp).await.is_err(), "another backend's lease");
+        wg.reconcile(&[wg_lease("10.244.3.0-24", "172.30.0.13", KEY), ours])
+            .await
+            .expect("reconcile");
+        let t = table(&wg);
+        assert_eq!(t.len(), 1);
+        assert_eq!(
+            (t[0].1.as_str(), t[0].3.clone()),
+            (KEY, vec!["10.244.3.0".to_string()])
+        );
+    }
 
     #[test]
     fn lease_peers_like_flannel() {
