@@ -21,10 +21,12 @@ pub enum DropReason {
     TtlExpired,
     /// The kernel refused the send or write.
     IoError,
+    /// An encrypted datagram that does not authenticate for the peer it names, or a replay.
+    NotAuthentic,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::UnknownSender,
         DropReason::SpoofedSource,
         DropReason::NotForUs,
@@ -32,6 +34,7 @@ impl DropReason {
         DropReason::NoRoute,
         DropReason::TtlExpired,
         DropReason::IoError,
+        DropReason::NotAuthentic,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -43,6 +46,7 @@ impl DropReason {
             DropReason::NoRoute => "no_route",
             DropReason::TtlExpired => "ttl_expired",
             DropReason::IoError => "io_error",
+            DropReason::NotAuthentic => "not_authentic",
         }
     }
 }

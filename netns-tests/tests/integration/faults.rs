@@ -259,10 +259,8 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS")
 }
 
-#[test]
-fn million_random_datagrams_udp() -> Result<()> {
-    require_root!();
-    let (mut c, pods) = cluster("udp", 3, &[])?;
+fn million_random_datagrams(backend: &str, port: u16) -> Result<()> {
+    let (mut c, pods) = cluster(backend, 3, &[])?;
     let pid = c.nodes[1]
         .daemon
         .as_ref()
@@ -270,7 +268,7 @@ fn million_random_datagrams_udp() -> Result<()> {
         .context("pid")?;
     // `ip netns exec` execs the daemon, so the pid is the daemon's own.
     let rss_before = rss_kib(pid)?;
-    let target = format!("{}:8285", c.nodes[1].ip);
+    let target = format!("{}:{port}", c.nodes[1].ip);
     let t = Instant::now();
     in_netns(&c.nodes[2].ns, move || {
         let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
@@ -297,6 +295,7 @@ fn million_random_datagrams_udp() -> Result<()> {
     let (_, body) = http_get(&c.nodes[1].ns, METRICS, "/metrics")?;
     let drops: f64 = [
         "unknown_sender",
+        "not_authentic",
         "spoofed_source",
         "not_for_us",
         "malformed",
@@ -310,7 +309,7 @@ fn million_random_datagrams_udp() -> Result<()> {
     })
     .sum();
     eprintln!(
-        "1,000,000 random datagrams in {took:?}: {drops} dropped and counted (the rest lost in socket buffers), RSS {rss_before} KiB -> {rss_after} KiB"
+        "{backend}: 1,000,000 random datagrams in {took:?}: {drops} dropped and counted (the rest lost in socket buffers), RSS {rss_before} KiB -> {rss_after} KiB"
     );
     ensure!(drops >= 500_000.0, "only {drops} drops counted");
     ensure!(
@@ -319,6 +318,18 @@ fn million_random_datagrams_udp() -> Result<()> {
     );
     let _ = run_in(&c.nodes[1].ns, "true", &[]);
     Ok(())
+}
+
+#[test]
+fn million_random_datagrams_udp() -> Result<()> {
+    require_root!();
+    million_random_datagrams("udp", 8285)
+}
+
+#[test]
+fn million_random_datagrams_wireguard() -> Result<()> {
+    require_root!();
+    million_random_datagrams("wireguard", 51820)
 }
 
 #[test]

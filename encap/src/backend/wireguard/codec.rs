@@ -209,7 +209,7 @@ impl WgCodec {
             }
             TunnResult::Done => true,
             TunnResult::Err(_) => {
-                tally.count_drop(DropReason::UnknownSender);
+                tally.count_drop(DropReason::NotAuthentic);
                 false
             }
             TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => false,
@@ -444,7 +444,7 @@ impl Codec for WgCodec {
                 // session: InvalidAeadTag, NoCurrentSession, WrongIndex) or a replay
                 // (DuplicateCounter, InvalidCounter: already seen, or behind the counter
                 // window): not from the peer as far as we can tell.
-                TunnResult::Err(_) => tally.count_drop(DropReason::UnknownSender),
+                TunnResult::Err(_) => tally.count_drop(DropReason::NotAuthentic),
             }
         }
         release(&mut held, sc, src, tally, &mut deliver);

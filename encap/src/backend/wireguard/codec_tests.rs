@@ -217,7 +217,7 @@ fn replays_and_spoofed_sources_are_dropped() {
             });
     }
     assert_eq!(got, vec![p]);
-    assert_eq!(drops(&b, DropReason::UnknownSender), 1, "the replay");
+    assert_eq!(drops(&b, DropReason::NotAuthentic), 1, "the replay");
     // From another address, the replay must not move the peer either (no roaming).
     let peer_a = b.codec.route(Ipv4Addr::new(10, 244, 1, 5)).expect("route");
     assert_eq!(peer_a.lock().endpoint, a.addr);
@@ -295,6 +295,7 @@ fn garbage_is_counted_and_harmless() {
     let counted: u64 = [
         DropReason::Malformed,
         DropReason::UnknownSender,
+        DropReason::NotAuthentic,
         DropReason::SpoofedSource,
     ]
     .iter()
