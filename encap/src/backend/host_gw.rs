@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::{Lease, SubnetKey};
 
-use super::{same_backend, Backend, BackendError, LeaseData, NodeInfo};
+use super::{check_same_backend, same_backend, Backend, BackendError, LeaseData, NodeInfo};
 use crate::netlink::{Netlink, OwnRoute};
 
 const TYPE: &str = "host-gw";
@@ -90,15 +90,7 @@ impl Backend for HostGw {
     }
 
     async fn add_peer(&mut self, peer: &Lease) -> Result<(), BackendError> {
-        if !same_backend(peer, TYPE) {
-            return Err(BackendError::Peer {
-                peer: peer.key.to_string(),
-                reason: format!(
-                    "ignored: its BackendType is {:?}, not {TYPE:?}",
-                    peer.attrs.backend_type.as_deref().unwrap_or("udp")
-                ),
-            });
-        }
+        check_same_backend(peer, TYPE)?;
         let wanted = self.wanted(peer);
         // A changed lease (e.g. a new public IP) must not leave the old route behind.
         if let Some(old) = self.routes.remove(&peer.key) {

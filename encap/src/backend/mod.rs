@@ -93,15 +93,8 @@ pub async fn new_backend(
 
 /// Reads `Backend.<name>` (matched case-insensitively, as Go's JSON decoding does) as a port.
 fn backend_port(config: &NetworkConfig, name: &str, default: u16) -> Result<u16, BackendError> {
-    let field = config.backend.as_object().and_then(|o| {
-        o.get(name).or_else(|| {
-            o.iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v)
-        })
-    });
-    match field {
-        None | Some(serde_json::Value::Null) => Ok(default),
+    match json_field(&config.backend, name) {
+        None => Ok(default),
         Some(v) => v
             .as_u64()
             .and_then(|p| u16::try_from(p).ok())
@@ -114,7 +107,35 @@ fn backend_port(config: &NetworkConfig, name: &str, default: u16) -> Result<u16,
     }
 }
 
+/// `name` in a JSON object (a `Backend` config, a lease's `BackendData`), matched as Go's JSON
+/// decoding does: the exact name first, else case-insensitively. `null` counts as absent.
+fn json_field<'a>(obj: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    let o = obj.as_object()?;
+    o.get(name)
+        .or_else(|| {
+            o.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+        })
+        .filter(|v| !v.is_null())
+}
+
 /// Whether a peer's lease was written by a node running `backend_type` (Flannel ignores others).
+/// Flannel's udp leases carry no BackendType.
 fn same_backend(peer: &Lease, backend_type: &str) -> bool {
     peer.attrs.backend_type.as_deref().unwrap_or("udp") == backend_type
+}
+
+/// `same_backend` as the per-peer error the daemon logs.
+fn check_same_backend(peer: &Lease, backend_type: &str) -> Result<(), BackendError> {
+    if same_backend(peer, backend_type) {
+        return Ok(());
+    }
+    Err(BackendError::Peer {
+        peer: peer.key.to_string(),
+        reason: format!(
+            "ignored: its BackendType is {:?}, not {backend_type:?}",
+            peer.attrs.backend_type.as_deref().unwrap_or("udp")
+        ),
+    })
 }

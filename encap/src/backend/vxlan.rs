@@ -30,7 +30,9 @@ use serde_json::Value;
 use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::{Lease, SubnetKey};
 
-use super::{backend_port, same_backend, Backend, BackendError, LeaseData, NodeInfo};
+use super::{
+    backend_port, check_same_backend, same_backend, Backend, BackendError, LeaseData, NodeInfo,
+};
 use crate::netlink::{format_mac, LinkDetails, Netlink, OwnRoute, VxlanAttrs, VxlanSpec};
 
 const TYPE: &str = "vxlan";
@@ -61,14 +63,7 @@ struct Config {
 
 /// `Backend.<name>`, matched case-insensitively as Go's JSON decoding does.
 fn field<'a>(backend: &'a Value, name: &str) -> Option<&'a Value> {
-    let o = backend.as_object()?;
-    o.get(name)
-        .or_else(|| {
-            o.iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v)
-        })
-        .filter(|v| !v.is_null())
+    super::json_field(backend, name)
 }
 
 fn bool_field(backend: &Value, name: &str) -> Result<bool, BackendError> {
@@ -334,15 +329,7 @@ impl Vxlan {
 
     /// The entries a peer's lease calls for.
     async fn plan(&self, peer: &Lease) -> Result<Vec<Entry>, BackendError> {
-        if !same_backend(peer, TYPE) {
-            return Err(peer_error(
-                peer,
-                format!(
-                    "ignored: its BackendType is {:?}, not {TYPE:?}",
-                    peer.attrs.backend_type.as_deref().unwrap_or("udp")
-                ),
-            ));
-        }
+        check_same_backend(peer, TYPE)?;
         let subnet = peer
             .key
             .ipv4

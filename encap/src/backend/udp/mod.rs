@@ -20,7 +20,9 @@ use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::{Lease, SubnetKey};
 
 use super::pump::{Pump, Shared};
-use super::{backend_port, same_backend, Backend, BackendError, LeaseData, NodeInfo};
+use super::{
+    backend_port, check_same_backend, same_backend, Backend, BackendError, LeaseData, NodeInfo,
+};
 use crate::netlink::Netlink;
 use crate::peers::{Peer, PeerTable, SharedPeers};
 use crate::stats::Stats;
@@ -134,15 +136,7 @@ impl Backend for Udp {
     }
 
     async fn add_peer(&mut self, peer: &Lease) -> Result<(), BackendError> {
-        if !same_backend(peer, TYPE) {
-            return Err(BackendError::Peer {
-                peer: peer.key.to_string(),
-                reason: format!(
-                    "ignored: its BackendType is {:?}, not udp",
-                    peer.attrs.backend_type.as_deref().unwrap_or_default()
-                ),
-            });
-        }
+        check_same_backend(peer, TYPE)?;
         let Some(p) = self.peer_of(peer) else {
             return Err(BackendError::Peer {
                 peer: peer.key.to_string(),

@@ -45,14 +45,7 @@ impl std::fmt::Debug for WgConfig {
 
 /// `Backend.<name>`, matched case-insensitively as Go's JSON decoding does.
 fn field<'a>(config: &'a NetworkConfig, name: &str) -> Option<&'a Value> {
-    let o = config.backend.as_object()?;
-    o.get(name)
-        .or_else(|| {
-            o.iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v)
-        })
-        .filter(|v| !v.is_null())
+    super::super::json_field(&config.backend, name)
 }
 
 fn bad(name: &str, v: &Value, what: &str) -> BackendError {

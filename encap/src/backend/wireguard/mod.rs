@@ -33,7 +33,7 @@ use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::{Lease, SubnetKey};
 
 use super::pump::{Pump, Shared, Wire};
-use super::{same_backend, Backend, BackendError, LeaseData, NodeInfo};
+use super::{check_same_backend, same_backend, Backend, BackendError, LeaseData, NodeInfo};
 use crate::netlink::Netlink;
 use crate::stats::{Stats, Tally};
 use codec::WgCodec;
@@ -325,12 +325,7 @@ impl Backend for WireGuard {
             peer: peer.key.to_string(),
             reason,
         };
-        if !same_backend(peer, TYPE) {
-            return Err(err(format!(
-                "ignored: its BackendType is {:?}, not wireguard",
-                peer.attrs.backend_type.as_deref().unwrap_or("udp")
-            )));
-        }
+        check_same_backend(peer, TYPE)?;
         let lp = lease_peer(peer, self.cfg.listen_port).map_err(err)?;
         if lp.public_key == *self.codec.keys().public.as_bytes() {
             return Err(err(
