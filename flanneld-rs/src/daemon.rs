@@ -179,7 +179,10 @@ pub async fn run(flags: Flags) -> Result<()> {
         let lost = tokio::select! {
             _ = shutdown.wait() => break,
             lost = &mut renewer.lost => match lost {
-                Ok(why) => Some(format!("{why:?}")),
+                Ok(LeaseLost::Deleted) => Some("lease lost: our lease key is gone from etcd".to_string()),
+                Ok(LeaseLost::RenewFailed(n)) => Some(format!(
+                    "lease renewal failed {n} times (the key stays ours until it expires)"
+                )),
                 Err(_) => Some("renewal task ended".to_string()),
             },
             batch = events.recv() => {
@@ -194,11 +197,11 @@ pub async fn run(flags: Flags) -> Result<()> {
                     }
                     tracing::info!(peers = peers.len(), "peers programmed");
                 }
-                own_removed.then(|| "our lease key was deleted from etcd".to_string())
+                own_removed.then(|| "lease lost: our lease key was deleted from etcd".to_string())
             }
         };
         if let Some(why) = lost {
-            tracing::warn!(subnet = %own.key, "lease lost ({why}): acquiring again");
+            tracing::warn!(subnet = %own.key, "{why}: acquiring again");
             renewer.stop();
             status.set_lease(None);
             req.previous = Some(own.key.clone());

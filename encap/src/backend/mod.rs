@@ -7,6 +7,10 @@ mod udp;
 mod vxlan;
 mod wireguard;
 
+/// The WireGuard receive path for `cargo fuzz` (never in normal builds).
+#[cfg(fuzzing)]
+pub use wireguard::fuzzing as wireguard_fuzzing;
+
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use async_trait::async_trait;

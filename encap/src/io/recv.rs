@@ -66,6 +66,17 @@ pub struct RecvMsg<'a> {
 }
 
 impl<'a> RecvMsg<'a> {
+    /// A message as if received from `src` (fuzzing and tests feed decoders without a socket).
+    #[cfg(any(test, fuzzing))]
+    pub fn from_parts(data: &'a [u8], src: SocketAddr, gro_size: Option<u16>) -> Self {
+        RecvMsg {
+            data,
+            src,
+            gro_size,
+            truncated: false,
+        }
+    }
+
     /// The bytes received: one datagram, or several back to back when GRO merged them.
     pub fn data(&self) -> &'a [u8] {
         self.data

@@ -549,3 +549,92 @@ mod tests {
         }
     }
 }
+
+/// The receive path as a fuzz target: arbitrary datagrams from a peer's address and from a
+/// stranger's, fed to a codec that knows one peer. Only built by `cargo fuzz` (`cfg(fuzzing)`).
+#[cfg(fuzzing)]
+pub mod fuzzing {
+    use std::cell::RefCell;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use boringtun::noise::Tunn;
+    use boringtun::x25519::{PublicKey, StaticSecret};
+
+    use super::codec::{RxScratch, WgCodec};
+    use super::keys::StaticKeys;
+    use super::peers::{WgPeer, WgTable};
+    use crate::backend::pump::{Codec, Wire};
+    use crate::io::{RecvMsg, UdpSock};
+    use crate::stats::Tally;
+
+    struct State {
+        codec: WgCodec,
+        wire: Wire,
+        rx: RxScratch,
+        peer_addr: SocketAddr,
+    }
+
+    fn keys(seed: u8) -> StaticKeys {
+        let secret = StaticSecret::from([seed; 32]);
+        let public = PublicKey::from(&secret);
+        StaticKeys { secret, public }
+    }
+
+    fn state() -> Option<State> {
+        let sock = UdpSock::bind("127.0.0.1:0".parse().ok()?, false).ok()?;
+        let (ours, theirs) = (keys(1), keys(2));
+        let peer_addr: SocketAddr = "127.0.0.1:9".parse().ok()?;
+        let codec = WgCodec::new(ours);
+        let tunn = Tunn::new(
+            codec.keys().secret.clone(),
+            theirs.public,
+            None,
+            None,
+            1 << 8,
+            Some(codec.limiter.clone()),
+        );
+        let peer = Arc::new(WgPeer::new(
+            1 << 8,
+            *theirs.public.as_bytes(),
+            tunn,
+            peer_addr,
+        ));
+        let table = WgTable::new(vec![(peer, vec!["10.244.2.0/24".parse().ok()?])]);
+        codec.table.store(Arc::new(table));
+        let rx = codec.rx_scratch();
+        Some(State {
+            codec,
+            wire: Wire::new(sock),
+            rx,
+            peer_addr,
+        })
+    }
+
+    thread_local! {
+        static STATE: RefCell<Option<State>> = RefCell::new(state());
+    }
+
+    /// Feeds `data` as one message (the first byte picks the sender and a GRO segment size).
+    pub fn receive(data: &[u8]) {
+        let Some((&sel, data)) = data.split_first() else {
+            return;
+        };
+        STATE.with(|st| {
+            let mut st = st.borrow_mut();
+            let Some(st) = st.as_mut() else { return };
+            let src = if sel & 1 == 0 {
+                st.peer_addr
+            } else {
+                SocketAddr::from(([127, 0, 0, 2], 51820))
+            };
+            let gro = (sel & 2 != 0).then_some(u16::from(sel >> 2).max(1) * 8);
+            let msg = RecvMsg::from_parts(data, src, gro);
+            let mut tally = Tally::default();
+            st.codec
+                .receive(&mut st.rx, &msg, &st.wire, &mut tally, |pkt, _| {
+                    assert!(!pkt.is_empty());
+                });
+        });
+    }
+}

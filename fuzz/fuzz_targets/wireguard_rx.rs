@@ -1,0 +1,8 @@
+//! Datagrams arriving on the WireGuard port: message parsing, handshake and cookie handling,
+//! decryption attempts, with a codec that knows one peer.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    encap::backend::wireguard_fuzzing::receive(data);
+});
