@@ -10,4 +10,10 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The namespace tests run the daemon and CNI plugin binaries: build them first.
 cargo build --workspace --bins
-cargo test --workspace -- --test-threads=2
+log="$(mktemp)"
+cargo test --workspace -- --test-threads=2 2>&1 | tee "$log"
+# One closing line for all test binaries (cargo prints one per binary, the last often a
+# doc-test run with 0 tests): kept in target/ for .ci/run to print last.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "summary: %d passed, %d failed, %d skipped\n", p, f, s }' "$log" | tee target/test-summary.txt
+rm -f "$log"
