@@ -31,6 +31,16 @@ pub fn run_in(ns: &str, prog: &str, args: &[&str]) -> Result<String> {
     run("ip", &all)
 }
 
+/// Resident memory of a process in KiB (`VmRSS` in /proc/<pid>/status).
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no VmRSS for pid {pid}"))
+}
+
 /// Kills every process inside a namespace (leftovers of a dead run).
 pub fn kill_netns_pids(ns: &str) {
     if let Ok(pids) = run("ip", &["netns", "pids", ns]) {

@@ -50,6 +50,21 @@ impl Xorshift {
     }
 }
 
+/// Reads a stream to its end: (hash of the bytes, how many there were).
+pub fn hash_stream(conn: &mut impl Read) -> std::io::Result<(u64, u64)> {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    loop {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            return Ok((h.finish(), total));
+        }
+        h.write(&buf[..n]);
+        total += n as u64;
+    }
+}
+
 /// Sends `bytes` of pseudo-random data over TCP from namespace `from_ns` to `to_ip` (a listener
 /// in `to_ns`). Returns the hashes of what was sent and what was received.
 pub fn tcp_transfer(from_ns: &str, to_ns: &str, to_ip: &str, bytes: u64) -> Result<(u64, u64)> {
@@ -62,18 +77,7 @@ pub fn tcp_transfer(from_ns: &str, to_ns: &str, to_ip: &str, bytes: u64) -> Resu
             let _ = ready_tx.send(());
             let (mut conn, _) = listener.accept()?;
             conn.set_read_timeout(Some(Duration::from_secs(60)))?;
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            let mut buf = vec![0u8; 1 << 16];
-            let mut total = 0u64;
-            loop {
-                let n = conn.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                h.write(&buf[..n]);
-                total += n as u64;
-            }
-            Ok((h.finish(), total))
+            Ok(hash_stream(&mut conn)?)
         })
     });
     ready_rx

@@ -250,15 +250,6 @@ fn restart_keeps_tcp_udp() -> Result<()> {
     restart_keeps_tcp("udp")
 }
 
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
-}
-
 fn million_random_datagrams(backend: &str, port: u16) -> Result<()> {
     let (mut c, pods) = cluster(backend, 3, &[])?;
     let pid = c.nodes[1]
@@ -267,7 +258,7 @@ fn million_random_datagrams(backend: &str, port: u16) -> Result<()> {
         .and_then(|d| d.pid())
         .context("pid")?;
     // `ip netns exec` execs the daemon, so the pid is the daemon's own.
-    let rss_before = rss_kib(pid)?;
+    let rss_before = netns_tests::proc::rss_kib(pid)?;
     let target = format!("{}:{port}", c.nodes[1].ip);
     let t = Instant::now();
     in_netns(&c.nodes[2].ns, move || {
@@ -291,7 +282,7 @@ fn million_random_datagrams(backend: &str, port: u16) -> Result<()> {
         "n2 died"
     );
     c.ping_mesh(&pods)?;
-    let rss_after = rss_kib(pid)?;
+    let rss_after = netns_tests::proc::rss_kib(pid)?;
     let (_, body) = http_get(&c.nodes[1].ns, METRICS, "/metrics")?;
     let drops: f64 = [
         "unknown_sender",

@@ -103,15 +103,6 @@ fn write_leases(c: &Cluster, backend: &str) -> Result<()> {
     })
 }
 
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
-}
-
 fn thousand_peers(backend: &str) -> Result<()> {
     let mut c = Cluster::new(1)?;
     c.put_config(&format!(
@@ -144,7 +135,7 @@ fn thousand_peers(backend: &str) -> Result<()> {
         .as_ref()
         .and_then(Daemon::pid)
         .context("pid")?;
-    let rss = rss_kib(pid)?;
+    let rss = netns_tests::proc::rss_kib(pid)?;
     let kernel_state = if userspace {
         PEERS as usize
     } else {

@@ -56,18 +56,8 @@ fn tcp_through_vip(from_ns: &str, to_ns: &str, bytes: u64) -> Result<String> {
             let _ = ready_tx.send(());
             let (mut conn, peer) = listener.accept()?;
             conn.set_read_timeout(Some(Duration::from_secs(30)))?;
-            let mut h = DefaultHasher::new();
-            let mut buf = vec![0u8; 1 << 16];
-            let mut total = 0u64;
-            loop {
-                let n = conn.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                h.write(&buf[..n]);
-                total += n as u64;
-            }
-            conn.write_all(format!("{} {total} {}", peer.ip(), h.finish()).as_bytes())?;
+            let (hash, total) = netns_tests::traffic::hash_stream(&mut conn)?;
+            conn.write_all(format!("{} {total} {hash}", peer.ip()).as_bytes())?;
             Ok(())
         })
     });

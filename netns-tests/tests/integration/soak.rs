@@ -11,15 +11,6 @@ use netns_tests::wait_until;
 
 use crate::require_root;
 
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
-}
-
 fn fds(pid: u32) -> Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
 }
@@ -71,7 +62,11 @@ fn soak_udp_with_churning_peers() -> Result<()> {
         let (sent, got) = tcp_transfer(&a.ns, &b.ns, &b.ip, 20 << 20)?;
         ensure!(sent == got, "round {round}: transfer corrupted");
         c.ping(&a, &b.ip, 2)?;
-        samples.push((start.elapsed().as_secs(), rss_kib(pid)?, fds(pid)?));
+        samples.push((
+            start.elapsed().as_secs(),
+            netns_tests::proc::rss_kib(pid)?,
+            fds(pid)?,
+        ));
         std::thread::sleep(Duration::from_secs(2));
     }
     ensure!(
