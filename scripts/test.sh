@@ -6,6 +6,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "test.sh: the namespace tests need root (e.g. sudo $0)" >&2
   exit 1
 fi
+bash scripts/install-deps.sh   # quick when everything is there
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The namespace tests run the daemon and CNI plugin binaries: build them first.
