@@ -40,6 +40,22 @@ fn op(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError 
     move |source| NetlinkError::Op { what, source }
 }
 
+/// Deletes are idempotent: the kernel's "already gone" (`gone`, an errno) counts as done.
+fn gone_is_ok(
+    r: Result<(), rtnetlink::Error>,
+    gone: i32,
+    what: impl FnOnce() -> String,
+) -> Result<(), NetlinkError> {
+    match r {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -gone => Ok(()),
+        Err(source) => Err(NetlinkError::Op {
+            what: what(),
+            source,
+        }),
+        Ok(()) => Ok(()),
+    }
+}
+
 /// A network interface as the daemon sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Link {
@@ -408,14 +424,15 @@ impl Netlink {
         let mut msg = Self::route_message(route.dst, route.gateway, route.oif.unwrap_or(0), false);
         // RTPROT_UNSPEC in a delete request matches routes of any protocol.
         msg.header.protocol = RouteProtocol::Unspec;
-        match self.handle.route().del(msg).execute().await {
-            Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
-            Err(e) => Err(NetlinkError::Op {
-                what: format!("deleting route {}", route.dst),
-                source: e,
-            }),
-        }
+        self.del_route(msg, route.dst).await
+    }
+
+    async fn del_route(&self, msg: RouteMessage, dst: IpNet) -> Result<(), NetlinkError> {
+        gone_is_ok(
+            self.handle.route().del(msg).execute().await,
+            libc::ESRCH,
+            || format!("deleting route {dst}"),
+        )
     }
 
     /// The kernel's route lookup for `ip` (`ip route get`): its gateway, if any, and the
@@ -535,30 +552,41 @@ impl Netlink {
 
     /// Deletes a link; one that is already gone is not an error.
     pub async fn delete_link(&self, index: u32) -> Result<(), NetlinkError> {
-        match self.handle.link().del(index).execute().await {
-            Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
-            Err(e) => Err(NetlinkError::Op {
-                what: format!("deleting link {index}"),
-                source: e,
-            }),
-        }
+        gone_is_ok(
+            self.handle.link().del(index).execute().await,
+            libc::ENODEV,
+            || format!("deleting link {index}"),
+        )
     }
 
-    /// The IPv4 neighbour (ARP) entries of link `index`.
-    pub async fn neighbours(&self, index: u32) -> Result<Vec<Neighbour>, NetlinkError> {
+    /// Every neighbour-table message of `family` (Inet: ARP, Bridge: FDB) on link `index`.
+    async fn neighbour_dump(
+        &self,
+        family: AddressFamily,
+        index: u32,
+        what: &str,
+    ) -> Result<Vec<NeighbourMessage>, NetlinkError> {
         let msgs: Vec<NeighbourMessage> = self
             .handle
             .neighbours()
             .get()
-            .set_address_family(AddressFamily::Inet)
+            .set_address_family(family)
             .execute()
             .try_collect()
             .await
-            .map_err(op("listing neighbours"))?;
+            .map_err(op(what))?;
         Ok(msgs
             .into_iter()
             .filter(|m| m.header.ifindex == index)
+            .collect())
+    }
+
+    /// The IPv4 neighbour (ARP) entries of link `index`.
+    pub async fn neighbours(&self, index: u32) -> Result<Vec<Neighbour>, NetlinkError> {
+        Ok(self
+            .neighbour_dump(AddressFamily::Inet, index, "listing neighbours")
+            .await?
+            .into_iter()
             .filter_map(|m| {
                 let mut ip = None;
                 let mut mac = Vec::new();
@@ -610,31 +638,24 @@ impl Netlink {
         msg.header.ifindex = index;
         msg.attributes
             .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
-        match self.handle.neighbours().del(msg).execute().await {
-            Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENOENT => Ok(()),
-            Err(e) => Err(NetlinkError::Op {
-                what: format!("deleting neighbour {ip} on link {index}"),
-                source: e,
-            }),
-        }
+        gone_is_ok(
+            self.handle.neighbours().del(msg).execute().await,
+            libc::ENOENT,
+            || format!("deleting neighbour {ip} on link {index}"),
+        )
     }
 
     /// The forwarding database entries of link `index` itself (`bridge fdb show dev LINK`,
     /// the `self` ones).
     pub async fn fdb_entries(&self, index: u32) -> Result<Vec<FdbEntry>, NetlinkError> {
-        let msgs: Vec<NeighbourMessage> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Bridge)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(op("listing forwarding database entries"))?;
-        Ok(msgs
+        Ok(self
+            .neighbour_dump(
+                AddressFamily::Bridge,
+                index,
+                "listing forwarding database entries",
+            )
+            .await?
             .into_iter()
-            .filter(|m| m.header.ifindex == index)
             .map(|m| {
                 let mut entry = FdbEntry {
                     mac: Vec::new(),
@@ -695,14 +716,11 @@ impl Netlink {
             msg.attributes
                 .push(NeighbourAttribute::Destination(NeighbourAddress::from(ip)));
         }
-        match self.handle.neighbours().del(msg).execute().await {
-            Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENOENT => Ok(()),
-            Err(e) => Err(NetlinkError::Op {
-                what: format!("deleting FDB entry {} on link {index}", format_mac(&mac)),
-                source: e,
-            }),
-        }
+        gone_is_ok(
+            self.handle.neighbours().del(msg).execute().await,
+            libc::ENOENT,
+            || format!("deleting FDB entry {} on link {index}", format_mac(&mac)),
+        )
     }
 
     fn route_message(dst: IpNet, gateway: Option<IpAddr>, oif: u32, onlink: bool) -> RouteMessage {
@@ -765,13 +783,6 @@ impl Netlink {
     /// Deletes our route to `dst`; a route that is already gone is not an error.
     pub async fn delete_route(&self, route: &OwnRoute) -> Result<(), NetlinkError> {
         let msg = Self::route_message(route.dst, route.gateway, route.oif.unwrap_or(0), false);
-        match self.handle.route().del(msg).execute().await {
-            Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
-            Err(e) => Err(NetlinkError::Op {
-                what: format!("deleting route {}", route.dst),
-                source: e,
-            }),
-        }
+        self.del_route(msg, route.dst).await
     }
 }

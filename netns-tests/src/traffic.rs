@@ -50,6 +50,23 @@ impl Xorshift {
     }
 }
 
+/// Writes `bytes` of pseudo-random data (from `seed`) to a stream; returns their hash, which
+/// `hash_stream` on the other end must reproduce.
+pub fn send_stream(conn: &mut impl Write, seed: u64, bytes: u64) -> std::io::Result<u64> {
+    let mut rng = Xorshift(seed);
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill(&mut buf[..n]);
+        conn.write_all(&buf[..n])?;
+        h.write(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(h.finish())
+}
+
 /// Reads a stream to its end: (hash of the bytes, how many there were).
 pub fn hash_stream(conn: &mut impl Read) -> std::io::Result<(u64, u64)> {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -86,18 +103,11 @@ pub fn tcp_transfer(from_ns: &str, to_ns: &str, to_ip: &str, bytes: u64) -> Resu
     let sent = in_netns(from_ns, move || {
         let mut conn =
             TcpStream::connect_timeout(&addr, Duration::from_secs(10)).context("connecting")?;
-        let mut rng = Xorshift(0x9E37_79B9_7F4A_7C15 ^ bytes);
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        let mut buf = vec![0u8; 1 << 16];
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            rng.fill(&mut buf[..n]);
-            conn.write_all(&buf[..n])?;
-            h.write(&buf[..n]);
-            left -= n as u64;
-        }
-        Ok(h.finish())
+        Ok(send_stream(
+            &mut conn,
+            0x9E37_79B9_7F4A_7C15 ^ bytes,
+            bytes,
+        )?)
     })?;
     let (received, total) = receiver
         .join()
@@ -110,9 +120,14 @@ pub fn tcp_transfer(from_ns: &str, to_ns: &str, to_ip: &str, bytes: u64) -> Resu
 
 /// `GET path` on `127.0.0.1:port` inside `ns`; returns (status line, body).
 pub fn http_get(ns: &str, port: u16, path: &str) -> Result<(String, String)> {
+    http_get_at(ns, SocketAddr::from(([127, 0, 0, 1], port)), path)
+}
+
+/// `GET path` on `addr` from inside `ns`; returns (status line, body).
+pub fn http_get_at(ns: &str, addr: SocketAddr, path: &str) -> Result<(String, String)> {
     let path = path.to_string();
     in_netns(ns, move || {
-        let mut conn = TcpStream::connect(("127.0.0.1", port))?;
+        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
         conn.set_read_timeout(Some(Duration::from_secs(5)))?;
         conn.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
         let mut text = String::new();

@@ -3,8 +3,8 @@
 //! Python `prometheus_client` parser as a real scraper would, and the daemon's logs.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, ensure, Context, Result};
 use netns_tests::cluster::{Cluster, Pod, ETCD_PREFIX};
 use netns_tests::etcd::Etcd;
-use netns_tests::traffic::{http_get, in_netns, metric, tcp_transfer};
+use netns_tests::traffic::{http_get, http_get_at, metric, tcp_transfer};
 use netns_tests::{bin_dir, binary, wait_until};
 use serde_json::Value;
 
@@ -579,23 +579,6 @@ fn etcd_config_script_writes_valid_configs_and_guards_them() -> Result<()> {
     ensure!(etcd.get("/bad/config")?.is_none());
     ensure!(etcd_config(&etcd, &["--network", "10.0.0.0"])?.0 == 2);
     Ok(())
-}
-
-/// `GET path` on `addr` from inside `ns`; (status line, body).
-fn http_get_at(ns: &str, addr: SocketAddr, path: &str) -> Result<(String, String)> {
-    let path = path.to_string();
-    in_netns(ns, move || {
-        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-        conn.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
-        let mut text = String::new();
-        conn.read_to_string(&mut text)?;
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        Ok((
-            head.lines().next().unwrap_or("").to_string(),
-            body.to_string(),
-        ))
-    })
 }
 
 /// SIGSTOPs a process and SIGCONTs it when dropped (also when the test fails).

@@ -2,15 +2,13 @@
 //! layout and masquerade mark) on node 1 map a virtual IP to a pod on node 2, and pods and the
 //! node itself reach it through our overlay, with --ip-masq on as in kube-flannel.yml.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::Hasher;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
 use netns_tests::cluster::{Cluster, Pod};
-use netns_tests::traffic::{in_netns, Xorshift};
+use netns_tests::traffic::in_netns;
 use netns_tests::wait_until;
 
 use crate::ipmasq::udp_probe;
@@ -69,21 +67,11 @@ fn tcp_through_vip(from_ns: &str, to_ns: &str, bytes: u64) -> Result<String> {
         let mut conn = TcpStream::connect_timeout(&vip, Duration::from_secs(10))
             .with_context(|| format!("connecting to {vip}"))?;
         conn.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let mut rng = Xorshift(0x5EED ^ bytes);
-        let mut h = DefaultHasher::new();
-        let mut buf = vec![0u8; 1 << 16];
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            rng.fill(&mut buf[..n]);
-            conn.write_all(&buf[..n])?;
-            h.write(&buf[..n]);
-            left -= n as u64;
-        }
+        let sent = netns_tests::traffic::send_stream(&mut conn, 0x5EED ^ bytes, bytes)?;
         conn.shutdown(Shutdown::Write)?;
         let mut reply = String::new();
         conn.read_to_string(&mut reply)?;
-        Ok((reply, h.finish()))
+        Ok((reply, sent))
     });
     let server_result = server.join().map_err(|_| anyhow!("server panicked"));
     let (reply, sent_hash) = reply?;

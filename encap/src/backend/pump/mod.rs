@@ -61,6 +61,27 @@ impl Shared {
         self.own.store(v, Ordering::Relaxed);
     }
 
+    /// Points the pump at our lease: the TUN `device` gets the lease's network address with
+    /// the whole Network's prefix (so the kernel routes every other node's pods into it), the
+    /// pump's MTU, and is brought up; received packets must then be for `subnet`.
+    pub async fn adopt_lease(
+        &self,
+        netlink: &crate::netlink::Netlink,
+        device: &str,
+        subnet: Ipv4Net,
+        network: Ipv4Net,
+    ) -> Result<(), BackendError> {
+        self.set_own_subnet(subnet);
+        let link = netlink.link_by_name(device).await?;
+        let addr = Ipv4Net::new(subnet.network(), network.prefix_len())
+            .map_err(|e| BackendError::Config(format!("address for {device}: {e}")))?;
+        netlink
+            .set_sole_address(link.index, ipnet::IpNet::V4(addr))
+            .await?;
+        netlink.set_mtu_up(link.index, self.mtu as u32).await?;
+        Ok(())
+    }
+
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }

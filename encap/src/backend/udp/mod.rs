@@ -15,7 +15,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use ipnet::{IpNet, Ipv4Net};
 use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::{Lease, SubnetKey};
 
@@ -120,19 +119,9 @@ impl Backend for Udp {
             let bind = SocketAddr::new(IpAddr::V4(self.node.public_ip), self.port);
             self.pump = Some(Pump::start(TYPE, DEVICE, bind, codec, self.shared.clone())?);
         }
-        self.shared.set_own_subnet(subnet);
-        // flannel0 carries the lease's network address with the whole Network's prefix, so the
-        // kernel routes every other node's pods into the TUN.
-        let link = self.netlink.link_by_name(DEVICE).await?;
-        let addr = Ipv4Net::new(subnet.network(), network.prefix_len())
-            .map_err(|e| BackendError::Config(format!("address for {DEVICE}: {e}")))?;
-        self.netlink
-            .set_sole_address(link.index, IpNet::V4(addr))
-            .await?;
-        self.netlink
-            .set_mtu_up(link.index, self.shared.mtu as u32)
-            .await?;
-        Ok(())
+        self.shared
+            .adopt_lease(&self.netlink, DEVICE, subnet, network)
+            .await
     }
 
     async fn add_peer(&mut self, peer: &Lease) -> Result<(), BackendError> {

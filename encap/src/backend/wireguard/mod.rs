@@ -27,7 +27,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use boringtun::noise::Tunn;
 use boringtun::x25519::PublicKey;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::{Lease, SubnetKey};
@@ -305,19 +305,9 @@ impl Backend for WireGuard {
         if self.pump.is_none() {
             self.start_pump().await?;
         }
-        self.shared.set_own_subnet(subnet);
-        // As flannel0: the lease's network address with the whole Network's prefix, so the
-        // kernel routes every other node's pods into the device.
-        let link = self.netlink.link_by_name(DEVICE).await?;
-        let addr = Ipv4Net::new(subnet.network(), network.prefix_len())
-            .map_err(|e| BackendError::Config(format!("address for {DEVICE}: {e}")))?;
-        self.netlink
-            .set_sole_address(link.index, IpNet::V4(addr))
-            .await?;
-        self.netlink
-            .set_mtu_up(link.index, self.shared.mtu as u32)
-            .await?;
-        Ok(())
+        self.shared
+            .adopt_lease(&self.netlink, DEVICE, subnet, network)
+            .await
     }
 
     async fn add_peer(&mut self, peer: &Lease) -> Result<(), BackendError> {
