@@ -6,7 +6,8 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 packages=(
-  build-essential pkg-config protobuf-compiler   # building (etcd-client needs protoc)
+  build-essential pkg-config protobuf-compiler libprotobuf-dev  # building (etcd-client needs protoc and descriptor.proto)
+  ca-certificates                                # cargo fetches crates over HTTPS
   etcd-server etcd-client                        # the real etcd the tests start
   containernetworking-plugins                    # bridge, host-local, loopback, portmap in /usr/lib/cni
   iproute2 iputils-ping iperf3 procps            # namespaces, traffic

@@ -33,6 +33,8 @@ pub enum NetlinkError {
     },
     #[error("no interface named {0:?}")]
     NoSuchLink(String),
+    #[error("a route to {dst} exists that we did not install (protocol {protocol}): left alone")]
+    NotOurs { dst: IpNet, protocol: u8 },
 }
 
 fn op(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
@@ -758,7 +760,9 @@ impl Netlink {
         msg
     }
 
-    /// Adds or replaces `dst via gateway dev oif`, marked as ours.
+    /// Installs `dst via gateway dev oif`, marked as ours. A route to `dst` that is ours is
+    /// replaced in place; one that is not (an operator's, the kernel's connected route) is left
+    /// alone and reported: we never take over a route we did not install.
     pub async fn replace_route(
         &self,
         dst: IpNet,
@@ -771,6 +775,16 @@ impl Netlink {
             Some(g) => format!("adding route {dst} via {g}"),
             None => format!("adding route {dst}"),
         };
+        // Exclusive first: the kernel says whether a route to dst exists, whoever made it.
+        match self.handle.route().add(msg.clone()).execute().await {
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+            other => return other.map_err(op(what)),
+        }
+        if let Some(protocol) = self.route_protocol(dst).await? {
+            if protocol != ROUTE_PROTOCOL {
+                return Err(NetlinkError::NotOurs { dst, protocol });
+            }
+        }
         self.handle
             .route()
             .add(msg)
@@ -778,6 +792,21 @@ impl Netlink {
             .execute()
             .await
             .map_err(op(what))
+    }
+
+    /// The protocol of the main table's route to exactly `dst`, if there is one.
+    async fn route_protocol(&self, dst: IpNet) -> Result<Option<u8>, NetlinkError> {
+        let family = match dst {
+            IpNet::V4(_) => AddressFamily::Inet,
+            IpNet::V6(_) => AddressFamily::Inet6,
+        };
+        Ok(self
+            .routes(family)
+            .await?
+            .iter()
+            .filter(|r| route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN))
+            .find(|r| parse_route(r).is_some_and(|p| p.dst == dst))
+            .map(|r| u8::from(r.header.protocol)))
     }
 
     /// Deletes our route to `dst`; a route that is already gone is not an error.

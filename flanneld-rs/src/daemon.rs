@@ -1,7 +1,6 @@
 //! The daemon's life: wait for a valid config, take a lease, start the backend, write
 //! subnet.env, then follow other nodes' leases and keep ours renewed until told to stop.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -11,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use encap::netlink::Netlink;
 use encap::{new_backend, Backend, NodeInfo};
+use subnet_manager::admission::{Admission, Outcome, PeerChange};
 use subnet_manager::alloc::Identity;
 use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::{Lease, LeaseAttrs, SubnetKey};
@@ -97,6 +97,8 @@ where
 }
 
 pub async fn run(flags: Flags) -> Result<()> {
+    // First of all: a second daemon with our subnet file would share our lease and devices.
+    let _instance = crate::single::acquire(&flags.subnet_file)?;
     let mut shutdown = Shutdown::install()?;
     let status = Arc::new(Status::default());
     let mut ports = vec![flags.healthz_port, flags.metrics_port];
@@ -172,9 +174,17 @@ pub async fn run(flags: Flags) -> Result<()> {
     status.backend_running.store(true, Ordering::Relaxed);
     let mut renewer = Renewer::spawn(&registry, held, flags.renew_margin(), status.clone());
 
+    let backend_type = backend.name();
+    let mut admission = Admission::new(
+        &req.config,
+        backend_type,
+        Box::new(move |l: &Lease| encap::lease_claims(backend_type, l)),
+    );
+    admission.set_own(&own);
     let mut events = watch::spawn(registry.clone());
-    let mut peers: HashMap<SubnetKey, Lease> = HashMap::new();
     let mut reconciled = false;
+    let mut resync = tokio::time::interval(Duration::from_secs(flags.iptables_resync.max(1)));
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let lost = tokio::select! {
             _ = shutdown.wait() => break,
@@ -185,19 +195,37 @@ pub async fn run(flags: Flags) -> Result<()> {
                 )),
                 Err(_) => Some("renewal task ended".to_string()),
             },
+            _ = resync.tick(), if reconciled => {
+                keep_programmed(&netlink, backend.as_mut(), masq.as_mut(), &status).await;
+                None
+            }
             batch = events.recv() => {
                 let Some(batch) = batch else { break };
-                let own_removed = apply_events(&own, batch, &mut peers, backend.as_mut(), reconciled).await;
-                status.peers.store(peers.len(), Ordering::Relaxed);
+                let own_event = admit_events(&own, batch, &mut admission, &status, backend.as_mut(), reconciled).await;
                 if !reconciled {
                     reconciled = true;
-                    let all: Vec<Lease> = peers.values().cloned().collect();
+                    let all: Vec<Lease> = admission.admitted().cloned().collect();
                     if let Err(e) = backend.reconcile(&all).await {
                         tracing::warn!("reconciling peers: {e}");
                     }
-                    tracing::info!(peers = peers.len(), "peers programmed");
+                    sweep_devices(&netlink, backend.as_ref()).await;
+                    sweep_routes(&netlink, backend.as_ref(), &status).await;
+                    tracing::info!(peers = all.len(), refused = admission.refused_count(), "peers programmed");
                 }
-                own_removed.then(|| "lease lost: our lease key was deleted from etcd".to_string())
+                status.peers.store(admission.admitted_count(), Ordering::Relaxed);
+                match own_event {
+                    OwnEvent::None => None,
+                    OwnEvent::Removed => Some("lease lost: our lease key was deleted from etcd".to_string()),
+                    OwnEvent::Rewritten(theirs) => {
+                        let Some(held) = restore_own(&registry, &own, &theirs, &req, &status, &mut shutdown).await else {
+                            break;
+                        };
+                        renewer.stop();
+                        status.set_lease(Some(&held));
+                        renewer = Renewer::spawn(&registry, held, flags.renew_margin(), status.clone());
+                        None
+                    }
+                }
             }
         };
         if let Some(why) = lost {
@@ -215,6 +243,11 @@ pub async fn run(flags: Flags) -> Result<()> {
             if held.key != own.key {
                 tracing::warn!(old = %own.key, new = %held.key, "our old subnet was taken meanwhile: pods created before keep addresses from the old one until recreated");
                 own = start_lease(&flags, &req.config, &node, backend.as_mut(), &held).await?;
+                let out = admission.set_own(&own);
+                apply_outcome(out, &status, backend.as_mut(), reconciled).await;
+                status
+                    .peers
+                    .store(admission.admitted_count(), Ordering::Relaxed);
                 if let Some(m) = masq.as_mut() {
                     m.update(MasqConfig::new(&req.config, &own.key))
                         .await
@@ -239,38 +272,194 @@ pub async fn run(flags: Flags) -> Result<()> {
     Ok(())
 }
 
-/// Feeds a batch of lease events to the backend. Returns true if our own lease was deleted.
-async fn apply_events(
+/// What a batch of lease events said about our own lease.
+enum OwnEvent {
+    None,
+    /// Our key was deleted (or etcd lost it).
+    Removed,
+    /// Someone else wrote our key: their value.
+    Rewritten(Box<Lease>),
+}
+
+/// Passes a batch of lease events through the admission check and hands the backend what
+/// passed. Our own key is not a peer: what happened to it is returned.
+async fn admit_events(
     own: &Lease,
     batch: Vec<LeaseEvent>,
-    peers: &mut HashMap<SubnetKey, Lease>,
+    admission: &mut Admission,
+    status: &Status,
     backend: &mut dyn Backend,
     reconciled: bool,
-) -> bool {
-    let mut own_removed = false;
+) -> OwnEvent {
+    let mut own_event = OwnEvent::None;
     for ev in batch {
-        match ev {
-            LeaseEvent::Added(lease) if lease.key == own.key => {}
-            LeaseEvent::Removed(lease) if lease.key == own.key => own_removed = true,
-            LeaseEvent::Added(lease) => {
+        let out = match ev {
+            LeaseEvent::Added(lease) if lease.key == own.key => {
+                if lease.attrs != own.attrs {
+                    own_event = OwnEvent::Rewritten(Box::new(lease));
+                }
+                continue;
+            }
+            LeaseEvent::Removed(lease) if lease.key == own.key => {
+                own_event = OwnEvent::Removed;
+                continue;
+            }
+            LeaseEvent::Added(lease) => admission.put(lease),
+            LeaseEvent::Removed(lease) => admission.remove(&lease.key),
+        };
+        apply_outcome(out, status, backend, reconciled).await;
+    }
+    own_event
+}
+
+/// Logs and counts refusals, and programs the changes once the first full listing is in.
+async fn apply_outcome(out: Outcome, status: &Status, backend: &mut dyn Backend, reconciled: bool) {
+    for (key, why) in &out.refused {
+        if why.is_benign() {
+            tracing::info!(subnet = %key, "lease ignored: {why}");
+        } else {
+            tracing::warn!(subnet = %key, "lease refused: {why}");
+        }
+        status.count_refused(why.kind());
+    }
+    for change in out.changes {
+        match change {
+            PeerChange::Add(lease) => {
                 tracing::info!(subnet = %lease.key, public_ip = %lease.attrs.public_ip, "peer added");
                 if reconciled {
                     if let Err(e) = backend.add_peer(&lease).await {
                         tracing::warn!("{e}");
                     }
                 }
-                peers.insert(lease.key.clone(), lease);
             }
-            LeaseEvent::Removed(lease) => {
+            PeerChange::Remove(lease) => {
                 tracing::info!(subnet = %lease.key, public_ip = %lease.attrs.public_ip, "peer removed");
-                peers.remove(&lease.key);
-                if let Err(e) = backend.remove_peer(&lease).await {
-                    tracing::warn!("{e}");
+                if reconciled {
+                    if let Err(e) = backend.remove_peer(&lease).await {
+                        tracing::warn!("{e}");
+                    }
                 }
             }
         }
     }
-    own_removed
+}
+
+/// Someone wrote our lease key with another value (a hijack, or a careless `etcdctl put`,
+/// which also detaches the key from our etcd lease): put ours back under a fresh grant.
+async fn restore_own(
+    registry: &Registry,
+    own: &Lease,
+    theirs: &Lease,
+    req: &LeaseRequest,
+    status: &Status,
+    shutdown: &mut Shutdown,
+) -> Option<HeldLease> {
+    status.lease_rewrites.fetch_add(1, Ordering::Relaxed);
+    if theirs.attrs.public_ip == own.attrs.public_ip {
+        tracing::warn!(subnet = %own.key, "our lease key was rewritten with our PublicIP but other attributes (a second daemon on this host, or a hand-made put?): putting ours back");
+    } else {
+        tracing::warn!(subnet = %own.key, their_public_ip = %theirs.attrs.public_ip, "our lease key was overwritten by another writer: putting ours back");
+    }
+    retry("putting our lease back", shutdown, || async {
+        match registry
+            .put_lease(&own.key, &own.attrs, req.ttl, false)
+            .await
+        {
+            Ok(Some(held)) => Ok(held),
+            Ok(None) => Err("the write was refused".to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
+}
+
+/// Every `--iptables-resync` seconds: restore what was removed behind our back and drop routes
+/// of ours that nothing justifies any more.
+async fn keep_programmed(
+    netlink: &Netlink,
+    backend: &mut dyn Backend,
+    masq: Option<&mut IpMasq>,
+    status: &Status,
+) {
+    match backend.repair().await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::warn!(
+                restored = n,
+                "restored kernel state of ours that was removed"
+            );
+            status.repairs.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!(
+            "checking the {} backend's kernel state: {e}",
+            backend.name()
+        ),
+    }
+    sweep_routes(netlink, backend, status).await;
+    if let Some(m) = masq {
+        match m.repair().await {
+            Ok(false) => {}
+            Ok(true) => {
+                tracing::warn!("our ip-masq rules were changed or removed: restored");
+                status.repairs.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!("restoring the ip-masq rules: {e:#}"),
+        }
+    }
+}
+
+/// Deletes VXLAN devices named like Flannel's (`flannel.<VNI>`) that the current backend does
+/// not use: left by an earlier vxlan config (another VNI, or another backend now). Their
+/// routes go with them. Called once at start, after the backend made its own device.
+async fn sweep_devices(netlink: &Netlink, backend: &dyn Backend) {
+    let links = match netlink.links().await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("listing links: {e}");
+            return;
+        }
+    };
+    let ours = backend.device_name();
+    for link in links {
+        let flannel_vxlan_name = link
+            .name
+            .strip_prefix("flannel.")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if !flannel_vxlan_name || ours.as_deref() == Some(link.name.as_str()) {
+            continue;
+        }
+        let is_vxlan =
+            matches!(netlink.link_details(&link.name).await, Ok(Some(d)) if d.vxlan.is_some());
+        if !is_vxlan {
+            continue;
+        }
+        tracing::warn!(device = %link.name, backend = backend.name(), "deleting a VXLAN device of an earlier config that the current backend does not use");
+        if let Err(e) = netlink.delete_link(link.index).await {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+/// Removes every route of ours (protocol 70) that the backend does not want: left by an
+/// earlier backend (host-gw's routes would bypass an encrypting one) or by a lease long gone.
+async fn sweep_routes(netlink: &Netlink, backend: &dyn Backend, status: &Status) {
+    let wanted = backend.wanted_routes();
+    let ours = match netlink.own_routes().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("listing our routes: {e}");
+            return;
+        }
+    };
+    for r in ours.iter().filter(|r| !wanted.contains(r)) {
+        tracing::warn!(route = %r.dst, via = ?r.gateway, backend = backend.name(), "removing a route of ours that the current backend and leases do not justify");
+        match netlink.delete_route(r).await {
+            Ok(()) => {
+                status.stale_routes_removed.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
 }
 
 /// Configures the backend for the lease we hold and writes subnet.env for the CNI plugin.
@@ -297,8 +486,8 @@ async fn start_lease(
         mtu: node.iface.mtu.saturating_sub(backend.mtu_overhead()),
         ipmasq: flags.ip_masq,
     };
-    env.write_atomic(&flags.subnet_file)
-        .with_context(|| format!("writing {}", flags.subnet_file.display()))?;
+    // The error names the file, the step and the OS error once; no context to add.
+    env.write_atomic(&flags.subnet_file)?;
     tracing::info!(file = %flags.subnet_file.display(), subnet = %own.key, mtu = env.mtu, "wrote subnet.env");
     Ok(own)
 }

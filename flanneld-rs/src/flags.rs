@@ -111,6 +111,11 @@ pub struct Flags {
     /// [flanneld-rs] TTL of the subnet lease in etcd, e.g. 24h, 90m, 30s (Flannel: fixed 24h).
     #[arg(long, env = "FLANNELD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
     pub subnet_lease_ttl: Duration,
+
+    /// Seconds between checks that our routes, neighbours, FDB entries, device and rules are
+    /// still in place; whatever was removed behind our back is restored (Flannel's flag).
+    #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5)]
+    pub iptables_resync: u64,
 }
 
 impl Flags {

@@ -175,13 +175,20 @@ pub enum Tool {
 pub struct IpMasq {
     tool: Tool,
     config: MasqConfig,
+    /// How our rules listed right after we loaded them: any other listing means someone
+    /// changed or removed them.
+    snapshot: String,
 }
 
 impl IpMasq {
     /// Installs (or atomically replaces) the rules for `config`.
     pub async fn install(config: MasqConfig) -> Result<Self> {
         let tool = detect_tool().await?;
-        let masq = IpMasq { tool, config };
+        let mut masq = IpMasq {
+            tool,
+            config,
+            snapshot: String::new(),
+        };
         masq.apply().await?;
         tracing::info!(
             tool = ?masq.tool,
@@ -205,7 +212,52 @@ impl IpMasq {
         Ok(())
     }
 
-    async fn apply(&self) -> Result<()> {
+    /// Loads the rules again if they no longer list as we left them (deleted or edited by
+    /// someone else). Returns whether they had to be restored.
+    pub async fn repair(&mut self) -> Result<bool> {
+        if self.listing().await == self.snapshot {
+            return Ok(false);
+        }
+        self.apply().await?;
+        Ok(true)
+    }
+
+    /// Our tables (nftables) or our chains and the jumps to them (iptables), as listed now; a
+    /// listing that fails reads as empty.
+    async fn listing(&self) -> String {
+        let mut out = String::new();
+        for f in &self.config.families {
+            match self.tool {
+                Tool::Nft => {
+                    out += &output("nft", &["list", "table", f.nft, TABLE]).await;
+                }
+                Tool::Iptables => {
+                    for (table, chains) in [
+                        ("nat", ["POSTROUTING", IPT_POSTRTG]),
+                        ("filter", ["FORWARD", IPT_FWD]),
+                    ] {
+                        for chain in chains {
+                            let text = output(f.iptables, &["-w", "-t", table, "-S", chain]).await;
+                            // Other programs' rules in the parent chains are not ours to watch.
+                            for line in text.lines().filter(|l| l.contains("FLANNELD-RS")) {
+                                out += line;
+                                out.push('\n');
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    async fn apply(&mut self) -> Result<()> {
+        self.load().await?;
+        self.snapshot = self.listing().await;
+        Ok(())
+    }
+
+    async fn load(&self) -> Result<()> {
         match self.tool {
             Tool::Nft => {
                 let script = self.config.nft_script();
@@ -295,6 +347,21 @@ async fn ensure_jump(bin: &str, table: &str, parent: &str, chain: &str, first: b
 }
 
 /// Runs `prog args`, feeding `stdin` if given; an error carries the program's stderr.
+/// A command's standard output, or nothing if it fails.
+async fn output(prog: &str, args: &[&str]) -> String {
+    match Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+    {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+        _ => String::new(),
+    }
+}
+
 async fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<()> {
     let mut child = Command::new(prog)
         .args(args)

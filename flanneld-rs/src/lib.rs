@@ -5,4 +5,5 @@ pub mod daemon;
 pub mod flags;
 mod iface;
 pub mod ipmasq;
+pub mod single;
 pub mod status;

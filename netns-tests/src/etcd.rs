@@ -21,6 +21,9 @@ pub struct Etcd {
     /// `user:password` etcdctl authenticates with once auth is enabled (root).
     ctl_user: Option<String>,
     _data: TempDir,
+    /// How it was started, to start it again (`restart`).
+    args: Vec<String>,
+    workdir: PathBuf,
 }
 
 /// A test CA and certificates signed by it, as PEM files (made by `TlsFiles::generate`).
@@ -228,11 +231,48 @@ impl Etcd {
             tls: tls.cloned(),
             ctl_user: None,
             _data: data,
+            args,
+            workdir: workdir.to_path_buf(),
         };
         wait_until("etcd to answer", Duration::from_secs(20), || {
             etcd.ctl(&["endpoint", "health"]).is_ok()
         })?;
         Ok(etcd)
+    }
+
+    /// Stops etcd, and unless `wipe` leaves its data; `start_again` starts it on the same
+    /// address. Split in two so a test can act while etcd is away.
+    pub fn stop(&mut self) {
+        self.daemon.stop(Duration::from_secs(5));
+    }
+
+    /// Starts etcd again after `stop`: with its data, or (`wipe`) with a fresh data dir, so its
+    /// revisions start from 1 again and its cluster ID changes.
+    pub fn start_again(&mut self, wipe: bool) -> Result<()> {
+        if wipe {
+            let data = tempfile::Builder::new()
+                .prefix("etcd-data")
+                .tempdir_in(&self.workdir)
+                .context("creating the etcd data dir")?;
+            for a in &mut self.args {
+                if a.starts_with("--data-dir=") {
+                    *a = format!("--data-dir={}", data.path().display());
+                }
+            }
+            self._data = data;
+        }
+        self.daemon = Daemon::spawn(
+            "etcd",
+            self.ns.as_deref(),
+            Path::new("/usr/bin/etcd"),
+            &self.args,
+            &[],
+            &self.workdir.join("etcd.log"),
+        )?;
+        wait_until("etcd to answer again", Duration::from_secs(20), || {
+            self.ctl(&["endpoint", "health"]).is_ok()
+        })
+        .map(drop)
     }
 
     /// Runs `etcdctl` (v3 API) against this etcd.

@@ -110,9 +110,12 @@ fn in_range(r: SubnetRange, addr: u128) -> bool {
 ///
 /// Our own non-fitting leases go into [`Plan::delete`] and count as free afterwards. Fitting
 /// duplicates of our own lease beyond the first are left alone: they are not renewed and expire.
+/// `unreadable` are subnets whose key exists with a value that does not parse: taken, since a
+/// key that exists cannot be created, whatever its value.
 pub fn plan(
     config: &NetworkConfig,
     existing: &[Lease],
+    unreadable: &[SubnetKey],
     ours: &Identity,
     previous: Option<&SubnetKey>,
     rng: &mut impl Rng,
@@ -144,6 +147,7 @@ pub fn plan(
         .iter()
         .map(|l| &l.key)
         .filter(|k| !delete.contains(k))
+        .chain(unreadable)
         .collect();
     let taken4 = Taken::new(live.iter().filter_map(|k| k.ipv4).map(|n| {
         (
@@ -350,7 +354,25 @@ mod tests {
         previous: Option<&str>,
     ) -> Result<Plan, AllocError> {
         let prev = previous.map(key);
-        plan(cfg, existing, &ME, prev.as_ref(), &mut rng())
+        plan(cfg, existing, &[], &ME, prev.as_ref(), &mut rng())
+    }
+
+    #[test]
+    fn unreadable_leases_are_taken() {
+        let c = cfg16();
+        // Every subnet's key exists with a value that does not parse: the pool is full, not
+        // a reason to create over them in a loop.
+        let all: Vec<SubnetKey> = (1..=255)
+            .map(|i| key(&format!("10.244.{i}.0-24")))
+            .collect();
+        let err = plan(&c, &[], &all, &ME, None, &mut rng()).unwrap_err();
+        assert!(
+            matches!(err, AllocError::PoolFull { count: 255, .. }),
+            "{err}"
+        );
+        // One free subnet left: it is the one picked, and subnet.env's taken one is skipped.
+        let p = plan(&c, &[], &all[1..], &ME, Some(&all[2]), &mut rng()).unwrap();
+        assert_eq!(p.action, Action::Create(all[0].clone()));
     }
 
     #[test]
@@ -459,7 +481,7 @@ mod tests {
         let mut rng = rng();
         let mut seen = BTreeSet::new();
         for _ in 0..3000 {
-            let p = plan(&c, &existing, &ME, None, &mut rng).unwrap();
+            let p = plan(&c, &existing, &[], &ME, None, &mut rng).unwrap();
             let Action::Create(k) = p.action else {
                 panic!("{p:?}")
             };
@@ -501,7 +523,7 @@ mod tests {
                 public_ip: Ipv4Addr::new(192, 168, 3, i + 1),
                 public_ipv6: None,
             };
-            let p = plan(&c, &existing, &who, None, &mut rng).unwrap();
+            let p = plan(&c, &existing, &[], &who, None, &mut rng).unwrap();
             let Action::Create(k) = p.action else {
                 panic!("{p:?}")
             };
@@ -607,9 +629,9 @@ mod tests {
         let mut mine = lease("0.0.0.0-0&fc00:0:0:7::-64", "0.0.0.0");
         mine.attrs.public_ipv6 = me.public_ipv6;
         let other = lease("0.0.0.0-0&fc00:0:0:8::-64", "0.0.0.0");
-        let p = plan(&c, &[other.clone(), mine], &me, None, &mut rng()).unwrap();
+        let p = plan(&c, &[other.clone(), mine], &[], &me, None, &mut rng()).unwrap();
         assert_eq!(p.action, Action::Reuse(key("0.0.0.0-0&fc00:0:0:7::-64")));
-        let p = plan(&c, &[other], &me, None, &mut rng()).unwrap();
+        let p = plan(&c, &[other], &[], &me, None, &mut rng()).unwrap();
         let Action::Create(k) = p.action else {
             panic!("{p:?}")
         };
@@ -624,7 +646,7 @@ mod tests {
             public_ipv6: None,
         };
         let existing = [lease("10.244.4.0-24", "0.0.0.0")];
-        let p = plan(&cfg16(), &existing, &me, None, &mut rng()).unwrap();
+        let p = plan(&cfg16(), &existing, &[], &me, None, &mut rng()).unwrap();
         assert!(matches!(p.action, Action::Create(_)));
     }
 

@@ -514,7 +514,7 @@ fn get_parsed<T>(
         None => Ok(None),
         Some(Value::String(s)) => parse(s)
             .map(Some)
-            .ok_or_else(|| field_error(name, format!("{s:?} is not {what}"))),
+            .ok_or_else(|| field_error(name, format!("{} is not {what}", crate::quote(s)))),
         Some(other) => Err(field_error(
             name,
             format!("expected a string ({what}), found {}", json_kind(other)),

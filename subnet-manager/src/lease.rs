@@ -20,7 +20,7 @@ use crate::config::{json_kind, lookup, parse_ipv4};
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum LeaseError {
     /// The part after `<prefix>/subnets/` is not `<ipv4>-<len>[&<ipv6>-<len>]`.
-    #[error("lease {key:?}: bad key: {reason}")]
+    #[error("lease {}: bad key: {reason}", crate::quote(.key))]
     Key { key: String, reason: String },
     /// The value is not a JSON object.
     #[error("{}value is not a JSON object: {reason}", label(.key))]
@@ -36,7 +36,7 @@ pub enum LeaseError {
 
 fn label(key: &Option<String>) -> String {
     match key {
-        Some(k) => format!("lease {k:?}: "),
+        Some(k) => format!("lease {}: ", crate::quote(k)),
         None => "lease value: ".to_string(),
     }
 }
@@ -146,27 +146,34 @@ fn parse_suffix(suffix: &str) -> Result<SubnetKey, String> {
 
 /// Splits `<addr>-<len>` and checks the length is plain decimal (no sign) and at most `max`.
 fn split_part<'a>(part: &'a str, family: &str, max: u8) -> Result<(&'a str, u8), String> {
+    let q = crate::quote(part);
     let Some((addr, len)) = part.rsplit_once('-') else {
         return Err(format!(
-            "{part:?} is not <{family} subnet>-<prefix length>, e.g. 10.244.3.0-24"
+            "{q} is not <{family} subnet>-<prefix length>, e.g. 10.244.3.0-24"
         ));
     };
     let len = Some(len)
         .filter(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|l| l.parse::<u8>().ok())
         .filter(|&l| l <= max)
-        .ok_or_else(|| format!("{part:?}: {len:?} is not a {family} prefix length (0 to {max})"))?;
+        .ok_or_else(|| {
+            format!(
+                "{q}: {} is not a {family} prefix length (0 to {max})",
+                crate::quote(len)
+            )
+        })?;
     Ok((addr, len))
 }
 
 fn parse_v4_part(part: &str) -> Result<Ipv4Net, String> {
     let (addr, len) = split_part(part, "IPv4", 32)?;
+    let part = crate::quote(part);
     let addr = Ipv4Addr::from_str(addr)
-        .map_err(|_| format!("{part:?}: {addr:?} is not an IPv4 address"))?;
-    let net = Ipv4Net::new(addr, len).map_err(|e| format!("{part:?}: {e}"))?;
+        .map_err(|_| format!("{part}: {} is not an IPv4 address", crate::quote(addr)))?;
+    let net = Ipv4Net::new(addr, len).map_err(|e| format!("{part}: {e}"))?;
     if net.network() != addr {
         return Err(format!(
-            "{part:?} has host bits set (the subnet would be {}-{len})",
+            "{part} has host bits set (the subnet would be {}-{len})",
             net.network()
         ));
     }
@@ -175,12 +182,13 @@ fn parse_v4_part(part: &str) -> Result<Ipv4Net, String> {
 
 fn parse_v6_part(part: &str) -> Result<Ipv6Net, String> {
     let (addr, len) = split_part(part, "IPv6", 128)?;
+    let part = crate::quote(part);
     let addr = Ipv6Addr::from_str(addr)
-        .map_err(|_| format!("{part:?}: {addr:?} is not an IPv6 address"))?;
-    let net = Ipv6Net::new(addr, len).map_err(|e| format!("{part:?}: {e}"))?;
+        .map_err(|_| format!("{part}: {} is not an IPv6 address", crate::quote(addr)))?;
+    let net = Ipv6Net::new(addr, len).map_err(|e| format!("{part}: {e}"))?;
     if net.network() != addr {
         return Err(format!(
-            "{part:?} has host bits set (the subnet would be {}-{len})",
+            "{part} has host bits set (the subnet would be {}-{len})",
             net.network()
         ));
     }
@@ -251,13 +259,21 @@ impl LeaseAttrs {
         };
         let public_ip = match string("PublicIP", "an IPv4 address")? {
             None => Ipv4Addr::UNSPECIFIED,
-            Some(s) => parse_ipv4(s)
-                .ok_or_else(|| field_error("PublicIP", format!("{s:?} is not an IPv4 address")))?,
+            Some(s) => parse_ipv4(s).ok_or_else(|| {
+                field_error(
+                    "PublicIP",
+                    format!("{} is not an IPv4 address", crate::quote(s)),
+                )
+            })?,
         };
         let public_ipv6 = string("PublicIPv6", "an IPv6 address")?
             .map(|s| {
-                Ipv6Addr::from_str(s)
-                    .map_err(|_| field_error("PublicIPv6", format!("{s:?} is not an IPv6 address")))
+                Ipv6Addr::from_str(s).map_err(|_| {
+                    field_error(
+                        "PublicIPv6",
+                        format!("{} is not an IPv6 address", crate::quote(s)),
+                    )
+                })
             })
             .transpose()?;
         let backend_type = string("BackendType", "a backend name")?

@@ -47,6 +47,7 @@ pub async fn acquire(registry: &Registry, req: &LeaseRequest) -> Result<HeldLeas
         let plan = alloc::plan(
             &req.config,
             &list.leases,
+            &list.unreadable,
             &req.identity,
             req.previous.as_ref(),
             &mut rand::rng(),

@@ -72,6 +72,8 @@ pub struct RegistryStats {
     pub malformed_leases: AtomicU64,
     pub watch_restarts: AtomicU64,
     pub lease_renewals: AtomicU64,
+    /// Listings that found etcd wiped or replaced (new cluster ID, revision gone back).
+    pub etcd_resets: AtomicU64,
 }
 
 impl RegistryStats {
@@ -85,7 +87,12 @@ impl RegistryStats {
 pub struct LeaseList {
     pub leases: Vec<Lease>,
     pub malformed: Vec<LeaseError>,
+    /// The subnets of the malformed entries whose key is a lease key: they exist, so they are
+    /// taken when allocating, whatever their value.
+    pub unreadable: Vec<SubnetKey>,
     pub revision: i64,
+    /// The etcd cluster that answered: a new ID means etcd was wiped or replaced.
+    pub cluster_id: u64,
 }
 
 /// A lease key written by us under an etcd lease grant.
@@ -189,6 +196,7 @@ impl Registry {
         )?;
         let mut list = LeaseList {
             revision: resp.header().map(|h| h.revision()).unwrap_or_default(),
+            cluster_id: resp.header().map(|h| h.cluster_id()).unwrap_or_default(),
             ..LeaseList::default()
         };
         for kv in resp.kvs() {
@@ -198,6 +206,9 @@ impl Registry {
                 Some(Ok(lease)) => list.leases.push(lease),
                 Some(Err(e)) => {
                     RegistryStats::bump(&self.stats.malformed_leases);
+                    if let Some(Ok(subnet)) = SubnetKey::from_key(&self.prefix, &key) {
+                        list.unreadable.push(subnet);
+                    }
                     list.malformed.push(e);
                 }
             }

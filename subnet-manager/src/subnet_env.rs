@@ -37,6 +37,12 @@ pub struct SubnetEnv {
     pub ipmasq: bool,
 }
 
+/// MTUs a reader accepts (and the daemon writes): from IPv4's minimum (RFC 791) to the largest
+/// a bridge or veth takes. 0 or 4294967295 would otherwise reach the bridge plugin unchecked.
+pub const MTU_RANGE: std::ops::RangeInclusive<u32> = 68..=65535;
+
+/// Each variant's message already includes its cause, so none is exposed as `source()`:
+/// `anyhow`'s `{:#}` would print the OS error a second time.
 #[derive(Debug, thiserror::Error)]
 pub enum SubnetEnvError {
     #[error("line {line}: invalid {key} value {value:?}: {reason}")]
@@ -48,38 +54,32 @@ pub enum SubnetEnvError {
     },
     #[error("missing {}", .keys.join(", "))]
     Missing { keys: Vec<&'static str> },
-    #[error("{}: {source}", .path.display())]
+    #[error("{}: {error}", .path.display())]
     Parse {
         path: PathBuf,
-        #[source]
-        source: Box<SubnetEnvError>,
+        error: Box<SubnetEnvError>,
     },
-    #[error("cannot read {}: {source}", .path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot write {} ({step}): {source}", .path.display())]
+    #[error("cannot read {}: {error}", .path.display())]
+    Read { path: PathBuf, error: io::Error },
+    #[error("cannot write {} ({step}): {error}", .path.display())]
     Write {
         path: PathBuf,
         step: &'static str,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
 }
 
 impl SubnetEnvError {
     /// The file does not exist (yet): the daemon may still be starting, so a reader may retry.
     pub fn is_not_found(&self) -> bool {
-        matches!(self, SubnetEnvError::Read { source, .. } if source.kind() == io::ErrorKind::NotFound)
+        matches!(self, SubnetEnvError::Read { error, .. } if error.kind() == io::ErrorKind::NotFound)
     }
 
     /// Required keys are missing: a file another writer has not finished, worth a retry too.
     pub fn is_incomplete(&self) -> bool {
         match self {
             SubnetEnvError::Missing { .. } => true,
-            SubnetEnvError::Parse { source, .. } => source.is_incomplete(),
+            SubnetEnvError::Parse { error, .. } => error.is_incomplete(),
             _ => false,
         }
     }
@@ -162,13 +162,13 @@ impl SubnetEnv {
 
     /// Reads and parses the file; errors name the path.
     pub fn read(path: &Path) -> Result<SubnetEnv, SubnetEnvError> {
-        let text = fs::read_to_string(path).map_err(|source| SubnetEnvError::Read {
+        let text = fs::read_to_string(path).map_err(|error| SubnetEnvError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         SubnetEnv::parse(&text).map_err(|e| SubnetEnvError::Parse {
             path: path.to_path_buf(),
-            source: Box::new(e),
+            error: Box::new(e),
         })
     }
 
@@ -177,12 +177,24 @@ impl SubnetEnv {
     /// fsync of the directory).
     pub fn write_atomic(&self, path: &Path) -> Result<(), SubnetEnvError> {
         let err = |step: &'static str| {
-            move |source| SubnetEnvError::Write {
+            move |error| SubnetEnvError::Write {
                 path: path.to_path_buf(),
                 step,
-                source,
+                error,
             }
         };
+        // Refused here too: a file every reader rejects would only move the failure to pods.
+        if !MTU_RANGE.contains(&self.mtu) {
+            return Err(err("checking values")(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{MTU} {} outside {}..={}",
+                    self.mtu,
+                    MTU_RANGE.start(),
+                    MTU_RANGE.end()
+                ),
+            )));
+        }
         let name = path
             .file_name()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))
@@ -294,9 +306,14 @@ fn parse_mtu(line: usize, value: &str) -> Result<u32, SubnetEnvError> {
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
         return Err(invalid(line, MTU, value, "not a decimal number"));
     }
-    value
+    let range = || format!("outside {}..={}", MTU_RANGE.start(), MTU_RANGE.end());
+    let mtu: u32 = value
         .parse()
-        .map_err(|e| invalid(line, MTU, value, format!("out of range ({e})")))
+        .map_err(|_| invalid(line, MTU, value, range()))?;
+    if !MTU_RANGE.contains(&mtu) {
+        return Err(invalid(line, MTU, value, range()));
+    }
+    Ok(mtu)
 }
 
 fn parse_bool(line: usize, value: &str) -> Result<bool, SubnetEnvError> {
@@ -511,6 +528,71 @@ mod tests {
             msg.contains(&*path.to_string_lossy()) && msg.contains("line 1"),
             "{msg}"
         );
+    }
+
+    /// The error and its causes as `anyhow`'s `{:#}` prints them (the daemon's fatal log).
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut text = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            text = format!("{text}: {c}");
+            cause = c.source();
+        }
+        text
+    }
+
+    #[test]
+    fn errors_say_the_os_error_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("file");
+        fs::write(&blocker, "").unwrap();
+        let err = v4().write_atomic(&blocker.join("subnet.env")).unwrap_err();
+        let SubnetEnvError::Write { error, .. } = &err else {
+            panic!("{err:?}");
+        };
+        let text = chain(&err);
+        assert_eq!(text.matches(&error.to_string()).count(), 1, "{text}");
+
+        let err = SubnetEnv::read(&dir.path().join("missing")).unwrap_err();
+        let text = chain(&err);
+        assert_eq!(text.matches("No such file").count(), 1, "{text}");
+
+        fs::write(&blocker, "FLANNEL_MTU=x\n").unwrap();
+        let err = SubnetEnv::read(&blocker).unwrap_err();
+        let text = chain(&err);
+        assert_eq!(text.matches("not a decimal number").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn mtu_must_be_usable() {
+        for bad in ["0", "67", "65536", "4294967295"] {
+            let text = GO_FLANNEL_V4.replace("1450", bad);
+            let err = SubnetEnv::parse(&text).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    SubnetEnvError::InvalidValue {
+                        line: 3,
+                        key: "FLANNEL_MTU",
+                        ..
+                    }
+                ),
+                "{bad}: {err:?}"
+            );
+            assert!(err.to_string().contains("68..=65535"), "{err}");
+        }
+        for good in [68, 1280, 1450, 9000, 65535] {
+            let text = GO_FLANNEL_V4.replace("1450", &good.to_string());
+            assert_eq!(SubnetEnv::parse(&text).unwrap().mtu, good);
+        }
+        // The daemon cannot write a file its readers would refuse.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("subnet.env");
+        let err = SubnetEnv { mtu: 0, ..v4() }
+            .write_atomic(&path)
+            .unwrap_err();
+        assert!(err.to_string().contains("FLANNEL_MTU"), "{err}");
+        assert!(!path.exists());
     }
 
     #[test]

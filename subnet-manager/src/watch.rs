@@ -52,6 +52,20 @@ impl Known {
     }
 }
 
+/// How often an idle watch asks etcd for a progress report, and how long it waits for any
+/// answer before it takes the stream for dead. A stream can die without an error reaching us
+/// (seen after etcd restarts); an answered progress request also carries the store's revision
+/// and cluster ID, which is how a wipe (revisions from 1 again, a new ID) shows on a quiet
+/// watch that would otherwise wait forever for a revision the new etcd has not reached.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+const PROGRESS_DEADLINE: Duration = Duration::from_secs(2);
+/// Starting a watch is one round trip; past this the attempt is abandoned and retried.
+const START_TIMEOUT: Duration = Duration::from_secs(5);
+/// Re-list back-off: short, so a node learns what changed within about a second of etcd's
+/// return (a list is one cheap read), long enough not to spin while etcd is away.
+const RELIST_MIN: Duration = Duration::from_millis(100);
+const RELIST_MAX: Duration = Duration::from_secs(1);
+
 /// Starts the watch task. Each message is a batch of events that arrived together; the first
 /// one after (re)connecting holds the whole difference from what was known before.
 pub fn spawn(registry: Registry) -> mpsc::Receiver<Vec<LeaseEvent>> {
@@ -60,9 +74,41 @@ pub fn spawn(registry: Registry) -> mpsc::Receiver<Vec<LeaseEvent>> {
     rx
 }
 
+/// Which etcd we last saw, so a wiped or replaced one is noticed and said.
+#[derive(Default)]
+struct Seen {
+    cluster_id: u64,
+    revision: i64,
+}
+
+impl Seen {
+    /// Records a listing; returns why it differs from the etcd seen before, if it does.
+    fn update(&mut self, cluster_id: u64, revision: i64) -> Option<String> {
+        let why = if self.cluster_id != 0 && cluster_id != 0 && cluster_id != self.cluster_id {
+            Some(format!(
+                "etcd's cluster ID changed from {:x} to {cluster_id:x}: etcd was wiped or replaced",
+                self.cluster_id
+            ))
+        } else if revision < self.revision {
+            Some(format!(
+                "etcd's revision went back from {} to {revision}: etcd was wiped or restored",
+                self.revision
+            ))
+        } else {
+            None
+        };
+        if cluster_id != 0 {
+            self.cluster_id = cluster_id;
+        }
+        self.revision = revision;
+        why
+    }
+}
+
 async fn run(registry: Registry, tx: mpsc::Sender<Vec<LeaseEvent>>) {
     let mut known = Known::default();
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut seen = Seen::default();
+    let mut backoff = Backoff::new(RELIST_MIN, RELIST_MAX);
     loop {
         let list = match registry.list_leases().await {
             Ok(list) => list,
@@ -76,6 +122,10 @@ async fn run(registry: Registry, tx: mpsc::Sender<Vec<LeaseEvent>>) {
                 continue;
             }
         };
+        if let Some(why) = seen.update(list.cluster_id, list.revision) {
+            RegistryStats::bump(&registry.stats.etcd_resets);
+            tracing::warn!("{why}; every lease is taken from the new listing");
+        }
         for bad in &list.malformed {
             tracing::error!("skipping malformed lease: {bad}");
         }
@@ -83,7 +133,15 @@ async fn run(registry: Registry, tx: mpsc::Sender<Vec<LeaseEvent>>) {
         if !events.is_empty() && tx.send(events).await.is_err() {
             return;
         }
-        match follow(&registry, list.revision + 1, &mut known, &tx, &mut backoff).await {
+        let mut watch = Follow {
+            registry: &registry,
+            known: &mut known,
+            tx: &tx,
+            backoff: &mut backoff,
+            cluster_id: list.cluster_id,
+            listed_revision: list.revision,
+        };
+        match watch.follow().await {
             Ok(()) => return, // the receiver is gone: the daemon is shutting down
             Err(why) => {
                 RegistryStats::bump(&registry.stats.watch_restarts);
@@ -98,39 +156,110 @@ async fn run(registry: Registry, tx: mpsc::Sender<Vec<LeaseEvent>>) {
     }
 }
 
-/// Applies watch events until the stream breaks (`Err` with the reason) or the receiver is gone.
-async fn follow(
-    registry: &Registry,
-    from_revision: i64,
-    known: &mut Known,
-    tx: &mpsc::Sender<Vec<LeaseEvent>>,
-    backoff: &mut Backoff,
-) -> Result<(), String> {
-    let opts = WatchOptions::new()
-        .with_prefix()
-        .with_start_revision(from_revision);
-    let prefix = registry.subnets_prefix();
-    let mut stream = registry
-        .client()
-        .watch(prefix.as_str(), Some(opts))
-        .await
-        .map_err(|e| format!("starting the watch: {e}"))?;
-    loop {
-        let resp = match stream.message().await {
-            Ok(Some(resp)) => resp,
-            Ok(None) => return Err("stream closed by etcd".into()),
-            Err(e) => return Err(format!("stream error: {e}")),
+/// One watch stream, from the revision after a listing until it breaks.
+struct Follow<'a> {
+    registry: &'a Registry,
+    known: &'a mut Known,
+    tx: &'a mpsc::Sender<Vec<LeaseEvent>>,
+    backoff: &'a mut Backoff,
+    cluster_id: u64,
+    listed_revision: i64,
+}
+
+impl Follow<'_> {
+    /// Applies watch events until the stream breaks or goes quiet past the progress deadline
+    /// (`Err` with the reason), or the receiver is gone (`Ok`).
+    async fn follow(&mut self) -> Result<(), String> {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(self.listed_revision + 1);
+        let prefix = self.registry.subnets_prefix();
+        let mut client = self.registry.client();
+        let start = client.watch(prefix.as_str(), Some(opts));
+        let stream = match tokio::time::timeout(START_TIMEOUT, start).await {
+            Ok(r) => r.map_err(|e| format!("starting the watch: {e}"))?,
+            Err(_) => {
+                return Err(format!(
+                    "starting the watch: no answer in {} s",
+                    START_TIMEOUT.as_secs()
+                ))
+            }
         };
-        if resp.compact_revision() != 0 {
+        let (mut requests, mut responses) = stream.split();
+        let mut ticker = tokio::time::interval(PROGRESS_EVERY);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When the oldest progress request still unanswered was sent.
+        let mut waiting_since: Option<tokio::time::Instant> = None;
+        loop {
+            let resp = tokio::select! {
+                msg = responses.message() => match msg {
+                    Ok(Some(resp)) => resp,
+                    Ok(None) => return Err("stream closed by etcd".into()),
+                    Err(e) => return Err(format!("stream error: {e}")),
+                },
+                _ = ticker.tick() => {
+                    let now = tokio::time::Instant::now();
+                    match waiting_since {
+                        Some(t) if now - t >= PROGRESS_DEADLINE => {
+                            return Err(format!(
+                                "no answer from etcd on the watch stream for {} s",
+                                (now - t).as_secs()
+                            ));
+                        }
+                        Some(_) => {}
+                        None => waiting_since = Some(now),
+                    }
+                    requests
+                        .request_progress()
+                        .await
+                        .map_err(|e| format!("asking for watch progress: {e}"))?;
+                    continue;
+                }
+            };
+            waiting_since = None;
+            self.check_header(&resp)?;
+            if resp.compact_revision() != 0 {
+                return Err(format!(
+                    "revision compacted up to {}",
+                    resp.compact_revision()
+                ));
+            }
+            if resp.canceled() {
+                return Err(format!("watch canceled: {}", resp.cancel_reason()));
+            }
+            self.backoff.reset();
+            let batch = self.apply(&resp);
+            if !batch.is_empty() && self.tx.send(batch).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// A response from another cluster, or with a store revision below what we listed, means
+    /// etcd was wiped or replaced under a stream that kept going: list again.
+    fn check_header(&self, resp: &etcd_client::WatchResponse) -> Result<(), String> {
+        let Some(h) = resp.header() else {
+            return Ok(());
+        };
+        if self.cluster_id != 0 && h.cluster_id() != 0 && h.cluster_id() != self.cluster_id {
             return Err(format!(
-                "revision compacted up to {}",
-                resp.compact_revision()
+                "etcd's cluster ID changed from {:x} to {:x}",
+                self.cluster_id,
+                h.cluster_id()
             ));
         }
-        if resp.canceled() {
-            return Err(format!("watch canceled: {}", resp.cancel_reason()));
+        if h.revision() != 0 && h.revision() < self.listed_revision {
+            return Err(format!(
+                "etcd's revision is {}, below the {} we listed at",
+                h.revision(),
+                self.listed_revision
+            ));
         }
-        backoff.reset();
+        Ok(())
+    }
+
+    fn apply(&mut self, resp: &etcd_client::WatchResponse) -> Vec<LeaseEvent> {
+        let registry = self.registry;
         let mut batch = Vec::new();
         for ev in resp.events() {
             let Some(kv) = ev.kv() else { continue };
@@ -138,7 +267,7 @@ async fn follow(
             let event = match ev.event_type() {
                 EventType::Put => match Lease::parse(registry.prefix(), &key, kv.value()) {
                     None => None,
-                    Some(Ok(lease)) => known.put(lease),
+                    Some(Ok(lease)) => self.known.put(lease),
                     Some(Err(e)) => {
                         RegistryStats::bump(&registry.stats.malformed_leases);
                         tracing::error!(
@@ -148,15 +277,13 @@ async fn follow(
                     }
                 },
                 EventType::Delete => match SubnetKey::from_key(registry.prefix(), &key) {
-                    Some(Ok(subnet)) => known.remove(&subnet),
+                    Some(Ok(subnet)) => self.known.remove(&subnet),
                     _ => None,
                 },
             };
             batch.extend(event);
         }
-        if !batch.is_empty() && tx.send(batch).await.is_err() {
-            return Ok(());
-        }
+        batch
     }
 }
 
@@ -206,6 +333,18 @@ mod tests {
         gone.sort_by_key(|e| format!("{e:?}"));
         assert_eq!(gone.len(), 3);
         assert!(gone.contains(&LeaseEvent::Removed(a)));
+    }
+
+    #[test]
+    fn a_wiped_or_replaced_etcd_is_noticed() {
+        let mut seen = Seen::default();
+        assert_eq!(seen.update(0xaa, 10), None);
+        assert_eq!(seen.update(0xaa, 12), None);
+        let why = seen.update(0xbb, 3).expect("new cluster");
+        assert!(why.contains("cluster ID changed from aa to bb"), "{why}");
+        let why = seen.update(0xbb, 1).expect("revision went back");
+        assert!(why.contains("went back from 3 to 1"), "{why}");
+        assert_eq!(seen.update(0xbb, 5), None);
     }
 
     #[test]

@@ -131,6 +131,26 @@ impl Backend for HostGw {
         Ok(())
     }
 
+    fn wanted_routes(&self) -> Vec<OwnRoute> {
+        self.routes.values().flatten().cloned().collect()
+    }
+
+    async fn repair(&mut self) -> Result<usize, BackendError> {
+        let present = self.netlink.own_routes().await?;
+        let mut restored = 0;
+        for r in self.routes.values().flatten() {
+            if present.contains(r) {
+                continue;
+            }
+            tracing::warn!(route = %r.dst, via = ?r.gateway, "our route was deleted: restoring it");
+            self.netlink
+                .replace_route(r.dst, r.gateway, self.node.iface.index, false)
+                .await?;
+            restored += 1;
+        }
+        Ok(restored)
+    }
+
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError> {
         let wanted: Vec<OwnRoute> = peers
             .iter()

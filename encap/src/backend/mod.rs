@@ -18,7 +18,7 @@ use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::Lease;
 use thiserror::Error;
 
-use crate::netlink::{Link, NetlinkError};
+use crate::netlink::{Link, NetlinkError, OwnRoute};
 
 #[derive(Debug, Error)]
 pub enum BackendError {
@@ -79,6 +79,53 @@ pub trait Backend: Send {
     /// The full set of peers after the first listing: install what is missing and remove what we
     /// installed earlier (e.g. before a restart) that no lease justifies any more.
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError>;
+
+    /// The device this backend keeps in the kernel across restarts (vxlan's `flannel.<VNI>`),
+    /// so that the daemon can delete such devices an earlier config left behind.
+    fn device_name(&self) -> Option<String> {
+        None
+    }
+
+    /// The routes of ours (protocol 70) this backend wants now. The daemon removes every other
+    /// route of ours: e.g. host-gw's routes after a switch to an encrypting backend, which
+    /// would otherwise send pod traffic around the tunnel in the clear.
+    fn wanted_routes(&self) -> Vec<OwnRoute> {
+        Vec::new()
+    }
+
+    /// Puts back what was removed behind our back (routes, neighbours, FDB entries, the device
+    /// or its address), touching nothing that is still in place. Returns how many objects were
+    /// restored; the daemon calls it every `--iptables-resync` seconds.
+    async fn repair(&mut self) -> Result<usize, BackendError> {
+        Ok(0)
+    }
+}
+
+/// What a lease of `backend_type` claims for itself alone, so that a newcomer copying it is
+/// refused instead of displacing the holder: the VXLAN VtepMAC (the FDB is keyed by MAC) and
+/// the WireGuard PublicKey (a peer is keyed by its key).
+pub fn lease_claims(backend_type: &str, lease: &Lease) -> Vec<String> {
+    let field = match backend_type {
+        "vxlan" => "VtepMAC",
+        "wireguard" => "PublicKey",
+        _ => return Vec::new(),
+    };
+    lease
+        .attrs
+        .backend_data
+        .as_ref()
+        .and_then(|d| json_field(d, field))
+        .and_then(|v| v.as_str())
+        .map(|v| {
+            // MACs are compared as the kernel does, whatever their case.
+            let v = if field == "VtepMAC" {
+                v.to_ascii_lowercase()
+            } else {
+                v.to_string()
+            };
+            vec![format!("{field} {v}")]
+        })
+        .unwrap_or_default()
 }
 
 /// Builds the backend named by `Backend.Type`.

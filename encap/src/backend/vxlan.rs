@@ -33,7 +33,9 @@ use subnet_manager::lease::{Lease, SubnetKey};
 use super::{
     backend_port, check_same_backend, same_backend, Backend, BackendError, LeaseData, NodeInfo,
 };
-use crate::netlink::{format_mac, LinkDetails, Netlink, OwnRoute, VxlanAttrs, VxlanSpec};
+use crate::netlink::{
+    format_mac, FdbEntry, LinkDetails, Neighbour, Netlink, OwnRoute, VxlanAttrs, VxlanSpec,
+};
 
 const TYPE: &str = "vxlan";
 const DEFAULT_VNI: u32 = 1;
@@ -273,6 +275,10 @@ pub struct Vxlan {
     mac: [u8; 6],
     /// What we installed, per peer lease, in installation order.
     installed: HashMap<SubnetKey, Vec<Entry>>,
+    /// The peers' leases, to program again on a recreated device.
+    leases: HashMap<SubnetKey, Lease>,
+    /// Our lease, to address a recreated device.
+    own: Option<Lease>,
 }
 
 impl Vxlan {
@@ -293,7 +299,7 @@ impl Vxlan {
         let cfg = Config::parse(network, node.iface.mtu)?;
         let netlink = Netlink::open()?;
         let local = local_address(&netlink, node).await?;
-        let dev = ensure_device(&netlink, &cfg, node, local).await?;
+        let dev = ensure_device(&netlink, &cfg, node, local, None).await?;
         let mac = <[u8; 6]>::try_from(dev.mac.as_slice()).map_err(|_| {
             BackendError::Config(format!(
                 "{} has no 6-byte MAC address ({})",
@@ -320,7 +326,44 @@ impl Vxlan {
             dev,
             mac,
             installed: HashMap::new(),
+            leases: HashMap::new(),
+            own: None,
         })
+    }
+
+    /// Recreates `flannel.<VNI>` with the MAC peers know us by (Flannel #2247 recreates it with
+    /// a new one and leaves peers stale), readdresses it and programs every peer again.
+    async fn recreate_device(&mut self) -> Result<usize, BackendError> {
+        let local = local_address(&self.netlink, &self.node).await?;
+        self.dev =
+            ensure_device(&self.netlink, &self.cfg, &self.node, local, Some(self.mac)).await?;
+        if let Some(own) = self.own.clone() {
+            self.start(&own).await?;
+        }
+        // The old entries died with the old device (and named its index).
+        self.installed.clear();
+        let peers: Vec<Lease> = self.leases.values().cloned().collect();
+        let mut restored = 1;
+        for p in &peers {
+            match self.add_peer(p).await {
+                Ok(()) => restored += self.installed.get(&p.key).map_or(0, Vec::len),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+        Ok(restored)
+    }
+
+    /// Whether an entry we installed is still in the kernel.
+    fn present(e: &Entry, neigh: &[Neighbour], fdb: &[FdbEntry], routes: &[OwnRoute]) -> bool {
+        match e {
+            Entry::Neighbour { ip, mac } => neigh
+                .iter()
+                .any(|n| n.ip == *ip && n.mac.as_slice() == mac.as_slice()),
+            Entry::Fdb { mac, dst } => fdb
+                .iter()
+                .any(|f| f.mac.as_slice() == mac.as_slice() && f.dst == Some(IpAddr::V4(*dst))),
+            Entry::Route { .. } => e.route().is_some_and(|r| routes.contains(&r)),
+        }
     }
 
     fn index(&self) -> u32 {
@@ -433,9 +476,15 @@ impl Vxlan {
                     .delete_fdb(idx, *mac, Some(IpAddr::V4(*dst)))
                     .await?
             }
-            Entry::Route { .. } => {
+            Entry::Route { oif, .. } => {
                 if let Some(r) = e.route() {
-                    self.netlink.delete_route_any_protocol(&r).await?
+                    // On our own device any route is ours (Go Flannel's too); elsewhere (direct
+                    // routing on the underlay) only one that carries our protocol number.
+                    if *oif == idx {
+                        self.netlink.delete_route_any_protocol(&r).await?
+                    } else {
+                        self.netlink.delete_route(&r).await?
+                    }
                 }
             }
         }
@@ -508,7 +557,11 @@ impl Vxlan {
         for r in routes {
             if self.in_network(&r.dst) && !want_route(&r.dst) {
                 tracing::info!(route = %r.dst, "removing a stale route no lease justifies");
-                self.netlink.delete_route_any_protocol(&r).await?;
+                if r.oif == Some(idx) {
+                    self.netlink.delete_route_any_protocol(&r).await?;
+                } else {
+                    self.netlink.delete_route(&r).await?;
+                }
             }
         }
         for f in self.netlink.fdb_entries(idx).await? {
@@ -618,6 +671,7 @@ async fn ensure_device(
     cfg: &Config,
     node: &NodeInfo,
     local: Ipv4Addr,
+    keep_mac: Option<[u8; 6]>,
 ) -> Result<LinkDetails, BackendError> {
     let name = device_name(cfg.vni);
     let mut spec = VxlanSpec {
@@ -628,7 +682,7 @@ async fn ensure_device(
         dev: node.iface.index,
         learning: cfg.learning,
         gbp: cfg.gbp,
-        mac: derived_mac(node.public_ip, cfg.vni),
+        mac: keep_mac.unwrap_or_else(|| derived_mac(node.public_ip, cfg.vni)),
         mtu: cfg.device_mtu(),
     };
     if let Some(have) = netlink.link_details(&name).await? {
@@ -687,6 +741,7 @@ impl Backend for Vxlan {
         let addr = Ipv4Net::new(subnet.network(), 32).map_err(|e| {
             BackendError::Config(format!("address for {}: {e}", self.dev.link.name))
         })?;
+        self.own = Some(own.clone());
         self.netlink
             .set_sole_address(self.index(), IpNet::V4(addr))
             .await?;
@@ -704,8 +759,12 @@ impl Backend for Vxlan {
 
     async fn add_peer(&mut self, peer: &Lease) -> Result<(), BackendError> {
         let wanted = match self.plan(peer).await {
-            Ok(w) => w,
+            Ok(w) => {
+                self.leases.insert(peer.key.clone(), peer.clone());
+                w
+            }
             Err(e) => {
+                self.leases.remove(&peer.key);
                 // A lease that changed into something unusable must not leave its old entries.
                 if let Err(rm) = self.remove_entries(&peer.key, &[]).await {
                     tracing::warn!(peer = %peer.key, "removing its previous entries: {rm}");
@@ -734,7 +793,61 @@ impl Backend for Vxlan {
     }
 
     async fn remove_peer(&mut self, peer: &Lease) -> Result<(), BackendError> {
+        self.leases.remove(&peer.key);
         self.remove_entries(&peer.key, &[]).await
+    }
+
+    fn device_name(&self) -> Option<String> {
+        Some(self.dev.link.name.clone())
+    }
+
+    fn wanted_routes(&self) -> Vec<OwnRoute> {
+        self.installed
+            .values()
+            .flatten()
+            .filter_map(Entry::route)
+            .collect()
+    }
+
+    async fn repair(&mut self) -> Result<usize, BackendError> {
+        let now = self.netlink.link_details(&self.dev.link.name).await?;
+        if now.as_ref().map(|d| d.link.index) != Some(self.index()) {
+            tracing::warn!(device = %self.dev.link.name, mac = %format_mac(&self.mac), "our VXLAN device was deleted: recreating it with the same MAC");
+            return self.recreate_device().await;
+        }
+        let idx = self.index();
+        let mut restored = 0;
+        if let Some(own) = self.own.clone() {
+            let addr = own.key.ipv4.map(|n| n.network());
+            let has_addr = self
+                .netlink
+                .addresses()
+                .await?
+                .iter()
+                .any(|(i, a)| *i == idx && Some(a.addr()) == addr.map(IpAddr::V4));
+            if !has_addr {
+                tracing::warn!(device = %self.dev.link.name, "our VXLAN device lost its address: restoring it");
+                self.start(&own).await?;
+                restored += 1;
+            }
+        }
+        let neigh = self.netlink.neighbours(idx).await?;
+        let fdb = self.netlink.fdb_entries(idx).await?;
+        let mut routes = self.netlink.routes_on_link(idx).await?;
+        routes.extend(self.netlink.own_routes().await?);
+        let missing: Vec<Entry> = self
+            .installed
+            .values()
+            .flatten()
+            .filter(|e| !Self::present(e, &neigh, &fdb, &routes))
+            .cloned()
+            .collect();
+        for e in &missing {
+            tracing::warn!(entry = ?e, "an entry of ours was deleted: restoring it");
+            self.install(e).await?;
+            restored += 1;
+        }
+        Ok(restored)
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError> {

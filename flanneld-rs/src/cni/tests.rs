@@ -264,6 +264,24 @@ fn invalid_subnet_env_fails_at_once_naming_file_and_line() {
 }
 
 #[test]
+fn unusable_mtu_fails_add_before_the_delegate_runs() {
+    for bad in ["0", "4294967295"] {
+        let node = Node::new();
+        node.delegate("fake", &format!("echo '{RESULT}'"));
+        fs::write(node.p("subnet.env"), SUBNET_ENV.replace("1450", bad)).unwrap();
+        let r = node.run("ADD", &node.conf(json!({})));
+        assert_eq!(r.exit_code, 1, "{bad}: {r:?}");
+        let msg = stdout_json(&r)["msg"].as_str().unwrap().to_string();
+        assert!(
+            msg.contains("FLANNEL_MTU") && msg.contains("68..=65535"),
+            "{msg}"
+        );
+        assert!(node.calls().is_empty(), "the bridge never sees MTU {bad}");
+        assert!(node.saved().is_none());
+    }
+}
+
+#[test]
 fn check_verifies_our_state_without_the_delegate() {
     let node = Node::new();
     node.delegate("fake", &format!("echo '{RESULT}'"));

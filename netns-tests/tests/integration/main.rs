@@ -1,6 +1,7 @@
 //! Integration tests against real etcd, real namespaces and Debian's CNI plugins.
 //! One test binary (link once); tests needing root say so and skip without it.
 
+mod defences;
 mod deploy;
 mod etcd_tls;
 mod faults;
@@ -10,6 +11,7 @@ mod mixed;
 mod registry;
 mod scale;
 mod services;
+mod single;
 mod soak;
 mod udp;
 mod vxlan;

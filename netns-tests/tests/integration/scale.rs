@@ -146,7 +146,14 @@ fn thousand_peers(backend: &str) -> Result<()> {
         kernel_state >= PEERS as usize,
         "{backend}: only {kernel_state} routes"
     );
-    ensure!(rss <= 30 * 1024, "{backend}: RSS {rss} KiB over 30 MiB");
+    // flanneld_peers is now published after the backend programmed every peer (it used to be
+    // published before, so this read came before wireguard's 1,000 sessions existed): each
+    // WireGuard peer holds a boringtun session, about 11 KiB.
+    let limit_mib = if backend == "wireguard" { 48 } else { 30 };
+    ensure!(
+        rss <= limit_mib * 1024,
+        "{backend}: RSS {rss} KiB over {limit_mib} MiB"
+    );
     ensure!(
         !log.contains("WARN") || backend != "host-gw",
         "warnings while programming:\n{log}"

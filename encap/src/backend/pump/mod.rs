@@ -82,6 +82,30 @@ impl Shared {
         Ok(())
     }
 
+    /// Gives `device` its lease address again if someone removed it (or took the device
+    /// down); `Ok(true)` when it had to.
+    pub async fn restore_address(
+        &self,
+        netlink: &crate::netlink::Netlink,
+        device: &str,
+        subnet: Ipv4Net,
+        network: Ipv4Net,
+    ) -> Result<bool, BackendError> {
+        let link = netlink.link_by_name(device).await?;
+        let want = std::net::IpAddr::V4(subnet.network());
+        let present = netlink
+            .addresses()
+            .await?
+            .iter()
+            .any(|(i, a)| *i == link.index && a.addr() == want);
+        if present {
+            return Ok(false);
+        }
+        tracing::warn!(%device, "our device lost its address: restoring it");
+        self.adopt_lease(netlink, device, subnet, network).await?;
+        Ok(true)
+    }
+
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }

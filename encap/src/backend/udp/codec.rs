@@ -63,8 +63,8 @@ impl Codec for UdpCodec {
     }
 }
 
-/// The anti-spoofing rules: the sender is a peer and the inner source is in its subnet (the
-/// pump then checks that the destination is ours).
+/// The anti-spoofing rules: the sender is a peer, the inner packet is a whole IPv4 packet and
+/// its source is in the sender's subnet (the pump then checks that the destination is ours).
 fn admit(pkt: &[u8], sender: Ipv4Addr, table: &PeerTable) -> Result<(), DropReason> {
     if !table.knows(sender) {
         return Err(DropReason::UnknownSender);
@@ -74,6 +74,11 @@ fn admit(pkt: &[u8], sender: Ipv4Addr, table: &PeerTable) -> Result<(), DropReas
         Ok(_) => return Err(DropReason::NotForUs),
         Err(_) => return Err(DropReason::Malformed),
     };
+    // `addrs` reads only the address fields; GRO and the TUN would take IHL and total length
+    // on trust, and the packet would be counted as delivered.
+    if ip::parse(pkt).is_err() {
+        return Err(DropReason::Malformed);
+    }
     if !table.may_send_from(sender, src) {
         return Err(DropReason::SpoofedSource);
     }
@@ -124,5 +129,82 @@ mod tests {
             Err(DropReason::NotForUs),
             "IPv6 inside the udp backend's IPv4 tunnel"
         );
+    }
+
+    /// Inner headers that lie about their own size: addresses are readable, the packet is not.
+    fn lying_headers() -> Vec<(&'static str, Vec<u8>)> {
+        let ok = v4_packet([10, 244, 2, 5], [10, 244, 1, 7]);
+        let mut short_ihl = ok.clone();
+        short_ihl[0] = 0x44;
+        let mut zero_ihl = ok.clone();
+        zero_ihl[0] = 0x40;
+        let mut too_long = ok.clone();
+        too_long[2..4].copy_from_slice(&1500u16.to_be_bytes());
+        let mut shorter_than_header = ok.clone();
+        shorter_than_header[2..4].copy_from_slice(&19u16.to_be_bytes());
+        let mut ihl_past_end = ok.clone();
+        ihl_past_end[0] = 0x4f; // 60-byte header in a 28-byte packet
+        vec![
+            ("IHL 4", short_ihl),
+            ("IHL 0", zero_ihl),
+            ("total length beyond the datagram", too_long),
+            ("total length below the header", shorter_than_header),
+            ("IHL beyond the total length", ihl_past_end),
+        ]
+    }
+
+    #[test]
+    fn lying_inner_headers_are_malformed() {
+        let sender: Ipv4Addr = "172.30.0.12".parse().expect("ip");
+        let table = PeerTable::new(vec![Peer {
+            subnet: "10.244.2.0/24".parse().expect("net"),
+            public_ip: sender,
+            endpoint: (sender, 8285).into(),
+        }]);
+        for (what, pkt) in lying_headers() {
+            assert_eq!(
+                admit(&pkt, sender, &table),
+                Err(DropReason::Malformed),
+                "{what}"
+            );
+        }
+        // Padding after the declared length is not a lie (Ethernet minimum frames have it).
+        let mut padded = v4_packet([10, 244, 2, 5], [10, 244, 1, 7]);
+        padded.extend_from_slice(&[0; 18]);
+        assert_eq!(admit(&padded, sender, &table), Ok(()));
+    }
+
+    #[test]
+    fn receive_counts_lying_headers_as_malformed_not_delivered() {
+        use crate::backend::pump::Wire;
+        use crate::io::{RecvMsg, UdpSock};
+
+        let sender: Ipv4Addr = "172.30.0.12".parse().expect("ip");
+        let table = PeerTable::new(vec![Peer {
+            subnet: "10.244.2.0/24".parse().expect("net"),
+            public_ip: sender,
+            endpoint: (sender, 8285).into(),
+        }]);
+        let codec = UdpCodec {
+            peers: Arc::new(SharedPeers::from_pointee(table)),
+        };
+        // receive() never touches the socket; Wire just needs one.
+        let sock = UdpSock::bind("127.0.0.1:0".parse().expect("addr"), false).expect("bind");
+        let wire = Wire::new(sock);
+        let mut tally = Tally::default();
+        let mut delivered = Vec::new();
+        let cases = lying_headers();
+        for (_, pkt) in &cases {
+            let msg = RecvMsg::from_parts(pkt, (sender, 8285).into(), None);
+            codec.receive(&mut (), &msg, &wire, &mut tally, |p, _| {
+                delivered.push(p.to_vec())
+            });
+        }
+        assert!(delivered.is_empty(), "{delivered:?}");
+        assert_eq!(
+            tally.drops[DropReason::Malformed as usize],
+            cases.len() as u64
+        );
+        assert_eq!(tally.packets, 0);
     }
 }

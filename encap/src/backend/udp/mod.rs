@@ -42,6 +42,8 @@ pub struct Udp {
     table: Arc<SharedPeers>,
     peers: HashMap<SubnetKey, Peer>,
     pump: Option<Pump>,
+    /// Our lease subnet and the Network, once started: what the device is addressed from.
+    adopted: Option<(ipnet::Ipv4Net, ipnet::Ipv4Net)>,
 }
 
 impl Udp {
@@ -62,6 +64,7 @@ impl Udp {
             table: Arc::new(SharedPeers::from_pointee(PeerTable::default())),
             peers: HashMap::new(),
             pump: None,
+            adopted: None,
         })
     }
 
@@ -119,9 +122,21 @@ impl Backend for Udp {
             let bind = SocketAddr::new(IpAddr::V4(self.node.public_ip), self.port);
             self.pump = Some(Pump::start(TYPE, DEVICE, bind, codec, self.shared.clone())?);
         }
+        self.adopted = Some((subnet, network));
         self.shared
             .adopt_lease(&self.netlink, DEVICE, subnet, network)
             .await
+    }
+
+    async fn repair(&mut self) -> Result<usize, BackendError> {
+        let Some((subnet, network)) = self.adopted else {
+            return Ok(0);
+        };
+        let restored = self
+            .shared
+            .restore_address(&self.netlink, DEVICE, subnet, network)
+            .await?;
+        Ok(usize::from(restored))
     }
 
     async fn add_peer(&mut self, peer: &Lease) -> Result<(), BackendError> {

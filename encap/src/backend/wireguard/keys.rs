@@ -2,14 +2,16 @@
 //! private key in base64 (what `wg genkey` prints, and what Flannel writes, without a newline),
 //! generated on first start and reused on every restart, so that peers keep our public key.
 //!
-//! The file must be ours alone: one readable by group or others is refused, never silently
-//! "fixed", since the key may already have leaked. A file that holds no key is an error too,
+//! The file must be ours alone: one readable by group or others (Flannel writes 0600), or owned
+//! by anyone but root or our own uid (its owner could swap in a key of their choosing), is
+//! refused, never silently "fixed", since the key may already have leaked. A symlink is
+//! followed; errors say where it points. A file that holds no key is an error too,
 //! not a reason to overwrite it with a new one (that would cut the node off from peers that
 //! still know the old public key, and destroy what an operator may want to inspect).
 
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use base64::engine::general_purpose::STANDARD;
@@ -45,13 +47,26 @@ pub(super) fn wipe(buf: &mut [u8]) {
 }
 
 fn key_err(path: &Path, what: impl std::fmt::Display) -> BackendError {
-    BackendError::Config(format!("WireGuard key file {}: {what}", path.display()))
+    // With a symlink the problem is usually at the target, so name it too.
+    let shown = match fs::read_link(path) {
+        Ok(target) => format!("{} (a symlink to {})", path.display(), target.display()),
+        Err(_) => path.display().to_string(),
+    };
+    BackendError::Config(format!("WireGuard key file {shown}: {what}"))
 }
 
 /// Reads the key file, or creates it with a new key (mode 0600) if it does not exist.
 pub(super) fn load_or_create(path: &Path) -> Result<StaticKeys, BackendError> {
     match fs::metadata(path) {
         Ok(_) => load(path),
+        // A link whose target is missing: someone meant the key to live elsewhere, so a new
+        // key is not created there behind their back.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && fs::read_link(path).is_ok() => {
+            Err(key_err(
+                path,
+                "the link's target does not exist: restore it, or remove the link to get a new key",
+            ))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(path),
         Err(e) => Err(key_err(path, e)),
     }
@@ -62,6 +77,18 @@ fn load(path: &Path) -> Result<StaticKeys, BackendError> {
     let meta = file.metadata().map_err(|e| key_err(path, e))?;
     if !meta.is_file() {
         return Err(key_err(path, "not a regular file"));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() != 0 && meta.uid() != euid {
+        return Err(key_err(
+            path,
+            format!(
+                "owned by uid {}, neither root nor us (uid {euid}), although it holds this node's \
+                 private key: chown it if it never left this machine, else delete it to get a new key",
+                meta.uid()
+            ),
+        ));
     }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -231,6 +258,69 @@ mod tests {
         fs::create_dir(&path).expect("mkdir");
         let err = load_or_create(&path).err().expect("directory").to_string();
         assert!(err.contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn refuses_a_file_owned_by_someone_else() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: chown to another uid needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wgkey");
+        load_or_create(&path).expect("created");
+        std::os::unix::fs::chown(&path, Some(65534), None).expect("chown");
+        let err = load_or_create(&path)
+            .err()
+            .expect("foreign owner")
+            .to_string();
+        assert!(
+            err.contains("owned by uid 65534") && err.contains("wgkey"),
+            "{err}"
+        );
+        // Root's own file is fine whoever we are.
+        std::os::unix::fs::chown(&path, Some(0), None).expect("chown back");
+        load_or_create(&path).expect("root-owned");
+    }
+
+    #[test]
+    fn symlinks_are_followed_and_named_in_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("real-key");
+        let link = dir.path().join("wgkey");
+        let created = load_or_create(&target).expect("created");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        let loaded = load_or_create(&link).expect("through the link");
+        assert_eq!(created.public.as_bytes(), loaded.public.as_bytes());
+
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let err = load_or_create(&link).err().expect("shared").to_string();
+        assert!(
+            err.contains(&format!(
+                "{} (a symlink to {})",
+                link.display(),
+                target.display()
+            )) && err.contains("mode 0644"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn dangling_symlink_is_named_not_written_through() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("gone/wgkey");
+        let link = dir.path().join("wgkey");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        let err = load_or_create(&link).err().expect("dangling").to_string();
+        assert!(
+            err.contains(&link.display().to_string())
+                && err.contains(&target.display().to_string())
+                && err.contains("does not exist"),
+            "{err}"
+        );
+        assert!(!target.exists(), "no key written through the link");
+        assert!(fs::symlink_metadata(&link).expect("link").is_symlink());
     }
 
     #[test]

@@ -69,6 +69,8 @@ pub struct WireGuard {
     peers: HashMap<[u8; 32], Arc<WgPeer>>,
     next_index: u32,
     pump: Option<Pump>,
+    /// Our lease subnet and the Network, once started: what the device is addressed from.
+    adopted: Option<(Ipv4Net, Ipv4Net)>,
 }
 
 impl WireGuard {
@@ -100,6 +102,7 @@ impl WireGuard {
             peers: HashMap::new(),
             next_index: u32::from_le_bytes([seed[0], seed[1], seed[2], 0]),
             pump: None,
+            adopted: None,
         })
     }
 }
@@ -305,9 +308,21 @@ impl Backend for WireGuard {
         if self.pump.is_none() {
             self.start_pump().await?;
         }
+        self.adopted = Some((subnet, network));
         self.shared
             .adopt_lease(&self.netlink, DEVICE, subnet, network)
             .await
+    }
+
+    async fn repair(&mut self) -> Result<usize, BackendError> {
+        let Some((subnet, network)) = self.adopted else {
+            return Ok(0);
+        };
+        let restored = self
+            .shared
+            .restore_address(&self.netlink, DEVICE, subnet, network)
+            .await?;
+        Ok(usize::from(restored))
     }
 
     async fn add_peer(&mut self, peer: &Lease) -> Result<(), BackendError> {
