@@ -19,11 +19,49 @@ pub struct Peer {
     pub endpoint: SocketAddr,
 }
 
+/// Longest-prefix match over IPv4 subnets, the one route lookup of the udp and wireguard
+/// peer tables: per prefix length, longest first, the masked network -> a value.
+#[derive(Debug)]
+pub(crate) struct PrefixMap<V> {
+    by_len: Vec<(u8, HashMap<u32, V>)>,
+}
+
+impl<V> Default for PrefixMap<V> {
+    fn default() -> Self {
+        PrefixMap { by_len: Vec::new() }
+    }
+}
+
+impl<V> PrefixMap<V> {
+    /// Maps `net` to `value`, replacing what the same subnet had.
+    pub fn insert(&mut self, net: Ipv4Net, value: V) {
+        let len = net.prefix_len();
+        let at = match self.by_len.binary_search_by(|(l, _)| len.cmp(l)) {
+            Ok(at) => at,
+            Err(at) => {
+                self.by_len.insert(at, (len, HashMap::new()));
+                at
+            }
+        };
+        if let Some((_, map)) = self.by_len.get_mut(at) {
+            map.insert(u32::from(net.network()), value);
+        }
+    }
+
+    /// The value of the longest subnet containing `addr`.
+    pub fn get(&self, addr: Ipv4Addr) -> Option<&V> {
+        let a = u32::from(addr);
+        self.by_len
+            .iter()
+            .find_map(|(len, map)| map.get(&mask(a, *len)))
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct PeerTable {
     peers: Vec<Peer>,
-    /// Per prefix length, longest first: masked network address -> index into `peers`.
-    by_prefix: Vec<(u8, HashMap<u32, usize>)>,
+    /// Pod subnet -> index into `peers`.
+    by_subnet: PrefixMap<usize>,
     /// Public IP -> indexes of the peers (normally one) whose leases carry it.
     by_public_ip: HashMap<Ipv4Addr, Vec<usize>>,
 }
@@ -38,35 +76,22 @@ fn mask(addr: u32, len: u8) -> u32 {
 
 impl PeerTable {
     pub fn new(peers: Vec<Peer>) -> Self {
-        let mut by_prefix: Vec<(u8, HashMap<u32, usize>)> = Vec::new();
+        let mut by_subnet = PrefixMap::default();
         let mut by_public_ip: HashMap<Ipv4Addr, Vec<usize>> = HashMap::new();
         for (i, p) in peers.iter().enumerate() {
-            let len = p.subnet.prefix_len();
-            let slot = match by_prefix.iter().position(|(l, _)| *l == len) {
-                Some(s) => s,
-                None => {
-                    by_prefix.push((len, HashMap::new()));
-                    by_prefix.len() - 1
-                }
-            };
-            by_prefix[slot].1.insert(u32::from(p.subnet.network()), i);
+            by_subnet.insert(p.subnet, i);
             by_public_ip.entry(p.public_ip).or_default().push(i);
         }
-        by_prefix.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
         PeerTable {
             peers,
-            by_prefix,
+            by_subnet,
             by_public_ip,
         }
     }
 
     /// Longest-prefix match of an inner destination.
     pub fn route(&self, dst: Ipv4Addr) -> Option<&Peer> {
-        let d = u32::from(dst);
-        self.by_prefix
-            .iter()
-            .find_map(|(len, map)| map.get(&mask(d, *len)))
-            .and_then(|&i| self.peers.get(i))
+        self.by_subnet.get(dst).and_then(|&i| self.peers.get(i))
     }
 
     /// Whether `outer_src` is a current peer's public IP (any of its leases).
@@ -142,5 +167,29 @@ mod tests {
         );
         assert!(!t.may_send_from(ip("192.168.0.9"), ip("10.244.1.7")));
         assert!(PeerTable::default().route(ip("10.244.1.1")).is_none());
+    }
+
+    #[test]
+    fn prefix_map_prefers_the_longest_subnet_whatever_the_insertion_order() {
+        let net = |s: &str| -> Ipv4Net { s.parse().expect("net") };
+        let mut m = PrefixMap::default();
+        m.insert(net("10.244.3.0/24"), 24);
+        m.insert(net("0.0.0.0/0"), 0);
+        m.insert(net("10.244.3.128/25"), 25);
+        m.insert(net("10.244.0.0/16"), 16);
+        m.insert(net("10.244.3.0/24"), 240);
+        let at = |s: &str| m.get(s.parse().expect("ip")).copied();
+        assert_eq!(at("10.244.3.200"), Some(25));
+        assert_eq!(
+            at("10.244.3.5"),
+            Some(240),
+            "the same subnet again replaces"
+        );
+        assert_eq!(at("10.244.9.9"), Some(16));
+        assert_eq!(at("192.0.2.1"), Some(0));
+        assert_eq!(
+            PrefixMap::<u8>::default().get("10.0.0.1".parse().expect("ip")),
+            None
+        );
     }
 }

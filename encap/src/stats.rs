@@ -65,6 +65,10 @@ pub struct Stats {
     pub rx_packets: AtomicU64,
     pub rx_bytes: AtomicU64,
     pub rx_syscalls: AtomicU64,
+    /// Peers in the table the packet threads route by, as last published.
+    pub peers: AtomicU64,
+    /// Times that table was replaced (each lease change that reached it).
+    pub table_updates: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
 }
 
@@ -73,6 +77,12 @@ impl Stats {
         if n > 0 {
             self.drops[why as usize].fetch_add(n, Ordering::Relaxed);
         }
+    }
+
+    /// Records a newly published peer table of `peers` entries.
+    pub fn table_published(&self, peers: usize) {
+        self.peers.store(peers as u64, Ordering::Relaxed);
+        self.table_updates.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn drops(&self, why: DropReason) -> u64 {

@@ -128,6 +128,14 @@ impl Flags {
     pub fn renew_margin(&self) -> Duration {
         Duration::from_secs(self.subnet_lease_renew_margin.saturating_mul(60))
     }
+
+    /// The wireguard backend's key file: `--wg-key-file`, else `wgkey` beside the subnet file
+    /// (Flannel's `/run/flannel/wgkey` with the default `--subnet-file`).
+    pub fn wg_key_path(&self) -> Option<PathBuf> {
+        self.wg_key_file
+            .clone()
+            .or_else(|| self.subnet_file.parent().map(|d| d.join("wgkey")))
+    }
 }
 
 /// Rewrites `-long-name[=v]` into `--long-name[=v]`; leaves `-v`, `-v=N` and values alone.

@@ -53,8 +53,8 @@ pub async fn choose(netlink: &Netlink, flags: &Flags) -> Result<NodeInfo> {
         iface: link,
         public_ip,
         public_ipv6,
-        wg_key_file: (flags.wg_key_file.clone())
-            .or_else(|| flags.subnet_file.parent().map(|d| d.join("wgkey"))),
+        // Not the interface's business: the daemon sets it from the flags.
+        wg_key_file: None,
     })
 }
 

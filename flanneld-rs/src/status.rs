@@ -244,6 +244,18 @@ impl Status {
                 "Packet I/O system calls (packets / syscalls = batch size).",
                 &dir(&s.tx_syscalls, &s.rx_syscalls),
             );
+            metric(
+                "flanneld_datapath_peers",
+                "gauge",
+                "Peers in the table the packet threads route by.",
+                &[(String::new(), get(&s.peers))],
+            );
+            metric(
+                "flanneld_datapath_table_updates_total",
+                "counter",
+                "Times the packet threads' peer table was replaced.",
+                &[(String::new(), get(&s.table_updates))],
+            );
             let drops: Vec<(String, f64)> = DropReason::ALL
                 .iter()
                 .map(|d| (format!("{{reason=\"{d}\"}}"), s.drops(*d) as f64))

@@ -25,14 +25,16 @@ fuzz_target!(|data: &[u8]| {
     // One event a line: `+<key> <json>` puts, `-<key>` deletes, `=<key> <json>` sets our own.
     for line in data.split(|b| *b == b'\n') {
         let text = String::from_utf8_lossy(line);
-        let (op, rest) = text.split_at(text.len().min(1));
+        let mut chars = text.chars();
+        let op = chars.next();
+        let rest = chars.as_str();
         let (key, value) = rest.split_once(' ').unwrap_or((rest, ""));
         let full = format!("/p/subnets/{key}");
         let lease = Lease::parse("/p", &full, value.as_bytes()).and_then(Result::ok);
         match (op, lease) {
-            ("+", Some(l)) => drop(a.put(l)),
-            ("=", Some(l)) => drop(a.set_own(&l)),
-            ("-", _) => {
+            (Some('+'), Some(l)) => drop(a.put(l)),
+            (Some('='), Some(l)) => drop(a.set_own(&l)),
+            (Some('-'), _) => {
                 if let Some(Ok(k)) = subnet_manager::lease::SubnetKey::from_key("/p", &full) {
                     drop(a.remove(&k));
                 }

@@ -38,6 +38,25 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Why root-only tests cannot run here, or `None` as root.
+pub fn root_missing() -> Option<String> {
+    (!is_root()).then(|| "needs root (network namespaces)".to_string())
+}
+
+/// The one gate for a test that cannot run here (no root, a tool or Go Flannel missing): with
+/// a reason it says "skipped" and returns true, except under `CI=true`, where it is an error:
+/// CI installs everything, so a skip there would hide a missing install step.
+pub fn must_skip(why: Option<String>) -> anyhow::Result<bool> {
+    let Some(why) = why else {
+        return Ok(false);
+    };
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        anyhow::bail!("{why}: this test must run in CI");
+    }
+    eprintln!("skipped: {why}");
+    Ok(true)
+}
+
 /// The directory holding the workspace's built binaries (`target/<profile>`), found from the
 /// running executable (a test in `target/<profile>/deps/`, or `demo`/`bench`) unless `FLANNELD_RS_BIN_DIR` says otherwise.
 pub fn bin_dir() -> Result<PathBuf> {

@@ -29,31 +29,27 @@ where
         .map_err(|_| anyhow!("thread in {ns} panicked"))?
 }
 
-/// A cheap deterministic byte stream (xorshift64*), so both ends can agree on content.
-pub struct Xorshift(pub u64);
+/// A seeded deterministic random stream, so both ends of a transfer agree on its content.
+pub struct TestRng(rand::rngs::StdRng);
 
-impl Xorshift {
+impl TestRng {
+    pub fn new(seed: u64) -> Self {
+        TestRng(rand::SeedableRng::seed_from_u64(seed))
+    }
+
     pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        rand::RngCore::next_u64(&mut self.0)
     }
 
     pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
+        rand::RngCore::fill_bytes(&mut self.0, buf);
     }
 }
 
 /// Writes `bytes` of pseudo-random data (from `seed`) to a stream; returns their hash, which
 /// `hash_stream` on the other end must reproduce.
 pub fn send_stream(conn: &mut impl Write, seed: u64, bytes: u64) -> std::io::Result<u64> {
-    let mut rng = Xorshift(seed);
+    let mut rng = TestRng::new(seed);
     let mut h = std::collections::hash_map::DefaultHasher::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut left = bytes;
@@ -141,6 +137,39 @@ pub fn http_get_at(ns: &str, addr: SocketAddr, path: &str) -> Result<(String, St
 }
 
 /// The value of one Prometheus sample line (`name{labels} value`) in a /metrics body.
+/// The sum of a node's datapath drop counters for `reasons` (0 where unreadable).
+pub fn drops_total(ns: &str, port: u16, reasons: &[&str]) -> f64 {
+    let Ok((_, body)) = http_get(ns, port, "/metrics") else {
+        return 0.0;
+    };
+    reasons
+        .iter()
+        .filter_map(|r| {
+            metric(
+                &body,
+                &format!("flanneld_datapath_drops_total{{reason=\"{r}\"}}"),
+            )
+        })
+        .sum()
+}
+
+/// Waits up to 5 s for [`drops_total`] to reach `want` and hold still for 200 ms, instead of a
+/// fixed sleep before reading counters: datagrams still in socket buffers are counted as the
+/// daemon reads them, and its receive threads publish their counts in batches. Returns the
+/// last value; the caller asserts on it, so a shortfall says by how much.
+pub fn wait_for_drops(ns: &str, port: u16, reasons: &[&str], want: f64) -> f64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut last = f64::NAN;
+    loop {
+        let now = drops_total(ns, port, reasons);
+        if (now >= want && now == last) || std::time::Instant::now() >= deadline {
+            return now;
+        }
+        last = now;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 pub fn metric(body: &str, name_and_labels: &str) -> Option<f64> {
     body.lines()
         .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())

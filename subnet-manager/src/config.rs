@@ -15,6 +15,8 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::{Map, Value};
 use thiserror::Error;
 
+use crate::json::{field, kind};
+
 /// Why a network config was rejected. Every message names the field and the rule it broke.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 pub enum ConfigError {
@@ -69,7 +71,7 @@ impl NetworkConfig {
         let value: Value =
             serde_json::from_slice(json).map_err(|e| ConfigError::Json(e.to_string()))?;
         let Value::Object(obj) = &value else {
-            return Err(ConfigError::NotObject(json_kind(&value)));
+            return Err(ConfigError::NotObject(kind(&value)));
         };
 
         // Every field is type-checked even for a disabled family, as Go's decoder does.
@@ -414,7 +416,7 @@ fn resolve(r: &Rules, raw: Raw) -> Result<Resolved, ConfigError> {
 
 /// Reads `Backend` and its `Type`. A missing, `null` or empty `Type` means `udp`.
 fn parse_backend(obj: &Map<String, Value>) -> Result<(String, Value), ConfigError> {
-    let Some(backend) = lookup(obj, "Backend") else {
+    let Some(backend) = field(obj, "Backend") else {
         return Ok(("udp".to_string(), Value::Null));
     };
     let Value::Object(fields) = backend else {
@@ -422,46 +424,22 @@ fn parse_backend(obj: &Map<String, Value>) -> Result<(String, Value), ConfigErro
             "Backend",
             format!(
                 "expected an object such as {{\"Type\":\"vxlan\"}}, found {}",
-                json_kind(backend)
+                kind(backend)
             ),
         ));
     };
-    let backend_type = match lookup(fields, "Type") {
+    let backend_type = match field(fields, "Type") {
         None => "udp".to_string(),
         Some(Value::String(t)) if t.is_empty() => "udp".to_string(),
         Some(Value::String(t)) => t.clone(),
         Some(other) => {
             return Err(field_error(
                 "Backend.Type",
-                format!("expected a string, found {}", json_kind(other)),
+                format!("expected a string, found {}", kind(other)),
             ))
         }
     };
     Ok((backend_type, backend.clone()))
-}
-
-/// Finds a field the way Go's `encoding/json` does: the exact name, else the first name equal
-/// to it ignoring ASCII case. `null` is reported as absent.
-pub(crate) fn lookup<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
-    obj.get(name)
-        .or_else(|| {
-            obj.iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v)
-        })
-        .filter(|v| !v.is_null())
-}
-
-/// "a string", "a number"...: for messages about a value of the wrong JSON type.
-pub(crate) fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// Parses an IPv4 address as Go's `net.ParseIP(s).To4()` does: dotted quad, or the
@@ -474,18 +452,18 @@ pub(crate) fn parse_ipv4(s: &str) -> Option<Ipv4Addr> {
 }
 
 fn get_bool(obj: &Map<String, Value>, name: &'static str) -> Result<Option<bool>, ConfigError> {
-    match lookup(obj, name) {
+    match field(obj, name) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
         Some(other) => Err(field_error(
             name,
-            format!("expected true or false, found {}", json_kind(other)),
+            format!("expected true or false, found {}", kind(other)),
         )),
     }
 }
 
 fn get_len(obj: &Map<String, Value>, name: &'static str) -> Result<Option<u64>, ConfigError> {
-    match lookup(obj, name) {
+    match field(obj, name) {
         None => Ok(None),
         Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
             field_error(
@@ -497,7 +475,7 @@ fn get_len(obj: &Map<String, Value>, name: &'static str) -> Result<Option<u64>, 
             name,
             format!(
                 "expected a non-negative integer (a prefix length), found {}",
-                json_kind(other)
+                kind(other)
             ),
         )),
     }
@@ -510,14 +488,14 @@ fn get_parsed<T>(
     what: &str,
     parse: impl Fn(&str) -> Option<T>,
 ) -> Result<Option<T>, ConfigError> {
-    match lookup(obj, name) {
+    match field(obj, name) {
         None => Ok(None),
         Some(Value::String(s)) => parse(s)
             .map(Some)
             .ok_or_else(|| field_error(name, format!("{} is not {what}", crate::quote(s)))),
         Some(other) => Err(field_error(
             name,
-            format!("expected a string ({what}), found {}", json_kind(other)),
+            format!("expected a string ({what}), found {}", kind(other)),
         )),
     }
 }

@@ -13,7 +13,8 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::config::{json_kind, lookup, parse_ipv4};
+use crate::config::parse_ipv4;
+use crate::json::{field as lookup, kind as json_kind};
 
 /// Why a lease key or value was not understood. Each message names the key (when known) and
 /// what is wrong with it, so a log line points at the etcd entry to fix.

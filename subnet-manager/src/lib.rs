@@ -1,15 +1,20 @@
 //! Flannel-compatible network config, subnet allocation and leases over etcd v3.
 //!
-//! `config`, `lease`, `alloc` and `subnet_env` are pure logic, testable without etcd or root.
+//! `config`, `json`, `lease`, `alloc`, `admission` and `subnet_env` are pure logic, testable
+//! without etcd or root, and all that is built without the `etcd` feature (as encap uses it).
 //! `registry` is the etcd adapter; `lifecycle` and `watch` drive it over time.
 
 pub mod admission;
 pub mod alloc;
 pub mod config;
+pub mod json;
 pub mod lease;
+#[cfg(feature = "etcd")]
 pub mod lifecycle;
+#[cfg(feature = "etcd")]
 pub mod registry;
 pub mod subnet_env;
+#[cfg(feature = "etcd")]
 pub mod watch;
 
 /// Exponential back-off for retry loops against etcd, so an unreachable etcd never spins a core.

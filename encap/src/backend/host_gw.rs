@@ -1,15 +1,15 @@
 //! host-gw: no encapsulation. Each remote subnet is routed via the peer's public IP on the
 //! underlay interface, so every node must share an L2 segment with every other.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 
 use async_trait::async_trait;
 use ipnet::IpNet;
 use subnet_manager::config::NetworkConfig;
-use subnet_manager::lease::{Lease, SubnetKey};
+use subnet_manager::lease::Lease;
 
-use super::{check_same_backend, same_backend, Backend, BackendError, LeaseData, NodeInfo};
+use super::routes::{PeerRoute, PeerRoutes};
+use super::{Backend, BackendError, LeaseData, NodeInfo};
 use crate::netlink::{Netlink, OwnRoute};
 
 const TYPE: &str = "host-gw";
@@ -18,30 +18,32 @@ pub struct HostGw {
     netlink: Netlink,
     node: NodeInfo,
     network: NetworkConfig,
-    /// The routes we installed, per peer subnet.
-    routes: HashMap<SubnetKey, Vec<OwnRoute>>,
+    /// The routes we installed, per peer lease.
+    routes: PeerRoutes,
 }
 
 impl HostGw {
     pub fn new(network: &NetworkConfig, node: &NodeInfo) -> Result<Self, BackendError> {
+        let netlink = Netlink::open()?;
         Ok(HostGw {
-            netlink: Netlink::open()?,
+            routes: PeerRoutes::new(netlink.clone()),
+            netlink,
             node: node.clone(),
             network: network.clone(),
-            routes: HashMap::new(),
         })
     }
 
     /// The routes a peer's lease calls for: one per address family it has a subnet and IP for.
-    fn wanted(&self, peer: &Lease) -> Vec<OwnRoute> {
+    fn wanted(&self, peer: &Lease) -> Vec<PeerRoute> {
         let mut out = Vec::new();
-        let oif = Some(self.node.iface.index);
+        let oif = self.node.iface.index;
         if let (Some(net), true) = (peer.key.ipv4, self.network.enable_ipv4) {
             if !peer.attrs.public_ip.is_unspecified() {
-                out.push(OwnRoute {
+                out.push(PeerRoute {
                     dst: IpNet::V4(net),
-                    gateway: Some(IpAddr::V4(peer.attrs.public_ip)),
+                    via: IpAddr::V4(peer.attrs.public_ip),
                     oif,
+                    onlink: false,
                 });
             }
         }
@@ -50,10 +52,11 @@ impl HostGw {
             peer.attrs.public_ipv6,
             self.network.enable_ipv6,
         ) {
-            out.push(OwnRoute {
+            out.push(PeerRoute {
                 dst: IpNet::V6(net),
-                gateway: Some(IpAddr::V6(ip)),
+                via: IpAddr::V6(ip),
                 oif,
+                onlink: false,
             });
         }
         out
@@ -74,8 +77,9 @@ impl Backend for HostGw {
         TYPE
     }
 
-    fn mtu_overhead(&self) -> u32 {
-        0
+    fn mtu(&self) -> u32 {
+        // No encapsulation: pods get the underlay's MTU.
+        self.node.iface.mtu
     }
 
     fn lease_data(&self) -> LeaseData {
@@ -90,72 +94,37 @@ impl Backend for HostGw {
     }
 
     async fn add_peer(&mut self, peer: &Lease) -> Result<(), BackendError> {
-        check_same_backend(peer, TYPE)?;
         let wanted = self.wanted(peer);
-        // A changed lease (e.g. a new public IP) must not leave the old route behind.
-        if let Some(old) = self.routes.remove(&peer.key) {
-            for r in old.iter().filter(|r| !wanted.contains(r)) {
-                self.netlink.delete_route(r).await?;
-            }
-        }
-        let mut installed = Vec::new();
-        let mut result = Ok(());
-        for r in &wanted {
-            match self
-                .netlink
-                .replace_route(r.dst, r.gateway, self.node.iface.index, false)
-                .await
-            {
-                Ok(()) => installed.push(r.clone()),
-                Err(e) => {
-                    result = Err(BackendError::Peer {
-                        peer: peer.key.to_string(),
-                        reason: format!(
-                            "{e} (host-gw needs every node on the same L2 network as {})",
-                            self.node.iface.name
-                        ),
-                    })
-                }
-            }
-        }
-        self.routes.insert(peer.key.clone(), installed);
-        result
+        // A changed lease (e.g. a new public IP) leaves no old route behind.
+        self.routes
+            .set(&peer.key, wanted)
+            .await
+            .map_err(|e| BackendError::Peer {
+                peer: peer.key.to_string(),
+                reason: format!(
+                    "{e} (host-gw needs every node on the same L2 network as {})",
+                    self.node.iface.name
+                ),
+            })
     }
 
     async fn remove_peer(&mut self, peer: &Lease) -> Result<(), BackendError> {
-        if let Some(routes) = self.routes.remove(&peer.key) {
-            for r in &routes {
-                self.netlink.delete_route(r).await?;
-            }
-        }
-        Ok(())
+        Ok(self.routes.remove(&peer.key).await?)
     }
 
     fn wanted_routes(&self) -> Vec<OwnRoute> {
-        self.routes.values().flatten().cloned().collect()
+        self.routes.wanted()
     }
 
     async fn repair(&mut self) -> Result<usize, BackendError> {
-        let present = self.netlink.own_routes().await?;
-        let mut restored = 0;
-        for r in self.routes.values().flatten() {
-            if present.contains(r) {
-                continue;
-            }
-            tracing::warn!(route = %r.dst, via = ?r.gateway, "our route was deleted: restoring it");
-            self.netlink
-                .replace_route(r.dst, r.gateway, self.node.iface.index, false)
-                .await?;
-            restored += 1;
-        }
-        Ok(restored)
+        Ok(self.routes.repair().await?)
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError> {
         let wanted: Vec<OwnRoute> = peers
             .iter()
-            .filter(|p| same_backend(p, TYPE))
             .flat_map(|p| self.wanted(p))
+            .map(|r| r.as_own())
             .collect();
         for r in self.netlink.own_routes().await? {
             let ours_here = r.oif == Some(self.node.iface.index) && self.in_network(&r.dst);
@@ -168,7 +137,7 @@ impl Backend for HostGw {
         for p in peers {
             if let Err(e) = self.add_peer(p).await {
                 tracing::warn!("{e}");
-                if first_err.is_ok() && same_backend(p, TYPE) {
+                if first_err.is_ok() {
                     first_err = Err(e);
                 }
             }

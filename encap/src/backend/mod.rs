@@ -3,6 +3,7 @@
 
 mod host_gw;
 mod pump;
+mod routes;
 mod udp;
 mod vxlan;
 mod wireguard;
@@ -26,6 +27,14 @@ pub enum BackendError {
     UnknownType(String),
     #[error("Backend config: {0}")]
     Config(String),
+    /// Run-time I/O of a datapath failed: opening its TUN device, binding its sockets,
+    /// starting its threads.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
     #[error("peer {peer}: {reason}")]
@@ -55,8 +64,9 @@ pub trait Backend: Send {
     /// The `Backend.Type` string, for logs.
     fn name(&self) -> &'static str;
 
-    /// Bytes of encapsulation per packet: the pod MTU is the underlay MTU minus this.
-    fn mtu_overhead(&self) -> u32;
+    /// The pods' MTU (`FLANNEL_MTU`): the underlay's, less what this backend's encapsulation
+    /// costs (and less again where its config says so, e.g. vxlan's `Backend.MTU`).
+    fn mtu(&self) -> u32;
 
     /// What to publish in our lease. Called before the lease is taken: a backend that needs a
     /// device to know its data (VXLAN's MAC, WireGuard's key) creates it in `new`.
@@ -65,7 +75,8 @@ pub trait Backend: Send {
     /// Configures the local side for the lease we hold. Called again if the lease changes.
     async fn start(&mut self, own: &Lease) -> Result<(), BackendError>;
 
-    /// A peer's lease appeared or changed. An error concerns this peer alone.
+    /// A peer's lease appeared or changed. The daemon hands over only leases the admission
+    /// check passed (the right BackendType among them). An error concerns this peer alone.
     async fn add_peer(&mut self, peer: &Lease) -> Result<(), BackendError>;
 
     /// A peer's lease is gone. An error concerns this peer alone.
@@ -158,35 +169,8 @@ fn backend_port(config: &NetworkConfig, name: &str, default: u16) -> Result<u16,
     }
 }
 
-/// `name` in a JSON object (a `Backend` config, a lease's `BackendData`), matched as Go's JSON
-/// decoding does: the exact name first, else case-insensitively. `null` counts as absent.
+/// `name` in a JSON object (a `Backend` config, a lease's `BackendData`), as Go's JSON
+/// decoding finds it; `null` counts as absent.
 fn json_field<'a>(obj: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
-    let o = obj.as_object()?;
-    o.get(name)
-        .or_else(|| {
-            o.iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v)
-        })
-        .filter(|v| !v.is_null())
-}
-
-/// Whether a peer's lease was written by a node running `backend_type` (Flannel ignores others).
-/// Flannel's udp leases carry no BackendType.
-fn same_backend(peer: &Lease, backend_type: &str) -> bool {
-    peer.attrs.backend_type.as_deref().unwrap_or("udp") == backend_type
-}
-
-/// `same_backend` as the per-peer error the daemon logs.
-fn check_same_backend(peer: &Lease, backend_type: &str) -> Result<(), BackendError> {
-    if same_backend(peer, backend_type) {
-        return Ok(());
-    }
-    Err(BackendError::Peer {
-        peer: peer.key.to_string(),
-        reason: format!(
-            "ignored: its BackendType is {:?}, not {backend_type:?}",
-            peer.attrs.backend_type.as_deref().unwrap_or("udp")
-        ),
-    })
+    subnet_manager::json::field_of(obj, name)
 }

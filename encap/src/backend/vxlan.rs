@@ -30,9 +30,8 @@ use serde_json::Value;
 use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::{Lease, SubnetKey};
 
-use super::{
-    backend_port, check_same_backend, same_backend, Backend, BackendError, LeaseData, NodeInfo,
-};
+use super::routes::{PeerRoute, PeerRoutes};
+use super::{backend_port, Backend, BackendError, LeaseData, NodeInfo};
 use crate::netlink::{
     format_mac, FdbEntry, LinkDetails, Neighbour, Netlink, OwnRoute, VxlanAttrs, VxlanSpec,
 };
@@ -217,44 +216,34 @@ fn parse_backend_data(data: Option<&Value>) -> Result<PeerVtep, String> {
     Ok(PeerVtep { vni, mac })
 }
 
-/// One kernel object we install for a peer.
+/// One link-layer object we install on the VXLAN device for a peer (its routes are kept by
+/// the shared [`PeerRoutes`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Entry {
     /// Permanent ARP entry on the VXLAN device: peer's lease network address -> its VtepMAC.
     Neighbour { ip: Ipv4Addr, mac: [u8; 6] },
     /// FDB entry on the VXLAN device: VtepMAC -> peer's PublicIP.
     Fdb { mac: [u8; 6], dst: Ipv4Addr },
-    /// The route to the peer's subnet (through the VXLAN device, or direct).
-    Route {
-        dst: Ipv4Net,
-        via: Ipv4Addr,
-        oif: u32,
-        onlink: bool,
-    },
 }
 
 impl Entry {
     /// Whether two entries are the same kernel object, which a replace overwrites in place:
-    /// the neighbour table is keyed by IP, the FDB by MAC, routes by destination.
+    /// the neighbour table is keyed by IP, the FDB by MAC.
     fn same_object(&self, other: &Entry) -> bool {
         match (self, other) {
             (Entry::Neighbour { ip: a, .. }, Entry::Neighbour { ip: b, .. }) => a == b,
             (Entry::Fdb { mac: a, .. }, Entry::Fdb { mac: b, .. }) => a == b,
-            (Entry::Route { dst: a, .. }, Entry::Route { dst: b, .. }) => a == b,
             _ => false,
         }
     }
+}
 
-    fn route(&self) -> Option<OwnRoute> {
-        match self {
-            Entry::Route { dst, via, oif, .. } => Some(OwnRoute {
-                dst: IpNet::V4(*dst),
-                gateway: Some(IpAddr::V4(*via)),
-                oif: Some(*oif),
-            }),
-            _ => None,
-        }
-    }
+/// What a peer's lease calls for: link-layer entries, then routes (a route goes in last, so
+/// the kernel never resolves its gateway itself, and comes out first).
+#[derive(Debug, Default)]
+struct Wanted {
+    entries: Vec<Entry>,
+    routes: Vec<PeerRoute>,
 }
 
 /// A peer's lease turned into entries, or the reason it cannot be.
@@ -273,8 +262,10 @@ pub struct Vxlan {
     /// `flannel.<VNI>` as found or created in `new`.
     dev: LinkDetails,
     mac: [u8; 6],
-    /// What we installed, per peer lease, in installation order.
+    /// The neighbour and FDB entries we installed, per peer lease, in installation order.
     installed: HashMap<SubnetKey, Vec<Entry>>,
+    /// The routes we installed, per peer lease.
+    routes: PeerRoutes,
     /// The peers' leases, to program again on a recreated device.
     leases: HashMap<SubnetKey, Lease>,
     /// Our lease, to address a recreated device.
@@ -298,6 +289,7 @@ impl Vxlan {
         }
         let cfg = Config::parse(network, node.iface.mtu)?;
         let netlink = Netlink::open()?;
+        let routes_netlink = netlink.clone();
         let local = local_address(&netlink, node).await?;
         let dev = ensure_device(&netlink, &cfg, node, local, None).await?;
         let mac = <[u8; 6]>::try_from(dev.mac.as_slice()).map_err(|_| {
@@ -326,6 +318,7 @@ impl Vxlan {
             dev,
             mac,
             installed: HashMap::new(),
+            routes: PeerRoutes::new(routes_netlink),
             leases: HashMap::new(),
             own: None,
         })
@@ -340,13 +333,17 @@ impl Vxlan {
         if let Some(own) = self.own.clone() {
             self.start(&own).await?;
         }
-        // The old entries died with the old device (and named its index).
+        // The old entries and routes died with the old device (and named its index).
         self.installed.clear();
+        self.routes.forget_all();
         let peers: Vec<Lease> = self.leases.values().cloned().collect();
         let mut restored = 1;
         for p in &peers {
             match self.add_peer(p).await {
-                Ok(()) => restored += self.installed.get(&p.key).map_or(0, Vec::len),
+                Ok(()) => {
+                    restored += self.installed.get(&p.key).map_or(0, Vec::len);
+                    restored += self.routes.count(&p.key);
+                }
                 Err(e) => tracing::warn!("{e}"),
             }
         }
@@ -354,7 +351,7 @@ impl Vxlan {
     }
 
     /// Whether an entry we installed is still in the kernel.
-    fn present(e: &Entry, neigh: &[Neighbour], fdb: &[FdbEntry], routes: &[OwnRoute]) -> bool {
+    fn present(e: &Entry, neigh: &[Neighbour], fdb: &[FdbEntry]) -> bool {
         match e {
             Entry::Neighbour { ip, mac } => neigh
                 .iter()
@@ -362,7 +359,6 @@ impl Vxlan {
             Entry::Fdb { mac, dst } => fdb
                 .iter()
                 .any(|f| f.mac.as_slice() == mac.as_slice() && f.dst == Some(IpAddr::V4(*dst))),
-            Entry::Route { .. } => e.route().is_some_and(|r| routes.contains(&r)),
         }
     }
 
@@ -370,9 +366,8 @@ impl Vxlan {
         self.dev.link.index
     }
 
-    /// The entries a peer's lease calls for.
-    async fn plan(&self, peer: &Lease) -> Result<Vec<Entry>, BackendError> {
-        check_same_backend(peer, TYPE)?;
+    /// The entries and routes a peer's lease calls for.
+    async fn plan(&self, peer: &Lease) -> Result<Wanted, BackendError> {
         let subnet = peer
             .key
             .ipv4
@@ -402,12 +397,15 @@ impl Vxlan {
             match self.netlink.route_to(public_ip).await {
                 Ok(r) if r.gateway.is_none() => {
                     if let Some(oif) = r.oif {
-                        return Ok(vec![Entry::Route {
-                            dst: subnet,
-                            via: public_ip,
-                            oif,
-                            onlink: false,
-                        }]);
+                        return Ok(Wanted {
+                            entries: Vec::new(),
+                            routes: vec![PeerRoute {
+                                dst: IpNet::V4(subnet),
+                                via: IpAddr::V4(public_ip),
+                                oif,
+                                onlink: false,
+                            }],
+                        });
                     }
                 }
                 Ok(_) => {}
@@ -418,23 +416,24 @@ impl Vxlan {
                 ),
             }
         }
-        Ok(vec![
-            Entry::Neighbour {
-                ip: subnet.network(),
-                mac: vtep.mac,
-            },
-            Entry::Fdb {
-                mac: vtep.mac,
-                dst: public_ip,
-            },
-            // Last: the kernel would resolve the gateway itself if the route came first.
-            Entry::Route {
-                dst: subnet,
-                via: subnet.network(),
+        Ok(Wanted {
+            entries: vec![
+                Entry::Neighbour {
+                    ip: subnet.network(),
+                    mac: vtep.mac,
+                },
+                Entry::Fdb {
+                    mac: vtep.mac,
+                    dst: public_ip,
+                },
+            ],
+            routes: vec![PeerRoute {
+                dst: IpNet::V4(subnet),
+                via: IpAddr::V4(subnet.network()),
                 oif: self.index(),
                 onlink: true,
-            },
-        ])
+            }],
+        })
     }
 
     async fn install(&self, e: &Entry) -> Result<(), BackendError> {
@@ -442,22 +441,12 @@ impl Vxlan {
         match e {
             Entry::Neighbour { ip, mac } => self.netlink.replace_neighbour(idx, *ip, *mac).await?,
             Entry::Fdb { mac, dst } => self.netlink.replace_fdb(idx, *mac, *dst).await?,
-            Entry::Route {
-                dst,
-                via,
-                oif,
-                onlink,
-            } => {
-                self.netlink
-                    .replace_route(IpNet::V4(*dst), Some(IpAddr::V4(*via)), *oif, *onlink)
-                    .await?
-            }
         }
         Ok(())
     }
 
     /// Removes one entry unless another peer's entries still need the same kernel object
-    /// (the FDB is keyed by MAC, the neighbour table by IP, routes by destination).
+    /// (the FDB is keyed by MAC, the neighbour table by IP).
     async fn uninstall(&self, e: &Entry, except: &SubnetKey) -> Result<(), BackendError> {
         let shared = self
             .installed
@@ -476,24 +465,12 @@ impl Vxlan {
                     .delete_fdb(idx, *mac, Some(IpAddr::V4(*dst)))
                     .await?
             }
-            Entry::Route { oif, .. } => {
-                if let Some(r) = e.route() {
-                    // On our own device any route is ours (Go Flannel's too); elsewhere (direct
-                    // routing on the underlay) only one that carries our protocol number.
-                    if *oif == idx {
-                        self.netlink.delete_route_any_protocol(&r).await?
-                    } else {
-                        self.netlink.delete_route(&r).await?
-                    }
-                }
-            }
         }
         Ok(())
     }
 
-    /// Removes what we installed for `key` except the objects `keep` will overwrite anyway
-    /// (so a changed lease causes no gap), route first so that no route is ever left pointing
-    /// at a missing neighbour.
+    /// Removes the entries we installed for `key` except the objects `keep` will overwrite
+    /// anyway (so a changed lease causes no gap). Its routes go first (see `remove_peer`).
     async fn remove_entries(
         &mut self,
         key: &SubnetKey,
@@ -526,7 +503,11 @@ impl Vxlan {
     }
 
     /// Deletes neighbours, FDB entries and routes of ours that none of `wanted` justifies.
-    async fn sweep_stale(&self, wanted: &[Entry]) -> Result<(), BackendError> {
+    async fn sweep_stale(
+        &self,
+        wanted: &[Entry],
+        wanted_routes: &[OwnRoute],
+    ) -> Result<(), BackendError> {
         let idx = self.index();
         let want_neigh = |ip: Ipv4Addr| {
             wanted
@@ -538,12 +519,7 @@ impl Vxlan {
                 .iter()
                 .any(|e| matches!(e, Entry::Fdb { mac: w, .. } if w.as_slice() == mac))
         };
-        let want_route = |dst: &IpNet| {
-            wanted
-                .iter()
-                .filter_map(Entry::route)
-                .any(|r| r.dst == *dst)
-        };
+        let want_route = |dst: &IpNet| wanted_routes.iter().any(|r| r.dst == *dst);
 
         // Routes first, so traffic never meets a route whose neighbour is gone.
         let mut routes = self.netlink.routes_on_link(idx).await?;
@@ -715,9 +691,9 @@ impl Backend for Vxlan {
         TYPE
     }
 
-    fn mtu_overhead(&self) -> u32 {
-        // The daemon writes FLANNEL_MTU = underlay MTU - this; Backend.MTU may lower it further.
-        self.node.iface.mtu.saturating_sub(self.cfg.device_mtu())
+    fn mtu(&self) -> u32 {
+        // The device's MTU: the underlay's (or Backend.MTU) less VXLAN's 50 bytes.
+        self.cfg.device_mtu()
     }
 
     fn lease_data(&self) -> LeaseData {
@@ -764,18 +740,17 @@ impl Backend for Vxlan {
                 w
             }
             Err(e) => {
-                self.leases.remove(&peer.key);
                 // A lease that changed into something unusable must not leave its old entries.
-                if let Err(rm) = self.remove_entries(&peer.key, &[]).await {
+                if let Err(rm) = self.remove_peer(peer).await {
                     tracing::warn!(peer = %peer.key, "removing its previous entries: {rm}");
                 }
                 return Err(e);
             }
         };
-        self.remove_entries(&peer.key, &wanted).await?;
+        self.remove_entries(&peer.key, &wanted.entries).await?;
         let mut done = Vec::new();
         let mut result = Ok(());
-        for e in &wanted {
+        for e in &wanted.entries {
             match self.install(e).await {
                 Ok(()) => done.push(e.clone()),
                 Err(err) => {
@@ -784,17 +759,29 @@ impl Backend for Vxlan {
                 }
             }
         }
+        // Whatever went in is recorded, so that removing the peer later takes it out again.
+        self.installed.insert(peer.key.clone(), done);
+        // Routes only over complete entries: otherwise none (the old one may point at them).
+        let routes = if result.is_ok() {
+            wanted.routes.clone()
+        } else {
+            Vec::new()
+        };
+        if let Err(e) = self.routes.set(&peer.key, routes).await {
+            result = result.and(Err(peer_error(peer, e.to_string())));
+        }
         if result.is_ok() {
             tracing::debug!(peer = %peer.key, public_ip = %peer.attrs.public_ip, entries = ?wanted, "peer programmed");
         }
-        // Whatever went in is recorded, so that removing the peer later takes it out again.
-        self.installed.insert(peer.key.clone(), done);
         result
     }
 
     async fn remove_peer(&mut self, peer: &Lease) -> Result<(), BackendError> {
         self.leases.remove(&peer.key);
-        self.remove_entries(&peer.key, &[]).await
+        // Route first, so that no route is ever left pointing at a missing neighbour.
+        let routes = self.routes.remove(&peer.key).await;
+        self.remove_entries(&peer.key, &[]).await?;
+        Ok(routes?)
     }
 
     fn device_name(&self) -> Option<String> {
@@ -802,11 +789,7 @@ impl Backend for Vxlan {
     }
 
     fn wanted_routes(&self) -> Vec<OwnRoute> {
-        self.installed
-            .values()
-            .flatten()
-            .filter_map(Entry::route)
-            .collect()
+        self.routes.wanted()
     }
 
     async fn repair(&mut self) -> Result<usize, BackendError> {
@@ -833,13 +816,11 @@ impl Backend for Vxlan {
         }
         let neigh = self.netlink.neighbours(idx).await?;
         let fdb = self.netlink.fdb_entries(idx).await?;
-        let mut routes = self.netlink.routes_on_link(idx).await?;
-        routes.extend(self.netlink.own_routes().await?);
         let missing: Vec<Entry> = self
             .installed
             .values()
             .flatten()
-            .filter(|e| !Self::present(e, &neigh, &fdb, &routes))
+            .filter(|e| !Self::present(e, &neigh, &fdb))
             .cloned()
             .collect();
         for e in &missing {
@@ -847,24 +828,25 @@ impl Backend for Vxlan {
             self.install(e).await?;
             restored += 1;
         }
-        Ok(restored)
+        Ok(restored + self.routes.repair().await?)
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError> {
-        let mut wanted = Vec::new();
+        let (mut entries, mut routes) = (Vec::new(), Vec::new());
         for p in peers {
-            if let Ok(es) = self.plan(p).await {
-                wanted.extend(es);
+            if let Ok(w) = self.plan(p).await {
+                entries.extend(w.entries);
+                routes.extend(w.routes.iter().map(PeerRoute::as_own));
             }
         }
-        if let Err(e) = self.sweep_stale(&wanted).await {
+        if let Err(e) = self.sweep_stale(&entries, &routes).await {
             tracing::warn!("removing stale entries from {}: {e}", self.dev.link.name);
         }
         let mut first_err = Ok(());
         for p in peers {
             if let Err(e) = self.add_peer(p).await {
                 tracing::warn!("{e}");
-                if first_err.is_ok() && same_backend(p, TYPE) {
+                if first_err.is_ok() {
                     first_err = Err(e);
                 }
             }

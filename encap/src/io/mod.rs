@@ -1,5 +1,6 @@
 //! Batched, blocking I/O for the userspace datapath: TUN queues with virtio-net offloads and UDP
-//! sockets with GSO/GRO and `sendmmsg`/`recvmmsg` (see `/work/shared/spec/fast-path.md`).
+//! sockets with GSO/GRO and `sendmmsg`/`recvmmsg` (the kernel facts are in the project's
+//! fast-path spec, `shared/spec/fast-path.md` beside the checkout).
 //!
 //! The model is wireguard-go's `tun.Device` / `conn.Bind`: each queue or socket is driven by a
 //! dedicated thread doing blocking calls through `&self`, with buffers the caller allocated once.
@@ -38,7 +39,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// Errors while setting up a TUN device or a socket: which call failed on what.
 #[derive(Debug, Error)]
-pub enum IoError {
+pub enum SetupError {
     #[error("invalid TUN device name {0:?}: need 1-15 bytes, no '/', whitespace or NUL")]
     InvalidName(String),
     #[error("TUN device {0:?}: need at least one queue")]

@@ -1,6 +1,7 @@
 //! `recvmmsg` into buffers allocated once: [`RecvBatch`] owns the data, address and cmsg space
 //! for `count` messages and, after [`UdpSock::recv_batch`], each message's length, source and
-//! GRO segment size.
+//! GRO segment size. The syscall's headers, which point into those buffers, are built on the
+//! stack for each call, so the batch holds no raw pointers into itself and is plainly `Send`.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -12,8 +13,8 @@ use super::addr::{RawAddr, RAW_ADDR_LEN};
 use super::sys::{cvt, retry};
 use super::udp::{CmsgBuf, UdpSock};
 
-/// Most messages per `recvmmsg` (`UIO_MAXIOV`; the kernel caps `vlen` there anyway).
-const MAX_COUNT: usize = 1024;
+/// Most messages per `recvmmsg`: the headers for that many live on the stack (5 KiB).
+const MAX_COUNT: usize = 64;
 
 /// Where a message's source could not be read (never seen for UDP; kept total rather than panic).
 const UNKNOWN_SRC: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
@@ -32,19 +33,11 @@ pub struct RecvBatch {
     /// `count` slots of `slot_len` bytes, back to back.
     data: Vec<u8>,
     slot_len: usize,
-    iovs: Vec<libc::iovec>,
     names: Vec<RawAddr>,
     ctrl: Vec<CmsgBuf>,
-    hdrs: Vec<libc::mmsghdr>,
     meta: Vec<Meta>,
     filled: usize,
 }
-
-// SAFETY: the raw pointers in `iovs` and `hdrs` only ever point into this batch's own heap
-// buffers (which move with it) and are rewritten right before each recvmmsg.
-unsafe impl Send for RecvBatch {}
-// SAFETY: no `&self` method dereferences those pointers; shared access only reads plain data.
-unsafe impl Sync for RecvBatch {}
 
 impl std::fmt::Debug for RecvBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -142,30 +135,22 @@ impl<'a> Iterator for Datagrams<'a> {
 impl ExactSizeIterator for Datagrams<'_> {}
 
 impl RecvBatch {
-    /// Room for `count` messages (1..=1024) of `buf_len` bytes each (at least 1). With GRO on,
+    /// Room for `count` messages (1..=64) of `buf_len` bytes each (at least 1). With GRO on,
     /// use 65535: a merged message larger than its slot is truncated and lost.
     pub fn new(count: usize, buf_len: usize) -> Self {
         let count = count.clamp(1, MAX_COUNT);
         let slot_len = buf_len.max(1);
-        let empty_iov = libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        };
         let empty_meta = Meta {
             len: 0,
             src: UNKNOWN_SRC,
             gro: None,
             truncated: false,
         };
-        // SAFETY: mmsghdr is a plain C struct; all zeros is a valid (empty) value.
-        let empty_hdr: libc::mmsghdr = unsafe { std::mem::zeroed() };
         Self {
             data: vec![0; count * slot_len],
             slot_len,
-            iovs: vec![empty_iov; count],
             names: vec![RawAddr::zeroed(); count],
             ctrl: vec![CmsgBuf([0; 64]); count],
-            hdrs: vec![empty_hdr; count],
             meta: vec![empty_meta; count],
             filled: 0,
         }
@@ -173,7 +158,7 @@ impl RecvBatch {
 
     /// How many messages one receive can return.
     pub fn capacity(&self) -> usize {
-        self.hdrs.len()
+        self.meta.len()
     }
 
     /// The size of each message slot.
@@ -222,49 +207,32 @@ impl RecvBatch {
             })
     }
 
-    /// Points every header at its slot, name and cmsg space, resetting the in/out lengths.
-    fn prepare(&mut self) {
-        self.filled = 0;
-        let data = self.data.as_mut_ptr();
-        for (i, iov) in self.iovs.iter_mut().enumerate() {
-            *iov = libc::iovec {
-                iov_base: data.wrapping_add(i * self.slot_len).cast(),
-                iov_len: self.slot_len,
+    /// Puts messages in as a receive would, for in-memory sockets in tests: each (source,
+    /// bytes, GRO segment size) into the next slot, cut to the slot and marked truncated if
+    /// longer. Returns how many fitted in the batch.
+    #[cfg(test)]
+    pub(crate) fn fill<'d>(
+        &mut self,
+        msgs: impl IntoIterator<Item = (SocketAddr, &'d [u8], Option<u16>)>,
+    ) -> usize {
+        let mut n = 0;
+        let slots = self
+            .data
+            .chunks_mut(self.slot_len)
+            .zip(self.meta.iter_mut());
+        for ((slot, meta), (src, bytes, gro)) in slots.zip(msgs) {
+            let len = bytes.len().min(slot.len());
+            slot[..len].copy_from_slice(&bytes[..len]);
+            *meta = Meta {
+                len,
+                src,
+                gro,
+                truncated: len < bytes.len(),
             };
-        }
-        // Raw pointers are taken after the last write through a reference to these buffers.
-        let (iovs, names, ctrl) = (
-            self.iovs.as_mut_ptr(),
-            self.names.as_mut_ptr(),
-            self.ctrl.as_mut_ptr(),
-        );
-        for (i, h) in self.hdrs.iter_mut().enumerate() {
-            let m = &mut h.msg_hdr;
-            m.msg_name = names.wrapping_add(i).cast();
-            m.msg_namelen = RAW_ADDR_LEN;
-            m.msg_iov = iovs.wrapping_add(i);
-            m.msg_iovlen = 1;
-            m.msg_control = ctrl.wrapping_add(i).cast();
-            m.msg_controllen = size_of::<CmsgBuf>() as _;
-            m.msg_flags = 0;
-            h.msg_len = 0;
-        }
-    }
-
-    /// Records length, source, GRO size and truncation of the first `n` messages.
-    fn finish(&mut self, n: usize) {
-        for i in 0..n {
-            let h = &self.hdrs[i];
-            self.meta[i] = Meta {
-                len: (h.msg_len as usize).min(self.slot_len),
-                src: self.names[i]
-                    .get(h.msg_hdr.msg_namelen)
-                    .unwrap_or(UNKNOWN_SRC),
-                gro: gro_size(&h.msg_hdr),
-                truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
-            };
+            n += 1;
         }
         self.filled = n;
+        n
     }
 }
 
@@ -297,17 +265,62 @@ impl UdpSock {
     /// The wait is a `poll`, not recvmmsg's own timeout, which is only checked between
     /// datagrams and so cannot end an idle wait.
     pub fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
-        batch.prepare();
+        batch.filled = 0;
+        let count = batch.capacity().min(MAX_COUNT);
+        let slot_len = batch.slot_len;
+        let mut iovs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_COUNT];
+        for (iov, slot) in iovs.iter_mut().zip(batch.data.chunks_mut(slot_len)) {
+            iov.iov_base = slot.as_mut_ptr().cast();
+            iov.iov_len = slot.len();
+        }
+        // SAFETY: mmsghdr is a plain C struct; all zeros is a valid (empty) value.
+        let mut hdrs: [libc::mmsghdr; MAX_COUNT] = unsafe { std::mem::zeroed() };
+        // Raw pointers are taken after the last write through a reference to these buffers.
+        let (iov_ptr, names, ctrl) = (
+            iovs.as_mut_ptr(),
+            batch.names.as_mut_ptr(),
+            batch.ctrl.as_mut_ptr(),
+        );
+        for (i, h) in hdrs.iter_mut().take(count).enumerate() {
+            let m = &mut h.msg_hdr;
+            m.msg_name = names.wrapping_add(i).cast();
+            m.msg_namelen = RAW_ADDR_LEN;
+            m.msg_iov = iov_ptr.wrapping_add(i);
+            m.msg_iovlen = 1;
+            m.msg_control = ctrl.wrapping_add(i).cast();
+            m.msg_controllen = size_of::<CmsgBuf>() as _;
+        }
         let fd = self.as_raw_fd();
-        let hdrs = batch.hdrs.as_mut_ptr();
-        let vlen = batch.hdrs.len() as c_uint;
+        let hdr_ptr = hdrs.as_mut_ptr();
         let n = retry(fd, libc::POLLIN, &self.timeout, || {
-            // SAFETY: `prepare` pointed all `vlen` headers at buffers owned by `batch`, which
-            // stays exclusively borrowed (nothing else touches it) until recvmmsg returns.
-            cvt(unsafe { libc::recvmmsg(fd, hdrs, vlen, libc::MSG_DONTWAIT, std::ptr::null_mut()) })
+            // SAFETY: the first `count` headers point at `count` iovecs on this stack frame and
+            // at slots, names and cmsg space of `batch` (all in bounds: `count` is at most the
+            // batch's capacity), which stays exclusively borrowed until recvmmsg returns.
+            cvt(unsafe {
+                libc::recvmmsg(
+                    fd,
+                    hdr_ptr,
+                    count as c_uint,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            })
         })?;
-        let n = n as usize;
-        batch.finish(n);
+        let n = (n as usize).min(count);
+        for (i, h) in hdrs.iter().take(n).enumerate() {
+            batch.meta[i] = Meta {
+                len: (h.msg_len as usize).min(slot_len),
+                src: batch.names[i]
+                    .get(h.msg_hdr.msg_namelen)
+                    .unwrap_or(UNKNOWN_SRC),
+                gro: gro_size(&h.msg_hdr),
+                truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+            };
+        }
+        batch.filled = n;
         Ok(n)
     }
 }

@@ -17,7 +17,7 @@ use libc::{c_char, c_int, c_short, c_ulong};
 use tracing::debug;
 
 use super::sys::{cvt, cvt_size, retry, Timeout};
-use super::{IoError, DEFAULT_TIMEOUT};
+use super::{SetupError, DEFAULT_TIMEOUT};
 
 /// Size of `struct virtio_net_hdr` that starts every read and write.
 pub const VNET_HDR_LEN: usize = 10;
@@ -55,17 +55,17 @@ pub struct TunQueue {
 /// `name` may be a template like `flannel%d`; [`TunQueue::name`] gives the real name. Attaching
 /// to an existing device fails with `EINVAL` if it was created with other flags (TAP, queue
 /// mode, no `IFF_VNET_HDR`). Needs `CAP_NET_ADMIN` to create the device.
-pub fn open_tun(name: &str, queues: usize, offload: bool) -> Result<Vec<TunQueue>, IoError> {
+pub fn open_tun(name: &str, queues: usize, offload: bool) -> Result<Vec<TunQueue>, SetupError> {
     if name.is_empty()
         || name.len() >= libc::IFNAMSIZ
         || name
             .bytes()
             .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace())
     {
-        return Err(IoError::InvalidName(name.to_owned()));
+        return Err(SetupError::InvalidName(name.to_owned()));
     }
     if queues == 0 {
-        return Err(IoError::NoQueues(name.to_owned()));
+        return Err(SetupError::NoQueues(name.to_owned()));
     }
     let mut flags = libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
     if queues > 1 {
@@ -78,7 +78,7 @@ pub fn open_tun(name: &str, queues: usize, offload: bool) -> Result<Vec<TunQueue
         // Builds the error for `call` on this queue (setup path only, so formatting eagerly is fine).
         let err = |call: &'static str, name: &str| {
             let target = format!("TUN {name} queue {}/{queues}", index + 1);
-            move |source| IoError::Os {
+            move |source| SetupError::Os {
                 call,
                 target,
                 source,

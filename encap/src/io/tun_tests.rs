@@ -51,13 +51,13 @@ fn gone(name: &str) -> bool {
 fn rejects_bad_names_and_zero_queues() {
     for bad in ["", "abcdefghijklmnop", "a/b", "a b"] {
         assert!(
-            matches!(open_tun(bad, 1, false), Err(IoError::InvalidName(_))),
+            matches!(open_tun(bad, 1, false), Err(SetupError::InvalidName(_))),
             "{bad:?}"
         );
     }
     assert!(matches!(
         open_tun("frtiox", 0, false),
-        Err(IoError::NoQueues(_))
+        Err(SetupError::NoQueues(_))
     ));
 }
 

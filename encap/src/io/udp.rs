@@ -12,7 +12,7 @@ use libc::{c_int, c_uint};
 
 use super::addr::RawAddr;
 use super::sys::{cvt, cvt_size, getsockopt_int, retry, setsockopt_int, Timeout};
-use super::{IoError, DEFAULT_TIMEOUT};
+use super::{SetupError, DEFAULT_TIMEOUT};
 
 /// Most messages one [`UdpSock::send_batch`] call sends; the headers live on the stack.
 pub const SEND_BATCH_MAX: usize = 64;
@@ -24,22 +24,8 @@ pub const GSO_MAX_SEGMENTS: usize = 64;
 /// Socket buffer size worth asking for: wireguard-go's 7 MiB, enough for a few ms of 10 Gbit/s.
 pub const DEFAULT_SOCKET_BUFFER: usize = 7 << 20;
 
-/// Kernel socket option numbers missing from libc for glibc targets (asm-generic values; MIPS,
-/// SPARC, PA-RISC and Alpha differ, so they just skip the forced variant).
-#[cfg(not(any(
-    target_arch = "mips",
-    target_arch = "mips64",
-    target_arch = "sparc",
-    target_arch = "sparc64"
-)))]
-const FORCE_OPTS: Option<(c_int, c_int)> = Some((33, 32)); // (SO_RCVBUFFORCE, SO_SNDBUFFORCE)
-#[cfg(any(
-    target_arch = "mips",
-    target_arch = "mips64",
-    target_arch = "sparc",
-    target_arch = "sparc64"
-))]
-const FORCE_OPTS: Option<(c_int, c_int)> = None;
+/// The forced variants of the buffer options (root may exceed `net.core.[rw]mem_max`).
+const FORCE_OPTS: Option<(c_int, c_int)> = Some((libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE));
 
 /// Room for one `cmsghdr` with a small payload (`UDP_SEGMENT`'s u16, `UDP_GRO`'s int), aligned
 /// like `cmsghdr`.
@@ -66,9 +52,9 @@ pub struct BufferSizes {
 impl UdpSock {
     /// Binds a UDP socket to `addr`, with `SO_REUSEPORT` first if asked so several workers can
     /// share the port (the kernel then hashes flows to sockets).
-    pub fn bind(addr: SocketAddr, reuse_port: bool) -> Result<Self, IoError> {
+    pub fn bind(addr: SocketAddr, reuse_port: bool) -> Result<Self, SetupError> {
         let err = |call| {
-            move |source| IoError::Os {
+            move |source| SetupError::Os {
                 call,
                 target: format!("UDP socket {addr}"),
                 source,

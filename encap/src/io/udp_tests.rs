@@ -277,5 +277,5 @@ fn recv_batch_sizes_are_clamped() {
     let b = RecvBatch::new(0, 0);
     assert_eq!((b.capacity(), b.buf_len(), b.len()), (1, 1, 0));
     assert!(b.msg(0).is_none());
-    assert_eq!(RecvBatch::new(5000, 8).capacity(), 1024);
+    assert_eq!(RecvBatch::new(5000, 8).capacity(), 64);
 }

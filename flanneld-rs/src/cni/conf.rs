@@ -102,17 +102,8 @@ impl NetConf {
     }
 }
 
-/// A top-level field by name: an exact match first, else a case-insensitive one (as Go's
-/// decoder does); `null` counts as absent.
-pub fn field<'a>(json: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
-    json.get(name)
-        .or_else(|| {
-            json.iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v)
-        })
-        .filter(|v| !v.is_null())
-}
+pub use subnet_manager::json::field;
+pub(super) use subnet_manager::json::kind;
 
 fn string(json: &Map<String, Value>, name: &str) -> Result<Option<String>, CniError> {
     match field(json, name) {
@@ -132,17 +123,6 @@ fn object(json: &Map<String, Value>, name: &str) -> Result<Option<Map<String, Va
 
 fn wrong_type(name: &str, expected: &str, got: &Value) -> CniError {
     CniError::InvalidConfig(format!("{name:?} must be {expected}, got {}", kind(got)))
-}
-
-pub(super) fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]

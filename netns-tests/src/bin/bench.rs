@@ -210,7 +210,7 @@ fn report_perf(dir: &str, mode: &str) {
 
 /// Go Flannel v0.20.2 on every node, started one at a time (its README's advice).
 fn start_go(c: &mut Cluster, backend: &str) -> Result<()> {
-    if let Some(why) = netns_tests::goflannel::skip_reason()? {
+    if let Some(why) = netns_tests::goflannel::missing() {
         bail!("{why}");
     }
     c.put_config(&config(backend))?;
@@ -229,7 +229,7 @@ fn start_go(c: &mut Cluster, backend: &str) -> Result<()> {
 /// be: device address = lease address with the Network's prefix (so the whole Network routes
 /// into it), MTU 1420, each peer with AllowedIPs = its pod subnet and endpoint = its node:51820.
 fn start_wireguard_go(c: &mut Cluster) -> Result<()> {
-    if let Some(why) = netns_tests::wg::skip_reason()? {
+    if let Some(why) = netns_tests::wg::missing() {
         bail!("{why}");
     }
     let mut devs = Vec::new();

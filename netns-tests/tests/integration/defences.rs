@@ -82,6 +82,16 @@ fn lease_value(c: &Cluster, key: &str) -> Result<Option<String>> {
     c.etcd()?.get(&format!("{ETCD_PREFIX}/subnets/{key}"))
 }
 
+/// A string field of node `i`'s BackendData (its VtepMAC, its PublicKey).
+fn backend_field(c: &Cluster, i: usize, field: &str) -> Result<String> {
+    let value = lease_value(c, &node_key(c, i)?)?.context("no lease")?;
+    let json: serde_json::Value = serde_json::from_str(&value)?;
+    json["BackendData"][field]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("no {field} in {value}"))
+}
+
 /// Hostile leases on host-gw: the underlay's own prefix, the whole Network, half of a node's
 /// subnet, a node's own PublicIP. Before the fix the first replaced the connected route of
 /// every node (etcd unreachable) and deleting it deleted the route.
@@ -158,14 +168,7 @@ fn hostile_leases_never_reach_host_gw_routes() -> Result<()> {
 fn copied_vtep_mac_is_refused() -> Result<()> {
     require_root!();
     let (c, pods) = cluster("vxlan", 2)?;
-    let n2_key = node_key(&c, 1)?;
-    let n2_value = lease_value(&c, &n2_key)?.context("n2's lease")?;
-    let mac = n2_value
-        .split("\"VtepMAC\":\"")
-        .nth(1)
-        .and_then(|s| s.split('"').next())
-        .context("no VtepMAC")?
-        .to_string();
+    let mac = backend_field(&c, 1, "VtepMAC")?;
     let fdb = || c.nodes[0].run("bridge", &["fdb", "show", "dev", "flannel.1"]);
     let before = fdb()?;
     put_lease(
@@ -198,13 +201,7 @@ fn copied_vtep_mac_is_refused() -> Result<()> {
 fn copied_wireguard_key_is_refused() -> Result<()> {
     require_root!();
     let (c, pods) = cluster("wireguard", 2)?;
-    let n2_value = lease_value(&c, &node_key(&c, 1)?)?.context("n2's lease")?;
-    let key = n2_value
-        .split("\"PublicKey\":\"")
-        .nth(1)
-        .and_then(|s| s.split('"').next())
-        .context("no PublicKey")?
-        .to_string();
+    let key = backend_field(&c, 1, "PublicKey")?;
     put_lease(
         &c,
         "10.244.200.0-24",

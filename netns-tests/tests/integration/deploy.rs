@@ -133,12 +133,18 @@ fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
         .find_map(|a| a.strip_prefix(&format!("--{name}=")))
 }
 
-#[test]
-fn manifests_parse_and_agree_with_the_daemon() -> Result<()> {
-    let image = format!("ghcr.io/flanneld-rs/flanneld-rs:v{VERSION}");
+/// The CNI conflist: our plugin in Flannel's format, then portmap.
+fn conflist() -> Result<Value> {
+    Ok(serde_json::from_str(&read("10-flannel.conflist")?)?)
+}
 
-    // The CNI conflist: our plugin in Flannel's format, then portmap.
-    let conflist: Value = serde_json::from_str(&read("10-flannel.conflist")?)?;
+fn image() -> String {
+    format!("ghcr.io/flanneld-rs/flanneld-rs:v{VERSION}")
+}
+
+#[test]
+fn cni_conflist_is_flannels_format() -> Result<()> {
+    let conflist = conflist()?;
     ensure!(str_at(&conflist, "/name")? == "cbr0");
     ensure!(str_at(&conflist, "/cniVersion")? == "1.0.0");
     ensure!(str_at(&conflist, "/plugins/0/type")? == "flannel");
@@ -147,7 +153,15 @@ fn manifests_parse_and_agree_with_the_daemon() -> Result<()> {
     ensure!(str_at(&conflist, "/plugins/1/type")? == "portmap");
     ensure!(conflist.pointer("/plugins/1/capabilities/portMappings") == Some(&Value::Bool(true)));
 
-    // kube-flannel-rs.yml: Namespace, ConfigMap, DaemonSet.
+    Ok(())
+}
+
+/// kube-flannel-rs.yml: Namespace, ConfigMap and DaemonSet, with every flag, variable, mount
+/// and probe the daemon container gets accepted by the real binary.
+#[test]
+fn daemonset_manifest_agrees_with_the_daemon() -> Result<()> {
+    let image = image();
+    let conflist = conflist()?;
     let docs = yaml_docs("kube-flannel-rs.yml")?;
     let kind = |k: &str| {
         docs.iter()
@@ -345,7 +359,11 @@ fn manifests_parse_and_agree_with_the_daemon() -> Result<()> {
     );
     daemon_accepts(&args, &env)?;
 
-    // The Dockerfile builds what the manifest runs.
+    Ok(())
+}
+
+#[test]
+fn dockerfile_builds_what_the_manifest_runs() -> Result<()> {
     let docker = read("Dockerfile")?;
     let froms: Vec<&str> = docker.lines().filter(|l| l.starts_with("FROM ")).collect();
     ensure!(
@@ -370,7 +388,14 @@ fn manifests_parse_and_agree_with_the_daemon() -> Result<()> {
         "ip-masq tools in the image"
     );
 
-    // The systemd unit: our binary, flags as FLANNELD_* variables, a clean stop.
+    Ok(())
+}
+
+/// The systemd unit: our binary, flags as FLANNELD_* variables the daemon accepts, a clean
+/// stop, room for file descriptors; and, where they exist, systemd's and Kubernetes' own
+/// parsers get a look too.
+#[test]
+fn systemd_unit_runs_our_binary_with_accepted_settings() -> Result<()> {
     let unit = read("flanneld-rs.service")?;
     let mut unit_env = BTreeMap::new();
     let mut exec = None;
@@ -389,14 +414,22 @@ fn manifests_parse_and_agree_with_the_daemon() -> Result<()> {
         "ExecStart={exec}"
     );
     daemon_accepts(&words.map(str::to_string).collect::<Vec<_>>(), &unit_env)?;
-    for want in ["KillSignal=SIGTERM", "Restart=always", "[Install]"] {
+    for want in [
+        "KillSignal=SIGTERM",
+        "Restart=always",
+        "LimitNOFILE=65536",
+        "[Install]",
+    ] {
         ensure!(unit.lines().any(|l| l == want), "the unit lacks {want}");
     }
 
-    // Where their tools exist, Kubernetes' own decoder and systemd's own parser get a look too.
     tool_checks(&unit)?;
 
-    // The scripts are valid shell and executable.
+    Ok(())
+}
+
+#[test]
+fn deploy_scripts_are_valid_shell_and_executable() -> Result<()> {
     for (shell, name) in [("sh", "install-cni.sh"), ("bash", "etcd-config.sh")] {
         let path = deploy_dir().join(name);
         let ok = Command::new(shell).arg("-n").arg(&path).status()?.success();

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use netns_tests::cluster::{Cluster, Pod, ETCD_PREFIX};
 use netns_tests::proc::run_in;
-use netns_tests::traffic::{http_get, in_netns, metric, tcp_transfer, Xorshift};
+use netns_tests::traffic::{http_get, in_netns, metric, tcp_transfer, TestRng};
 use netns_tests::wait_until;
 
 use crate::require_root;
@@ -263,7 +263,7 @@ fn million_random_datagrams(backend: &str, port: u16) -> Result<()> {
     let t = Instant::now();
     in_netns(&c.nodes[2].ns, move || {
         let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        let mut rng = Xorshift(7);
+        let mut rng = TestRng::new(7);
         let mut buf = [0u8; 1400];
         for i in 0..1_000_000u32 {
             let len = 1 + (rng.next_u64() % 1399) as usize;
@@ -276,7 +276,18 @@ fn million_random_datagrams(backend: &str, port: u16) -> Result<()> {
         Ok(())
     })?;
     let took = t.elapsed();
-    std::thread::sleep(Duration::from_millis(500));
+    netns_tests::traffic::wait_for_drops(
+        &c.nodes[1].ns,
+        METRICS,
+        &[
+            "unknown_sender",
+            "not_authentic",
+            "spoofed_source",
+            "not_for_us",
+            "malformed",
+        ],
+        500_000.0,
+    );
     ensure!(
         c.nodes[1].daemon.as_mut().is_some_and(|d| d.alive()),
         "n2 died"

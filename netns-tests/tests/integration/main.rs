@@ -17,12 +17,11 @@ mod udp;
 mod vxlan;
 mod wireguard;
 
-/// Skips a root-only test with a message (CI runs as root, so there they always run).
+/// Skips a root-only test with a message; under `CI=true` not running as root is an error.
 #[macro_export]
 macro_rules! require_root {
     () => {
-        if !netns_tests::is_root() {
-            eprintln!("skipped: needs root (network namespaces)");
+        if netns_tests::must_skip(netns_tests::root_missing())? {
             return Ok(());
         }
     };

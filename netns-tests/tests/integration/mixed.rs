@@ -14,8 +14,7 @@ use crate::require_root;
 /// Skips when Go Flannel is not on this machine (fails instead under CI=true).
 macro_rules! require_go_flannel {
     () => {
-        if let Some(why) = goflannel::skip_reason()? {
-            eprintln!("skipped: {why}");
+        if netns_tests::must_skip(goflannel::missing())? {
             return Ok(());
         }
     };

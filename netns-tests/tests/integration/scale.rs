@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use base64::Engine as _;
 use netns_tests::cluster::{Cluster, ETCD_PREFIX, UNDERLAY_GW};
 use netns_tests::proc::Daemon;
 use netns_tests::traffic::{http_get, in_netns, metric};
@@ -36,7 +37,9 @@ fn fake_lease(i: u32, backend: &str) -> (SubnetKey, LeaseAttrs) {
             key[31] = 0x40;
             (
                 Some("wireguard".to_string()),
-                Some(serde_json::json!({"PublicKey": base64(&key), "Port": 51820})),
+                Some(
+                    serde_json::json!({"PublicKey": base64::engine::general_purpose::STANDARD.encode(key), "Port": 51820}),
+                ),
             )
         }
         other => (Some(other.to_string()), None),
@@ -55,28 +58,6 @@ fn fake_lease(i: u32, backend: &str) -> (SubnetKey, LeaseAttrs) {
         }),
         attrs,
     )
-}
-
-/// Standard base64 with padding (WireGuard's key encoding), enough for test keys.
-fn base64(bytes: &[u8]) -> String {
-    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (k, shift) in [18, 12, 6, 0].iter().enumerate() {
-            if k <= chunk.len() {
-                out.push(ABC[((n >> shift) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// The generator: writes `PEERS` leases through the etcd API from inside the underlay.
@@ -119,14 +100,23 @@ fn thousand_peers(backend: &str) -> Result<()> {
             .map(|r| r.lines().filter(|l| l.starts_with("10.1")).count())
             .unwrap_or(0)
     };
-    wait_until("1,000 peers programmed", Duration::from_secs(30), || {
-        let known = http_get(&ns, METRICS, "/metrics")
+    let gauge = |name: &str| -> usize {
+        http_get(&ns, METRICS, "/metrics")
             .ok()
-            .and_then(|(_, body)| metric(&body, "flanneld_peers"))
-            .is_some_and(|p| p >= f64::from(PEERS));
-        // udp and wireguard keep peers in tables of their own; the others program one route
-        // per peer.
-        known && (userspace || routes(&c) >= PEERS as usize)
+            .and_then(|(_, body)| metric(&body, name))
+            .map_or(0, |v| v as usize)
+    };
+    // udp and wireguard keep peers in the table their packet threads route by (reported as
+    // flanneld_datapath_peers); the others program one route per peer.
+    let programmed = |c: &Cluster| {
+        if userspace {
+            gauge("flanneld_datapath_peers")
+        } else {
+            routes(c)
+        }
+    };
+    wait_until("1,000 peers programmed", Duration::from_secs(30), || {
+        gauge("flanneld_peers") >= PEERS as usize && programmed(&c) >= PEERS as usize
     })?;
     let took = start.elapsed();
     let log = c.nodes[0].log();
@@ -136,11 +126,7 @@ fn thousand_peers(backend: &str) -> Result<()> {
         .and_then(Daemon::pid)
         .context("pid")?;
     let rss = netns_tests::proc::rss_kib(pid)?;
-    let kernel_state = if userspace {
-        PEERS as usize
-    } else {
-        routes(&c)
-    };
+    let kernel_state = programmed(&c);
     eprintln!("{backend}: daemon start to 1,000 peers programmed: {took:?} (including etcd connect and lease); RSS {rss} KiB; {kernel_state} peers in routes or tables");
     ensure!(
         kernel_state >= PEERS as usize,
@@ -175,6 +161,7 @@ fn thousand_peers(backend: &str) -> Result<()> {
     if let Some(data) = attrs.backend_data.as_mut() {
         data["VtepMAC"] = serde_json::json!("0a:58:00:00:ff:07");
     }
+    let updates_before = gauge("flanneld_datapath_table_updates_total");
     c.etcd()?.put(&key.to_key(ETCD_PREFIX), &attrs.to_json())?;
     let changed = Instant::now();
     let dst = key.ipv4.map(|n| n.to_string()).unwrap_or_default();
@@ -190,7 +177,11 @@ fn thousand_peers(backend: &str) -> Result<()> {
                 .run("ip", &["neigh", "show"])
                 .is_ok_and(|n| n.contains("0a:58:00:00:ff:07"))
         })?,
-        _ => Duration::ZERO,
+        _ => wait_until(
+            "the datapath's table replaced",
+            Duration::from_secs(5),
+            || gauge("flanneld_datapath_table_updates_total") > updates_before,
+        )?,
     };
     let applied = changed.elapsed();
     std::thread::sleep(Duration::from_millis(500));

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use netns_tests::cluster::{Cluster, Pod};
 use netns_tests::proc::run_in;
-use netns_tests::traffic::{http_get, in_netns, metric, tcp_transfer, Xorshift};
+use netns_tests::traffic::{http_get, in_netns, metric, tcp_transfer, TestRng};
 
 use crate::require_root;
 
@@ -111,7 +111,7 @@ fn hostile_datagrams_are_counted_and_harmless() -> Result<()> {
     let to = target.clone();
     in_netns(&c.nodes[2].ns, move || {
         let sock = UdpSocket::bind("0.0.0.0:0")?;
-        let mut rng = Xorshift(42);
+        let mut rng = TestRng::new(42);
         let mut buf = [0u8; 1500];
         for _ in 0..5000 {
             let len = 1 + (rng.next_u64() % 1499) as usize;
@@ -136,7 +136,17 @@ fn hostile_datagrams_are_counted_and_harmless() -> Result<()> {
         }
         Ok(())
     })?;
-    std::thread::sleep(Duration::from_millis(500));
+    netns_tests::traffic::wait_for_drops(
+        &c.nodes[1].ns,
+        METRICS,
+        &[
+            "unknown_sender",
+            "spoofed_source",
+            "not_for_us",
+            "malformed",
+        ],
+        5940.0,
+    );
     ensure!(
         c.nodes[1].daemon.as_mut().is_some_and(|d| d.alive()),
         "daemon on n2 died"

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use netns_tests::cluster::{Cluster, Pod, ETCD_PREFIX};
 use netns_tests::proc::{run_in, Daemon};
-use netns_tests::traffic::{in_netns, tcp_transfer, Xorshift};
+use netns_tests::traffic::{in_netns, tcp_transfer, TestRng};
 use netns_tests::{goflannel, wait_until};
 
 use crate::require_root;
@@ -241,7 +241,7 @@ fn paced_stream(
         let (sent, sent_hash) = in_netns(&from_ns, move || {
             let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
             conn.set_write_timeout(Some(Duration::from_secs(30)))?;
-            let mut rng = Xorshift(7);
+            let mut rng = TestRng::new(7);
             let mut h = DefaultHasher::new();
             let start = Instant::now();
             let mut sent = 0u64;
@@ -892,8 +892,7 @@ fn vxlan_options_and_direct_routing() -> Result<()> {
 #[test]
 fn vxlan_with_real_go_flannel_and_migration() -> Result<()> {
     require_root!();
-    if let Some(why) = goflannel::skip_reason()? {
-        eprintln!("skipped: {why}");
+    if netns_tests::must_skip(goflannel::missing())? {
         return Ok(());
     }
     let mut c = Cluster::new(3)?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use netns_tests::cluster::{Cluster, Pod, ETCD_PREFIX};
 use netns_tests::proc::run_in;
-use netns_tests::traffic::{http_get, in_netns, metric, tcp_transfer, Xorshift};
+use netns_tests::traffic::{http_get, in_netns, metric, tcp_transfer, wait_for_drops, TestRng};
 use netns_tests::wait_until;
 use netns_tests::wg::{
     self, capture_udp, handshake_flood, pod_reaches, send_datagrams, WgDevice, WgKeys,
@@ -66,18 +66,31 @@ fn transfer(from: &Pod, to: &Pod, bytes: u64) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn wireguard_mesh_keys_restart_and_removal() -> Result<()> {
-    require_root!();
-    let mut c = Cluster::new(3)?;
+/// `n` nodes running our wireguard backend, one pod each.
+fn wg_mesh(n: usize) -> Result<(Cluster, Vec<Pod>)> {
+    let mut c = Cluster::new(n)?;
     c.put_config(WG_CONFIG)?;
-    for i in 0..3 {
+    for i in 0..n {
         start_ours(&mut c, i)?;
     }
-    let pods = (0..3).map(|i| c.add_pod(i)).collect::<Result<Vec<_>>>()?;
+    let pods = (0..n).map(|i| c.add_pod(i)).collect::<Result<Vec<_>>>()?;
+    Ok((c, pods))
+}
 
+/// The public key in node `i`'s lease.
+fn lease_key_of(c: &Cluster, i: usize) -> Result<String> {
+    let (_, lease) = lease_of(c, &c.nodes[i].ip)?;
+    lease["BackendData"]["PublicKey"]
+        .as_str()
+        .map(str::to_string)
+        .context("no PublicKey")
+}
+
+#[test]
+fn wireguard_mesh_leases_keys_and_mtu() -> Result<()> {
+    require_root!();
+    let (c, pods) = wg_mesh(3)?;
     // Flannel's lease, device, MTU; the key file is private and matches the lease.
-    let mut keys = Vec::new();
     for (i, node) in c.nodes.iter().enumerate() {
         let (suffix, lease) = lease_of(&c, &node.ip)?;
         ensure!(lease["BackendType"] == "wireguard", "{lease}");
@@ -92,7 +105,6 @@ fn wireguard_mesh_keys_restart_and_removal() -> Result<()> {
             "n{}: lease {lease} does not carry the key file's public key {public}",
             i + 1
         );
-        keys.push(public);
         let env = std::fs::read_to_string(node.subnet_file())?;
         ensure!(env.contains(&format!("FLANNEL_MTU={MTU}\n")), "{env}");
         let link = node.run("ip", &["-d", "link", "show", "flannel-wg"])?;
@@ -129,6 +141,17 @@ fn wireguard_mesh_keys_restart_and_removal() -> Result<()> {
         "oversized DF ping: {err}"
     );
 
+    Ok(())
+}
+
+#[test]
+fn wireguard_restart_keeps_the_key() -> Result<()> {
+    require_root!();
+    let (mut c, pods) = wg_mesh(3)?;
+    c.ping_mesh(&pods)?;
+    let keys = (0..3)
+        .map(|i| lease_key_of(&c, i))
+        .collect::<Result<Vec<_>>>()?;
     // Restart n2: same key (from the file), and everyone reaches it again at once.
     c.stop_daemon(1);
     std::fs::remove_file(c.nodes[1].subnet_file())?;
@@ -146,6 +169,14 @@ fn wireguard_mesh_keys_restart_and_removal() -> Result<()> {
     c.ping_mesh(&pods)?;
     transfer(&pods[1], &pods[2], 1 << 20)?;
 
+    Ok(())
+}
+
+#[test]
+fn wireguard_removed_peer_is_refused_and_counted() -> Result<()> {
+    require_root!();
+    let (mut c, pods) = wg_mesh(3)?;
+    c.ping_mesh(&pods)?;
     // n3 leaves: its lease goes, n1 drops the peer, and traffic for n3's pods is refused at
     // n1 (ICMP unreachable, counted) rather than sent anywhere.
     c.stop_daemon(2);
@@ -164,6 +195,13 @@ fn wireguard_mesh_keys_restart_and_removal() -> Result<()> {
     ensure!(after > before, "no_route drops {before} -> {after}");
     c.ping(&pods[0], &pods[1].ip, 2)?;
 
+    Ok(())
+}
+
+#[test]
+fn wireguard_bad_key_files_are_refused() -> Result<()> {
+    require_root!();
+    let (mut c, _) = wg_mesh(1)?;
     // A key file readable by others, or one that holds no key, is refused with the reason.
     c.stop_daemon(0);
     let key_file = c.nodes[0].dir.join("wgkey");
@@ -208,8 +246,7 @@ fn mixed_cluster(
     lease_key: &str,
     psk: Option<&str>,
 ) -> Result<Option<(Cluster, WgDevice, Vec<Pod>)>> {
-    if let Some(why) = wg::skip_reason()? {
-        eprintln!("skipped: {why}");
+    if netns_tests::must_skip(wg::missing())? {
         return Ok(None);
     }
     let mut c = Cluster::new(3)?;
@@ -344,7 +381,8 @@ fn wireguard_rejects_wrong_keys_replays_and_garbage() -> Result<()> {
     let replays: Vec<Vec<u8>> = (0..10).flat_map(|_| captured.clone()).collect();
     send_datagrams(&c.nodes[2].ns, &n2, replays.clone())?;
     send_datagrams(&c.nodes[0].ns, &n2, replays)?;
-    std::thread::sleep(Duration::from_millis(500));
+    let want = drops(&before, "not_authentic") + 100.0;
+    wait_for_drops(&c.nodes[1].ns, METRICS, &["not_authentic"], want);
     let after = metrics(&c, 1)?;
     let rejected = drops(&after, "not_authentic") - drops(&before, "not_authentic");
     let rx =
@@ -363,7 +401,7 @@ fn wireguard_rejects_wrong_keys_replays_and_garbage() -> Result<()> {
     let before = metrics(&c, 1)?;
     in_netns(&c.nodes[2].ns, move || {
         let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        let mut rng = Xorshift(7);
+        let mut rng = TestRng::new(7);
         let mut buf = [0u8; 1500];
         for i in 0..5000 {
             let len = 1 + (rng.next_u64() % 1499) as usize;
@@ -387,7 +425,9 @@ fn wireguard_rejects_wrong_keys_replays_and_garbage() -> Result<()> {
         }
         Ok(())
     })?;
-    std::thread::sleep(Duration::from_millis(500));
+    let reasons = ["unknown_sender", "not_authentic", "malformed"];
+    let want = reasons.iter().map(|r| drops(&before, r)).sum::<f64>() + 4950.0;
+    wait_for_drops(&c.nodes[1].ns, METRICS, &reasons, want);
     ensure!(
         c.nodes[1].daemon.as_mut().is_some_and(|d| d.alive()),
         "n2's daemon died"
@@ -449,7 +489,12 @@ fn wireguard_handshake_flood_gets_cookies() -> Result<()> {
         c.nodes[0].daemon.as_mut().is_some_and(|d| d.alive()),
         "n1's daemon died"
     );
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_drops(
+        &c.nodes[0].ns,
+        METRICS,
+        &["unknown_sender"],
+        report.sent as f64 * 0.9,
+    );
     let m = metrics(&c, 0)?;
     ensure!(
         drops(&m, "unknown_sender") >= report.sent as f64 * 0.9,

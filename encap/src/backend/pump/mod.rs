@@ -12,10 +12,17 @@
 //! to TUN queues and to reuseport sockets); nothing is shared between the threads of different
 //! queues but the codec's state and the counters.
 
+mod addressing;
+#[cfg(test)]
+mod fake;
+mod outbox;
+mod ports;
 mod rx;
+mod sender;
+#[cfg(test)]
+mod tests;
 mod tx;
 
-use std::io::IoSlice;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,28 +31,28 @@ use std::thread::JoinHandle;
 use ipnet::Ipv4Net;
 
 use super::BackendError;
-use crate::io::{open_tun, Offload, RecvMsg, UdpSock, DEFAULT_SOCKET_BUFFER, GSO_MAX_SEGMENTS};
+use crate::io::{open_tun, Offload, RecvMsg, UdpSock, DEFAULT_SOCKET_BUFFER};
 use crate::stats::{DropReason, Stats, Tally};
+pub(crate) use addressing::Addressing;
+pub(crate) use outbox::{Outbox, Transmit};
+pub(crate) use ports::{TunIo, UdpIo};
+pub(crate) use sender::UdpSender;
 
-/// The most UDP payload one GSO send may carry (64 KiB less IP and UDP headers, rounded down).
-const GSO_MAX_BYTES: usize = 65_000;
-
-/// State shared by the control plane and the packet threads.
-pub(crate) struct Shared {
+/// What the control plane and the packet threads share about the device: our lease's subnet
+/// (what received packets must be for), the MTU and the counters.
+pub(crate) struct DeviceState {
     /// Our lease's subnet as `addr << 8 | prefix_len` (0 = none yet): read per batch.
     own: AtomicU64,
     pub stats: Arc<Stats>,
-    pub stop: AtomicBool,
     /// The TUN MTU: the largest inner packet we send.
     pub mtu: usize,
 }
 
-impl Shared {
+impl DeviceState {
     pub fn new(mtu: usize) -> Self {
-        Shared {
+        DeviceState {
             own: AtomicU64::new(0),
             stats: Arc::new(Stats::default()),
-            stop: AtomicBool::new(false),
             mtu,
         }
     }
@@ -60,121 +67,15 @@ impl Shared {
         let v = (u64::from(u32::from(net.network())) << 8) | u64::from(net.prefix_len());
         self.own.store(v, Ordering::Relaxed);
     }
-
-    /// Points the pump at our lease: the TUN `device` gets the lease's network address with
-    /// the whole Network's prefix (so the kernel routes every other node's pods into it), the
-    /// pump's MTU, and is brought up; received packets must then be for `subnet`.
-    pub async fn adopt_lease(
-        &self,
-        netlink: &crate::netlink::Netlink,
-        device: &str,
-        subnet: Ipv4Net,
-        network: Ipv4Net,
-    ) -> Result<(), BackendError> {
-        self.set_own_subnet(subnet);
-        let link = netlink.link_by_name(device).await?;
-        let addr = Ipv4Net::new(subnet.network(), network.prefix_len())
-            .map_err(|e| BackendError::Config(format!("address for {device}: {e}")))?;
-        netlink
-            .set_sole_address(link.index, ipnet::IpNet::V4(addr))
-            .await?;
-        netlink.set_mtu_up(link.index, self.mtu as u32).await?;
-        Ok(())
-    }
-
-    /// Gives `device` its lease address again if someone removed it (or took the device
-    /// down); `Ok(true)` when it had to.
-    pub async fn restore_address(
-        &self,
-        netlink: &crate::netlink::Netlink,
-        device: &str,
-        subnet: Ipv4Net,
-        network: Ipv4Net,
-    ) -> Result<bool, BackendError> {
-        let link = netlink.link_by_name(device).await?;
-        let want = std::net::IpAddr::V4(subnet.network());
-        let present = netlink
-            .addresses()
-            .await?
-            .iter()
-            .any(|(i, a)| *i == link.index && a.addr() == want);
-        if present {
-            return Ok(false);
-        }
-        tracing::warn!(%device, "our device lost its address: restoring it");
-        self.adopt_lease(netlink, device, subnet, network).await?;
-        Ok(true)
-    }
-
-    pub fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
-    }
-}
-
-/// One queue's UDP socket as a codec sends on it: many same-size datagrams per syscall with
-/// UDP GSO where the kernel has it, `sendmmsg` otherwise.
-pub(crate) struct Wire {
-    sock: UdpSock,
-    gso: bool,
-}
-
-impl Wire {
-    /// Wraps a bound socket, using UDP GSO if the kernel has it.
-    pub fn new(sock: UdpSock) -> Self {
-        let gso = sock.gso_supported();
-        Wire { sock, gso }
-    }
-
-    /// Sends back-to-back datagrams of `seg_len` bytes (the last may be shorter) to one peer.
-    /// False if the kernel refused (counted by the caller).
-    pub fn send(&self, to: SocketAddr, data: &[u8], seg_len: usize, tally: &mut Tally) -> bool {
-        let seg_len = seg_len.max(1);
-        if self.gso {
-            let per_send = (GSO_MAX_BYTES / seg_len).clamp(1, GSO_MAX_SEGMENTS) * seg_len;
-            for chunk in data.chunks(per_send) {
-                tally.syscalls += 1;
-                if self.sock.send_gso(to, chunk, seg_len as u16).is_err() {
-                    return false;
-                }
-            }
-            return true;
-        }
-        // No UDP GSO: one sendmmsg per up to 64 segments.
-        let mut msgs: [(SocketAddr, &[u8]); GSO_MAX_SEGMENTS] = [(to, &[]); GSO_MAX_SEGMENTS];
-        for group in data.chunks(seg_len * GSO_MAX_SEGMENTS) {
-            let mut n = 0;
-            for (slot, seg) in msgs.iter_mut().zip(group.chunks(seg_len)) {
-                *slot = (to, seg);
-                n += 1;
-            }
-            let mut sent = 0;
-            while sent < n {
-                tally.syscalls += 1;
-                match self.sock.send_batch(&msgs[sent..n]) {
-                    Ok(0) | Err(_) => return false,
-                    Ok(k) => sent += k,
-                }
-            }
-        }
-        true
-    }
-
-    /// The socket, for tests that receive by hand.
-    #[cfg(test)]
-    pub fn sock(&self) -> &UdpSock {
-        &self.sock
-    }
-
-    /// Sends one datagram (control messages: handshakes, cookies, keepalives).
-    pub fn send_one(&self, to: SocketAddr, data: &[u8]) -> bool {
-        self.sock
-            .send_gso_vectored(to, &[IoSlice::new(data)], 0)
-            .is_ok()
-    }
 }
 
 /// What one encapsulation does differently from another. The pump calls it from every queue's
 /// threads at once, so it must be `Sync`; per-thread buffers live in the scratch types.
+///
+/// A codec is sans-I/O, like boringtun's `noise`: it never holds a socket. It turns packets
+/// into "send these bytes to that peer" (a returned [`Transmit`], datagrams queued in an
+/// [`Outbox`]) and the pump sends them once the codec has returned, so never while a peer's
+/// lock is held.
 pub(crate) trait Codec: Send + Sync + 'static {
     /// Where a routed packet goes (udp: the peer's endpoint; wireguard: the peer itself).
     type Route;
@@ -193,38 +94,40 @@ pub(crate) trait Codec: Send + Sync + 'static {
     /// ICMP net unreachable.
     fn route(&self, dst: Ipv4Addr) -> Option<Self::Route>;
 
-    /// Puts complete inner packets on the wire: `segs` holds them back to back, each `seg_len`
-    /// bytes but the last, all for `route`. `Err` names why none went out.
-    fn transmit(
+    /// Turns complete inner packets into datagrams: `segs` holds them back to back, each
+    /// `seg_len` bytes but the last, all for `route`. Returns the run to send (`None`: nothing
+    /// to send yet, e.g. queued behind a handshake); messages to send before it go to `out`.
+    /// `Err` names why none will go out.
+    fn transmit<'a>(
         &self,
-        scratch: &mut Self::TxScratch,
+        scratch: &'a mut Self::TxScratch,
         route: Self::Route,
-        segs: &[u8],
+        segs: &'a [u8],
         seg_len: usize,
-        wire: &Wire,
+        out: &mut Outbox,
         tally: &mut Tally,
-    ) -> Result<(), DropReason>;
+    ) -> Result<Option<Transmit<'a>>, DropReason>;
 
     /// Opens one received message (one sender; several datagrams when UDP GRO merged them) and
     /// hands every inner packet its sender may send to `deliver`, counting the rest as drops.
-    /// `deliver` checks the destination and queues the packet for the TUN.
+    /// `deliver` checks the destination and queues the packet for the TUN; replies go to `out`.
     fn receive<F>(
         &self,
         scratch: &mut Self::RxScratch,
         msg: &RecvMsg<'_>,
-        wire: &Wire,
+        out: &mut Outbox,
         tally: &mut Tally,
         deliver: F,
     ) where
         F: FnMut(&[u8], &mut Tally);
 }
 
-/// The running packet threads of one device.
-pub(crate) struct Pump {
-    /// Kept for their names in a debugger; the threads end by themselves once `stop` is set.
-    _threads: Vec<JoinHandle<()>>,
-    /// Queue 0's socket, for control messages sent outside the packet threads (timers).
-    pub wire: Arc<Wire>,
+/// The running packet threads of one device. Dropping it stops and joins them (and any thread
+/// started with [`spawn`](Self::spawn)); the TUN queues and sockets close with the last of them.
+pub(crate) struct Pump<U: UdpIo = UdpSock> {
+    threads: Threads,
+    /// Queue 0's sender, for messages sent outside the packet threads (timers).
+    sender: Arc<UdpSender<U>>,
 }
 
 /// How many TUN queues (and thread pairs) to run: one per core we may use; this machine kind
@@ -239,62 +142,116 @@ impl Pump {
         device: &str,
         bind: SocketAddr,
         codec: Arc<C>,
-        shared: Arc<Shared>,
+        state: Arc<DeviceState>,
     ) -> Result<Pump, BackendError> {
-        let io_err =
-            |what: &str, e: &dyn std::fmt::Display| BackendError::Config(format!("{what}: {e}"));
         let queues = open_tun(device, QUEUES, true)
-            .map_err(|e| io_err(&format!("opening TUN {device}"), &e))?;
+            .map_err(|e| io_error(format!("opening TUN {device}"), e))?;
         let offload: Offload = queues.first().map(|q| q.offload()).unwrap_or_default();
-        let mut threads = Vec::new();
-        let mut first_wire = None;
-        let mut mode = String::new();
-        for (i, q) in queues.into_iter().enumerate() {
-            let q = Arc::new(q);
+        let mut ports = Vec::with_capacity(queues.len());
+        let mut gro = false;
+        for q in queues {
             let sock = UdpSock::bind(bind, true)
-                .map_err(|e| io_err(&format!("binding UDP {bind}"), &e))?;
+                .map_err(|e| io_error(format!("binding UDP {bind}"), e))?;
             sock.grow_buffers(DEFAULT_SOCKET_BUFFER);
-            let gro = sock.enable_gro();
-            let wire = Arc::new(Wire::new(sock));
-            if i == 0 {
-                mode = format!(
-                    "tun offload {offload:?}, udp gso {}, udp gro {gro}",
-                    wire.gso
-                );
-            }
-            first_wire.get_or_insert_with(|| wire.clone());
-            let (tx_codec, tx_q, tx_wire, tx_shared) =
-                (codec.clone(), q.clone(), wire.clone(), shared.clone());
-            let (rx_codec, rx_shared) = (codec.clone(), shared.clone());
-            let jobs: [(String, Box<dyn FnOnce() + Send>); 2] = [
-                (
-                    format!("{name}-tx{i}"),
-                    Box::new(move || tx::run(&*tx_codec, &tx_q, &tx_wire, &tx_shared)),
-                ),
-                (
-                    format!("{name}-rx{i}"),
-                    Box::new(move || rx::run(&*rx_codec, &q, &wire, &rx_shared)),
-                ),
-            ];
-            for (thread, job) in jobs {
-                let handle = std::thread::Builder::new()
-                    .name(thread.clone())
-                    .spawn(job)
-                    .map_err(|e| io_err(&format!("starting thread {thread}"), &e))?;
-                threads.push(handle);
-            }
+            gro = sock.enable_gro();
+            ports.push((q, sock));
         }
-        let wire =
-            first_wire.ok_or_else(|| BackendError::Config(format!("TUN {device}: no queues")))?;
+        let pump = Pump::run(name, codec, state, ports)?;
         tracing::info!(
             port = bind.port(),
             queues = QUEUES,
-            "{name} datapath running: {mode}"
+            "{name} datapath running: tun offload {offload:?}, udp gso {}, udp gro {gro}",
+            pump.sender.gso()
         );
-        Ok(Pump {
-            _threads: threads,
-            wire,
-        })
+        Ok(pump)
+    }
+}
+
+impl<U: UdpIo> Pump<U> {
+    /// Starts a sender and a receiver thread for each (TUN queue, socket) pair.
+    pub fn run<C: Codec, T: TunIo>(
+        name: &str,
+        codec: Arc<C>,
+        state: Arc<DeviceState>,
+        ports: Vec<(T, U)>,
+    ) -> Result<Pump<U>, BackendError> {
+        // On an early return, the threads started so far are stopped and joined.
+        let mut threads = Threads::default();
+        let mut first = None;
+        for (i, (tun, sock)) in ports.into_iter().enumerate() {
+            let (tun, sock) = (Arc::new(tun), Arc::new(sock));
+            let sender = Arc::new(UdpSender::new(sock.clone()));
+            first.get_or_insert_with(|| sender.clone());
+            let (tx_codec, tx_tun, tx_sender, tx_state) =
+                (codec.clone(), tun.clone(), sender.clone(), state.clone());
+            threads.spawn(format!("{name}-tx{i}"), move |stop| {
+                tx::run(&*tx_codec, &*tx_tun, &tx_sender, &tx_state, stop)
+            })?;
+            let (rx_codec, rx_state) = (codec.clone(), state.clone());
+            threads.spawn(format!("{name}-rx{i}"), move |stop| {
+                rx::run(&*rx_codec, &*tun, &*sock, &sender, &rx_state, stop)
+            })?;
+        }
+        let sender = first.ok_or_else(|| io_error(format!("starting {name}"), "no TUN queues"))?;
+        Ok(Pump { threads, sender })
+    }
+
+    /// Queue 0's sender, for messages sent outside the packet threads.
+    pub fn sender(&self) -> Arc<UdpSender<U>> {
+        self.sender.clone()
+    }
+
+    /// Starts another thread that lives as long as the pump (WireGuard's timers): `job` gets
+    /// the stop flag and must return soon after it is set.
+    pub fn spawn<F>(&mut self, name: String, job: F) -> Result<(), BackendError>
+    where
+        F: FnOnce(&AtomicBool) + Send + 'static,
+    {
+        self.threads.spawn(name, job)
+    }
+}
+
+/// Threads sharing one stop flag: dropping this sets the flag and joins them. Every blocking
+/// call of theirs gives up within [`crate::io::DEFAULT_TIMEOUT`], so that is soon.
+#[derive(Default)]
+struct Threads {
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Threads {
+    fn spawn<F>(&mut self, name: String, job: F) -> Result<(), BackendError>
+    where
+        F: FnOnce(&AtomicBool) + Send + 'static,
+    {
+        let stop = self.stop.clone();
+        let handle = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || job(&stop))
+            .map_err(|e| io_error(format!("starting thread {name}"), e))?;
+        self.handles.push(handle);
+        Ok(())
+    }
+}
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.handles.drain(..) {
+            // A thread that panicked has nothing left to clean up; its panic was printed.
+            let _ = t.join();
+        }
+    }
+}
+
+/// A datapath I/O error: what we were doing, and why it failed.
+pub(crate) fn io_error(
+    what: impl Into<String>,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> BackendError {
+    BackendError::Io {
+        what: what.into(),
+        source: source.into(),
     }
 }
 

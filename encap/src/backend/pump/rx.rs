@@ -3,12 +3,13 @@
 //! super-packets and write them to the TUN.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
 
-use super::{Codec, Shared, Wire};
-use crate::io::{is_timeout, RecvBatch, TunQueue};
+use super::{Codec, DeviceState, Outbox, TunIo, UdpIo, UdpSender};
+use crate::io::{is_timeout, RecvBatch};
 use crate::stats::{DropReason, Tally};
 use crate::wire::{ip, Gro, VNET_HDR_LEN};
 
@@ -17,18 +18,26 @@ const BATCH: usize = 16;
 /// Super-packets the coalescer holds before it must be flushed to the TUN.
 const GRO_PACKETS: usize = 64;
 
-pub(super) fn run<C: Codec>(codec: &C, tun: &TunQueue, wire: &Wire, shared: &Shared) {
+pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
+    codec: &C,
+    tun: &T,
+    sock: &U,
+    sender: &UdpSender<U>,
+    state: &DeviceState,
+    stop: &AtomicBool,
+) {
     let mut batch = RecvBatch::new(BATCH, 65_535);
     let mut gro = Gro::new(GRO_PACKETS, VNET_HDR_LEN + 65_535);
     let mut scratch = codec.rx_scratch();
+    let mut replies = Outbox::new();
     let mut tally = Tally::default();
     let mut reported = false;
     let mut batches = 0u32;
-    while !shared.stopping() {
-        let n = match wire.sock.recv_batch(&mut batch) {
+    while !stop.load(Ordering::Relaxed) {
+        let n = match sock.recv_batch(&mut batch) {
             Ok(n) => n,
             Err(e) if is_timeout(&e) => {
-                tally.flush_rx(&shared.stats);
+                tally.flush_rx(&state.stats);
                 continue;
             }
             Err(e) => {
@@ -41,26 +50,36 @@ pub(super) fn run<C: Codec>(codec: &C, tun: &TunQueue, wire: &Wire, shared: &Sha
             }
         };
         tally.syscalls += 1;
-        let own = shared.own_subnet();
+        let own = state.own_subnet();
         for i in 0..n {
             let Some(msg) = batch.msg(i) else { continue };
-            codec.receive(&mut scratch, &msg, wire, &mut tally, |pkt, tally| {
-                deliver(pkt, own, tun, &mut gro, tally)
-            });
+            // Only the beginning of a message larger than its slot arrived.
+            if msg.is_truncated() {
+                tally.count_drop(DropReason::Malformed);
+                continue;
+            }
+            codec.receive(
+                &mut scratch,
+                &msg,
+                &mut replies,
+                &mut tally,
+                |pkt, tally| deliver(pkt, own, tun, &mut gro, tally),
+            );
+            sender.flush(&mut replies, &mut tally);
         }
         flush(tun, &mut gro, &mut tally);
         // Counters reach the shared stats every 1024 packets, and every 64 batches however
         // many packets they delivered: a flood of dropped datagrams must show while it lasts.
         batches += 1;
         if tally.packets >= 1024 || batches >= 64 {
-            tally.flush_rx(&shared.stats);
+            tally.flush_rx(&state.stats);
             batches = 0;
         }
     }
 }
 
 /// Queues an admitted inner packet for the TUN if it is for a pod of ours.
-fn deliver(pkt: &[u8], own: Option<Ipv4Net>, tun: &TunQueue, gro: &mut Gro, tally: &mut Tally) {
+fn deliver<T: TunIo>(pkt: &[u8], own: Option<Ipv4Net>, tun: &T, gro: &mut Gro, tally: &mut Tally) {
     match ip::addrs(pkt) {
         Ok((_, IpAddr::V4(dst))) if own.is_some_and(|o| o.contains(&dst)) => {}
         Ok(_) => return tally.count_drop(DropReason::NotForUs),
@@ -78,7 +97,7 @@ fn deliver(pkt: &[u8], own: Option<Ipv4Net>, tun: &TunQueue, gro: &mut Gro, tall
     }
 }
 
-fn flush(tun: &TunQueue, gro: &mut Gro, tally: &mut Tally) {
+fn flush<T: TunIo>(tun: &T, gro: &mut Gro, tally: &mut Tally) {
     for p in gro.packets() {
         tally.syscalls += 1;
         if tun.write(p).is_err() {

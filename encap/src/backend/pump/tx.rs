@@ -1,30 +1,41 @@
 //! Pod -> network: read a (super-)packet from the TUN, route it to a peer, cut it into
-//! MTU-sized packets and let the codec put them on the wire (one GSO send per up to 64).
+//! MTU-sized packets, let the codec turn them into datagrams and send those (one GSO send per up
+//! to 64) once the codec has returned.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use super::{Codec, Shared, Wire};
-use crate::io::{is_timeout, TunQueue, TUN_READ_BUF_LEN};
+use super::{Codec, DeviceState, Outbox, TunIo, UdpIo, UdpSender};
+use crate::io::{is_timeout, TUN_READ_BUF_LEN};
 use crate::stats::{DropReason, Tally};
 use crate::wire::{ip, segment, VnetHdr, VNET_HDR_LEN};
 
 /// Flush counters into the shared stats every this many reads (and on idle).
 const FLUSH_EVERY: u32 = 64;
 
-pub(super) fn run<C: Codec>(codec: &C, tun: &TunQueue, wire: &Wire, shared: &Shared) {
+pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
+    codec: &C,
+    tun: &T,
+    sender: &UdpSender<U>,
+    state: &DeviceState,
+    stop: &AtomicBool,
+) {
     let mut rbuf = vec![0u8; TUN_READ_BUF_LEN];
-    // Segments of one 64 KiB super-packet plus their repeated headers.
-    let mut out = vec![0u8; 2 * TUN_READ_BUF_LEN];
-    let mut scratch = codec.tx_scratch();
+    let mut bufs = TxBufs {
+        // Segments of one 64 KiB super-packet plus their repeated headers.
+        segs: vec![0u8; 2 * TUN_READ_BUF_LEN],
+        scratch: codec.tx_scratch(),
+        control: Outbox::new(),
+    };
     let mut tally = Tally::default();
     let mut reads = 0u32;
     let mut reported = false;
-    while !shared.stopping() {
+    while !stop.load(Ordering::Relaxed) {
         let n = match tun.read(&mut rbuf) {
             Ok(n) => n,
             Err(e) if is_timeout(&e) => {
-                tally.flush_tx(&shared.stats);
+                tally.flush_tx(&state.stats);
                 continue;
             }
             Err(e) => {
@@ -38,34 +49,31 @@ pub(super) fn run<C: Codec>(codec: &C, tun: &TunQueue, wire: &Wire, shared: &Sha
         };
         tally.syscalls += 1;
         if let Some(pkt) = rbuf.get_mut(..n) {
-            forward(
-                codec,
-                &mut scratch,
-                tun,
-                wire,
-                shared,
-                pkt,
-                &mut out,
-                &mut tally,
-            );
+            forward(codec, tun, sender, state, pkt, &mut bufs, &mut tally);
         }
         reads += 1;
         if reads >= FLUSH_EVERY {
             reads = 0;
-            tally.flush_tx(&shared.stats);
+            tally.flush_tx(&state.stats);
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn forward<C: Codec>(
+/// A sender thread's buffers, allocated once.
+struct TxBufs<S> {
+    segs: Vec<u8>,
+    scratch: S,
+    /// Messages the codec sends before a run (a handshake initiation).
+    control: Outbox,
+}
+
+fn forward<C: Codec, T: TunIo, U: UdpIo>(
     codec: &C,
-    scratch: &mut C::TxScratch,
-    tun: &TunQueue,
-    wire: &Wire,
-    shared: &Shared,
+    tun: &T,
+    sender: &UdpSender<U>,
+    state: &DeviceState,
     buf: &mut [u8],
-    out: &mut [u8],
+    bufs: &mut TxBufs<C::TxScratch>,
     tally: &mut Tally,
 ) {
     let Some((hdr, pkt)) = buf.split_at_mut_checked(VNET_HDR_LEN) else {
@@ -80,7 +88,7 @@ fn forward<C: Codec>(
         Err(_) => return tally.count_drop(DropReason::Malformed),
     };
     let Some(route) = codec.route(dst) else {
-        reply_unreachable(tun, shared, pkt);
+        reply_unreachable(tun, state, pkt);
         return tally.count_drop(DropReason::NoRoute);
     };
     if C::DECREMENT_TTL {
@@ -90,14 +98,30 @@ fn forward<C: Codec>(
             Err(_) => return tally.count_drop(DropReason::Malformed),
         }
     }
-    let segs = match segment(&hdr, pkt, shared.mtu, out) {
+    let segs = match segment(&hdr, pkt, state.mtu, &mut bufs.segs) {
         Ok(s) => s,
         Err(_) => return tally.count_drop(DropReason::Malformed),
     };
-    let Some(data) = out.get(..segs.total) else {
+    let Some(data) = bufs.segs.get(..segs.total) else {
         return tally.count_drop(DropReason::Malformed);
     };
-    match codec.transmit(scratch, route, data, segs.seg_len, wire, tally) {
+    let run = codec.transmit(
+        &mut bufs.scratch,
+        route,
+        data,
+        segs.seg_len,
+        &mut bufs.control,
+        tally,
+    );
+    // The codec has returned, so no peer lock is held during these sends.
+    sender.flush(&mut bufs.control, tally);
+    let sent = match run {
+        Ok(Some(run)) if !sender.send(&run, tally) => Err(DropReason::IoError),
+        // Sent, or queued behind a handshake.
+        Ok(_) => Ok(()),
+        Err(why) => Err(why),
+    };
+    match sent {
         Ok(()) => {
             tally.packets += segs.count as u64;
             tally.bytes += segs.total as u64;
@@ -107,9 +131,9 @@ fn forward<C: Codec>(
 }
 
 /// Tells a local pod its destination is in no lease (ICMP net unreachable), as a router would.
-fn reply_unreachable(tun: &TunQueue, shared: &Shared, pkt: &[u8]) {
+fn reply_unreachable<T: TunIo>(tun: &T, state: &DeviceState, pkt: &[u8]) {
     let mut reply = [0u8; VNET_HDR_LEN + 600];
-    let Some(own) = shared.own_subnet() else {
+    let Some(own) = state.own_subnet() else {
         return;
     };
     let from = IpAddr::V4(own.network());

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use crate::backend::pump::{sender_v4, Codec, Wire};
+use crate::backend::pump::{sender_v4, Codec, Outbox, Transmit};
 use crate::io::RecvMsg;
 use crate::peers::{PeerTable, SharedPeers};
 use crate::stats::{DropReason, Tally};
@@ -29,25 +29,31 @@ impl Codec for UdpCodec {
         self.peers.load().route(dst).map(|p| p.endpoint)
     }
 
-    fn transmit(
+    fn transmit<'a>(
         &self,
-        _: &mut (),
+        _: &'a mut (),
         to: SocketAddr,
-        segs: &[u8],
+        segs: &'a [u8],
         seg_len: usize,
-        wire: &Wire,
-        tally: &mut Tally,
-    ) -> Result<(), DropReason> {
+        _: &mut Outbox,
+        _: &mut Tally,
+    ) -> Result<Option<Transmit<'a>>, DropReason> {
         // The segments are already Flannel's datagrams: send them from where they lie.
-        if wire.send(to, segs, seg_len, tally) {
-            Ok(())
-        } else {
-            Err(DropReason::IoError)
-        }
+        Ok(Some(Transmit {
+            to,
+            data: segs,
+            seg_len,
+        }))
     }
 
-    fn receive<F>(&self, _: &mut (), msg: &RecvMsg<'_>, _: &Wire, tally: &mut Tally, mut deliver: F)
-    where
+    fn receive<F>(
+        &self,
+        _: &mut (),
+        msg: &RecvMsg<'_>,
+        _: &mut Outbox,
+        tally: &mut Tally,
+        mut deliver: F,
+    ) where
         F: FnMut(&[u8], &mut Tally),
     {
         let Some(sender) = sender_v4(msg.source()) else {
@@ -176,8 +182,7 @@ mod tests {
 
     #[test]
     fn receive_counts_lying_headers_as_malformed_not_delivered() {
-        use crate::backend::pump::Wire;
-        use crate::io::{RecvMsg, UdpSock};
+        use crate::io::RecvMsg;
 
         let sender: Ipv4Addr = "172.30.0.12".parse().expect("ip");
         let table = PeerTable::new(vec![Peer {
@@ -188,15 +193,13 @@ mod tests {
         let codec = UdpCodec {
             peers: Arc::new(SharedPeers::from_pointee(table)),
         };
-        // receive() never touches the socket; Wire just needs one.
-        let sock = UdpSock::bind("127.0.0.1:0".parse().expect("addr"), false).expect("bind");
-        let wire = Wire::new(sock);
+        let mut out = Outbox::new();
         let mut tally = Tally::default();
         let mut delivered = Vec::new();
         let cases = lying_headers();
         for (_, pkt) in &cases {
             let msg = RecvMsg::from_parts(pkt, (sender, 8285).into(), None);
-            codec.receive(&mut (), &msg, &wire, &mut tally, |p, _| {
+            codec.receive(&mut (), &msg, &mut out, &mut tally, |p, _| {
                 delivered.push(p.to_vec())
             });
         }
@@ -206,5 +209,6 @@ mod tests {
             cases.len() as u64
         );
         assert_eq!(tally.packets, 0);
+        assert!(out.is_empty(), "udp never answers");
     }
 }

@@ -11,17 +11,14 @@ mod codec;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::{Lease, SubnetKey};
 
-use super::pump::{Pump, Shared};
-use super::{
-    backend_port, check_same_backend, same_backend, Backend, BackendError, LeaseData, NodeInfo,
-};
+use super::pump::{Addressing, DeviceState, Pump};
+use super::{backend_port, Backend, BackendError, LeaseData, NodeInfo};
 use crate::netlink::Netlink;
 use crate::peers::{Peer, PeerTable, SharedPeers};
 use crate::stats::Stats;
@@ -38,12 +35,13 @@ pub struct Udp {
     node: NodeInfo,
     network: NetworkConfig,
     port: u16,
-    shared: Arc<Shared>,
+    state: Arc<DeviceState>,
     table: Arc<SharedPeers>,
     peers: HashMap<SubnetKey, Peer>,
+    /// The packet threads, once started; dropping it stops them.
     pump: Option<Pump>,
-    /// Our lease subnet and the Network, once started: what the device is addressed from.
-    adopted: Option<(ipnet::Ipv4Net, ipnet::Ipv4Net)>,
+    /// The TUN device's address for our lease.
+    addressing: Addressing,
 }
 
 impl Udp {
@@ -60,16 +58,17 @@ impl Udp {
             node: node.clone(),
             network: network.clone(),
             port,
-            shared: Arc::new(Shared::new(mtu)),
+            state: Arc::new(DeviceState::new(mtu)),
             table: Arc::new(SharedPeers::from_pointee(PeerTable::default())),
             peers: HashMap::new(),
             pump: None,
-            adopted: None,
+            addressing: Addressing::new(DEVICE),
         })
     }
 
     fn publish_peers(&self) {
         let table = PeerTable::new(self.peers.values().cloned().collect());
+        self.state.stats.table_published(table.len());
         self.table.store(Arc::new(table));
     }
 
@@ -84,20 +83,14 @@ impl Udp {
     }
 }
 
-impl Drop for Udp {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
-    }
-}
-
 #[async_trait]
 impl Backend for Udp {
     fn name(&self) -> &'static str {
         TYPE
     }
 
-    fn mtu_overhead(&self) -> u32 {
-        OVERHEAD
+    fn mtu(&self) -> u32 {
+        self.state.mtu as u32
     }
 
     fn lease_data(&self) -> LeaseData {
@@ -106,7 +99,7 @@ impl Backend for Udp {
     }
 
     fn stats(&self) -> Option<Arc<Stats>> {
-        Some(self.shared.stats.clone())
+        Some(self.state.stats.clone())
     }
 
     async fn start(&mut self, own: &Lease) -> Result<(), BackendError> {
@@ -120,27 +113,19 @@ impl Backend for Udp {
                 peers: self.table.clone(),
             });
             let bind = SocketAddr::new(IpAddr::V4(self.node.public_ip), self.port);
-            self.pump = Some(Pump::start(TYPE, DEVICE, bind, codec, self.shared.clone())?);
+            self.pump = Some(Pump::start(TYPE, DEVICE, bind, codec, self.state.clone())?);
         }
-        self.adopted = Some((subnet, network));
-        self.shared
-            .adopt_lease(&self.netlink, DEVICE, subnet, network)
+        self.addressing
+            .adopt(&self.netlink, &self.state, subnet, network)
             .await
     }
 
     async fn repair(&mut self) -> Result<usize, BackendError> {
-        let Some((subnet, network)) = self.adopted else {
-            return Ok(0);
-        };
-        let restored = self
-            .shared
-            .restore_address(&self.netlink, DEVICE, subnet, network)
-            .await?;
+        let restored = self.addressing.repair(&self.netlink, &self.state).await?;
         Ok(usize::from(restored))
     }
 
     async fn add_peer(&mut self, peer: &Lease) -> Result<(), BackendError> {
-        check_same_backend(peer, TYPE)?;
         let Some(p) = self.peer_of(peer) else {
             return Err(BackendError::Peer {
                 peer: peer.key.to_string(),
@@ -162,7 +147,6 @@ impl Backend for Udp {
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError> {
         self.peers = peers
             .iter()
-            .filter(|p| same_backend(p, TYPE))
             .filter_map(|p| Some((p.key.clone(), self.peer_of(p)?)))
             .collect();
         self.publish_peers();

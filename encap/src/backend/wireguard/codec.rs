@@ -1,15 +1,20 @@
 //! WireGuard as a pump codec, with boringtun's noise state machine doing the protocol.
 //!
+//! Sans-I/O, like boringtun's `noise` itself: the codec holds no socket. What must be sent comes
+//! back to the pump as a [`Transmit`] or in an [`Outbox`], and the pump sends it after the codec
+//! returned, so never under a peer's lock.
+//!
 //! Send: the pump hands over one super-packet's segments; under the peer's lock each is sealed
 //! (`Tunn::encapsulate`: 16-byte header, ChaCha20-Poly1305, 16-byte tag) into one buffer at a
-//! fixed stride, so that the whole run leaves in one UDP GSO send after the lock is released.
+//! fixed stride, returned as one run so that it leaves in one UDP GSO send.
 //!
 //! Receive: a message from `recvmmsg` holds one sender's datagrams (UDP GRO merged them); data
 //! messages are opened under the lock of the peer their receiver index names, into one buffer,
-//! and handed to the pump (GRO, TUN) after the lock is released. A packet is accepted only if it
-//! authenticates for a current peer, is not a replay (boringtun's counter window), and its inner
-//! source lies in that peer's AllowedIPs. Handshake messages pass the shared rate limiter
-//! (mac1 check, cookie replies under load) before any Diffie-Hellman is spent on them.
+//! and handed to the pump (GRO, TUN) after the lock is released; handshake replies go to the
+//! outbox. A packet is accepted only if it authenticates for a current peer, is not a replay
+//! (boringtun's counter window), and its inner source lies in that peer's AllowedIPs.
+//! Handshake messages pass the shared rate limiter (mac1 check, cookie replies under load)
+//! before any Diffie-Hellman is spent on them.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -23,7 +28,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 
 use super::keys::StaticKeys;
 use super::peers::{PeerState, WgPeer, WgTable};
-use crate::backend::pump::{Codec, Wire};
+use crate::backend::pump::{Codec, Outbox, Transmit};
 use crate::io::RecvMsg;
 use crate::stats::{DropReason, Tally};
 
@@ -57,6 +62,7 @@ pub(super) struct WgCodec {
 pub(super) struct TxScratch {
     /// Sealed datagrams back to back, `seg_len + 32` apart.
     sealed: Vec<u8>,
+    /// Where boringtun writes a handshake initiation (then copied to the outbox).
     ctl: Vec<u8>,
 }
 
@@ -66,6 +72,8 @@ pub(super) struct RxScratch {
     used: usize,
     /// (offset, length) in `plain` of each packet to deliver.
     pkts: Vec<(usize, usize)>,
+    /// Where boringtun writes handshake replies and released packets (then copied to the
+    /// outbox).
     ctl: Vec<u8>,
 }
 
@@ -91,16 +99,11 @@ fn receiver_index(d: &[u8]) -> Option<u32> {
 }
 
 /// Releases packets boringtun queued while a handshake ran (it seals each when asked with an
-/// empty datagram) and sends them.
-fn drain(tunn: &mut Tunn, to: SocketAddr, buf: &mut [u8], wire: &Wire, tally: &mut Tally) {
+/// empty datagram) into the outbox.
+fn drain(tunn: &mut Tunn, to: SocketAddr, buf: &mut [u8], out: &mut Outbox) {
     for _ in 0..MAX_DRAIN {
         match tunn.decapsulate(None, &[], buf) {
-            TunnResult::WriteToNetwork(p) => {
-                tally.syscalls += 1;
-                if !wire.send_one(to, p) {
-                    tally.count_drop(DropReason::IoError);
-                }
-            }
+            TunnResult::WriteToNetwork(p) => out.push_packet(to, p),
             _ => break,
         }
     }
@@ -134,8 +137,8 @@ impl WgCodec {
     }
 
     /// Timers of every peer (handshake retries, rekeying, keepalives, session expiry), due
-    /// sends, and the rate limiter's per-second reset. Called every 100-250 ms.
-    pub fn tick(&self, wire: &Wire, buf: &mut [u8], tally: &mut Tally) {
+    /// sends (into `out`), and the rate limiter's per-second reset. Called every 100-250 ms.
+    pub fn tick(&self, buf: &mut [u8], out: &mut Outbox) {
         self.limiter.reset_count();
         let table = self.table.load();
         for peer in table.peers() {
@@ -152,12 +155,9 @@ impl WgCodec {
                 tunn.update_timers(buf)
             };
             if let TunnResult::WriteToNetwork(p) = due {
-                tally.syscalls += 1;
-                if !wire.send_one(to, p) {
-                    tally.count_drop(DropReason::IoError);
-                }
+                out.push_packet(to, p);
             }
-            drain(tunn, to, buf, wire, tally);
+            drain(tunn, to, buf, out);
         }
     }
 
@@ -169,7 +169,7 @@ impl WgCodec {
         d: &[u8],
         src: SocketAddr,
         buf: &mut [u8],
-        wire: &Wire,
+        out: &mut Outbox,
         tally: &mut Tally,
     ) {
         let cookie_reply = message_type(d) == Some(COOKIE_REPLY);
@@ -188,8 +188,7 @@ impl WgCodec {
                 Err(TunnResult::WriteToNetwork(cookie)) => {
                     // Under load: prove your address first (WireGuard's cookie reply). The
                     // message itself is dropped unread.
-                    tally.syscalls += 1;
-                    let _ = wire.send_one(src, cookie);
+                    out.push_control(src, cookie);
                     return tally.count_drop(DropReason::UnknownSender);
                 }
                 Err(_) => None,
@@ -203,8 +202,7 @@ impl WgCodec {
         let Some(tunn) = st.tunn.get() else { return };
         let authentic = match tunn.decapsulate(Some(src.ip()), d, buf) {
             TunnResult::WriteToNetwork(reply) => {
-                tally.syscalls += 1;
-                let _ = wire.send_one(src, reply);
+                out.push_control(src, reply);
                 true
             }
             TunnResult::Done => true,
@@ -218,7 +216,7 @@ impl WgCodec {
         if authentic && !cookie_reply {
             roam(found.peer, &mut st.endpoint, src);
         }
-        drain(tunn, st.endpoint, buf, wire, tally);
+        drain(tunn, st.endpoint, buf, out);
     }
 }
 
@@ -285,17 +283,17 @@ impl Codec for WgCodec {
         self.table.load().route(dst).map(|f| f.peer.clone())
     }
 
-    fn transmit(
+    fn transmit<'a>(
         &self,
-        sc: &mut TxScratch,
+        sc: &'a mut TxScratch,
         peer: Arc<WgPeer>,
         segs: &[u8],
         seg_len: usize,
-        wire: &Wire,
+        out: &mut Outbox,
         tally: &mut Tally,
-    ) -> Result<(), DropReason> {
+    ) -> Result<Option<Transmit<'a>>, DropReason> {
         let mut sealed_len = 0;
-        let mut ctl_len = 0;
+        let mut initiated = false;
         let to = {
             let mut guard = peer.lock();
             let st = &mut *guard;
@@ -323,12 +321,10 @@ impl Codec for WgCodec {
                     }
                     // No session yet: boringtun queued the packet and asks us to send a
                     // handshake initiation (once; later packets queue silently).
-                    TunnResult::WriteToNetwork(out) => {
+                    TunnResult::WriteToNetwork(init) => {
                         queued = true;
-                        if let Some(c) = sc.ctl.get_mut(..out.len()) {
-                            c.copy_from_slice(out);
-                            ctl_len = out.len();
-                        }
+                        initiated = true;
+                        out.push_control(to, init);
                     }
                     TunnResult::Done => queued = true,
                     TunnResult::Err(_) => tally.count_drop(DropReason::IoError),
@@ -340,41 +336,37 @@ impl Codec for WgCodec {
                 // after 5 s (REKEY_TIMEOUT); with traffic waiting, one lost initiation (say our
                 // greeting, sent before the peer knew us) should not stall it that long.
                 let now = Instant::now();
-                if ctl_len == 0 && st.last_init.is_none_or(|t| now - t >= RETRY_INIT) {
-                    if let TunnResult::WriteToNetwork(out) =
+                if !initiated && st.last_init.is_none_or(|t| now - t >= RETRY_INIT) {
+                    if let TunnResult::WriteToNetwork(init) =
                         tunn.format_handshake_initiation(&mut sc.ctl, true)
                     {
-                        ctl_len = out.len();
+                        out.push_control(to, init);
+                        initiated = true;
                     }
                 }
-                if ctl_len > 0 {
+                if initiated {
                     st.last_init = Some(now);
                 }
             }
             to
         };
-        if let Some(c) = sc.ctl.get(..ctl_len).filter(|c| !c.is_empty()) {
-            tally.syscalls += 1;
-            let _ = wire.send_one(to, c);
-        }
-        match sc.sealed.get(..sealed_len) {
-            Some(data) if !data.is_empty() => {
-                if wire.send(to, data, seg_len + DATA_OVERHEAD, tally) {
-                    Ok(())
-                } else {
-                    Err(DropReason::IoError)
-                }
-            }
-            // Everything was queued behind a handshake.
-            _ => Ok(()),
-        }
+        // Empty when everything was queued behind a handshake.
+        Ok(sc
+            .sealed
+            .get(..sealed_len)
+            .filter(|data| !data.is_empty())
+            .map(|data| Transmit {
+                to,
+                data,
+                seg_len: seg_len + DATA_OVERHEAD,
+            }))
     }
 
     fn receive<F>(
         &self,
         sc: &mut RxScratch,
         msg: &RecvMsg<'_>,
-        wire: &Wire,
+        out: &mut Outbox,
         tally: &mut Tally,
         mut deliver: F,
     ) where
@@ -390,7 +382,7 @@ impl Codec for WgCodec {
             };
             if kind != DATA {
                 release(&mut held, sc, src, tally, &mut deliver);
-                self.control(&table, d, src, &mut sc.ctl, wire, tally);
+                self.control(&table, d, src, &mut sc.ctl, out, tally);
                 continue;
             }
             let Some(found) = receiver_index(d).and_then(|i| table.by_receiver(i)) else {
@@ -436,10 +428,7 @@ impl Codec for WgCodec {
                 }
                 // A keepalive.
                 TunnResult::Done => h.authentic = true,
-                TunnResult::WriteToNetwork(p) => {
-                    tally.syscalls += 1;
-                    let _ = wire.send_one(src, p);
-                }
+                TunnResult::WriteToNetwork(p) => out.push_control(src, p),
                 // Not sealed with this peer's current keys (forged, corrupted, wrong key, stale
                 // session: InvalidAeadTag, NoCurrentSession, WrongIndex) or a replay
                 // (DuplicateCounter, InvalidCounter: already seen, or behind the counter

@@ -20,7 +20,7 @@ mod peers;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,8 +32,8 @@ use serde_json::{json, Value};
 use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::{Lease, SubnetKey};
 
-use super::pump::{Pump, Shared, Wire};
-use super::{check_same_backend, same_backend, Backend, BackendError, LeaseData, NodeInfo};
+use super::pump::{io_error, Addressing, DeviceState, Outbox, Pump};
+use super::{Backend, BackendError, LeaseData, NodeInfo};
 use crate::netlink::Netlink;
 use crate::stats::{Stats, Tally};
 use codec::WgCodec;
@@ -62,15 +62,16 @@ pub struct WireGuard {
     network: NetworkConfig,
     cfg: WgConfig,
     codec: Arc<WgCodec>,
-    shared: Arc<Shared>,
+    state: Arc<DeviceState>,
     /// Every wireguard lease but ours, by lease key.
     leases: HashMap<SubnetKey, LeasePeer>,
     /// One peer per public key (a node may briefly hold two leases with one key).
     peers: HashMap<[u8; 32], Arc<WgPeer>>,
     next_index: u32,
+    /// The packet and timer threads, once started; dropping it stops them.
     pump: Option<Pump>,
-    /// Our lease subnet and the Network, once started: what the device is addressed from.
-    adopted: Option<(Ipv4Net, Ipv4Net)>,
+    /// The TUN device's address for our lease.
+    addressing: Addressing,
 }
 
 impl WireGuard {
@@ -88,21 +89,20 @@ impl WireGuard {
             ?cfg,
             "WireGuard key loaded"
         );
-        let seed = keys::random_key().map_err(|e| {
-            BackendError::Config(format!("reading random bytes for peer indexes: {e}"))
-        })?;
+        let seed =
+            keys::random_key().map_err(|e| io_error("reading random bytes for peer indexes", e))?;
         let mtu = node.iface.mtu.saturating_sub(OVERHEAD) as usize;
         Ok(WireGuard {
             netlink: Netlink::open()?,
             network: network.clone(),
             cfg,
             codec: Arc::new(WgCodec::new(keys)),
-            shared: Arc::new(Shared::new(mtu)),
+            state: Arc::new(DeviceState::new(mtu)),
             leases: HashMap::new(),
             peers: HashMap::new(),
             next_index: u32::from_le_bytes([seed[0], seed[1], seed[2], 0]),
             pump: None,
-            adopted: None,
+            addressing: Addressing::new(DEVICE),
         })
     }
 }
@@ -125,12 +125,7 @@ fn lease_peer(lease: &Lease, listen_port: u16) -> Result<LeasePeer, String> {
         .and_then(Value::as_object)
         .ok_or("no BackendData object with the node's PublicKey")?;
     // Go decodes BackendData case-insensitively.
-    let get = |name: &str| {
-        data.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
-            .filter(|v| !v.is_null())
-    };
+    let get = |name: &str| subnet_manager::json::field(data, name);
     let public_key = get("PublicKey")
         .and_then(Value::as_str)
         .and_then(keys::decode_key)
@@ -213,6 +208,7 @@ impl WireGuard {
             })
             .collect();
         entries.sort_by_key(|(p, _)| p.index);
+        self.state.stats.table_published(entries.len());
         self.codec.table.store(Arc::new(WgTable::new(entries)));
     }
 
@@ -220,8 +216,8 @@ impl WireGuard {
     /// Flannel's kernel WireGuard device on a node migrating to us) and starts the threads.
     async fn start_pump(&mut self) -> Result<(), BackendError> {
         let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), self.cfg.listen_port);
-        let start = || Pump::start("wg", DEVICE, bind, self.codec.clone(), self.shared.clone());
-        let pump = match start() {
+        let start = || Pump::start("wg", DEVICE, bind, self.codec.clone(), self.state.clone());
+        let mut pump = match start() {
             Ok(p) => p,
             Err(first) => {
                 let Ok(old) = self.netlink.link_by_name(DEVICE).await else {
@@ -241,36 +237,21 @@ impl WireGuard {
                 start()?
             }
         };
-        spawn_timers(self.codec.clone(), pump.wire.clone(), self.shared.clone())?;
+        let (codec, sender, state) = (self.codec.clone(), pump.sender(), self.state.clone());
+        // Handshake retries, rekeying, keepalives, the rate limiter's reset.
+        pump.spawn("wg-timers".into(), move |stop: &AtomicBool| {
+            let mut buf = vec![0u8; 65_536 + 256];
+            let mut due = Outbox::new();
+            let mut tally = Tally::default();
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(TIMER_TICK);
+                codec.tick(&mut buf, &mut due);
+                sender.flush(&mut due, &mut tally);
+                tally.flush_tx(&state.stats);
+            }
+        })?;
         self.pump = Some(pump);
         Ok(())
-    }
-}
-
-/// The timer thread: handshake retries, rekeying, keepalives, the rate limiter's reset.
-fn spawn_timers(
-    codec: Arc<WgCodec>,
-    wire: Arc<Wire>,
-    shared: Arc<Shared>,
-) -> Result<(), BackendError> {
-    std::thread::Builder::new()
-        .name("wg-timers".into())
-        .spawn(move || {
-            let mut buf = vec![0u8; 65_536 + 256];
-            let mut tally = Tally::default();
-            while !shared.stopping() {
-                std::thread::sleep(TIMER_TICK);
-                codec.tick(&wire, &mut buf, &mut tally);
-                tally.flush_tx(&shared.stats);
-            }
-        })
-        .map(drop)
-        .map_err(|e| BackendError::Config(format!("starting thread wg-timers: {e}")))
-}
-
-impl Drop for WireGuard {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -280,8 +261,8 @@ impl Backend for WireGuard {
         TYPE
     }
 
-    fn mtu_overhead(&self) -> u32 {
-        OVERHEAD
+    fn mtu(&self) -> u32 {
+        self.state.mtu as u32
     }
 
     fn lease_data(&self) -> LeaseData {
@@ -296,7 +277,7 @@ impl Backend for WireGuard {
     }
 
     fn stats(&self) -> Option<Arc<Stats>> {
-        Some(self.shared.stats.clone())
+        Some(self.state.stats.clone())
     }
 
     async fn start(&mut self, own: &Lease) -> Result<(), BackendError> {
@@ -308,20 +289,13 @@ impl Backend for WireGuard {
         if self.pump.is_none() {
             self.start_pump().await?;
         }
-        self.adopted = Some((subnet, network));
-        self.shared
-            .adopt_lease(&self.netlink, DEVICE, subnet, network)
+        self.addressing
+            .adopt(&self.netlink, &self.state, subnet, network)
             .await
     }
 
     async fn repair(&mut self) -> Result<usize, BackendError> {
-        let Some((subnet, network)) = self.adopted else {
-            return Ok(0);
-        };
-        let restored = self
-            .shared
-            .restore_address(&self.netlink, DEVICE, subnet, network)
-            .await?;
+        let restored = self.addressing.repair(&self.netlink, &self.state).await?;
         Ok(usize::from(restored))
     }
 
@@ -330,7 +304,6 @@ impl Backend for WireGuard {
             peer: peer.key.to_string(),
             reason,
         };
-        check_same_backend(peer, TYPE)?;
         let lp = lease_peer(peer, self.cfg.listen_port).map_err(err)?;
         if lp.public_key == *self.codec.keys().public.as_bytes() {
             return Err(err(
@@ -356,7 +329,6 @@ impl Backend for WireGuard {
         let own = *self.codec.keys().public.as_bytes();
         self.leases = peers
             .iter()
-            .filter(|p| same_backend(p, TYPE))
             .filter_map(|p| match lease_peer(p, self.cfg.listen_port) {
                 Ok(lp) if lp.public_key != own => Some((p.key.clone(), lp)),
                 Ok(_) => None,
@@ -438,7 +410,7 @@ mod tests {
             wg_key_file: Some(dir.path().join("wgkey")),
         };
         let mut wg = WireGuard::new(&config, &node).expect("backend");
-        assert_eq!(wg.mtu_overhead(), 80);
+        assert_eq!(wg.mtu(), 1500 - 80);
         let data = wg.lease_data();
         assert_eq!(data.backend_type.as_deref(), Some("wireguard"));
         let own = data.backend_data.expect("data");
@@ -499,9 +471,7 @@ mod tests {
         // Leases we must not take as peers.
         let ours = wg_lease("10.244.3.0-24", "172.30.0.13", &own_key);
         assert!(wg.add_peer(&ours).await.is_err(), "our own key");
-        let mut udp = wg_lease("10.244.3.0-24", "172.30.0.13", KEY);
-        udp.attrs.backend_type = None;
-        assert!(wg.add_peer(&udp).await.is_err(), "another backend's lease");
+        // (Another backend's lease never gets here: the daemon's admission check keeps it out.)
         wg.reconcile(&[wg_lease("10.244.3.0-24", "172.30.0.13", KEY), ours])
             .await
             .expect("reconcile");
@@ -569,14 +539,14 @@ pub mod fuzzing {
     use super::codec::{RxScratch, WgCodec};
     use super::keys::StaticKeys;
     use super::peers::{WgPeer, WgTable};
-    use crate::backend::pump::{Codec, Wire};
-    use crate::io::{RecvMsg, UdpSock};
+    use crate::backend::pump::{Codec, Outbox};
+    use crate::io::RecvMsg;
     use crate::stats::Tally;
 
     struct State {
         codec: WgCodec,
-        wire: Wire,
         rx: RxScratch,
+        replies: Outbox,
         peer_addr: SocketAddr,
     }
 
@@ -587,7 +557,6 @@ pub mod fuzzing {
     }
 
     fn state() -> Option<State> {
-        let sock = UdpSock::bind("127.0.0.1:0".parse().ok()?, false).ok()?;
         let (ours, theirs) = (keys(1), keys(2));
         let peer_addr: SocketAddr = "127.0.0.1:9".parse().ok()?;
         let codec = WgCodec::new(ours);
@@ -610,8 +579,8 @@ pub mod fuzzing {
         let rx = codec.rx_scratch();
         Some(State {
             codec,
-            wire: Wire::new(sock),
             rx,
+            replies: Outbox::new(),
             peer_addr,
         })
     }
@@ -628,18 +597,24 @@ pub mod fuzzing {
         STATE.with(|st| {
             let mut st = st.borrow_mut();
             let Some(st) = st.as_mut() else { return };
-            let src = if sel & 1 == 0 {
-                st.peer_addr
-            } else {
-                SocketAddr::from(([127, 0, 0, 2], 51820))
-            };
+            let stranger = SocketAddr::from(([127, 0, 0, 2], 51820));
+            let src = if sel & 1 == 0 { st.peer_addr } else { stranger };
             let gro = (sel & 2 != 0).then_some(u16::from(sel >> 2).max(1) * 8);
             let msg = RecvMsg::from_parts(data, src, gro);
             let mut tally = Tally::default();
             st.codec
-                .receive(&mut st.rx, &msg, &st.wire, &mut tally, |pkt, _| {
+                .receive(&mut st.rx, &msg, &mut st.replies, &mut tally, |pkt, _| {
                     assert!(!pkt.is_empty());
                 });
+            // What a pump would send goes to one of the two senders, never elsewhere.
+            for d in st.replies.iter() {
+                assert!(
+                    d.to == stranger || d.to == st.peer_addr,
+                    "reply to {}",
+                    d.to
+                );
+            }
+            st.replies.clear();
         });
     }
 }

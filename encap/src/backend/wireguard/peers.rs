@@ -1,7 +1,7 @@
 //! WireGuard peers as the packet threads see them: one boringtun `Tunn` per remote public key
-//! behind its own lock (taken once per batch, never across a syscall on the data path), and an
-//! immutable table, swapped atomically by the control plane, that finds a peer by inner
-//! destination (AllowedIPs), by the receiver index in a message, or by public key.
+//! behind its own lock (taken once per batch, never across a syscall: the codec holds no
+//! socket), and an immutable table, swapped atomically by the control plane, that finds a peer
+//! by inner destination (AllowedIPs), by the receiver index in a message, or by public key.
 
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
@@ -12,6 +12,8 @@ use std::time::Instant;
 
 use boringtun::noise::Tunn;
 use ipnet::Ipv4Net;
+
+use crate::peers::PrefixMap;
 
 /// boringtun numbers a peer's sessions `index << 8 | n`; the index must fit in 24 bits.
 pub(super) const INDEX_BITS: u32 = 24;
@@ -103,18 +105,10 @@ pub(super) struct WgTable {
     peers: Vec<std::sync::Arc<WgPeer>>,
     /// AllowedIPs of each peer (same order as `peers`): its lease subnets.
     allowed: Vec<Vec<Ipv4Net>>,
-    /// Per prefix length, longest first: masked network -> peer slot.
-    by_prefix: Vec<(u8, HashMap<u32, usize>)>,
+    /// AllowedIPs -> peer slot.
+    by_allowed: PrefixMap<usize>,
     by_index: HashMap<u32, usize>,
     by_key: HashMap<[u8; 32], usize>,
-}
-
-fn mask(addr: u32, len: u8) -> u32 {
-    if len == 0 {
-        0
-    } else {
-        addr & (u32::MAX << (32 - u32::from(len.min(32))))
-    }
 }
 
 /// A peer found in the table: its slot (for the AllowedIPs check) and the peer.
@@ -129,22 +123,13 @@ impl WgTable {
         let mut t = WgTable::default();
         for (slot, (peer, allowed)) in entries.into_iter().enumerate() {
             for net in &allowed {
-                let len = net.prefix_len();
-                let i = match t.by_prefix.iter().position(|(l, _)| *l == len) {
-                    Some(i) => i,
-                    None => {
-                        t.by_prefix.push((len, HashMap::new()));
-                        t.by_prefix.len() - 1
-                    }
-                };
-                t.by_prefix[i].1.insert(u32::from(net.network()), slot);
+                t.by_allowed.insert(*net, slot);
             }
             t.by_index.insert(peer.index, slot);
             t.by_key.insert(peer.public_key, slot);
             t.peers.push(peer);
             t.allowed.push(allowed);
         }
-        t.by_prefix.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
         t
     }
 
@@ -157,12 +142,7 @@ impl WgTable {
 
     /// Longest-prefix match of an inner destination over every peer's AllowedIPs.
     pub fn route(&self, dst: Ipv4Addr) -> Option<Found<'_>> {
-        let d = u32::from(dst);
-        let slot = self
-            .by_prefix
-            .iter()
-            .find_map(|(len, map)| map.get(&mask(d, *len)))?;
-        self.found(*slot)
+        self.found(*self.by_allowed.get(dst)?)
     }
 
     /// The peer a message's receiver index (`peer index << 8 | session`) belongs to.

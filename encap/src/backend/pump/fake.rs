@@ -1,0 +1,203 @@
+//! In-memory stand-ins for the TUN queue and the UDP socket (wireguard-go's `tun/tuntest` and
+//! `conn/bindtest`), so that pumps and codecs run in unit tests without root: a [`FakeTun`]
+//! the test writes "pod" packets into and reads delivered ones from, and [`FakeUdp`] sockets
+//! that reach each other through a [`FakeNet`].
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::ports::{TunIo, UdpIo};
+use crate::io::RecvBatch;
+
+/// How long a fake read waits before `TimedOut`, like the real queue's timeout (shorter).
+const WAIT: Duration = Duration::from_millis(20);
+
+/// A blocking FIFO with a timeout, the common part of both fakes.
+struct Queue<T> {
+    items: Mutex<VecDeque<T>>,
+    ready: Condvar,
+}
+
+impl<T> Default for Queue<T> {
+    fn default() -> Self {
+        Queue {
+            items: Mutex::new(VecDeque::new()),
+            ready: Condvar::new(),
+        }
+    }
+}
+
+impl<T> Queue<T> {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<T>> {
+        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, item: T) {
+        self.lock().push_back(item);
+        self.ready.notify_all();
+    }
+
+    /// Waits up to `wait` for at least one item, then takes up to `max`.
+    fn take(&self, max: usize, wait: Duration) -> Vec<T> {
+        let deadline = Instant::now() + wait;
+        let mut items = self.lock();
+        while items.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Vec::new();
+            }
+            items = match self.ready.wait_timeout(items, left) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        let n = max.min(items.len());
+        items.drain(..n).collect()
+    }
+}
+
+fn timed_out() -> io::Error {
+    io::ErrorKind::TimedOut.into()
+}
+
+/// A TUN queue whose "pods" are the test.
+#[derive(Default)]
+pub(crate) struct FakeTun {
+    from_pods: Queue<Vec<u8>>,
+    to_pods: Queue<Vec<u8>>,
+}
+
+impl FakeTun {
+    /// A pod sends `pkt` (virtio-net header first) into the device.
+    pub fn inject(&self, pkt: Vec<u8>) {
+        self.from_pods.push(pkt);
+    }
+
+    /// What the pump wrote to the device (header first), waiting up to `wait` for the first.
+    pub fn written(&self, wait: Duration) -> Vec<Vec<u8>> {
+        self.to_pods.take(usize::MAX, wait)
+    }
+}
+
+impl TunIo for FakeTun {
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(pkt) = self.from_pods.take(1, WAIT).pop() else {
+            return Err(timed_out());
+        };
+        let n = pkt.len().min(buf.len());
+        buf[..n].copy_from_slice(&pkt[..n]);
+        Ok(n)
+    }
+
+    fn write(&self, pkt: &[u8]) -> io::Result<usize> {
+        self.to_pods.push(pkt.to_vec());
+        Ok(pkt.len())
+    }
+
+    fn name(&self) -> &str {
+        "fake0"
+    }
+}
+
+/// One received message: sender, bytes and the GRO segment size if several were merged.
+type Message = (SocketAddr, Vec<u8>, Option<u16>);
+
+/// The network the fake sockets share: who listens where.
+#[derive(Default)]
+pub(crate) struct FakeNet {
+    inboxes: Mutex<HashMap<SocketAddr, Arc<Queue<Message>>>>,
+}
+
+impl FakeNet {
+    /// A socket bound to `addr` on this network.
+    pub fn bind(self: &Arc<Self>, addr: SocketAddr) -> FakeUdp {
+        let inbox = Arc::new(Queue::default());
+        self.inboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr, inbox.clone());
+        FakeUdp {
+            net: self.clone(),
+            addr,
+            inbox,
+            refuse_gso: AtomicBool::new(false),
+            gso_sends: AtomicUsize::new(0),
+            batch_sends: AtomicUsize::new(0),
+        }
+    }
+
+    /// Delivers to whoever is bound to `to`; nobody there loses it, as UDP does.
+    fn deliver(&self, to: SocketAddr, msg: Message) {
+        let inbox = self
+            .inboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&to)
+            .cloned();
+        if let Some(inbox) = inbox {
+            inbox.push(msg);
+        }
+    }
+}
+
+/// A UDP socket on a [`FakeNet`]. A GSO send arrives as one message with a GRO segment size,
+/// as a receiver with `UDP_GRO` on gets it; a batch send as one message per datagram.
+pub(crate) struct FakeUdp {
+    net: Arc<FakeNet>,
+    addr: SocketAddr,
+    inbox: Arc<Queue<Message>>,
+    /// Fail GSO sends of more than one segment with `EIO`, as a device without checksum
+    /// offload makes the kernel do.
+    pub refuse_gso: AtomicBool,
+    /// Syscalls made, by kind.
+    pub gso_sends: AtomicUsize,
+    pub batch_sends: AtomicUsize,
+}
+
+impl FakeUdp {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sends one datagram from this socket (a stranger or a test's hand-made message).
+    pub fn send_to(&self, to: SocketAddr, data: &[u8]) {
+        self.net.deliver(to, (self.addr, data.to_vec(), None));
+    }
+}
+
+impl UdpIo for FakeUdp {
+    fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        let msgs = self.inbox.take(batch.capacity(), WAIT);
+        if msgs.is_empty() {
+            return Err(timed_out());
+        }
+        Ok(batch.fill(msgs.iter().map(|(src, d, gro)| (*src, &d[..], *gro))))
+    }
+
+    fn send_gso(&self, to: SocketAddr, data: &[u8], seg_len: u16) -> io::Result<usize> {
+        self.gso_sends.fetch_add(1, Ordering::Relaxed);
+        let merged = seg_len != 0 && data.len() > usize::from(seg_len);
+        if merged && self.refuse_gso.load(Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let gro = merged.then_some(seg_len);
+        self.net.deliver(to, (self.addr, data.to_vec(), gro));
+        Ok(data.len())
+    }
+
+    fn send_batch(&self, msgs: &[(SocketAddr, &[u8])]) -> io::Result<usize> {
+        self.batch_sends.fetch_add(1, Ordering::Relaxed);
+        for (to, d) in msgs {
+            self.net.deliver(*to, (self.addr, d.to_vec(), None));
+        }
+        Ok(msgs.len())
+    }
+
+    fn gso_supported(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,232 @@
+//! The pump's threads over in-memory TUN queues and sockets (`fake.rs`): no root, no kernel.
+//! A minimal codec (datagram = inner packet, one peer) keeps the pump itself under test.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+
+use super::fake::{FakeNet, FakeTun, FakeUdp};
+use super::{Codec, DeviceState, Outbox, Pump, Transmit};
+use crate::io::RecvMsg;
+use crate::stats::{DropReason, Tally};
+use crate::wire::testutil::TcpSpec;
+use crate::wire::{VnetHdr, VNET_HDR_LEN};
+
+/// Sends every packet for `subnet` to `peer` as it is, and takes whatever arrives.
+struct Plain {
+    subnet: Ipv4Net,
+    peer: SocketAddr,
+}
+
+impl Codec for Plain {
+    type Route = SocketAddr;
+    type TxScratch = ();
+    type RxScratch = ();
+    const DECREMENT_TTL: bool = true;
+
+    fn tx_scratch(&self) {}
+    fn rx_scratch(&self) {}
+
+    fn route(&self, dst: Ipv4Addr) -> Option<SocketAddr> {
+        self.subnet.contains(&dst).then_some(self.peer)
+    }
+
+    fn transmit<'a>(
+        &self,
+        _: &'a mut (),
+        to: SocketAddr,
+        segs: &'a [u8],
+        seg_len: usize,
+        _: &mut Outbox,
+        _: &mut Tally,
+    ) -> Result<Option<Transmit<'a>>, DropReason> {
+        Ok(Some(Transmit {
+            to,
+            data: segs,
+            seg_len,
+        }))
+    }
+
+    fn receive<F>(&self, _: &mut (), msg: &RecvMsg<'_>, _: &mut Outbox, t: &mut Tally, mut f: F)
+    where
+        F: FnMut(&[u8], &mut Tally),
+    {
+        for d in msg.datagrams() {
+            f(d, t);
+        }
+    }
+}
+
+/// One node: a pump with one queue, its fakes, its state.
+struct Node {
+    tun: Arc<FakeTun>,
+    sock: Arc<FakeUdp>,
+    state: Arc<DeviceState>,
+    codec: Arc<Plain>,
+    pump: Pump<Arc<FakeUdp>>,
+}
+
+const MTU: usize = 1400;
+
+fn node(net: &Arc<FakeNet>, own: u8, peer: u8) -> Node {
+    let addr = |n: u8| SocketAddr::from(([172, 30, 0, n], 8285));
+    let subnet = |n: u8| -> Ipv4Net { format!("10.244.{n}.0/24").parse().expect("net") };
+    let tun = Arc::new(FakeTun::default());
+    let sock = Arc::new(net.bind(addr(own)));
+    let state = Arc::new(DeviceState::new(MTU));
+    state.set_own_subnet(subnet(own));
+    let codec = Arc::new(Plain {
+        subnet: subnet(peer),
+        peer: addr(peer),
+    });
+    let pump = Pump::run(
+        "test",
+        codec.clone(),
+        state.clone(),
+        vec![(tun.clone(), sock.clone())],
+    )
+    .expect("pump");
+    Node {
+        tun,
+        sock,
+        state,
+        codec,
+        pump,
+    }
+}
+
+fn pair() -> (Node, Node) {
+    let net = Arc::new(FakeNet::default());
+    (node(&net, 1, 2), node(&net, 2, 1))
+}
+
+/// A packet from a pod, as the TUN hands it over: plain virtio-net header first.
+fn from_pod(pkt: &[u8]) -> Vec<u8> {
+    let mut v = vec![0u8; VNET_HDR_LEN];
+    VnetHdr::default().encode(&mut v).expect("header");
+    v.extend_from_slice(pkt);
+    v
+}
+
+fn udp_packet(src: [u8; 4], dst: [u8; 4], len: usize) -> Vec<u8> {
+    let mut spec = TcpSpec::v4().udp().payload(&vec![7u8; len]);
+    (spec.src, spec.dst) = (src.into(), dst.into());
+    spec.build()
+}
+
+/// Packets written to `tun` until `n` came or `wait` passed, headers stripped.
+fn delivered(tun: &FakeTun, n: usize, wait: Duration) -> Vec<Vec<u8>> {
+    let deadline = Instant::now() + wait;
+    let mut got = Vec::new();
+    while got.len() < n && Instant::now() < deadline {
+        got.extend(
+            tun.written(Duration::from_millis(50))
+                .into_iter()
+                .map(|p| p[VNET_HDR_LEN..].to_vec()),
+        );
+    }
+    got
+}
+
+/// Waits until the counters the threads flush (idle threads flush every timeout) satisfy `ok`.
+fn eventually(what: &str, ok: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn packets_cross_from_pod_to_pod() {
+    let (a, b) = pair();
+    let pkt = udp_packet([10, 244, 1, 5], [10, 244, 2, 7], 200);
+    a.tun.inject(from_pod(&pkt));
+    let got = delivered(&b.tun, 1, Duration::from_secs(3));
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].len(), pkt.len());
+    assert_eq!(got[0][8], pkt[8] - 1, "a router hop: TTL decremented");
+    eventually("counted on both sides", || {
+        a.state.stats.tx_packets.load(Ordering::Relaxed) == 1
+            && b.state.stats.rx_packets.load(Ordering::Relaxed) == 1
+    });
+}
+
+#[test]
+fn routeless_packets_get_icmp_unreachable() {
+    let (a, _b) = pair();
+    let pkt = udp_packet([10, 244, 1, 5], [10, 9, 9, 9], 100);
+    a.tun.inject(from_pod(&pkt));
+    let got = delivered(&a.tun, 1, Duration::from_secs(3));
+    assert_eq!(got.len(), 1, "an answer to the pod");
+    assert_eq!(
+        (got[0][9], got[0][20]),
+        (1, 3),
+        "ICMP destination unreachable"
+    );
+    assert_eq!(&got[0][16..20], &[10, 244, 1, 5]);
+    eventually("a no_route drop", || {
+        a.state.stats.drops(DropReason::NoRoute) == 1
+    });
+}
+
+#[test]
+fn gso_refused_at_run_time_falls_back_to_sendmmsg() {
+    let (a, b) = pair();
+    a.sock.refuse_gso.store(true, Ordering::Relaxed);
+    assert!(a.pump.sender().gso(), "the kernel said it has GSO");
+    // A TCP super-packet of 10 segments: one run of 10 datagrams.
+    let mut spec = TcpSpec::v4().payload(&vec![3u8; 10 * 1000]);
+    (spec.src, spec.dst) = ([10, 244, 1, 5].into(), [10, 244, 2, 7].into());
+    let (hdr, pkt) = spec.build_gso(1000);
+    let mut read = vec![0u8; VNET_HDR_LEN];
+    hdr.encode(&mut read).expect("header");
+    read.extend_from_slice(&pkt);
+    for _ in 0..2 {
+        a.tun.inject(read.clone());
+    }
+    eventually("every segment received", || {
+        b.state.stats.rx_packets.load(Ordering::Relaxed) == 20
+    });
+    assert!(!a.pump.sender().gso(), "GSO is off for good");
+    assert_eq!(a.sock.gso_sends.load(Ordering::Relaxed), 1, "tried once");
+    assert_eq!(a.sock.batch_sends.load(Ordering::Relaxed), 2);
+    eventually("nothing dropped", || {
+        a.state.stats.tx_packets.load(Ordering::Relaxed) == 20
+    });
+    assert_eq!(a.state.stats.drops(DropReason::IoError), 0);
+}
+
+#[test]
+fn truncated_messages_are_dropped() {
+    let (a, b) = pair();
+    // Larger than a receive slot (64 KiB): only its beginning would arrive.
+    a.sock.send_to(b.sock.local_addr(), &vec![0x45; 70_000]);
+    eventually("a malformed drop", || {
+        b.state.stats.drops(DropReason::Malformed) == 1
+    });
+    assert!(b.tun.written(Duration::from_millis(50)).is_empty());
+}
+
+#[test]
+fn dropping_the_pump_stops_and_joins_its_threads() {
+    let (a, _b) = pair();
+    let Node {
+        codec, mut pump, ..
+    } = a;
+    let (tx, rx) = std::sync::mpsc::channel();
+    pump.spawn("test-extra".into(), move |stop| {
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = tx.send(());
+    })
+    .expect("spawn");
+    assert!(Arc::strong_count(&codec) > 1, "the threads hold the codec");
+    drop(pump);
+    assert_eq!(Arc::strong_count(&codec), 1, "every packet thread ended");
+    assert!(rx.try_recv().is_ok(), "the extra thread ended too");
+}

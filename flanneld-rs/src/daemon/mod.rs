@@ -1,0 +1,324 @@
+//! The daemon's life: wait for a valid config, take a lease, start the backend, write
+//! subnet.env, then hand over to the event loop (`running`) until told to stop.
+
+mod running;
+mod upkeep;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use encap::netlink::Netlink;
+use encap::{new_backend, Backend, NodeInfo};
+use subnet_manager::alloc::Identity;
+use subnet_manager::config::NetworkConfig;
+use subnet_manager::lease::{Lease, LeaseAttrs, SubnetKey};
+use subnet_manager::lifecycle::{self, LeaseLost, LeaseRequest};
+use subnet_manager::registry::{EtcdOptions, HeldLease, Registry, RegistryError};
+use subnet_manager::subnet_env::SubnetEnv;
+use subnet_manager::Backoff;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{oneshot, watch as tokio_watch};
+use tokio::task::JoinHandle;
+
+use crate::flags::Flags;
+use crate::iface;
+use crate::ipmasq::{IpMasq, MasqConfig};
+use crate::status::{self, Status};
+use running::Running;
+
+/// Set when SIGTERM or SIGINT arrives; every wait in the daemon also waits on it.
+#[derive(Clone)]
+struct Shutdown(tokio_watch::Receiver<bool>);
+
+impl Shutdown {
+    fn install() -> Result<Self> {
+        let (tx, rx) = tokio_watch::channel(false);
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        tokio::spawn(async move {
+            let which = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            tracing::info!("{which} received: stopping (the lease stays in etcd for the restart)");
+            let _ = tx.send(true);
+        });
+        Ok(Shutdown(rx))
+    }
+
+    async fn wait(&mut self) {
+        while !*self.0.borrow() {
+            if self.0.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Sleeps, or returns false at once if we are stopping.
+    async fn sleep(&mut self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = self.wait() => false,
+        }
+    }
+}
+
+/// Retries `op` with back-off until it succeeds (`Some`) or we are told to stop (`None`).
+/// Errors are logged only when their text changes, so a long etcd outage is not a log flood.
+async fn retry<T, E, F, Fut>(what: &str, shutdown: &mut Shutdown, mut op: F) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut last = String::new();
+    loop {
+        let attempt = tokio::select! {
+            r = op() => r,
+            _ = shutdown.wait() => return None,
+        };
+        match attempt {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                let msg = e.to_string();
+                if msg != last {
+                    tracing::error!("{what}: {msg} (retrying)");
+                    last = msg;
+                }
+                if !shutdown.sleep(backoff.next_delay()).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Start-up: everything up to holding a lease with the backend configured, then the event loop.
+pub async fn run(flags: Flags) -> Result<()> {
+    // First of all: a second daemon with our subnet file would share our lease and devices.
+    let _instance = crate::single::acquire(&flags.subnet_file)?;
+    let mut shutdown = Shutdown::install()?;
+    let status = Arc::new(Status::default());
+    let mut ports = vec![flags.healthz_port, flags.metrics_port];
+    ports.dedup();
+    for port in ports.into_iter().filter(|p| *p != 0) {
+        status::serve(SocketAddr::new(flags.healthz_ip, port), status.clone()).await?;
+    }
+    let etcd = etcd_options(&flags);
+    // Unreachable etcd or a refused login is retried; bad TLS files are fatal (a restart with
+    // the same flags cannot fix them).
+    let connect = retry("connecting to etcd", &mut shutdown, || async {
+        match Registry::connect(&etcd).await {
+            Err(e @ RegistryError::Etcd { .. }) => Err(e),
+            other => Ok(other),
+        }
+    });
+    let registry = match connect.await {
+        Some(r) => r?,
+        None => return Ok(()),
+    };
+    let netlink = Netlink::open().context("opening netlink")?;
+    let node = NodeInfo {
+        wg_key_file: flags.wg_key_path(),
+        ..iface::choose(&netlink, &flags).await?
+    };
+
+    let Some(config) = retry("waiting for a valid network config", &mut shutdown, || {
+        registry.network_config()
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    tracing::info!(
+        network = ?config.network,
+        ipv6_network = ?config.ipv6_network,
+        backend = %config.backend_type,
+        "network config loaded"
+    );
+    let mut backend = new_backend(&config, &node)
+        .await
+        .with_context(|| format!("starting the {} backend", config.backend_type))?;
+    status.set_sources(backend.name(), registry.stats.clone(), backend.stats());
+
+    let previous = previous_subnet(&flags);
+    let req = LeaseRequest {
+        attrs: lease_attrs(&node, backend.as_ref()),
+        identity: Identity {
+            public_ip: node.public_ip,
+            public_ipv6: node.public_ipv6,
+        },
+        config,
+        previous,
+        ttl: flags.subnet_lease_ttl,
+    };
+    let Some(held) = retry("acquiring a subnet lease", &mut shutdown, || {
+        lifecycle::acquire(&registry, &req)
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    let own = start_lease(&flags, &req.config, backend.as_mut(), &held).await?;
+    // After subnet.env, as Flannel does: the rules need our lease's subnet.
+    let masq = if flags.ip_masq {
+        let rules = MasqConfig::new(&req.config, &own.key);
+        Some(
+            IpMasq::install(rules)
+                .await
+                .context("installing the --ip-masq rules")?,
+        )
+    } else {
+        None
+    };
+    status.set_lease(Some(&held));
+    status.backend_running.store(true, Ordering::Relaxed);
+    let renewer = Renewer::spawn(&registry, held, flags.renew_margin(), status.clone());
+
+    let mut running = Running::new(
+        flags, registry, netlink, status, backend, req, own, masq, renewer,
+    );
+    let result = running.event_loop(&mut shutdown).await;
+    running.stop().await;
+    result
+}
+
+/// Configures the backend for the lease we hold and writes subnet.env for the CNI plugin.
+async fn start_lease(
+    flags: &Flags,
+    config: &NetworkConfig,
+    backend: &mut dyn Backend,
+    held: &HeldLease,
+) -> Result<Lease> {
+    let own = Lease {
+        key: held.key.clone(),
+        attrs: held.attrs.clone(),
+    };
+    backend
+        .start(&own)
+        .await
+        .with_context(|| format!("configuring the {} backend for {}", backend.name(), own.key))?;
+    let env = SubnetEnv {
+        network: config.network,
+        subnet: own.key.ipv4.map(first_host),
+        ipv6_network: config.ipv6_network,
+        ipv6_subnet: own.key.ipv6.map(first_host),
+        mtu: backend.mtu(),
+        ipmasq: flags.ip_masq,
+    };
+    // The error names the file, the step and the OS error once; no context to add.
+    env.write_atomic(&flags.subnet_file)?;
+    tracing::info!(file = %flags.subnet_file.display(), subnet = %own.key, mtu = env.mtu, "wrote subnet.env");
+    Ok(own)
+}
+
+/// The lease's first address with the lease's prefix length (FLANNEL_SUBNET's form).
+fn first_host<N: SubnetAddr>(net: N) -> N {
+    net.first_host()
+}
+
+trait SubnetAddr {
+    fn first_host(self) -> Self;
+}
+
+impl SubnetAddr for ipnet::Ipv4Net {
+    fn first_host(self) -> Self {
+        let addr = std::net::Ipv4Addr::from(u32::from(self.network()).wrapping_add(1));
+        ipnet::Ipv4Net::new(addr, self.prefix_len()).unwrap_or(self)
+    }
+}
+
+impl SubnetAddr for ipnet::Ipv6Net {
+    fn first_host(self) -> Self {
+        let addr = std::net::Ipv6Addr::from(u128::from(self.network()).wrapping_add(1));
+        ipnet::Ipv6Net::new(addr, self.prefix_len()).unwrap_or(self)
+    }
+}
+
+/// The subnet recorded by a previous run (ours or Go Flannel's), to ask for it again.
+fn previous_subnet(flags: &Flags) -> Option<SubnetKey> {
+    match SubnetEnv::read(&flags.subnet_file) {
+        Ok(env) => {
+            let key = SubnetKey {
+                ipv4: env.leased_ipv4(),
+                ipv6: env.leased_ipv6(),
+            };
+            (key.ipv4.is_some() || key.ipv6.is_some()).then_some(key)
+        }
+        Err(e) => {
+            tracing::debug!("no previous subnet: {e}");
+            None
+        }
+    }
+}
+
+fn lease_attrs(node: &NodeInfo, backend: &dyn Backend) -> LeaseAttrs {
+    let data = backend.lease_data();
+    LeaseAttrs {
+        public_ip: node.public_ip,
+        public_ipv6: node.public_ipv6,
+        backend_type: data.backend_type,
+        backend_data: data.backend_data,
+        backend_v6_data: data.backend_v6_data,
+    }
+}
+
+fn etcd_options(flags: &Flags) -> EtcdOptions {
+    EtcdOptions {
+        endpoints: flags.etcd_endpoints.clone(),
+        prefix: flags.etcd_prefix.clone(),
+        username: flags.etcd_username.clone(),
+        password: flags.etcd_password.clone(),
+        cafile: flags.etcd_cafile.clone(),
+        certfile: flags.etcd_certfile.clone(),
+        keyfile: flags.etcd_keyfile.clone(),
+    }
+}
+
+/// The background task that keeps our lease renewed and says when it is lost.
+struct Renewer {
+    task: JoinHandle<()>,
+    lost: oneshot::Receiver<LeaseLost>,
+}
+
+impl Renewer {
+    fn spawn(
+        registry: &Registry,
+        mut held: HeldLease,
+        margin: Duration,
+        status: Arc<Status>,
+    ) -> Self {
+        let (tx, lost) = oneshot::channel();
+        let registry = registry.clone();
+        let task = tokio::spawn(async move {
+            let why = lifecycle::keep_renewed(&registry, &mut held, margin, |h| {
+                status.set_lease(Some(h))
+            })
+            .await;
+            let _ = tx.send(why);
+        });
+        Renewer { task, lost }
+    }
+
+    fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnet_env_address_is_first_host() {
+        let n: ipnet::Ipv4Net = "10.244.3.0/24".parse().expect("net");
+        assert_eq!(first_host(n).to_string(), "10.244.3.1/24");
+        let n6: ipnet::Ipv6Net = "fc00:0:0:3::/64".parse().expect("net");
+        assert_eq!(first_host(n6).to_string(), "fc00:0:0:3::1/64");
+    }
+}

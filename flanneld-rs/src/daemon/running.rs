@@ -1,0 +1,295 @@
+//! The event loop of a node that holds a lease: peers' leases through the admission check to
+//! the backend, our own lease renewed (re-acquired when lost, put back when overwritten), and
+//! the periodic upkeep of what we programmed.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use encap::netlink::Netlink;
+use encap::Backend;
+use subnet_manager::admission::{Admission, Outcome, PeerChange};
+use subnet_manager::lease::Lease;
+use subnet_manager::lifecycle::{self, LeaseLost, LeaseRequest};
+use subnet_manager::registry::{HeldLease, Registry};
+use subnet_manager::watch::{self, LeaseEvent};
+
+use super::upkeep::{keep_programmed, sweep_devices, sweep_routes};
+use super::{retry, start_lease, Renewer, Shutdown};
+use crate::flags::Flags;
+use crate::ipmasq::{IpMasq, MasqConfig};
+use crate::status::Status;
+
+/// A node holding a lease, and everything its event loop works on.
+pub(super) struct Running {
+    flags: Flags,
+    registry: Registry,
+    netlink: Netlink,
+    status: Arc<Status>,
+    backend: Box<dyn Backend>,
+    req: LeaseRequest,
+    own: Lease,
+    masq: Option<IpMasq>,
+    renewer: Renewer,
+    admission: Admission,
+    /// Whether the first full listing reached the backend (before that, changes wait for it).
+    reconciled: bool,
+}
+
+impl Running {
+    #[allow(clippy::too_many_arguments)] // the parts start-up made, handed over once
+    pub(super) fn new(
+        flags: Flags,
+        registry: Registry,
+        netlink: Netlink,
+        status: Arc<Status>,
+        backend: Box<dyn Backend>,
+        req: LeaseRequest,
+        own: Lease,
+        masq: Option<IpMasq>,
+        renewer: Renewer,
+    ) -> Self {
+        let backend_type = backend.name();
+        let mut admission = Admission::new(
+            &req.config,
+            backend_type,
+            Box::new(move |l: &Lease| encap::lease_claims(backend_type, l)),
+        );
+        admission.set_own(&own);
+        Running {
+            flags,
+            registry,
+            netlink,
+            status,
+            backend,
+            req,
+            own,
+            masq,
+            renewer,
+            admission,
+            reconciled: false,
+        }
+    }
+
+    /// Runs until told to stop (or the watch ends with the process).
+    pub(super) async fn event_loop(&mut self, shutdown: &mut Shutdown) -> Result<()> {
+        let mut events = watch::spawn(self.registry.clone());
+        let mut resync =
+            tokio::time::interval(Duration::from_secs(self.flags.iptables_resync.max(1)));
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let lost = tokio::select! {
+                _ = shutdown.wait() => return Ok(()),
+                lost = &mut self.renewer.lost => Some(match lost {
+                    Ok(LeaseLost::Deleted) => "lease lost: our lease key is gone from etcd".to_string(),
+                    Ok(LeaseLost::RenewFailed(n)) => format!(
+                        "lease renewal failed {n} times (the key stays ours until it expires)"
+                    ),
+                    Err(_) => "renewal task ended".to_string(),
+                }),
+                _ = resync.tick(), if self.reconciled => {
+                    keep_programmed(&self.netlink, self.backend.as_mut(), self.masq.as_mut(), &self.status).await;
+                    None
+                }
+                batch = events.recv() => {
+                    let Some(batch) = batch else { return Ok(()) };
+                    match self.on_batch(batch).await {
+                        OwnEvent::None => None,
+                        OwnEvent::Removed => Some("lease lost: our lease key was deleted from etcd".to_string()),
+                        OwnEvent::Rewritten(theirs) => {
+                            if !self.restore_own(&theirs, shutdown).await {
+                                return Ok(());
+                            }
+                            None
+                        }
+                    }
+                }
+            };
+            if let Some(why) = lost {
+                if !self.reacquire(&why, shutdown).await? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Stops renewing and removes our NAT rules (routes and the lease stay for the restart,
+    /// as with Flannel).
+    pub(super) async fn stop(self) {
+        self.renewer.stop();
+        if let Some(m) = self.masq {
+            match m.remove().await {
+                Ok(()) => tracing::info!("ip-masq rules removed"),
+                Err(e) => tracing::warn!("{e:#}"),
+            }
+        }
+        tracing::info!("stopped");
+    }
+
+    /// A batch from the watch; the first one (the full listing) also reconciles the backend.
+    async fn on_batch(&mut self, batch: Vec<LeaseEvent>) -> OwnEvent {
+        let own_event = self.admit_events(batch).await;
+        if !self.reconciled {
+            self.reconciled = true;
+            let all: Vec<Lease> = self.admission.admitted().cloned().collect();
+            if let Err(e) = self.backend.reconcile(&all).await {
+                tracing::warn!("reconciling peers: {e}");
+            }
+            sweep_devices(&self.netlink, self.backend.as_ref()).await;
+            sweep_routes(&self.netlink, self.backend.as_ref(), &self.status).await;
+            tracing::info!(
+                peers = all.len(),
+                refused = self.admission.refused_count(),
+                "peers programmed"
+            );
+        }
+        self.publish_peers();
+        own_event
+    }
+
+    fn publish_peers(&self) {
+        self.status
+            .peers
+            .store(self.admission.admitted_count(), Ordering::Relaxed);
+    }
+
+    /// Passes a batch of lease events through the admission check and hands the backend what
+    /// passed. Our own key is not a peer: what happened to it is returned.
+    async fn admit_events(&mut self, batch: Vec<LeaseEvent>) -> OwnEvent {
+        let mut own_event = OwnEvent::None;
+        for ev in batch {
+            let out = match ev {
+                LeaseEvent::Added(lease) if lease.key == self.own.key => {
+                    if lease.attrs != self.own.attrs {
+                        own_event = OwnEvent::Rewritten(Box::new(lease));
+                    }
+                    continue;
+                }
+                LeaseEvent::Removed(lease) if lease.key == self.own.key => {
+                    own_event = OwnEvent::Removed;
+                    continue;
+                }
+                LeaseEvent::Added(lease) => self.admission.put(lease),
+                LeaseEvent::Removed(lease) => self.admission.remove(&lease.key),
+            };
+            self.apply_outcome(out).await;
+        }
+        own_event
+    }
+
+    /// Logs and counts refusals, and programs the changes once the first full listing is in.
+    async fn apply_outcome(&mut self, out: Outcome) {
+        for (key, why) in &out.refused {
+            if why.is_benign() {
+                tracing::info!(subnet = %key, "lease ignored: {why}");
+            } else {
+                tracing::warn!(subnet = %key, "lease refused: {why}");
+            }
+            self.status.count_refused(why.kind());
+        }
+        for change in out.changes {
+            let result = match &change {
+                PeerChange::Add(lease) => {
+                    tracing::info!(subnet = %lease.key, public_ip = %lease.attrs.public_ip, "peer added");
+                    if !self.reconciled {
+                        continue;
+                    }
+                    self.backend.add_peer(lease).await
+                }
+                PeerChange::Remove(lease) => {
+                    tracing::info!(subnet = %lease.key, public_ip = %lease.attrs.public_ip, "peer removed");
+                    if !self.reconciled {
+                        continue;
+                    }
+                    self.backend.remove_peer(lease).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Someone wrote our lease key with another value (a hijack, or a careless `etcdctl put`,
+    /// which also detaches the key from our etcd lease): put ours back under a fresh grant.
+    /// False when told to stop meanwhile.
+    async fn restore_own(&mut self, theirs: &Lease, shutdown: &mut Shutdown) -> bool {
+        self.status.lease_rewrites.fetch_add(1, Ordering::Relaxed);
+        let own = &self.own;
+        if theirs.attrs.public_ip == own.attrs.public_ip {
+            tracing::warn!(subnet = %own.key, "our lease key was rewritten with our PublicIP but other attributes (a second daemon on this host, or a hand-made put?): putting ours back");
+        } else {
+            tracing::warn!(subnet = %own.key, their_public_ip = %theirs.attrs.public_ip, "our lease key was overwritten by another writer: putting ours back");
+        }
+        let (registry, ttl) = (&self.registry, self.req.ttl);
+        let Some(held) = retry("putting our lease back", shutdown, || async move {
+            match registry.put_lease(&own.key, &own.attrs, ttl, false).await {
+                Ok(Some(held)) => Ok(held),
+                Ok(None) => Err("the write was refused".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await
+        else {
+            return false;
+        };
+        self.hold(held);
+        true
+    }
+
+    /// Our lease was lost: acquire again, asking for the same subnet first. False when told
+    /// to stop meanwhile.
+    async fn reacquire(&mut self, why: &str, shutdown: &mut Shutdown) -> Result<bool> {
+        tracing::warn!(subnet = %self.own.key, "{why}: acquiring again");
+        self.renewer.stop();
+        self.status.set_lease(None);
+        self.req.previous = Some(self.own.key.clone());
+        let (registry, req) = (&self.registry, &self.req);
+        let Some(held) = retry("re-acquiring a subnet lease", shutdown, || {
+            lifecycle::acquire(registry, req)
+        })
+        .await
+        else {
+            return Ok(false);
+        };
+        if held.key == self.own.key {
+            tracing::info!(subnet = %held.key, "lease re-acquired with the same subnet");
+        } else {
+            tracing::warn!(old = %self.own.key, new = %held.key, "our old subnet was taken meanwhile: pods created before keep addresses from the old one until recreated");
+            self.own =
+                start_lease(&self.flags, &self.req.config, self.backend.as_mut(), &held).await?;
+            let out = self.admission.set_own(&self.own);
+            self.apply_outcome(out).await;
+            self.publish_peers();
+            if let Some(m) = self.masq.as_mut() {
+                m.update(MasqConfig::new(&self.req.config, &self.own.key))
+                    .await
+                    .context("updating the --ip-masq rules")?;
+            }
+        }
+        self.hold(held);
+        Ok(true)
+    }
+
+    /// Renews `held` from now on, in place of whatever renewed before.
+    fn hold(&mut self, held: HeldLease) {
+        self.renewer.stop();
+        self.status.set_lease(Some(&held));
+        self.renewer = Renewer::spawn(
+            &self.registry,
+            held,
+            self.flags.renew_margin(),
+            self.status.clone(),
+        );
+    }
+}
+
+/// What a batch of lease events said about our own lease.
+enum OwnEvent {
+    None,
+    /// Our key was deleted (or etcd lost it).
+    Removed,
+    /// Someone else wrote our key: their value.
+    Rewritten(Box<Lease>),
+}

@@ -1,0 +1,100 @@
+//! What the daemon programmed stays programmed: every `--iptables-resync` seconds the backend
+//! restores what was removed behind our back, and routes or devices of ours that nothing
+//! justifies any more are removed.
+
+use std::sync::atomic::Ordering;
+
+use encap::netlink::Netlink;
+use encap::Backend;
+
+use crate::ipmasq::IpMasq;
+use crate::status::Status;
+
+/// Every `--iptables-resync` seconds: restore what was removed behind our back and drop routes
+/// of ours that nothing justifies any more.
+pub(super) async fn keep_programmed(
+    netlink: &Netlink,
+    backend: &mut dyn Backend,
+    masq: Option<&mut IpMasq>,
+    status: &Status,
+) {
+    match backend.repair().await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::warn!(
+                restored = n,
+                "restored kernel state of ours that was removed"
+            );
+            status.repairs.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!(
+            "checking the {} backend's kernel state: {e}",
+            backend.name()
+        ),
+    }
+    sweep_routes(netlink, backend, status).await;
+    if let Some(m) = masq {
+        match m.repair().await {
+            Ok(false) => {}
+            Ok(true) => {
+                tracing::warn!("our ip-masq rules were changed or removed: restored");
+                status.repairs.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!("restoring the ip-masq rules: {e:#}"),
+        }
+    }
+}
+
+/// Deletes VXLAN devices named like Flannel's (`flannel.<VNI>`) that the current backend does
+/// not use: left by an earlier vxlan config (another VNI, or another backend now). Their
+/// routes go with them. Called once at start, after the backend made its own device.
+pub(super) async fn sweep_devices(netlink: &Netlink, backend: &dyn Backend) {
+    let links = match netlink.links().await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("listing links: {e}");
+            return;
+        }
+    };
+    let ours = backend.device_name();
+    for link in links {
+        let flannel_vxlan_name = link
+            .name
+            .strip_prefix("flannel.")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if !flannel_vxlan_name || ours.as_deref() == Some(link.name.as_str()) {
+            continue;
+        }
+        let is_vxlan =
+            matches!(netlink.link_details(&link.name).await, Ok(Some(d)) if d.vxlan.is_some());
+        if !is_vxlan {
+            continue;
+        }
+        tracing::warn!(device = %link.name, backend = backend.name(), "deleting a VXLAN device of an earlier config that the current backend does not use");
+        if let Err(e) = netlink.delete_link(link.index).await {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+/// Removes every route of ours (protocol 70) that the backend does not want: left by an
+/// earlier backend (host-gw's routes would bypass an encrypting one) or by a lease long gone.
+pub(super) async fn sweep_routes(netlink: &Netlink, backend: &dyn Backend, status: &Status) {
+    let wanted = backend.wanted_routes();
+    let ours = match netlink.own_routes().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("listing our routes: {e}");
+            return;
+        }
+    };
+    for r in ours.iter().filter(|r| !wanted.contains(r)) {
+        tracing::warn!(route = %r.dst, via = ?r.gateway, backend = backend.name(), "removing a route of ours that the current backend and leases do not justify");
+        match netlink.delete_route(r).await {
+            Ok(()) => {
+                status.stale_routes_removed.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+}
