@@ -22,8 +22,8 @@ pub mod vnet;
 
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-pub(crate) mod testutil;
+#[cfg(any(test, feature = "testutil"))]
+pub mod testutil;
 
 use std::net::IpAddr;
 

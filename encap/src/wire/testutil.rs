@@ -288,7 +288,7 @@ impl XorShift {
     pub fn new(seed: u64) -> Self {
         XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
         x ^= x >> 7;
@@ -297,11 +297,11 @@ impl XorShift {
         x
     }
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        (self.next_u64() % n.max(1) as u64) as usize
     }
     pub fn fill(&mut self, b: &mut [u8]) {
         for x in b {
-            *x = self.next() as u8;
+            *x = self.next_u64() as u8;
         }
     }
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {

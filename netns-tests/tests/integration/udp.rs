@@ -79,27 +79,17 @@ fn udp_mesh_transfers_and_mtu_edges() -> Result<()> {
     Ok(())
 }
 
-/// A valid IPv4/UDP packet from `src` to `dst` (what a pod would send).
+/// A well-formed UDP packet from `src` to `dst` (encap's shared test builder).
 fn inner_packet(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
-    let mut p = vec![0u8; 40];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&40u16.to_be_bytes());
-    p[8] = 64;
-    p[9] = 17;
-    p[12..16].copy_from_slice(&src);
-    p[16..20].copy_from_slice(&dst);
-    let mut sum = 0u32;
-    for w in p[..20].chunks(2) {
-        sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    encap::wire::testutil::TcpSpec {
+        src: std::net::Ipv4Addr::from(src).into(),
+        dst: std::net::Ipv4Addr::from(dst).into(),
+        ..encap::wire::testutil::TcpSpec::v4()
     }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    p[20..22].copy_from_slice(&9u16.to_be_bytes());
-    p[22..24].copy_from_slice(&9u16.to_be_bytes());
-    p[24..26].copy_from_slice(&20u16.to_be_bytes());
-    p
+    .udp()
+    .ports(9, 9)
+    .payload(&[0; 12])
+    .build()
 }
 
 #[test]

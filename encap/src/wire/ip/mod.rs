@@ -201,8 +201,8 @@ mod tests {
         let mut rng = XorShift::new(3);
         for _ in 0..1000 {
             let mut p = TcpSpec::v4()
-                .ttl((rng.next() as u8).max(2))
-                .id(rng.next() as u16)
+                .ttl((rng.next_u64() as u8).max(2))
+                .id(rng.next_u64() as u16)
                 .build();
             decrement_ttl(&mut p).unwrap();
             assert_ip_valid(&p);

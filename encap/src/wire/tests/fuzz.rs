@@ -16,7 +16,7 @@ fn everything(rng: &mut XorShift, data: &[u8], gro: &mut Gro, out: &mut [u8]) {
     let v4: IpAddr = Ipv4Addr::new(10, 0, 0, 1).into();
     let v6: IpAddr = Ipv6Addr::LOCALHOST.into();
     for from in [v4, v6] {
-        let _ = icmp_too_big(data, rng.next() as u16, from, out);
+        let _ = icmp_too_big(data, rng.next_u64() as u16, from, out);
         let _ = icmp_unreachable(data, from, &mut out[..rng.below(1400)]);
     }
     let mut hb = [0u8; 10];
@@ -71,7 +71,7 @@ fn wire_fuzz_mutated_valid_packets_never_panic() {
         for _ in 0..1 + rng.below(4) {
             let at = rng.below(70);
             if let Some(b) = p.get_mut(at) {
-                *b = rng.next() as u8;
+                *b = rng.next_u64() as u8;
             }
         }
         if rng.below(3) == 0 {
