@@ -1,6 +1,5 @@
-//! flanneld-rs: the daemon's wiring and the Flannel-compatible CNI plugin.
+//! flanneld-rs: the daemon's wiring (the CNI plugin is the `flannel-cni` crate in `cni/`).
 
-pub mod cni;
 pub mod daemon;
 pub mod flags;
 mod iface;

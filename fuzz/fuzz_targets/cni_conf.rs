@@ -1,6 +1,6 @@
 //! The CNI plugin's config on stdin.
 #![no_main]
-use flanneld_rs::cni::conf::{parse_json, NetConf};
+use flannel_cni::conf::{parse_json, NetConf};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -370,7 +370,7 @@ fn dockerfile_builds_what_the_manifest_runs() -> Result<()> {
         froms.len() == 2 && froms[0].ends_with(" AS build"),
         "{froms:?}"
     );
-    ensure!(docker.contains("cargo build --release --locked -p flanneld-rs --bins"));
+    ensure!(docker.contains("cargo build --release --locked -p flanneld-rs -p flannel-cni --bins"));
     ensure!(docker.contains("COPY --from=build /out/flanneld-rs /out/flannel /opt/bin/"));
     ensure!(docker.contains("ENTRYPOINT [\"/opt/bin/flanneld-rs\"]"));
     for (src, dst) in [

@@ -123,7 +123,7 @@ fn user_routes(ipam: &Map<String, Value>) -> Result<Vec<Value>, CniError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cni::conf::parse_json;
+    use crate::conf::parse_json;
 
     fn conf(v: Value) -> NetConf {
         NetConf::from_json(&parse_json(v.to_string().as_bytes()).unwrap()).unwrap()

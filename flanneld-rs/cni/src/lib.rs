@@ -1,4 +1,6 @@
-//! The `flannel` CNI meta-plugin: a drop-in for flannel-io/cni-plugin v1.1.2.
+//! The `flannel` CNI meta-plugin: a drop-in for flannel-io/cni-plugin v1.1.2. Its own crate,
+//! beside the daemon's: it reads subnet.env and runs plugins, so it builds on subnet-manager's
+//! pure formats alone, without etcd.
 //!
 //! It reads subnet.env, builds the delegate config (by default `bridge` + `host-local` over this
 //! node's lease) as Flannel does, saves it under dataDir/<containerID> and runs the delegate.

@@ -141,7 +141,7 @@ fn failure(name: &str, command: Command, output: &process::Output) -> CniError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cni::tests::script;
+    use crate::tests::script;
     use std::fs;
 
     #[test]

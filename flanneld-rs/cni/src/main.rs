@@ -1,6 +1,6 @@
 //! The `flannel` CNI plugin binary: install it as /opt/cni/bin/flannel in place of Flannel's.
-//! All logic lives in `flanneld_rs::cni`.
+//! All logic lives in the `flannel_cni` library.
 
 fn main() {
-    std::process::exit(flanneld_rs::cni::main());
+    std::process::exit(flannel_cni::main());
 }
