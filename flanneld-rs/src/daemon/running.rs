@@ -35,6 +35,8 @@ pub(super) struct Running {
     admission: Admission,
     /// Whether the first full listing reached the backend (before that, changes wait for it).
     reconciled: bool,
+    /// The upkeep's last failure, logged once while it lasts.
+    upkeep_error: Option<String>,
 }
 
 impl Running {
@@ -69,6 +71,7 @@ impl Running {
             renewer,
             admission,
             reconciled: false,
+            upkeep_error: None,
         }
     }
 
@@ -89,7 +92,14 @@ impl Running {
                     Err(_) => "renewal task ended".to_string(),
                 }),
                 _ = resync.tick(), if self.reconciled => {
-                    keep_programmed(&self.netlink, self.backend.as_mut(), self.masq.as_mut(), &self.status).await;
+                    keep_programmed(
+                        &self.netlink,
+                        self.backend.as_mut(),
+                        self.masq.as_mut(),
+                        &self.status,
+                        &mut self.upkeep_error,
+                    )
+                    .await;
                     None
                 }
                 batch = events.recv() => {

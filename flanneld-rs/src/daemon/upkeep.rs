@@ -12,12 +12,16 @@ use crate::status::Status;
 
 /// Every `--iptables-resync` seconds: restore what was removed behind our back and drop routes
 /// of ours that nothing justifies any more.
+/// `last_error` keeps the last failure's text, so a lasting one is logged once, not every
+/// period.
 pub(super) async fn keep_programmed(
     netlink: &Netlink,
     backend: &mut dyn Backend,
     masq: Option<&mut IpMasq>,
     status: &Status,
+    last_error: &mut Option<String>,
 ) {
+    let mut errors = Vec::new();
     match backend.repair().await {
         Ok(0) => {}
         Ok(n) => {
@@ -27,10 +31,10 @@ pub(super) async fn keep_programmed(
             );
             status.repairs.fetch_add(n as u64, Ordering::Relaxed);
         }
-        Err(e) => tracing::warn!(
+        Err(e) => errors.push(format!(
             "checking the {} backend's kernel state: {e}",
             backend.name()
-        ),
+        )),
     }
     sweep_routes(netlink, backend, status).await;
     if let Some(m) = masq {
@@ -40,8 +44,16 @@ pub(super) async fn keep_programmed(
                 tracing::warn!("our ip-masq rules were changed or removed: restored");
                 status.repairs.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => tracing::warn!("restoring the ip-masq rules: {e:#}"),
+            Err(e) => errors.push(format!("restoring the ip-masq rules: {e:#}")),
         }
+    }
+    let now = (!errors.is_empty()).then(|| errors.join("; "));
+    if now != *last_error {
+        match &now {
+            Some(e) => tracing::warn!("{e} (retried every --iptables-resync period)"),
+            None => tracing::info!("kernel state checks pass again"),
+        }
+        *last_error = now;
     }
 }
 
