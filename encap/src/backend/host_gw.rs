@@ -15,7 +15,6 @@ use crate::netlink::{Netlink, OwnRoute};
 const TYPE: &str = "host-gw";
 
 pub struct HostGw {
-    netlink: Netlink,
     node: NodeInfo,
     network: NetworkConfig,
     /// The routes we installed, per peer lease.
@@ -24,10 +23,8 @@ pub struct HostGw {
 
 impl HostGw {
     pub fn new(network: &NetworkConfig, node: &NodeInfo) -> Result<Self, BackendError> {
-        let netlink = Netlink::open()?;
         Ok(HostGw {
-            routes: PeerRoutes::new(netlink.clone()),
-            netlink,
+            routes: PeerRoutes::new(Netlink::open()?),
             node: node.clone(),
             network: network.clone(),
         })
@@ -60,14 +57,6 @@ impl HostGw {
             });
         }
         out
-    }
-
-    /// Whether a route of ours belongs to this backend's business: inside the pod network.
-    fn in_network(&self, dst: &IpNet) -> bool {
-        match dst {
-            IpNet::V4(d) => self.network.network.is_some_and(|n| n.contains(d)),
-            IpNet::V6(d) => self.network.ipv6_network.is_some_and(|n| n.contains(d)),
-        }
     }
 }
 
@@ -121,18 +110,8 @@ impl Backend for HostGw {
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError> {
-        let wanted: Vec<OwnRoute> = peers
-            .iter()
-            .flat_map(|p| self.wanted(p))
-            .map(|r| r.as_own())
-            .collect();
-        for r in self.netlink.own_routes().await? {
-            let ours_here = r.oif == Some(self.node.iface.index) && self.in_network(&r.dst);
-            if ours_here && !wanted.contains(&r) {
-                tracing::info!(route = %r.dst, "removing a stale route no lease justifies");
-                self.netlink.delete_route(&r).await?;
-            }
-        }
+        // Stale routes of ours (a lease gone while we were down) are removed by the daemon's
+        // sweep, which follows every reconcile and covers every backend's routes.
         let mut first_err = Ok(());
         for p in peers {
             if let Err(e) = self.add_peer(p).await {

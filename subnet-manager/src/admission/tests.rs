@@ -243,3 +243,21 @@ fn ipv6_only_and_dual_stack_keys() {
     );
     assert_eq!(refusal(&a.put(loopback6)).kind(), "public_ip");
 }
+
+#[test]
+fn every_refusal_kind_is_listed_for_metrics() {
+    let k = SubnetKey::parse("10.230.1.0-24").expect("key");
+    for r in [
+        Refusal::OtherBackend("udp".into()),
+        Refusal::Subnet(String::new()),
+        Refusal::OverlapsOurs(k.clone()),
+        Refusal::Overlaps(k.clone()),
+        Refusal::PublicIp(String::new()),
+        Refusal::Claimed {
+            claim: String::new(),
+            holder: Some(k),
+        },
+    ] {
+        assert!(Refusal::KINDS.contains(&r.kind()), "{r:?}");
+    }
+}
