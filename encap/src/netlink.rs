@@ -66,19 +66,28 @@ pub struct Link {
     pub mtu: u32,
 }
 
-/// A route we installed: destination, gateway and outgoing interface.
+/// A route we installed: destination, gateway and outgoing interface, or a blackhole.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OwnRoute {
     pub dst: IpNet,
     pub gateway: Option<IpAddr>,
     pub oif: Option<u32>,
+    /// `blackhole dst` (`--ip-blackhole-route`): no gateway, no device.
+    pub blackhole: bool,
 }
+
+/// The metric of our blackhole routes: above any real route's, so a device route to the same
+/// subnet (the pods' bridge, with metric 0) always wins, whichever came first, and the
+/// blackhole only catches what nothing else takes instead of it leaving by the default route.
+pub const BLACKHOLE_METRIC: u32 = 4242;
 
 /// The answer of a route lookup (`ip route get`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RouteLookup {
     pub gateway: Option<IpAddr>,
     pub oif: Option<u32>,
+    /// The source address the kernel would pick (`src` in `ip route get`).
+    pub source: Option<IpAddr>,
 }
 
 /// A link with its MAC address and kind (`vxlan`, `veth`, …).
@@ -218,6 +227,7 @@ fn parse_route(r: &RouteMessage) -> Option<OwnRoute> {
         dst: dst?,
         gateway,
         oif,
+        blackhole: r.header.kind == RouteType::BlackHole,
     })
 }
 
@@ -437,15 +447,19 @@ impl Netlink {
         )
     }
 
-    /// The kernel's route lookup for `ip` (`ip route get`): its gateway, if any, and the
-    /// outgoing interface. No gateway means `ip` is on a directly connected network.
-    pub async fn route_to(&self, ip: Ipv4Addr) -> Result<RouteLookup, NetlinkError> {
+    /// The kernel's route lookup for `ip` (`ip route get`): its gateway, if any, the
+    /// outgoing interface and the source address. No gateway means `ip` is on a directly
+    /// connected network.
+    pub async fn route_to(&self, ip: impl Into<IpAddr>) -> Result<RouteLookup, NetlinkError> {
+        let ip = ip.into();
         let mut query = RouteMessage::default();
-        query.header.address_family = AddressFamily::Inet;
-        query.header.destination_prefix_length = 32;
-        query
-            .attributes
-            .push(RouteAttribute::Destination(RouteAddress::Inet(ip)));
+        let (family, len, dst) = match ip {
+            IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
+            IpAddr::V6(a) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(a)),
+        };
+        query.header.address_family = family;
+        query.header.destination_prefix_length = len;
+        query.attributes.push(RouteAttribute::Destination(dst));
         let answers: Vec<RouteMessage> = self
             .handle
             .route()
@@ -455,11 +469,15 @@ impl Netlink {
             .await
             .map_err(op(format!("looking up the route to {ip}")))?;
         let mut out = RouteLookup::default();
+        let addr = |a: &RouteAddress| match a {
+            RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+            RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+            _ => None,
+        };
         for a in answers.iter().flat_map(|m| m.attributes.iter()) {
             match a {
-                RouteAttribute::Gateway(RouteAddress::Inet(g)) => {
-                    out.gateway = Some(IpAddr::V4(*g))
-                }
+                RouteAttribute::Gateway(g) => out.gateway = addr(g),
+                RouteAttribute::PrefSource(s) => out.source = addr(s),
                 RouteAttribute::Oif(i) => out.oif = Some(*i),
                 _ => {}
             }
@@ -811,7 +829,46 @@ impl Netlink {
 
     /// Deletes our route to `dst`; a route that is already gone is not an error.
     pub async fn delete_route(&self, route: &OwnRoute) -> Result<(), NetlinkError> {
-        let msg = Self::route_message(route.dst, route.gateway, route.oif.unwrap_or(0), false);
+        let msg = if route.blackhole {
+            // The kernel matches a delete on type and metric too.
+            Self::blackhole_message(route.dst)
+        } else {
+            Self::route_message(route.dst, route.gateway, route.oif.unwrap_or(0), false)
+        };
         self.del_route(msg, route.dst).await
+    }
+
+    /// `blackhole dst metric BLACKHOLE_METRIC proto 70` in the main table.
+    fn blackhole_message(dst: IpNet) -> RouteMessage {
+        let mut msg = match dst {
+            IpNet::V4(d) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d.addr(), d.prefix_len())
+                .build(),
+            IpNet::V6(d) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d.addr(), d.prefix_len())
+                .build(),
+        };
+        msg.header.kind = RouteType::BlackHole;
+        msg.header.scope = RouteScope::Universe;
+        msg.header.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
+        msg.attributes
+            .push(RouteAttribute::Priority(BLACKHOLE_METRIC));
+        msg
+    }
+
+    /// Installs our blackhole route to `dst` unless it is there. Returns whether it was added.
+    /// A route of someone else's with the same destination and metric is left alone.
+    pub async fn ensure_blackhole(&self, dst: IpNet) -> Result<bool, NetlinkError> {
+        match self
+            .handle
+            .route()
+            .add(Self::blackhole_message(dst))
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(false),
+            Err(e) => Err(op(format!("adding blackhole route {dst}"))(e)),
+        }
     }
 }

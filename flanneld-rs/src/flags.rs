@@ -1,10 +1,13 @@
-//! Command-line flags: Flannel's names (and `FLANNELD_*` environment variables), plus a few of
-//! ours, marked as such.
+//! Command-line flags: every flag of Flannel v0.28.9 with its meaning (and its `FLANNELD_*`
+//! environment variable, used only where the flag is absent), plus a few of ours, marked as
+//! such. Flannel's kube-mode flags are accepted so its manifests run unchanged; this daemon
+//! runs etcd mode, so `--kube-subnet-mgr=true` is refused and the rest are ignored.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Parser};
 
 #[derive(Parser, Debug, Clone)]
@@ -52,13 +55,19 @@ pub struct Flags {
     pub etcd_password: Option<String>,
 
     /// Interface (name or IP address) to use for inter-host communication. May be repeated;
-    /// the first one found is used.
-    #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',')]
+    /// the first one found is used. Never split on commas.
+    #[arg(long, env = "FLANNELD_IFACE")]
     pub iface: Vec<String>,
 
-    /// Regex matched against interface IPs, then names, when --iface finds nothing.
-    #[arg(long, env = "FLANNELD_IFACE_REGEX", value_delimiter = ',')]
+    /// Regex matched against interface IPs, then names, when --iface finds nothing. May be
+    /// repeated; never split on commas (`^ens[0-9]{1,2}$` is one regex).
+    #[arg(long, env = "FLANNELD_IFACE_REGEX")]
     pub iface_regex: Vec<String>,
+
+    /// An IP address: use the interface and source address the kernel would use to reach it
+    /// (`ip route get <IP>`), when neither --iface nor --iface-regex finds one.
+    #[arg(long, env = "FLANNELD_IFACE_CAN_REACH")]
+    pub iface_can_reach: Option<IpAddr>,
 
     /// IP accessible by other nodes for inter-host communication (default: the interface's).
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
@@ -76,14 +85,32 @@ pub struct Flags {
     )]
     pub subnet_file: PathBuf,
 
-    /// Subnet lease renewal margin, in minutes.
-    #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60)]
+    /// Subnet lease renewal margin, in minutes, from 1 to 1439.
+    #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..1440))]
     pub subnet_lease_renew_margin: u64,
 
     /// Setup IP masquerade rule for traffic destined outside of the overlay network.
     #[arg(long, env = "FLANNELD_IP_MASQ", action = ArgAction::Set, num_args = 0..=1,
-          default_value = "false", default_missing_value = "true")]
+          default_value = "false", default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub ip_masq: bool,
+
+    /// Masquerade without fully random source ports.
+    #[arg(long, env = "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE", action = ArgAction::Set, num_args = 0..=1,
+          default_value = "false", default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub ip_masq_fully_random_disable: bool,
+
+    /// Accept forwarded traffic from and to the Network (hosts whose FORWARD policy is DROP,
+    /// as Docker sets it, would drop pods' cross-node traffic otherwise).
+    #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", action = ArgAction::Set, num_args = 0..=1,
+          default_value = "true", default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub iptables_forward_rules: bool,
+
+    /// Add a blackhole route for this node's lease subnet (v6 too), so traffic to its unused
+    /// addresses is dropped here instead of sent upstream.
+    #[arg(long, env = "FLANNELD_IP_BLACKHOLE_ROUTE", action = ArgAction::Set, num_args = 0..=1,
+          default_value = "false", default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub ip_blackhole_route: bool,
 
     /// The IP address on which to listen for the healthz server.
     #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
@@ -96,6 +123,48 @@ pub struct Flags {
     /// Log verbosity (Flannel's glog level): 0 info, 1-4 debug, 5+ trace. RUST_LOG overrides.
     #[arg(short = 'v', long = "v", env = "FLANNELD_V", default_value_t = 0)]
     pub verbosity: u8,
+
+    /// Flannel's per-file log levels (klog): accepted and ignored; RUST_LOG does this here.
+    #[arg(long, env = "FLANNELD_VMODULE")]
+    pub vmodule: Option<String>,
+
+    /// Flannel's klog stack-trace trigger: accepted and ignored.
+    #[arg(long = "log_backtrace_at", env = "FLANNELD_LOG_BACKTRACE_AT")]
+    pub log_backtrace_at: Option<String>,
+
+    /// Flannel's Kubernetes subnet manager: refused when true (this daemon runs etcd mode).
+    #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", action = ArgAction::Set, num_args = 0..=1,
+          default_value = "false", default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub kube_subnet_mgr: bool,
+
+    /// Kube mode only: accepted and ignored.
+    #[arg(long, env = "FLANNELD_KUBE_API_URL")]
+    pub kube_api_url: Option<String>,
+
+    /// Kube mode only: accepted and ignored.
+    #[arg(
+        long,
+        env = "FLANNELD_KUBE_ANNOTATION_PREFIX",
+        default_value = "flannel.alpha.coreos.com"
+    )]
+    pub kube_annotation_prefix: String,
+
+    /// Kube mode only: accepted and ignored.
+    #[arg(long, env = "FLANNELD_KUBECONFIG_FILE")]
+    pub kubeconfig_file: Option<String>,
+
+    /// Kube mode only (the network config comes from etcd here): accepted and ignored.
+    #[arg(
+        long,
+        env = "FLANNELD_NET_CONFIG_PATH",
+        default_value = "/etc/kube-flannel/net-conf.json"
+    )]
+    pub net_config_path: String,
+
+    /// Kube mode only: accepted and ignored.
+    #[arg(long, env = "FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", action = ArgAction::Set, num_args = 0..=1,
+          default_value = "true", default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    pub set_node_network_unavailable: bool,
 
     /// [flanneld-rs] Port for Prometheus /metrics on --healthz-ip (0 disables it; the healthz
     /// port serves /metrics too).
@@ -112,8 +181,9 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
     pub subnet_lease_ttl: Duration,
 
-    /// Seconds between checks that our routes, neighbours, FDB entries, device and rules are
-    /// still in place; whatever was removed behind our back is restored (Flannel's flag).
+    /// Seconds between checks that our routes, neighbours, FDB entries, device, rules and
+    /// blackhole route are still in place; whatever was removed behind our back is restored.
+    /// 0 is taken as 1 (Flannel would spin).
     #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5)]
     pub iptables_resync: u64,
 }
@@ -123,6 +193,18 @@ impl Flags {
     /// names (`-etcd-endpoints=…`), which Flannel's manifests use, so we accept it too.
     pub fn from_args() -> Self {
         Flags::parse_from(normalize_args(std::env::args()))
+    }
+
+    /// Flag combinations that parse but that this daemon cannot honour.
+    pub fn check(&self) -> Result<(), String> {
+        if self.kube_subnet_mgr {
+            return Err(
+                "--kube-subnet-mgr=true: flanneld-rs runs Flannel's etcd mode only; \
+                        drop the flag and point --etcd-endpoints at the cluster's etcd"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     pub fn renew_margin(&self) -> Duration {
@@ -181,10 +263,135 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
 
-    fn parse(args: &[&str]) -> Flags {
+    use std::sync::Mutex;
+
+    /// Parsing reads `FLANNELD_*` variables: tests that set some hold this while they do.
+    static ENV: Mutex<()> = Mutex::new(());
+
+    fn try_parse(args: &[&str]) -> Result<Flags, clap::Error> {
         let mut all = vec!["flanneld-rs".to_string()];
         all.extend(args.iter().map(|s| s.to_string()));
-        Flags::try_parse_from(normalize_args(all)).expect("flags parse")
+        Flags::try_parse_from(normalize_args(all))
+    }
+
+    fn parse(args: &[&str]) -> Flags {
+        let _env = ENV
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        try_parse(args).expect("flags parse")
+    }
+
+    /// Every flag of Flannel v0.28.9's flanneld, in its Go single-dash form as its manifests
+    /// and units pass them (kube-subnet-mgr aside, which is refused by `check`).
+    const FLANNEL_V0_28_9: &[&str] = &[
+        "-etcd-endpoints=http://10.0.0.1:2379",
+        "-etcd-prefix=/coreos.com/network",
+        "-etcd-keyfile=/etc/k.pem",
+        "-etcd-certfile=/etc/c.pem",
+        "-etcd-cafile=/etc/ca.pem",
+        "-etcd-username=u",
+        "-etcd-password=p",
+        "-iface=eth0",
+        "-iface=10.0.0.9",
+        "-iface-regex=^ens[0-9]{1,2}$",
+        "-iface-regex=^eth[0-9]+,x$",
+        "-iface-can-reach=10.0.0.1",
+        "-subnet-file=/run/flannel/subnet.env",
+        "-public-ip=10.0.0.9",
+        "-public-ipv6=fd00::9",
+        "-subnet-lease-renew-margin=60",
+        "-ip-masq",
+        "-ip-masq-fully-random-disable",
+        "-kube-subnet-mgr=false",
+        "-kube-api-url=https://10.96.0.1:443",
+        "-kube-annotation-prefix=flannel.alpha.coreos.com",
+        "-kubeconfig-file=/etc/kubeconfig",
+        "-healthz-ip=0.0.0.0",
+        "-healthz-port=8081",
+        "-iptables-resync=5",
+        "-iptables-forward-rules=false",
+        "-ip-blackhole-route",
+        "-net-config-path=/etc/kube-flannel/net-conf.json",
+        "-set-node-network-unavailable=true",
+        "-v=2",
+        "-vmodule=main=3,subnet=2",
+        "-log_backtrace_at=main.go:100",
+    ];
+
+    #[test]
+    fn every_flannel_v0_28_9_flag_is_accepted_with_its_meaning() {
+        let f = parse(FLANNEL_V0_28_9);
+        assert_eq!(f.iface, vec!["eth0", "10.0.0.9"]);
+        // Repeated, never split on commas.
+        assert_eq!(f.iface_regex, vec!["^ens[0-9]{1,2}$", "^eth[0-9]+,x$"]);
+        assert_eq!(f.iface_can_reach, Some("10.0.0.1".parse().expect("ip")));
+        assert!(f.ip_masq && f.ip_masq_fully_random_disable && f.ip_blackhole_route);
+        assert!(!f.iptables_forward_rules);
+        assert_eq!(f.healthz_port, 8081);
+        assert_eq!(f.verbosity, 2);
+        assert_eq!(f.check(), Ok(()));
+    }
+
+    #[test]
+    fn flannel_defaults_of_the_newer_flags() {
+        let f = parse(&[]);
+        assert!(f.iptables_forward_rules, "Flannel's default is true");
+        assert!(!f.ip_masq_fully_random_disable && !f.ip_blackhole_route);
+        assert_eq!(f.iptables_resync, 5);
+        assert_eq!(f.iface_can_reach, None);
+        assert!(!f.kube_subnet_mgr && f.set_node_network_unavailable);
+        assert_eq!(f.kube_annotation_prefix, "flannel.alpha.coreos.com");
+    }
+
+    #[test]
+    fn kube_subnet_mgr_is_refused_clearly() {
+        let f = parse(&["--kube-subnet-mgr"]);
+        let why = f.check().expect_err("refused");
+        assert!(why.contains("etcd mode"), "{why}");
+    }
+
+    #[test]
+    fn bools_take_gos_spellings() {
+        for (v, want) in [
+            ("1", true),
+            ("t", true),
+            ("TRUE", true),
+            ("0", false),
+            ("F", false),
+        ] {
+            assert_eq!(parse(&[&format!("--ip-masq={v}")]).ip_masq, want, "{v}");
+        }
+        assert!(try_parse(&["--ip-masq=maybe"]).is_err());
+    }
+
+    #[test]
+    fn renew_margin_within_flannels_range() {
+        let _env = ENV
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        assert!(try_parse(&["--subnet-lease-renew-margin=0"]).is_err());
+        assert!(try_parse(&["--subnet-lease-renew-margin=1440"]).is_err());
+        assert!(try_parse(&["--subnet-lease-renew-margin=1439"]).is_ok());
+    }
+
+    #[test]
+    fn environment_only_where_the_flag_is_absent() {
+        let _env = ENV
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Tests that parse flags hold ENV, so nothing else reads these variables meanwhile.
+        std::env::set_var("FLANNELD_IFACE", "eth7,eth8");
+        std::env::set_var("FLANNELD_IPTABLES_FORWARD_RULES", "false");
+        let from_env = try_parse(&[]);
+        let flag_wins = try_parse(&["--iface=eth1", "--iptables-forward-rules=true"]);
+        std::env::remove_var("FLANNELD_IFACE");
+        std::env::remove_var("FLANNELD_IPTABLES_FORWARD_RULES");
+        let from_env = from_env.expect("parse");
+        assert_eq!(from_env.iface, vec!["eth7,eth8"], "one value, not split");
+        assert!(!from_env.iptables_forward_rules);
+        let flag_wins = flag_wins.expect("parse");
+        assert_eq!(flag_wins.iface, vec!["eth1"]);
+        assert!(flag_wins.iptables_forward_rules);
     }
 
     #[test]

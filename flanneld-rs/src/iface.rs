@@ -1,5 +1,7 @@
 //! Choosing the underlay interface and public IP the way Flannel does: `--iface` (names or
-//! IPs, first match wins), then `--iface-regex`, else the interface of the default route.
+//! IPs, first match wins), then `--iface-regex`, then `--iface-can-reach` (the interface and
+//! source address of the kernel's route to that IP); with none of them, the interface holding
+//! `--public-ip`, else the interface of the default route.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -13,19 +15,42 @@ use crate::flags::Flags;
 pub async fn choose(netlink: &Netlink, flags: &Flags) -> Result<NodeInfo> {
     let links = netlink.links().await.context("reading interfaces")?;
     let addrs = netlink.addresses().await.context("reading addresses")?;
-    let link = if !flags.iface.is_empty() {
-        flags
+    // The source address --iface-can-reach's route would use, preferred over the first one.
+    let mut route_source = None;
+    let asked = !flags.iface.is_empty() || !flags.iface_regex.is_empty();
+    let link = if asked || flags.iface_can_reach.is_some() {
+        let mut found = flags
             .iface
             .iter()
-            .find_map(|want| by_name_or_ip(want, &links, &addrs))
-            .ok_or_else(|| {
-                anyhow!(
-                    "none of --iface {:?} names an interface or one of its addresses",
-                    flags.iface
-                )
-            })?
-    } else if !flags.iface_regex.is_empty() {
-        by_regex(&flags.iface_regex, &links, &addrs)?
+            .find_map(|want| by_name_or_ip(want, &links, &addrs));
+        if found.is_none() {
+            found = by_regex(&flags.iface_regex, &links, &addrs)?;
+        }
+        if let (None, Some(target)) = (&found, flags.iface_can_reach) {
+            let route = netlink
+                .route_to(target)
+                .await
+                .with_context(|| format!("--iface-can-reach {target}: no route"))?;
+            found = route
+                .oif
+                .and_then(|i| links.iter().find(|l| l.index == i).cloned());
+            route_source = route.source;
+        }
+        found.ok_or_else(|| {
+            anyhow!(
+                "no interface matches --iface {:?}, --iface-regex {:?} or --iface-can-reach {:?}",
+                flags.iface,
+                flags.iface_regex,
+                flags.iface_can_reach
+            )
+        })?
+    } else if let Some(owner) = flags
+        .public_ip
+        .and_then(|ip| by_name_or_ip(&ip.to_string(), &links, &addrs))
+    {
+        // As Flannel: --public-ip alone picks the interface that holds it (where one does;
+        // behind NAT none does, and the default route decides).
+        owner
     } else {
         let index = netlink
             .default_route_link()
@@ -38,7 +63,10 @@ pub async fn choose(netlink: &Netlink, flags: &Flags) -> Result<NodeInfo> {
             .cloned()
             .ok_or_else(|| anyhow!("the default route's interface (index {index}) vanished"))?
     };
-    let v4 = first_v4(&addrs, link.index);
+    let v4 = match route_source {
+        Some(IpAddr::V4(src)) => Some(src),
+        _ => first_v4(&addrs, link.index),
+    };
     let public_ip = match (flags.public_ip, v4) {
         (Some(ip), _) => ip,
         (None, Some(ip)) => ip,
@@ -69,7 +97,9 @@ fn by_name_or_ip(want: &str, links: &[Link], addrs: &[(u32, IpNet)]) -> Option<L
     links.iter().find(|l| l.index == index).cloned()
 }
 
-fn by_regex(patterns: &[String], links: &[Link], addrs: &[(u32, IpNet)]) -> Result<Link> {
+/// The first interface whose address, then name, matches one of `patterns` (in order);
+/// an invalid pattern is an error.
+fn by_regex(patterns: &[String], links: &[Link], addrs: &[(u32, IpNet)]) -> Result<Option<Link>> {
     for p in patterns {
         let re = regex::Regex::new(p)
             .with_context(|| format!("--iface-regex {p:?} is not a valid regex"))?;
@@ -81,10 +111,10 @@ fn by_regex(patterns: &[String], links: &[Link], addrs: &[(u32, IpNet)]) -> Resu
             .and_then(|i| links.iter().find(|l| l.index == i))
             .or_else(|| links.iter().find(|l| re.is_match(&l.name)));
         if let Some(l) = found {
-            return Ok(l.clone());
+            return Ok(Some(l.clone()));
         }
     }
-    bail!("no interface address or name matches --iface-regex {patterns:?}")
+    Ok(None)
 }
 
 fn first_v4(addrs: &[(u32, IpNet)], index: u32) -> Option<Ipv4Addr> {
@@ -149,10 +179,15 @@ mod tests {
     #[test]
     fn iface_by_regex_prefers_addresses() {
         let (links, addrs) = fixture();
-        let pick = |p: &str| by_regex(&[p.to_string()], &links, &addrs).map(|l| l.name);
-        assert_eq!(pick(r"^10\.9\.").ok().as_deref(), Some("eth1"));
-        assert_eq!(pick("^eth0$").ok().as_deref(), Some("eth0"));
-        assert!(pick("nope").is_err());
+        let pick = |p: &str| by_regex(&[p.to_string()], &links, &addrs).map(|l| l.map(|l| l.name));
+        assert_eq!(pick(r"^10\.9\.").ok().flatten().as_deref(), Some("eth1"));
+        assert_eq!(pick("^eth0$").ok().flatten().as_deref(), Some("eth0"));
+        assert_eq!(pick("nope").ok(), Some(None));
+        // One regex with a comma in it, as Flannel's manifests pass them.
+        assert_eq!(
+            pick("^eth[0-9]{1,2}$").ok().flatten().as_deref(),
+            Some("eth0")
+        );
         assert!(pick("(")
             .unwrap_err()
             .to_string()

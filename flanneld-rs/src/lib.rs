@@ -3,6 +3,6 @@
 pub mod daemon;
 pub mod flags;
 mod iface;
-pub mod ipmasq;
 pub mod single;
 pub mod status;
+pub mod traffic;

@@ -5,6 +5,10 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let flags = Flags::from_args();
+    if let Err(why) = flags.check() {
+        eprintln!("flanneld-rs: {why}");
+        return std::process::ExitCode::FAILURE;
+    }
     // -v raises our own crates' detail; the libraries (gRPC, HTTP/2) stay at info unless
     // RUST_LOG asks for them.
     let level = match flags.verbosity {

@@ -58,6 +58,9 @@ pub struct NetworkConfig {
     pub ipv6_subnet_len: u8,
     pub ipv6_subnet_min: Option<Ipv6Net>,
     pub ipv6_subnet_max: Option<Ipv6Net>,
+    /// `EnableNFTables` (Flannel v0.25+): Go Flannel then keeps its rules in nftables instead
+    /// of iptables. Ours stay in our own tables either way (the daemon says which).
+    pub enable_nftables: bool,
     /// `Backend.Type`, `udp` when `Backend` or its `Type` is missing.
     pub backend_type: String,
     /// The raw `Backend` object (`Value::Null` when missing) for the backend to read its own
@@ -77,6 +80,7 @@ impl NetworkConfig {
         // Every field is type-checked even for a disabled family, as Go's decoder does.
         let enable_ipv4 = get_bool(obj, "EnableIPv4")?.unwrap_or(true);
         let enable_ipv6 = get_bool(obj, "EnableIPv6")?.unwrap_or(false);
+        let enable_nftables = get_bool(obj, "EnableNFTables")?.unwrap_or(false);
         let raw4 = Raw {
             network: get_parsed(
                 obj,
@@ -126,6 +130,7 @@ impl NetworkConfig {
             ipv6_subnet_len: 0,
             ipv6_subnet_min: None,
             ipv6_subnet_max: None,
+            enable_nftables,
             backend_type,
             backend,
         };
@@ -533,6 +538,7 @@ mod tests {
         let c = ok(r#"{"Network":"10.244.0.0/16"}"#);
         assert!(c.enable_ipv4);
         assert!(!c.enable_ipv6);
+        assert!(!c.enable_nftables);
         assert_eq!(c.network, Some(v4("10.244.0.0/16")));
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min, Some(v4("10.244.1.0/24")));
@@ -703,6 +709,11 @@ mod tests {
                 "expected true or false",
             ),
             (
+                r#"{"Network":"10.244.0.0/16","EnableNFTables":"true"}"#,
+                "EnableNFTables",
+                "expected true or false",
+            ),
+            (
                 r#"{"Network":"10.244.0.0/16","SubnetMin":[]}"#,
                 "SubnetMin",
                 "found an array",
@@ -767,6 +778,13 @@ mod tests {
         assert_eq!(c.backend_type, "host-gw");
         let c = ok(r#"{"network":"10.5.0.0/16","Network":"10.6.0.0/16"}"#);
         assert_eq!(c.network, Some(v4("10.6.0.0/16")));
+    }
+
+    #[test]
+    fn enable_nftables_is_read_case_insensitively() {
+        assert!(ok(r#"{"Network":"10.244.0.0/16","EnableNFTables":true}"#).enable_nftables);
+        assert!(ok(r#"{"Network":"10.244.0.0/16","enableNFTables":true}"#).enable_nftables);
+        assert!(!ok(r#"{"Network":"10.244.0.0/16","EnableNFTables":false}"#).enable_nftables);
     }
 
     #[test]

@@ -28,6 +28,7 @@ impl PeerRoute {
             dst: self.dst,
             gateway: Some(self.via),
             oif: Some(self.oif),
+            blackhole: false,
         }
     }
 }

@@ -15,6 +15,10 @@ pub enum Command {
     Add,
     Del,
     Check,
+    /// CNI 1.1.0: release what no valid attachment uses (the runtime names those on stdin).
+    Gc,
+    /// CNI 1.1.0: is the plugin ready for ADD.
+    Status,
     Version,
 }
 
@@ -24,8 +28,15 @@ impl Command {
             Command::Add => "ADD",
             Command::Del => "DEL",
             Command::Check => "CHECK",
+            Command::Gc => "GC",
+            Command::Status => "STATUS",
             Command::Version => "VERSION",
         }
+    }
+
+    /// ADD, DEL and CHECK act on one container's attachment; GC and STATUS on the whole network.
+    pub fn per_container(self) -> bool {
+        matches!(self, Command::Add | Command::Del | Command::Check)
     }
 
     /// The variables the command needs (CNI spec "Parameters"); DEL may lack a netns because
@@ -36,6 +47,7 @@ impl Command {
                 &["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"]
             }
             Command::Del => &["CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH"],
+            Command::Gc | Command::Status => &["CNI_PATH"],
             Command::Version => &[],
         }
     }
@@ -96,16 +108,20 @@ pub fn command(env: &Environment) -> Result<Option<Command>, CniError> {
         Some("ADD") => Ok(Some(Command::Add)),
         Some("DEL") => Ok(Some(Command::Del)),
         Some("CHECK") => Ok(Some(Command::Check)),
+        Some("GC") => Ok(Some(Command::Gc)),
+        Some("STATUS") => Ok(Some(Command::Status)),
         Some("VERSION") => Ok(Some(Command::Version)),
         Some(other) => Err(CniError::UnknownCommand(other.to_string())),
     }
 }
 
-/// The arguments of ADD, DEL or CHECK, present and valid.
+/// The arguments of a command, present and valid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CniArgs {
     pub command: Command,
+    /// Empty for GC and STATUS, which concern no one container.
     pub container_id: String,
+    /// Empty for GC and STATUS.
     pub ifname: String,
     /// CNI_PATH split on ':', empty entries dropped.
     pub path: Vec<String>,
@@ -122,10 +138,17 @@ pub fn cni_args(env: &Environment, command: Command) -> Result<CniArgs, CniError
         return Err(CniError::MissingEnv(missing));
     }
     let get = |name| env.get(name).unwrap_or_default().to_string();
-    let container_id = get("CNI_CONTAINERID");
-    validate_container_id(&container_id)?;
-    let ifname = get("CNI_IFNAME");
-    validate_ifname(&ifname)?;
+    // As in the CNI library, GC and STATUS neither need nor check these: a runtime may pass
+    // leftovers of an earlier call, and refusing GC over them would help no one.
+    let (container_id, ifname) = if command.per_container() {
+        let id = get("CNI_CONTAINERID");
+        validate_container_id(&id)?;
+        let ifname = get("CNI_IFNAME");
+        validate_ifname(&ifname)?;
+        (id, ifname)
+    } else {
+        (String::new(), String::new())
+    };
     let path = get("CNI_PATH")
         .split(':')
         .filter(|d| !d.is_empty())
@@ -198,9 +221,35 @@ mod tests {
             command(&env(&[("CNI_COMMAND", "DEL")])).unwrap(),
             Some(Command::Del)
         );
-        let err = command(&env(&[("CNI_COMMAND", "GC")])).unwrap_err();
+        assert_eq!(
+            command(&env(&[("CNI_COMMAND", "GC")])).unwrap(),
+            Some(Command::Gc)
+        );
+        assert_eq!(
+            command(&env(&[("CNI_COMMAND", "STATUS")])).unwrap(),
+            Some(Command::Status)
+        );
+        let err = command(&env(&[("CNI_COMMAND", "gc")])).unwrap_err();
         assert_eq!(err.code(), 4);
-        assert_eq!(err.to_string(), "unknown CNI_COMMAND: GC");
+        assert_eq!(err.to_string(), "unknown CNI_COMMAND: gc");
+    }
+
+    #[test]
+    fn gc_and_status_need_only_cni_path() {
+        for cmd in [Command::Gc, Command::Status] {
+            let err = cni_args(&env(&[]), cmd).unwrap_err();
+            assert_eq!(err.to_string(), "required env variables [CNI_PATH] missing");
+            // Container variables, even invalid ones, are not looked at.
+            let e = env(&[
+                ("CNI_PATH", "/opt/cni/bin"),
+                ("CNI_CONTAINERID", "../x"),
+                ("CNI_IFNAME", "a/b"),
+            ]);
+            let args = cni_args(&e, cmd).unwrap();
+            assert_eq!(args.container_id, "");
+            assert_eq!(args.ifname, "");
+            assert_eq!(args.path, vec!["/opt/cni/bin"]);
+        }
     }
 
     #[test]

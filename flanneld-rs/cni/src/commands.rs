@@ -1,4 +1,5 @@
 //! ADD, DEL and CHECK: subnet.env and our config in, the delegate plugin does the work.
+//! GC and STATUS (CNI 1.1.0) succeed without doing anything, as Flannel's do.
 
 use std::path::Path;
 use std::thread;
@@ -67,7 +68,7 @@ pub fn add(
         Err(e) => e,
     };
     // Undo whatever the delegate did before failing (veth, IPAM allocation). If that fails too,
-    // the saved config stays for the runtime's own DEL to retry with.
+    // the saved config stays for the runtime's own DEL to try once more with.
     match invoke::exec(&plugin_path, &plugin, Command::Del, &bytes, env) {
         Ok(_) => {
             if let Err(e) = saved.remove(&args.container_id) {
@@ -80,6 +81,7 @@ pub fn add(
 }
 
 /// DEL: runs the delegate with the config ADD saved; no saved config means nothing to undo.
+/// The saved config is removed even when the delegate's DEL fails, as Flannel v1.9 does.
 pub fn del(args: &CniArgs, conf: &NetConf, env: &Environment) -> Result<Vec<u8>, CniError> {
     let saved = SavedConfigs::new(&conf.data_dir);
     let Some(bytes) = saved.load(&args.container_id)? else {
@@ -99,9 +101,19 @@ pub fn del(args: &CniArgs, conf: &NetConf, env: &Environment) -> Result<Vec<u8>,
         saved.remove(&args.container_id)?;
         return Ok(Vec::new());
     };
-    invoke::run(&plugin, &args.path, Command::Del, &bytes, env)?;
-    saved.remove(&args.container_id)?;
-    Ok(Vec::new())
+    let ran = invoke::run(&plugin, &args.path, Command::Del, &bytes, env);
+    // Kept, the config would make every retried DEL run the same failing delegate (a plugin
+    // gone from CNI_PATH, a delegate that cannot undo its own state) and block the pod's
+    // teardown for good. Whatever that delegate left behind stays, as with Flannel's plugin.
+    let removed = saved.remove(&args.container_id);
+    match (ran, removed) {
+        (Ok(_), removed) => removed.map(|()| Vec::new()),
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(also)) => {
+            eprintln!("flannel: after failed DEL: {also}");
+            Err(e)
+        }
+    }
 }
 
 /// CHECK: the pod must have a saved, readable delegate config (ADD ran and DEL did not).
@@ -121,6 +133,19 @@ pub fn check(args: &CniArgs, conf: &NetConf, _env: &Environment) -> Result<Vec<u
             reason: "no string \"type\"".into(),
         });
     }
+    Ok(Vec::new())
+}
+
+/// GC: nothing of ours to collect. libcni first DELs every cached attachment that is not in
+/// `cni.dev/valid-attachments`, which removes those saved configs through `del`; only then does
+/// it send GC, which Flannel's plugin answers with success and no output.
+pub fn gc(_conf: &NetConf) -> Result<Vec<u8>, CniError> {
+    Ok(Vec::new())
+}
+
+/// STATUS: ready, as Flannel's plugin always answers. Not even a missing subnet.env makes us
+/// say otherwise: ADD waits a few seconds for it, and flanneld normally writes it by then.
+pub fn status(_conf: &NetConf) -> Result<Vec<u8>, CniError> {
     Ok(Vec::new())
 }
 

@@ -16,8 +16,20 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/flannel";
 
 /// What a config without `cniVersion` means (CNI spec).
 const IMPLICIT_VERSION: &str = "0.1.0";
-/// CHECK exists from this version on.
-const CHECK_VERSIONS: [&str; 2] = ["0.4.0", "1.0.0"];
+
+/// The spec version that introduced a command, for those younger than 0.1.0.
+fn introduced_in(command: Command) -> Option<&'static str> {
+    match command {
+        Command::Check => Some("0.4.0"),
+        Command::Gc | Command::Status => Some("1.1.0"),
+        Command::Add | Command::Del | Command::Version => None,
+    }
+}
+
+/// A supported version's place in `SUPPORTED_VERSIONS`, which is oldest first.
+fn rank(version: &str) -> Option<usize> {
+    SUPPORTED_VERSIONS.iter().position(|v| *v == version)
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct NetConf {
@@ -85,16 +97,21 @@ impl NetConf {
         self.cni_version.as_deref().unwrap_or(IMPLICIT_VERSION)
     }
 
-    /// Refuses versions we do not speak, and CHECK before 0.4.0 (it did not exist then).
+    /// Refuses versions we do not speak, and commands the config's version does not have
+    /// (CHECK before 0.4.0, GC and STATUS before 1.1.0), with code 1 as the CNI library does.
     pub fn check_version(&self, command: Command) -> Result<(), CniError> {
         let version = self.version();
-        if !SUPPORTED_VERSIONS.contains(&version) {
+        let Some(have) = rank(version) else {
             return Err(CniError::IncompatibleVersion {
                 config: version.to_string(),
             });
-        }
-        if command == Command::Check && !CHECK_VERSIONS.contains(&version) {
-            return Err(CniError::CheckNotAllowed {
+        };
+        if introduced_in(command)
+            .and_then(rank)
+            .is_some_and(|need| have < need)
+        {
+            return Err(CniError::NotAllowed {
+                command: command.as_str(),
                 config: version.to_string(),
             });
         }
@@ -209,15 +226,49 @@ mod tests {
         for v in SUPPORTED_VERSIONS {
             assert!(conf(v).check_version(Command::Add).is_ok(), "{v}");
         }
-        for v in ["9.9.9", "1.1.0", "abc"] {
+        assert!(conf("1.1.0").check_version(Command::Del).is_ok());
+        for v in ["9.9.9", "1.2.0", "1.1", "abc"] {
             let err = conf(v).check_version(Command::Add).unwrap_err();
             assert_eq!(err.code(), 1, "{v}");
+            assert_eq!(err.to_string(), "incompatible CNI versions", "{v}");
         }
-        assert!(conf("0.4.0").check_version(Command::Check).is_ok());
-        assert!(conf("1.0.0").check_version(Command::Check).is_ok());
+        for v in ["0.4.0", "1.0.0", "1.1.0"] {
+            assert!(conf(v).check_version(Command::Check).is_ok(), "{v}");
+        }
         let err = conf("0.3.1").check_version(Command::Check).unwrap_err();
         assert_eq!(err.to_string(), "config version does not allow CHECK");
         assert_eq!(err.code(), 1);
+    }
+
+    /// `rank` compares versions by list position.
+    #[test]
+    fn supported_versions_are_oldest_first() {
+        let parsed: Vec<Vec<u32>> = SUPPORTED_VERSIONS
+            .iter()
+            .map(|v| v.split('.').map(|n| n.parse().unwrap()).collect())
+            .collect();
+        assert!(parsed.windows(2).all(|w| w[0] < w[1]), "{parsed:?}");
+    }
+
+    #[test]
+    fn gc_and_status_need_1_1_0() {
+        let conf = |v: &str| decode(json!({"cniVersion": v, "name": "n"})).unwrap();
+        for command in [Command::Gc, Command::Status] {
+            assert!(conf("1.1.0").check_version(command).is_ok());
+            for v in ["0.1.0", "0.3.1", "0.4.0", "1.0.0"] {
+                let err = conf(v).check_version(command).unwrap_err();
+                assert_eq!(err.code(), 1, "{v}");
+                assert_eq!(
+                    err.to_string(),
+                    format!("config version does not allow {}", command.as_str())
+                );
+            }
+            // No cniVersion means 0.1.0.
+            let none = decode(json!({"name": "n"})).unwrap();
+            assert_eq!(none.check_version(command).unwrap_err().code(), 1);
+            let err = conf("9.9.9").check_version(command).unwrap_err();
+            assert_eq!(err.to_string(), "incompatible CNI versions");
+        }
     }
 
     #[test]
@@ -226,6 +277,10 @@ mod tests {
         assert_eq!(
             error_version(&j(json!({"cniVersion": "0.3.1"}))),
             Some("0.3.1")
+        );
+        assert_eq!(
+            error_version(&j(json!({"cniVersion": "1.1.0"}))),
+            Some("1.1.0")
         );
         assert_eq!(error_version(&j(json!({"cniVersion": "9.9"}))), None);
         assert_eq!(error_version(&j(json!({"cniVersion": 1}))), None);

@@ -22,8 +22,13 @@ pub mod code {
 pub enum CniError {
     #[error("incompatible CNI versions")]
     IncompatibleVersion { config: String },
-    #[error("config version does not allow CHECK")]
-    CheckNotAllowed { config: String },
+    /// The command is newer than the config's version (CHECK from 0.4.0, GC and STATUS from
+    /// 1.1.0); the message is the CNI library's.
+    #[error("config version does not allow {command}")]
+    NotAllowed {
+        command: &'static str,
+        config: String,
+    },
     #[error("required env variables [{}] missing", .0.join(","))]
     MissingEnv(Vec<&'static str>),
     #[error("unknown CNI_COMMAND: {0}")]
@@ -91,7 +96,7 @@ impl CniError {
     pub fn code(&self) -> u32 {
         use CniError::*;
         match self {
-            IncompatibleVersion { .. } | CheckNotAllowed { .. } => code::INCOMPATIBLE_VERSION,
+            IncompatibleVersion { .. } | NotAllowed { .. } => code::INCOMPATIBLE_VERSION,
             MissingEnv(_) | UnknownCommand(_) | InvalidContainerId(_) | InvalidIfName { .. } => {
                 code::INVALID_ENV
             }
@@ -110,7 +115,7 @@ impl CniError {
 
     fn details(&self) -> Option<String> {
         match self {
-            CniError::IncompatibleVersion { config } | CniError::CheckNotAllowed { config } => {
+            CniError::IncompatibleVersion { config } | CniError::NotAllowed { config, .. } => {
                 let supported: Vec<String> = SUPPORTED_VERSIONS
                     .iter()
                     .map(|v| format!("{v:?}"))
@@ -176,8 +181,15 @@ mod tests {
         assert_eq!(
             v["details"],
             "config is \"9.9.9\", plugin supports [\"0.1.0\" \"0.2.0\" \"0.3.0\" \"0.3.1\" \
-             \"0.4.0\" \"1.0.0\"]"
+             \"0.4.0\" \"1.0.0\" \"1.1.0\"]"
         );
+        let e = CniError::NotAllowed {
+            command: "GC",
+            config: "1.0.0".into(),
+        };
+        let v = parse(&e, "1.0.0");
+        assert_eq!(v["code"], 1);
+        assert_eq!(v["msg"], "config version does not allow GC");
     }
 
     #[test]

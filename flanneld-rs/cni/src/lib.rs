@@ -1,9 +1,13 @@
-//! The `flannel` CNI meta-plugin: a drop-in for flannel-io/cni-plugin v1.1.2. Its own crate,
-//! beside the daemon's: it reads subnet.env and runs plugins, so it builds on subnet-manager's
-//! pure formats alone, without etcd.
+//! The `flannel` CNI meta-plugin: a drop-in for flannel-io/cni-plugin (v1.1.2's delegate
+//! config, v1.9.x's protocol: CNI 1.1.0, GC and STATUS). Its own crate, beside the daemon's: it
+//! reads subnet.env and runs plugins, so it builds on subnet-manager's pure formats alone,
+//! without etcd.
 //!
 //! It reads subnet.env, builds the delegate config (by default `bridge` + `host-local` over this
 //! node's lease) as Flannel does, saves it under dataDir/<containerID> and runs the delegate.
+//! DEL runs the delegate's DEL with the saved config and removes it, whether or not the
+//! delegate's DEL succeeded, as Flannel v1.9 does. GC and STATUS succeed without doing anything,
+//! as Flannel's do.
 //!
 //! Where we differ from Flannel's plugin, on purpose:
 //! - ADD waits a few seconds for a missing subnet.env (code 11 if it never comes), where Flannel
@@ -11,12 +15,12 @@
 //! - a delegate's own error JSON reaches the runtime unchanged (Flannel rewraps it as code 999);
 //! - a failed ADD runs the delegate's DEL and removes the saved config; a delegate that is not
 //!   in CNI_PATH fails ADD before anything is saved;
-//! - CHECK runs the delegate's CHECK (Flannel's is a no-op);
+//! - CHECK checks our saved state (Flannel's is a no-op);
 //! - errors carry `cniVersion`, and config errors use codes 6/7 rather than 999.
 //!
 //! Layout: `args` (CNI_* environment), `conf` (stdin), `delegate` (delegate config),
 //! `invoke` (CNI_PATH lookup, running plugins), `saved` (dataDir files), `commands`
-//! (ADD/DEL/CHECK), `error` (CNI error JSON).
+//! (ADD/DEL/CHECK/GC/STATUS), `error` (CNI error JSON).
 
 pub mod args;
 pub mod commands;
@@ -36,9 +40,13 @@ use commands::Options;
 use conf::NetConf;
 use error::CniError;
 
-pub const SUPPORTED_VERSIONS: [&str; 6] = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"];
-/// The version we answer in when the config gives none we can use.
-pub const CURRENT_VERSION: &str = "1.0.0";
+/// Oldest first: `conf` compares versions by their place in this list.
+pub const SUPPORTED_VERSIONS: [&str; 7] = [
+    "0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0",
+];
+/// VERSION's `cniVersion` (what the CNI library 1.3 Flannel's plugin is built with reports),
+/// and the version we answer errors in when the config gives none we can use.
+pub const CURRENT_VERSION: &str = "1.1.0";
 
 /// What the plugin process prints and returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +126,8 @@ fn dispatch(
         Command::Add => commands::add(&args, &conf, env, opts),
         Command::Del => commands::del(&args, &conf, env),
         Command::Check => commands::check(&args, &conf, env),
+        Command::Gc => commands::gc(&conf),
+        Command::Status => commands::status(&conf),
         Command::Version => Ok(version_json()),
     }
 }

@@ -176,17 +176,123 @@ fn del_without_netns_is_fine() {
 }
 
 #[test]
-fn failed_delegate_del_keeps_saved_config_for_a_retry() {
+fn failed_delegate_del_still_removes_saved_config() {
     let node = Node::new();
+    let err = r#"{"cniVersion":"1.0.0","code":11,"msg":"busy"}"#;
     node.delegate(
         "fake",
-        &format!("[ \"$CNI_COMMAND\" = ADD ] && echo '{RESULT}' && exit 0\nexit 1"),
+        &format!("[ \"$CNI_COMMAND\" = ADD ] && echo '{RESULT}' && exit 0\necho '{err}'; exit 1"),
     );
     assert_eq!(node.run("ADD", &node.conf(json!({}))).exit_code, 0);
     let r = node.run("DEL", &node.conf(json!({})));
+    assert_eq!(r.exit_code, 1, "{r:?}");
+    assert_eq!(
+        r.stdout,
+        format!("{err}\n").into_bytes(),
+        "the delegate's error, unchanged"
+    );
+    assert!(node.saved().is_none());
+
+    // The runtime's retry finds nothing to undo and succeeds without the delegate.
+    let r = node.run("DEL", &node.conf(json!({})));
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    assert_eq!(node.calls().len(), 2);
+}
+
+#[test]
+fn del_with_delegate_gone_from_cni_path_removes_saved_config() {
+    let node = Node::new();
+    node.delegate("fake", &format!("echo '{RESULT}'"));
+    assert_eq!(node.run("ADD", &node.conf(json!({}))).exit_code, 0);
+    fs::remove_file(node.p("bin/fake")).unwrap();
+    let r = node.run("DEL", &node.conf(json!({})));
     assert_eq!(r.exit_code, 1);
-    assert_eq!(stdout_json(&r)["code"], 999);
-    assert!(node.saved().is_some());
+    let out = stdout_json(&r);
+    assert_eq!(out["code"], 999);
+    assert!(out["msg"]
+        .as_str()
+        .unwrap()
+        .contains("failed to find plugin \"fake\""));
+    assert!(node.saved().is_none());
+}
+
+#[test]
+fn cni_1_1_0_add_and_del() {
+    let node = Node::new();
+    node.delegate("fake", &format!("echo '{RESULT}'"));
+    let conf = node.conf(json!({"cniVersion": "1.1.0"}));
+    let r = node.run("ADD", &conf);
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    assert_eq!(node.saved().unwrap()["cniVersion"], "1.1.0");
+    assert_eq!(node.run("CHECK", &conf).exit_code, 0);
+    assert_eq!(node.run("DEL", &conf).exit_code, 0);
+    let calls = node.calls();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[1].1["cniVersion"], "1.1.0");
+}
+
+/// The environment libcni gives GC and STATUS: no container, netns or interface.
+fn network_env(node: &Node, command: &str) -> Vec<(String, String)> {
+    vec![
+        ("CNI_COMMAND".into(), command.into()),
+        ("CNI_PATH".into(), node.p("bin").display().to_string()),
+    ]
+}
+
+#[test]
+fn gc_and_status_succeed_silently_and_touch_nothing() {
+    let node = Node::new();
+    node.delegate("fake", &format!("echo '{RESULT}'"));
+    assert_eq!(node.run("ADD", &node.conf(json!({}))).exit_code, 0);
+    let saved = node.saved().unwrap();
+    // Not needed by either.
+    fs::remove_file(node.p("subnet.env")).unwrap();
+
+    let gc = node.conf(json!({
+        "cniVersion": "1.1.0",
+        "cni.dev/valid-attachments": [{"containerID": "other", "ifname": "eth0"}],
+    }));
+    let status = node.conf(json!({"cniVersion": "1.1.0"}));
+    for (command, conf) in [("GC", &gc), ("STATUS", &status)] {
+        let r = node.run_with(network_env(&node, command), conf);
+        assert_eq!(r.exit_code, 0, "{command}: {r:?}");
+        assert!(r.stdout.is_empty(), "{command}: {r:?}");
+        // A runtime may pass container variables along; they do not matter.
+        let r = node.run(command, conf);
+        assert_eq!(r.exit_code, 0, "{command}: {r:?}");
+        assert!(r.stdout.is_empty(), "{command}: {r:?}");
+    }
+    assert_eq!(node.calls().len(), 1, "no delegate runs");
+    assert_eq!(node.saved().unwrap(), saved);
+}
+
+#[test]
+fn gc_and_status_are_refused_below_1_1_0() {
+    let node = Node::new();
+    for command in ["GC", "STATUS"] {
+        for version in ["0.3.1", "0.4.0", "1.0.0"] {
+            let conf = node.conf(json!({"cniVersion": version}));
+            let r = node.run_with(network_env(&node, command), &conf);
+            assert_eq!(r.exit_code, 1, "{command} {version}");
+            let out = stdout_json(&r);
+            assert_eq!(out["code"], 1, "{command} {version}: {out}");
+            assert_eq!(
+                out["msg"],
+                format!("config version does not allow {command}")
+            );
+            assert_eq!(out["cniVersion"], version);
+        }
+        // No cniVersion is 0.1.0, which had neither.
+        let conf = json!({"name": "cbr0", "type": "flannel"}).to_string();
+        let r = node.run_with(network_env(&node, command), &conf);
+        assert_eq!(stdout_json(&r)["code"], 1, "{command}");
+
+        let env = vec![("CNI_COMMAND".to_string(), command.to_string())];
+        let r = node.run_with(env, &node.conf(json!({"cniVersion": "1.1.0"})));
+        let out = stdout_json(&r);
+        assert_eq!(out["code"], 4, "{command}: {out}");
+        assert_eq!(out["msg"], "required env variables [CNI_PATH] missing");
+    }
 }
 
 #[test]
@@ -313,12 +419,19 @@ fn version_and_about() {
     let r = node.run_with(vec![("CNI_COMMAND".into(), "VERSION".into())], "");
     assert_eq!(
         String::from_utf8(r.stdout).unwrap(),
-        "{\"cniVersion\":\"1.0.0\",\"supportedVersions\":[\"0.1.0\",\"0.2.0\",\"0.3.0\",\
-         \"0.3.1\",\"0.4.0\",\"1.0.0\"]}\n"
+        "{\"cniVersion\":\"1.1.0\",\"supportedVersions\":[\"0.1.0\",\"0.2.0\",\"0.3.0\",\
+         \"0.3.1\",\"0.4.0\",\"1.0.0\",\"1.1.0\"]}\n"
     );
     let r = node.run_with(vec![], "");
     assert_eq!(r.exit_code, 0);
-    assert!(r.stdout.is_empty() && r.stderr.contains("CNI protocol versions supported"));
+    assert!(r.stdout.is_empty());
+    assert!(
+        r.stderr
+            .contains("CNI protocol versions supported: 0.1.0, ")
+            && r.stderr.contains("1.1.0"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -326,7 +439,7 @@ fn bad_input_gives_error_json_never_a_panic() {
     let node = Node::new();
     type Case = (Vec<(String, String)>, String, u64);
     let cases: Vec<Case> = vec![
-        (node.env("GC"), node.conf(json!({})), 4),
+        (node.env("NOPE"), node.conf(json!({})), 4),
         (
             vec![("CNI_COMMAND".into(), "ADD".into())],
             node.conf(json!({})),

@@ -26,8 +26,8 @@ use tokio::task::JoinHandle;
 
 use crate::flags::Flags;
 use crate::iface;
-use crate::ipmasq::{IpMasq, MasqConfig};
 use crate::status::{self, Status};
+use crate::traffic::{self, FullyRandom, Kinds, RuleConfig, TrafficRules};
 use running::Running;
 
 /// Set when SIGTERM or SIGINT arrives; every wait in the daemon also waits on it.
@@ -139,6 +139,7 @@ pub async fn run(flags: Flags) -> Result<()> {
         network = ?config.network,
         ipv6_network = ?config.ipv6_network,
         backend = %config.backend_type,
+        enable_nftables = config.enable_nftables,
         "network config loaded"
     );
     let mut backend = new_backend(&config, &node)
@@ -165,23 +166,25 @@ pub async fn run(flags: Flags) -> Result<()> {
         return Ok(());
     };
     let own = start_lease(&flags, &req.config, backend.as_mut(), &held).await?;
-    // After subnet.env, as Flannel does: the rules need our lease's subnet.
-    let masq = if flags.ip_masq {
-        let rules = MasqConfig::new(&req.config, &own.key);
-        Some(
-            IpMasq::install(rules)
-                .await
-                .context("installing the --ip-masq rules")?,
-        )
-    } else {
-        None
-    };
+    // After subnet.env, as Flannel does: the rules need our lease's subnet. Go Flannel v0.27+
+    // leaves its own behind at exit; a node moving to us would keep them for ever.
+    for what in traffic::remove_go_flannel_leftovers().await {
+        tracing::info!("removed Go Flannel's leftover {what}");
+    }
+    let config = RuleConfig::new(&req.config, &own.key, rule_kinds(&flags));
+    let rules = TrafficRules::install(config)
+        .await
+        .context("installing the --ip-masq and --iptables-forward-rules rules")?;
+    let blackholes = upkeep::blackholes(&flags, &own.key);
+    upkeep::ensure_blackholes(&netlink, &blackholes).await?;
     status.set_lease(Some(&held));
     status.backend_running.store(true, Ordering::Relaxed);
+    // Lease, device, rules and subnet.env are all in place: Flannel's /readyz turns 200.
+    status.ready.store(true, Ordering::Relaxed);
     let renewer = Renewer::spawn(&registry, held, flags.renew_margin(), status.clone());
 
     let mut running = Running::new(
-        flags, registry, netlink, status, backend, req, own, masq, renewer,
+        flags, registry, netlink, status, backend, req, own, rules, renewer,
     );
     let result = running.event_loop(&mut shutdown).await;
     running.stop().await;
@@ -254,6 +257,16 @@ fn previous_subnet(flags: &Flags) -> Option<SubnetKey> {
             tracing::debug!("no previous subnet: {e}");
             None
         }
+    }
+}
+
+/// The traffic rules the flags ask for.
+fn rule_kinds(flags: &Flags) -> Kinds {
+    Kinds {
+        masquerade: flags
+            .ip_masq
+            .then_some(FullyRandom(!flags.ip_masq_fully_random_disable)),
+        forward: flags.iptables_forward_rules,
     }
 }
 

@@ -15,11 +15,11 @@ use subnet_manager::lifecycle::{self, LeaseLost, LeaseRequest};
 use subnet_manager::registry::{HeldLease, Registry};
 use subnet_manager::watch::{self, LeaseEvent};
 
-use super::upkeep::{keep_programmed, sweep_devices, sweep_routes};
+use super::upkeep::{self, keep_programmed, sweep_devices, sweep_routes};
 use super::{retry, start_lease, Renewer, Shutdown};
 use crate::flags::Flags;
-use crate::ipmasq::{IpMasq, MasqConfig};
 use crate::status::Status;
+use crate::traffic::{RuleConfig, TrafficRules};
 
 /// A node holding a lease, and everything its event loop works on.
 pub(super) struct Running {
@@ -30,7 +30,7 @@ pub(super) struct Running {
     backend: Box<dyn Backend>,
     req: LeaseRequest,
     own: Lease,
-    masq: Option<IpMasq>,
+    rules: TrafficRules,
     renewer: Renewer,
     admission: Admission,
     /// Whether the first full listing reached the backend (before that, changes wait for it).
@@ -49,7 +49,7 @@ impl Running {
         backend: Box<dyn Backend>,
         req: LeaseRequest,
         own: Lease,
-        masq: Option<IpMasq>,
+        rules: TrafficRules,
         renewer: Renewer,
     ) -> Self {
         let backend_type = backend.name();
@@ -67,7 +67,7 @@ impl Running {
             backend,
             req,
             own,
-            masq,
+            rules,
             renewer,
             admission,
             reconciled: false,
@@ -95,7 +95,8 @@ impl Running {
                     keep_programmed(
                         &self.netlink,
                         self.backend.as_mut(),
-                        self.masq.as_mut(),
+                        &mut self.rules,
+                        &upkeep::blackholes(&self.flags, &self.own.key),
                         &self.status,
                         &mut self.upkeep_error,
                     )
@@ -124,13 +125,13 @@ impl Running {
         }
     }
 
-    /// Stops renewing and removes our NAT rules (routes and the lease stay for the restart,
-    /// as with Flannel).
+    /// Stops renewing and removes our traffic rules (routes and the lease stay for the
+    /// restart, as with Flannel).
     pub(super) async fn stop(self) {
         self.renewer.stop();
-        if let Some(m) = self.masq {
-            match m.remove().await {
-                Ok(()) => tracing::info!("ip-masq rules removed"),
+        if !self.rules.is_empty() {
+            match self.rules.remove().await {
+                Ok(()) => tracing::info!("traffic rules removed"),
                 Err(e) => tracing::warn!("{e:#}"),
             }
         }
@@ -147,7 +148,14 @@ impl Running {
                 tracing::warn!("reconciling peers: {e}");
             }
             sweep_devices(&self.netlink, self.backend.as_ref()).await;
-            sweep_routes(&self.netlink, self.backend.as_ref(), &self.status).await;
+            let blackholes = upkeep::blackholes(&self.flags, &self.own.key);
+            sweep_routes(
+                &self.netlink,
+                self.backend.as_ref(),
+                &blackholes,
+                &self.status,
+            )
+            .await;
             tracing::info!(
                 peers = all.len(),
                 refused = self.admission.refused_count(),
@@ -272,10 +280,14 @@ impl Running {
             let out = self.admission.set_own(&self.own);
             self.apply_outcome(out).await;
             self.publish_peers();
-            if let Some(m) = self.masq.as_mut() {
-                m.update(MasqConfig::new(&self.req.config, &self.own.key))
-                    .await
-                    .context("updating the --ip-masq rules")?;
+            let kinds = super::rule_kinds(&self.flags);
+            self.rules
+                .update(RuleConfig::new(&self.req.config, &self.own.key, kinds))
+                .await
+                .context("updating the traffic rules")?;
+            let blackholes = upkeep::blackholes(&self.flags, &self.own.key);
+            if let Err(e) = upkeep::ensure_blackholes(&self.netlink, &blackholes).await {
+                tracing::warn!("{e:#} (retried every --iptables-resync period)");
             }
         }
         self.hold(held);

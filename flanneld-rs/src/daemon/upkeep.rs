@@ -4,11 +4,51 @@
 
 use std::sync::atomic::Ordering;
 
-use encap::netlink::Netlink;
+use anyhow::{Context, Result};
+use encap::netlink::{Netlink, OwnRoute};
 use encap::Backend;
+use ipnet::IpNet;
+use subnet_manager::lease::SubnetKey;
 
-use crate::ipmasq::IpMasq;
+use crate::flags::Flags;
 use crate::status::Status;
+use crate::traffic::TrafficRules;
+
+/// `--ip-blackhole-route`: our lease's subnets, each a blackhole route (v6 too).
+pub(super) fn blackholes(flags: &Flags, own: &SubnetKey) -> Vec<IpNet> {
+    if !flags.ip_blackhole_route {
+        return Vec::new();
+    }
+    let v4 = own.ipv4.map(|n| IpNet::V4(n.trunc()));
+    let v6 = own.ipv6.map(|n| IpNet::V6(n.trunc()));
+    v4.into_iter().chain(v6).collect()
+}
+
+/// Installs the blackhole routes that are missing; returns how many were.
+pub(super) async fn ensure_blackholes(netlink: &Netlink, dsts: &[IpNet]) -> Result<usize> {
+    let mut added = 0;
+    for dst in dsts {
+        if netlink
+            .ensure_blackhole(*dst)
+            .await
+            .with_context(|| format!("--ip-blackhole-route for {dst}"))?
+        {
+            added += 1;
+        }
+    }
+    Ok(added)
+}
+
+fn blackhole_routes(dsts: &[IpNet]) -> Vec<OwnRoute> {
+    dsts.iter()
+        .map(|dst| OwnRoute {
+            dst: *dst,
+            gateway: None,
+            oif: None,
+            blackhole: true,
+        })
+        .collect()
+}
 
 /// Every `--iptables-resync` seconds: restore what was removed behind our back and drop routes
 /// of ours that nothing justifies any more.
@@ -17,7 +57,8 @@ use crate::status::Status;
 pub(super) async fn keep_programmed(
     netlink: &Netlink,
     backend: &mut dyn Backend,
-    masq: Option<&mut IpMasq>,
+    rules: &mut TrafficRules,
+    blackholes: &[IpNet],
     status: &Status,
     last_error: &mut Option<String>,
 ) {
@@ -36,16 +77,22 @@ pub(super) async fn keep_programmed(
             backend.name()
         )),
     }
-    sweep_routes(netlink, backend, status).await;
-    if let Some(m) = masq {
-        match m.repair().await {
-            Ok(false) => {}
-            Ok(true) => {
-                tracing::warn!("our ip-masq rules were changed or removed: restored");
-                status.repairs.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => errors.push(format!("restoring the ip-masq rules: {e:#}")),
+    match ensure_blackholes(netlink, blackholes).await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::warn!(restored = n, "our blackhole route was removed: restored");
+            status.repairs.fetch_add(n as u64, Ordering::Relaxed);
         }
+        Err(e) => errors.push(format!("{e:#}")),
+    }
+    sweep_routes(netlink, backend, blackholes, status).await;
+    match rules.repair().await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::warn!("our traffic rules were changed or removed: restored");
+            status.repairs.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Err(e) => errors.push(format!("restoring the traffic rules: {e:#}")),
     }
     let now = (!errors.is_empty()).then(|| errors.join("; "));
     if now != *last_error {
@@ -89,10 +136,17 @@ pub(super) async fn sweep_devices(netlink: &Netlink, backend: &dyn Backend) {
     }
 }
 
-/// Removes every route of ours (protocol 70) that the backend does not want: left by an
-/// earlier backend (host-gw's routes would bypass an encrypting one) or by a lease long gone.
-pub(super) async fn sweep_routes(netlink: &Netlink, backend: &dyn Backend, status: &Status) {
-    let wanted = backend.wanted_routes();
+/// Removes every route of ours (protocol 70) that neither the backend nor
+/// `--ip-blackhole-route` wants: left by an earlier backend (host-gw's routes would bypass an
+/// encrypting one), by a lease long gone, or by a blackhole flag since turned off.
+pub(super) async fn sweep_routes(
+    netlink: &Netlink,
+    backend: &dyn Backend,
+    blackholes: &[IpNet],
+    status: &Status,
+) {
+    let mut wanted = backend.wanted_routes();
+    wanted.extend(blackhole_routes(blackholes));
     let ours = match netlink.own_routes().await {
         Ok(r) => r,
         Err(e) => {

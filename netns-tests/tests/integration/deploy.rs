@@ -316,17 +316,17 @@ fn daemonset_manifest_agrees_with_the_daemon() -> Result<()> {
     // Probes and the scrape annotation point at the ports the flags open.
     let healthz = flag(&args, "healthz-port").context("no --healthz-port")?;
     let metrics = flag(&args, "metrics-port").context("no --metrics-port")?;
-    ensure!(main.pointer("/readinessProbe/httpGet/path") == Some(&"/healthz".into()));
-    ensure!(
-        main.pointer("/readinessProbe/httpGet/port")
-            .map(Value::to_string)
-            == Some(healthz.into())
-    );
-    ensure!(
-        main.pointer("/livenessProbe/tcpSocket/port")
-            .map(Value::to_string)
-            == Some(healthz.into())
-    );
+    // As Flannel v0.28.9's manifest: liveness on /healthz, readiness on /readyz.
+    ensure!(main.pointer("/readinessProbe/httpGet/path") == Some(&"/readyz".into()));
+    ensure!(main.pointer("/livenessProbe/httpGet/path") == Some(&"/healthz".into()));
+    for probe in ["readinessProbe", "livenessProbe"] {
+        ensure!(
+            main.pointer(&format!("/{probe}/httpGet/port"))
+                .map(Value::to_string)
+                == Some(healthz.into()),
+            "{probe} is not on --healthz-port"
+        );
+    }
     ensure!(
         ds.pointer("/spec/template/metadata/annotations/prometheus.io~1port")
             == Some(&metrics.into()),
@@ -636,7 +636,7 @@ impl Drop for Paused {
 }
 
 #[test]
-fn healthz_follows_the_lease() -> Result<()> {
+fn readyz_follows_the_lease_healthz_the_process() -> Result<()> {
     require_root!();
     let mut c = Cluster::new(1)?;
     let ip = c.nodes[0].ip.clone();
@@ -649,12 +649,15 @@ fn healthz_follows_the_lease() -> Result<()> {
             "--subnet-lease-ttl=4s",
         ],
     )?;
-    // Before any config: 503 and the reason, asked from another host as a kubelet would.
+    // Before any config (Flannel v0.28.9): /healthz 200 since the process answers, /readyz 503
+    // and the reason, asked from another host as a kubelet would.
     let ul = c.underlay.clone();
     wait_until("healthz to answer", Duration::from_secs(10), || {
         http_get_at(&ul, addr, "/healthz").is_ok()
     })?;
     let (status, body) = http_get_at(&ul, addr, "/healthz")?;
+    ensure!(status.contains("200") && body == "ok\n", "{status} {body}");
+    let (status, body) = http_get_at(&ul, addr, "/readyz")?;
     ensure!(status.contains("503"), "{status}");
     ensure!(body.contains("no subnet lease yet"), "{body}");
     // --healthz-ip is honoured: nothing on loopback.
@@ -665,18 +668,19 @@ fn healthz_follows_the_lease() -> Result<()> {
 
     c.put_config(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#)?;
     let ok =
-        || http_get_at(&ul, addr, "/healthz").is_ok_and(|(s, b)| s.contains("200") && b == "ok\n");
-    let took = wait_until("healthz 200", Duration::from_secs(15), ok)?;
-    eprintln!("healthz turned 200 {took:?} after the config was written");
+        || http_get_at(&ul, addr, "/readyz").is_ok_and(|(s, b)| s.contains("200") && b == "ok\n");
+    let took = wait_until("readyz 200", Duration::from_secs(15), ok)?;
+    eprintln!("readyz turned 200 {took:?} after the config was written");
 
-    // etcd hangs: the lease cannot be renewed, runs out, and healthz says so.
+    // etcd hangs: the lease cannot be renewed, runs out, and readyz says so while /healthz
+    // (the liveness probe) stays 200, so an etcd outage restarts nothing.
     let paused = Paused::new(c.etcd()?.pid().context("etcd pid")?)?;
     let paused_at = std::time::Instant::now();
     let mut last = (String::new(), String::new());
     wait_until(
-        "healthz 503 while etcd hangs",
+        "readyz 503 while etcd hangs",
         Duration::from_secs(20),
-        || match http_get_at(&ul, addr, "/healthz") {
+        || match http_get_at(&ul, addr, "/readyz") {
             Ok(r) => {
                 let bad = r.0.contains("503");
                 last = r;
@@ -690,6 +694,11 @@ fn healthz_follows_the_lease() -> Result<()> {
         "503 without a reason: {last:?}"
     );
     eprintln!("while etcd hangs: {} {}", last.0, last.1.trim());
+    let (status, _) = http_get_at(&ul, addr, "/healthz")?;
+    ensure!(
+        status.contains("200"),
+        "healthz during the outage: {status}"
+    );
     let (_, metrics) = http_get_at(&ul, addr, "/metrics")?;
     ensure!(
         metric(&metrics, "flanneld_healthy") == Some(0.0),

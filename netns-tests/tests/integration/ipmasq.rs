@@ -186,10 +186,16 @@ fn nat_semantics_through_nftables_and_restarts() -> Result<()> {
         "meta mark & 0x00004000 == 0x00004000 return",
         "ip saddr != 10.244.0.0/16 ip daddr 10.244.0.0/16 masquerade fully-random",
         "ip daddr != 224.0.0.0/4 masquerade fully-random",
-        "ip saddr 10.244.0.0/16 accept",
     ] {
         ensure!(table.contains(rule), "n1 lacks `{rule}`:\n{table}");
     }
+    // Forward accepts go where a DROP policy lives: iptables' FORWARD chain.
+    ensure!(!table.contains("chain forward"), "{table}");
+    let fwd = c.nodes[0].run("iptables", &["-w", "-S", "FLANNELD-RS-FWD"])?;
+    ensure!(
+        fwd.contains("-A FLANNELD-RS-FWD -s 10.244.0.0/16 -j ACCEPT"),
+        "{fwd}"
+    );
     check_nat(&c, &out, &pods)?;
 
     // kube-proxy's mark (0x4000) exempts a packet: it masquerades those itself.
@@ -212,7 +218,7 @@ fn nat_semantics_through_nftables_and_restarts() -> Result<()> {
     ensure!(ruleset.contains("table inet someone-else"), "{ruleset}");
     // (The daemon handle is gone after a stop: read its log file.)
     let log = std::fs::read_to_string(c.nodes[0].dir.join("daemon.log"))?;
-    ensure!(log.contains("ip-masq rules removed"), "{log}");
+    ensure!(log.contains("traffic rules removed"), "{log}");
     start(&mut c, 0)?;
     wait_until("the table after a restart", Duration::from_secs(10), || {
         nft_table(&c, 0).as_deref() == Some(table.as_str())
@@ -297,7 +303,7 @@ fn iptables_fallback_without_nft() -> Result<()> {
 
     // Killed, then restarted twice: still one jump each and the same six rules.
     for _ in 0..2 {
-        let installs = c.nodes[0].log().matches("ip-masq rules installed").count();
+        let installs = c.nodes[0].log().matches("traffic rules installed").count();
         if let Some(d) = c.nodes[0].daemon.as_mut() {
             d.signal(libc::SIGKILL);
         }
@@ -306,7 +312,7 @@ fn iptables_fallback_without_nft() -> Result<()> {
         let prog = binary("flanneld-rs")?;
         c.start_program(0, &prog, &args, &[("PATH", &path)])?;
         wait_until("the daemon to reinstall", Duration::from_secs(10), || {
-            c.nodes[0].log().matches("ip-masq rules installed").count() > installs
+            c.nodes[0].log().matches("traffic rules installed").count() > installs
         })?;
     }
     ensure!(jumps(&c)? == (1, 1), "duplicate jumps {:?}", jumps(&c)?);

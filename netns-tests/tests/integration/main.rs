@@ -5,6 +5,7 @@ mod defences;
 mod deploy;
 mod etcd_tls;
 mod faults;
+mod flannel_v028;
 mod host_gw;
 mod ipmasq;
 mod mixed;

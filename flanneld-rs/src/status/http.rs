@@ -1,0 +1,234 @@
+//! `/healthz`, `/readyz` and `/metrics` over HTTP: routing, methods (HEAD, 405 with `Allow`)
+//! and the request parsing are axum's and hyper's. The accept loop is ours because the
+//! endpoints must keep answering when the process runs out of descriptors or is flooded with
+//! idle connections (a liveness probe that times out restarts the node's networking).
+
+use std::collections::VecDeque;
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use prometheus_client::registry::Registry;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::AbortHandle;
+
+use super::{metrics, Status};
+
+/// Connections served at once: each costs a descriptor. When all are taken, the one that has
+/// waited longest for its request is dropped for the newcomer (see `Waiting`).
+const MAX_CONNECTIONS: usize = 64;
+/// The request line and headers must arrive within this.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Request line and headers larger than this get 431 (hyper's smallest buffer is 8 KiB).
+const MAX_HEAD: usize = 8 * 1024;
+/// A whole exchange (request in, reply of a few KiB out) must finish within this.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (EMFILE and the like): retrying at once fails again, and the
+/// loop would spin a core while the connections wait in the backlog anyway.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+#[derive(Clone, Copy)]
+pub(super) struct Limits {
+    pub connections: usize,
+    pub read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections: MAX_CONNECTIONS,
+            read_timeout: READ_TIMEOUT,
+        }
+    }
+}
+
+/// What the handlers read.
+struct Served {
+    status: Arc<Status>,
+    registry: Registry,
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` on `addr` until the process exits.
+pub async fn serve(addr: SocketAddr, status: Arc<Status>) -> Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    spawn_server(listener, status, Limits::default());
+    Ok(())
+}
+
+pub(super) fn spawn_server(listener: TcpListener, status: Arc<Status>, limits: Limits) {
+    let registry = metrics::registry(status.clone());
+    let app = router(Arc::new(Served { status, registry }));
+    tokio::spawn(accept_loop(listener, app, limits));
+}
+
+fn router(served: Arc<Served>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(scrape))
+        .fallback(not_found)
+        .with_state(served)
+}
+
+/// Flannel's liveness: the process answers.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Flannel v0.28.9's readiness: 503 with the reason until the node carries pod traffic.
+async fn readyz(State(served): State<Arc<Served>>) -> (StatusCode, String) {
+    match served.status.readiness() {
+        Ok(()) => (StatusCode::OK, "ok\n".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
+}
+
+async fn scrape(State(served): State<Arc<Served>>, headers: HeaderMap) -> impl IntoResponse {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let (content_type, body) = metrics::render(&served.registry, accept);
+    ([(header::CONTENT_TYPE, content_type)], body)
+}
+
+async fn not_found() -> (StatusCode, &'static str) {
+    (StatusCode::NOT_FOUND, "try /healthz, /readyz or /metrics\n")
+}
+
+async fn accept_loop(listener: TcpListener, app: Router, limits: Limits) {
+    let slots = Arc::new(Semaphore::new(limits.connections));
+    let waiting = Arc::new(Waiting::default());
+    let mut failures = 0u64;
+    loop {
+        let conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            // The client gave up before we took its connection: nothing wrong on our side.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionAborted
+                        | ErrorKind::ConnectionReset
+                        | ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(e) => {
+                // Once per streak: at 10 tries a second a log line each would flood the journal.
+                if failures == 0 {
+                    tracing::warn!(
+                        "accepting /healthz and /metrics connections failed: {e}; retrying every {} ms",
+                        ACCEPT_BACKOFF.as_millis()
+                    );
+                }
+                failures += 1;
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        if failures > 0 {
+            tracing::info!(
+                failures,
+                "accepting /healthz and /metrics connections again"
+            );
+            failures = 0;
+        }
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                waiting.evict_oldest();
+                match slots.clone().acquire_owned().await {
+                    Ok(permit) => permit,
+                    Err(_) => return, // never closed
+                }
+            }
+        };
+        waiting.spawn(conn, app.clone(), limits.read_timeout, permit);
+    }
+}
+
+/// Connections still waiting for their request, oldest first. Real clients send theirs at
+/// once, so when every slot is taken the oldest of these is idle or hostile, and dropping it
+/// keeps a flood of silent connections from locking a probe out for READ_TIMEOUT each.
+#[derive(Default)]
+struct Waiting(Mutex<WaitingConns>);
+
+#[derive(Default)]
+struct WaitingConns {
+    next_id: u64,
+    conns: VecDeque<(u64, AbortHandle)>,
+}
+
+impl Waiting {
+    fn lock(&self) -> MutexGuard<'_, WaitingConns> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn spawn(
+        self: &Arc<Self>,
+        conn: TcpStream,
+        app: Router,
+        read_timeout: Duration,
+        permit: OwnedSemaphorePermit,
+    ) {
+        // Registered under the lock the task needs to deregister, so it cannot do so first.
+        let mut w = self.lock();
+        let id = w.next_id;
+        w.next_id += 1;
+        let waiting = self.clone();
+        let task = tokio::spawn(async move {
+            let _slot = permit;
+            // The request has arrived once the router sees it: no longer a candidate.
+            let seen = waiting.clone();
+            let app = tower::ServiceExt::map_request(app, move |req| {
+                seen.done(id);
+                req
+            });
+            let exchange = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(read_timeout)
+                .max_buf_size(MAX_HEAD)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(conn), TowerToHyperService::new(app));
+            // Errors are the client's (gone, garbled, too slow): hyper has answered what
+            // deserved an answer, and there is nobody to tell about the rest.
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, exchange).await;
+            waiting.done(id);
+        });
+        w.conns.push_back((id, task.abort_handle()));
+    }
+
+    fn done(&self, id: u64) {
+        self.lock().conns.retain(|(i, _)| *i != id);
+    }
+
+    /// Aborting the task drops its connection and its slot.
+    fn evict_oldest(&self) {
+        let mut w = self.lock();
+        while let Some((_, task)) = w.conns.pop_front() {
+            if !task.is_finished() {
+                task.abort();
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "http_tests.rs"]
+mod tests;
