@@ -21,6 +21,8 @@ use crate::proc::{self, run, run_in, Daemon};
 use crate::{bin_dir, binary, sweep, unique_prefix, wait_until};
 
 pub const UNDERLAY_GW: &str = "172.30.0.254";
+/// The underlay's IPv6 gateway (on `br0`) in dual-stack clusters; nodes get `fd00:30::<11+i>`.
+pub const UNDERLAY_GW6: &str = "fd00:30::fe";
 pub const ETCD_PREFIX: &str = "/coreos.com/network";
 pub const POD_NETWORK: &str = "10.244.0.0/16";
 /// The address of the "outside" host (`add_outside`): on the underlay, off the pod network.
@@ -32,6 +34,8 @@ pub struct Node {
     pub ns: String,
     /// The node's underlay address on its eth0.
     pub ip: String,
+    /// Its IPv6 underlay address, in a dual-stack cluster.
+    pub ipv6: Option<String>,
     /// Per-node files: subnet.env, CNI state, IPAM state, daemon log.
     pub dir: PathBuf,
     pub daemon: Option<Daemon>,
@@ -69,6 +73,8 @@ pub struct Pod {
     pub container_id: String,
     /// The pod's address, without prefix length.
     pub ip: String,
+    /// Its IPv6 address, where the network is dual stack.
+    pub ipv6: Option<String>,
 }
 
 pub struct Cluster {
@@ -79,6 +85,8 @@ pub struct Cluster {
     /// The `--etcd-*` flags `start_daemon` passes (endpoint, and certificates with TLS).
     pub etcd_flags: Vec<String>,
     namespaces: Vec<String>,
+    /// Whether nodes added get an IPv6 underlay address too (`new_dual_stack`).
+    ipv6_underlay: bool,
     // Declared last: dropped after everything that writes into it.
     pub dir: TempDir,
 }
@@ -87,6 +95,29 @@ impl Cluster {
     /// Builds the underlay, etcd and `n` node namespaces (no daemons yet).
     pub fn new(n: usize) -> Result<Self> {
         Self::build(n, false, &[])
+    }
+
+    /// Like `new`, with an IPv6 underlay beside the IPv4 one: `fd00:30::fe/64` on the bridge,
+    /// `fd00:30::<11+i>/64` on each node's eth0, IPv6 forwarding on in the nodes.
+    pub fn new_dual_stack(n: usize) -> Result<Self> {
+        let mut c = Self::build(0, false, &[])?;
+        c.ipv6_underlay = true;
+        run_in(
+            &c.underlay,
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{UNDERLAY_GW6}/64"),
+                "dev",
+                "br0",
+                "nodad",
+            ],
+        )?;
+        for _ in 0..n {
+            c.add_node()?;
+        }
+        Ok(c)
     }
 
     /// Like `new`, with etcd on `https://172.30.0.254:2379` demanding client certificates (made
@@ -111,6 +142,7 @@ impl Cluster {
             etcd_flags: Vec::new(),
             namespaces: Vec::new(),
             dir,
+            ipv6_underlay: false,
         };
         let ul = cluster.underlay.clone();
         cluster.add_netns(&ul)?;
@@ -175,12 +207,27 @@ impl Cluster {
         run_in(&ns, "ip", &["route", "add", "default", "via", UNDERLAY_GW])?;
         // Kubelet or the container runtime enables forwarding on real nodes; flannel does not.
         run_in(&ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        let ipv6 = if self.ipv6_underlay {
+            let ip6 = format!("fd00:30::{}", 11 + i);
+            let addr = format!("{ip6}/64");
+            run_in(&ns, "ip", &["addr", "add", &addr, "dev", "eth0", "nodad"])?;
+            run_in(
+                &ns,
+                "ip",
+                &["-6", "route", "add", "default", "via", UNDERLAY_GW6],
+            )?;
+            run_in(&ns, "sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"])?;
+            Some(ip6)
+        } else {
+            None
+        };
         let dir = self.dir.path().join(&name);
         std::fs::create_dir_all(&dir)?;
         self.nodes.push(Node {
             name,
             ns,
             ip,
+            ipv6,
             dir,
             daemon: None,
             pods: 0,
@@ -294,6 +341,19 @@ impl Cluster {
         Ok(std::fs::read_to_string(&path)?)
     }
 
+    /// The subnet node `i` leased (`10.244.7.0/24`), from its subnet.env's FLANNEL_SUBNET.
+    pub fn lease_subnet(&self, i: usize) -> Result<String> {
+        let env = std::fs::read_to_string(self.nodes[i].subnet_file())?;
+        let first = env
+            .lines()
+            .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
+            .context("no FLANNEL_SUBNET in subnet.env")?;
+        let net: ipnet::Ipv4Net = first
+            .parse()
+            .with_context(|| format!("FLANNEL_SUBNET={first}"))?;
+        Ok(net.trunc().to_string())
+    }
+
     /// The CNI config our runtime hands the plugin: Flannel's format, state kept in our dir.
     fn cni_conf(&self, node: &Node) -> String {
         serde_json::json!({
@@ -350,15 +410,26 @@ impl Cluster {
         let result = self.cni(i, "ADD", &ns, &container_id)?;
         let json: serde_json::Value = serde_json::from_str(&result)
             .with_context(|| format!("CNI result is not JSON: {result}"))?;
-        let addr = json["ips"][0]["address"]
-            .as_str()
-            .ok_or_else(|| anyhow!("CNI result has no ips[0].address: {result}"))?;
-        let ip = addr.split('/').next().unwrap_or(addr).to_string();
+        let addrs: Vec<String> = json["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip["address"].as_str())
+            .map(|a| a.split('/').next().unwrap_or(a).to_string())
+            .collect();
+        let ip = addrs
+            .iter()
+            .find(|a| !a.contains(':'))
+            .or(addrs.first())
+            .cloned()
+            .ok_or_else(|| anyhow!("CNI result has no ips[].address: {result}"))?;
+        let ipv6 = addrs.iter().find(|a| a.contains(':')).cloned();
         Ok(Pod {
             ns,
             node: i,
             container_id,
             ip,
+            ipv6,
         })
     }
 

@@ -81,7 +81,8 @@ pub fn hash_stream(conn: &mut impl Read) -> std::io::Result<(u64, u64)> {
 /// Sends `bytes` of pseudo-random data over TCP from namespace `from_ns` to `to_ip` (a listener
 /// in `to_ns`). Returns the hashes of what was sent and what was received.
 pub fn tcp_transfer(from_ns: &str, to_ns: &str, to_ip: &str, bytes: u64) -> Result<(u64, u64)> {
-    let addr: SocketAddr = format!("{to_ip}:7777").parse()?;
+    let ip: std::net::IpAddr = to_ip.parse().with_context(|| format!("address {to_ip}"))?;
+    let addr = SocketAddr::new(ip, 7777);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let to_ns = to_ns.to_string();
     let receiver = std::thread::spawn(move || {

@@ -125,13 +125,13 @@ impl Running {
         }
     }
 
-    /// Stops renewing and removes our traffic rules (routes and the lease stay for the
-    /// restart, as with Flannel).
+    /// Stops renewing and removes our masquerade rules (routes, forward accepts and the lease
+    /// stay for the restart, as with Flannel).
     pub(super) async fn stop(self) {
         self.renewer.stop();
-        if !self.rules.is_empty() {
-            match self.rules.remove().await {
-                Ok(()) => tracing::info!("traffic rules removed"),
+        if self.rules.masquerades() {
+            match self.rules.remove_masquerade().await {
+                Ok(()) => tracing::info!("ip-masq rules removed"),
                 Err(e) => tracing::warn!("{e:#}"),
             }
         }

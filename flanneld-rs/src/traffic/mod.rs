@@ -283,11 +283,6 @@ impl TrafficRules {
         Ok(rules)
     }
 
-    /// Whether no rules were asked for.
-    pub fn is_empty(&self) -> bool {
-        self.parts.is_empty()
-    }
-
     /// Replaces the rules for a new lease (a lease lost and re-acquired with another subnet).
     pub async fn update(&mut self, config: RuleConfig) -> Result<()> {
         if config != self.config {
@@ -323,12 +318,21 @@ impl TrafficRules {
         Ok(())
     }
 
-    /// Removes every rule we installed (on a clean exit). Safe to call when they are gone.
-    pub async fn remove(&self) -> Result<()> {
-        for p in &self.parts {
-            p.driver.remove(&self.config.with_kinds(p.kinds)).await?;
+    /// Removes our masquerade rules (on a clean exit); safe to call when they are gone. The
+    /// forward accepts stay, as Go Flannel v0.27+ leaves its own: on a host whose FORWARD
+    /// policy is DROP, pods would lose their cross-node traffic while the daemon restarts.
+    /// The next start removes them if the flag was turned off meanwhile.
+    pub async fn remove_masquerade(&self) -> Result<()> {
+        for p in self.parts.iter().filter(|p| p.kinds.masquerade.is_some()) {
+            let kinds = p.kinds.only_masquerade();
+            p.driver.remove(&self.config.with_kinds(kinds)).await?;
         }
         Ok(())
+    }
+
+    /// Whether masquerade rules were asked for.
+    pub fn masquerades(&self) -> bool {
+        self.config.kinds.masquerade.is_some()
     }
 }
 

@@ -780,17 +780,6 @@ fn by_label(families: &Value, family: &str, label: &str) -> Result<BTreeMap<Stri
         .collect()
 }
 
-fn lease_key(c: &Cluster, i: usize) -> Result<String> {
-    let env = std::fs::read_to_string(c.nodes[i].subnet_file())?;
-    let first = env
-        .lines()
-        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
-        .context("no FLANNEL_SUBNET")?;
-    let (addr, len) = first.split_once('/').context("no prefix")?;
-    let (net, _) = addr.rsplit_once('.').context("bad address")?;
-    Ok(format!("{net}.0-{len}"))
-}
-
 #[test]
 fn metrics_read_by_prometheus_client() -> Result<()> {
     require_root!();
@@ -831,7 +820,7 @@ fn metrics_read_by_prometheus_client() -> Result<()> {
         "{build:?}"
     );
     let lease = samples(&m, "flanneld_lease_info", "gauge")?;
-    let key = lease_key(&c, 0)?;
+    let key = c.lease_subnet(0)?.replace('/', "-");
     ensure!(
         lease.len() == 1 && lease[0].0.get("subnet") == Some(&key),
         "lease {lease:?}, subnet.env says {key}"
@@ -988,7 +977,7 @@ fn logs_one_line_per_lifecycle_event() -> Result<()> {
 
     // A peer that goes away: one line.
     c.stop_daemon(1);
-    let key2 = lease_key(&c, 1)?;
+    let key2 = c.lease_subnet(1)?.replace('/', "-");
     c.etcd()?
         .ctl(&["del", &format!("{ETCD_PREFIX}/subnets/{key2}")])?;
     wait_until("n1 to log the removal", Duration::from_secs(5), || {

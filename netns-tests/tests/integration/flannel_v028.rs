@@ -39,18 +39,6 @@ const V0_28_9_FLAGS: &[&str] = &[
     "-log_backtrace_at=main.go:100",
 ];
 
-/// Node `i`'s lease subnet (`10.244.7.0/24`), from its subnet.env.
-fn lease(c: &Cluster, i: usize) -> Result<String> {
-    let env = std::fs::read_to_string(c.nodes[i].subnet_file())?;
-    let first = env
-        .lines()
-        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
-        .context("no FLANNEL_SUBNET")?;
-    let (addr, len) = first.split_once('/').context("no prefix")?;
-    let (net, _) = addr.rsplit_once('.').context("bad address")?;
-    Ok(format!("{net}.0/{len}"))
-}
-
 #[test]
 fn every_v0_28_9_flag_runs_the_real_daemon() -> Result<()> {
     require_root!();
@@ -75,7 +63,7 @@ fn every_v0_28_9_flag_runs_the_real_daemon() -> Result<()> {
     );
     let fwd = c.nodes[0].run("iptables", &["-w", "-S", "FLANNELD-RS-FWD"])?;
     ensure!(fwd.contains("-s 10.244.0.0/16 -j ACCEPT"), "{fwd}");
-    let subnet = lease(&c, 0)?;
+    let subnet = c.lease_subnet(0)?;
     let blackholes = c.nodes[0].run("ip", &["route", "show", "type", "blackhole"])?;
     ensure!(blackholes.contains(&subnet), "{blackholes}");
     let pods = [c.add_pod(0)?, c.add_pod(1)?];
@@ -149,7 +137,7 @@ fn blackhole_route_is_added_kept_and_yields_to_pods() -> Result<()> {
     c.put_config(HOST_GW)?;
     c.start_daemon(0, &["--ip-blackhole-route", "--iptables-resync=1"])?;
     c.wait_subnet_env(0, START)?;
-    let subnet = lease(&c, 0)?;
+    let subnet = c.lease_subnet(0)?;
     let blackhole = |c: &Cluster| -> Result<String> {
         c.nodes[0].run(
             "ip",

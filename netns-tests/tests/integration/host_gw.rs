@@ -22,23 +22,6 @@ fn running_cluster(n: usize, extra: &[&str]) -> Result<Cluster> {
     Ok(c)
 }
 
-/// The subnet (e.g. `10.244.7.0/24`) node `i` leased, read from its subnet.env.
-fn node_subnet(c: &Cluster, i: usize) -> Result<String> {
-    let env = std::fs::read_to_string(c.nodes[i].subnet_file())?;
-    let line = env
-        .lines()
-        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
-        .context("no FLANNEL_SUBNET")?;
-    let (addr, len) = line
-        .split_once('/')
-        .context("FLANNEL_SUBNET without prefix")?;
-    let net = addr
-        .rsplit_once('.')
-        .map(|(a, _)| format!("{a}.0"))
-        .context("bad address")?;
-    Ok(format!("{net}/{len}"))
-}
-
 fn has_route(c: &Cluster, node: usize, subnet: &str) -> bool {
     c.nodes[node]
         .routes()
@@ -55,7 +38,7 @@ fn three_nodes_lease_route_and_ping() -> Result<()> {
     let leases = c.leases()?;
     ensure!(leases.len() == 3, "leases: {leases:?}");
     for (i, node) in c.nodes.iter().enumerate() {
-        let subnet = node_subnet(&c, i)?;
+        let subnet = c.lease_subnet(i)?;
         let key = subnet.replace('/', "-");
         let value = leases
             .iter()
@@ -83,7 +66,7 @@ fn three_nodes_lease_route_and_ping() -> Result<()> {
     for i in 0..3 {
         for j in 0..3 {
             if i != j {
-                let subnet = node_subnet(&c, j)?;
+                let subnet = c.lease_subnet(j)?;
                 wait_until(
                     &format!("route to {subnet} on n{}", i + 1),
                     Duration::from_secs(5),
@@ -123,7 +106,7 @@ fn three_nodes_lease_route_and_ping() -> Result<()> {
 fn restart_reclaims_and_lease_deletion_removes_routes() -> Result<()> {
     require_root!();
     let mut c = running_cluster(3, &["--subnet-lease-ttl=60s"])?;
-    let subnet3 = node_subnet(&c, 2)?;
+    let subnet3 = c.lease_subnet(2)?;
     wait_until("n1 routes n3", Duration::from_secs(5), || {
         has_route(&c, 0, &subnet3)
     })?;
@@ -139,12 +122,12 @@ fn restart_reclaims_and_lease_deletion_removes_routes() -> Result<()> {
     c.start_daemon(2, &["--subnet-lease-ttl=60s"])?;
     c.wait_subnet_env(2, START)?;
     ensure!(
-        node_subnet(&c, 2)? == subnet3,
+        c.lease_subnet(2)? == subnet3,
         "restart must reclaim {subnet3} (by PublicIP)"
     );
 
     // A live node whose key is deleted writes it again, with the same subnet.
-    let subnet2 = node_subnet(&c, 1)?;
+    let subnet2 = c.lease_subnet(1)?;
     let key2 = format!("{ETCD_PREFIX}/subnets/{}", subnet2.replace('/', "-"));
     c.etcd()?.ctl(&["del", &key2])?;
     wait_until("n2 to re-create its lease", Duration::from_secs(5), || {

@@ -3,6 +3,7 @@
 
 mod defences;
 mod deploy;
+mod dual_stack;
 mod etcd_tls;
 mod faults;
 mod flannel_v028;

@@ -35,14 +35,9 @@ fn start_nodes(c: &mut Cluster, nodes: &[usize], extra: &[&str]) -> Result<()> {
 
 /// The subnet node `i` leased, from its subnet.env: (`10.244.7.0/24`, `10.244.7.0`).
 fn node_subnet(c: &Cluster, i: usize) -> Result<(String, String)> {
-    let env = std::fs::read_to_string(c.nodes[i].subnet_file())?;
-    let line = env
-        .lines()
-        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
-        .context("no FLANNEL_SUBNET")?;
-    let (addr, len) = line.split_once('/').context("no prefix length")?;
-    let (head, _) = addr.rsplit_once('.').context("bad address")?;
-    Ok((format!("{head}.0/{len}"), format!("{head}.0")))
+    let subnet = c.lease_subnet(i)?;
+    let addr = subnet.split('/').next().unwrap_or_default().to_string();
+    Ok((subnet, addr))
 }
 
 fn lease_key(subnet: &str) -> String {
