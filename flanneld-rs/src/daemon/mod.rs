@@ -123,7 +123,7 @@ pub async fn run(flags: Flags) -> Result<()> {
         None => return Ok(()),
     };
     let netlink = Netlink::open().context("opening netlink")?;
-    let node = NodeInfo {
+    let mut node = NodeInfo {
         wg_key_file: flags.wg_key_path(),
         ..iface::choose(&netlink, &flags).await?
     };
@@ -142,6 +142,7 @@ pub async fn run(flags: Flags) -> Result<()> {
         enable_nftables = config.enable_nftables,
         "network config loaded"
     );
+    node.public_ipv6 = public_ipv6(&config, &node)?;
     let mut backend = new_backend(&config, &node)
         .await
         .with_context(|| format!("starting the {} backend", config.backend_type))?;
@@ -257,6 +258,21 @@ fn previous_subnet(flags: &Flags) -> Option<SubnetKey> {
             tracing::debug!("no previous subnet: {e}");
             None
         }
+    }
+}
+
+/// Our PublicIPv6 as Flannel publishes it: only with `EnableIPv6` (leases of IPv4-only networks
+/// say `null`), and then required, since peers route our IPv6 subnet to it.
+fn public_ipv6(config: &NetworkConfig, node: &NodeInfo) -> Result<Option<std::net::Ipv6Addr>> {
+    if !config.enable_ipv6 {
+        return Ok(None);
+    }
+    match node.public_ipv6 {
+        Some(ip) => Ok(Some(ip)),
+        None => anyhow::bail!(
+            "EnableIPv6 is true but interface {} has no global IPv6 address: pass --public-ipv6 or another --iface",
+            node.iface.name
+        ),
     }
 }
 

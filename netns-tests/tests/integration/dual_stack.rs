@@ -126,3 +126,48 @@ fn dual_stack_host_gw_leases_env_pods_and_v6_traffic() -> Result<()> {
     v6_mtu_edge(&pods[0], to, 1500 - 40 - 8)?;
     Ok(())
 }
+
+/// Two nodes of ours and one Go Flannel v0.20.2 node, dual-stack host-gw: v4 and v6 pods reach
+/// each other across the implementations, and their leases agree in form.
+#[test]
+fn dual_stack_host_gw_mixed_with_go_flannel() -> Result<()> {
+    require_root!();
+    if netns_tests::must_skip(netns_tests::goflannel::missing())? {
+        return Ok(());
+    }
+    let mut c = Cluster::new_dual_stack(3)?;
+    c.put_config(&config(r#"{"Type":"host-gw"}"#))?;
+    for i in 0..2 {
+        c.start_daemon(i, &[])?;
+        c.wait_subnet_env(i, START)?;
+    }
+    c.start_go_flannel(2, &[])?;
+    c.wait_subnet_env(2, Duration::from_secs(30))?;
+    let pods: Vec<Pod> = (0..3).map(|i| c.add_pod(i)).collect::<Result<_>>()?;
+    let took = wait_until(
+        "both families across implementations",
+        Duration::from_secs(20),
+        || mesh6(&c, &pods).is_ok() && c.ping_mesh(&pods).is_ok(),
+    )?;
+    eprintln!("mixed dual-stack host-gw mesh in {took:?}");
+    let leases = c.leases()?;
+    ensure!(leases.len() == 3, "{leases:?}");
+    for (key, value) in &leases {
+        ensure!(key.contains('&'), "{key}");
+        ensure!(
+            value.contains(r#""PublicIPv6":"fd00:30::"#),
+            "{key}: {value}"
+        );
+    }
+    for (a, b) in [(0, 2), (2, 1)] {
+        let to = pods[b].ipv6.as_deref().context("no IPv6")?;
+        let (sent, received) = tcp_transfer(&pods[a].ns, &pods[b].ns, to, 8 << 20)?;
+        ensure!(
+            sent == received,
+            "n{} -> n{} over IPv6: hashes differ",
+            a + 1,
+            b + 1
+        );
+    }
+    Ok(())
+}
