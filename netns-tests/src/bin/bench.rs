@@ -4,6 +4,9 @@
 //! Flannel wires it) and to plain routing measured in the same run.
 //!
 //! `bench [--seconds N] [--modes a,b,…] [--write BENCHMARKS.md]` (root; release build).
+//! Modes `routing-v6`, `vxlan-v6` and `wireguard-v6` run the same measurements between the
+//! pods' IPv6 addresses on a dual-stack cluster (IPv6 underlay); their ratios are to the IPv4
+//! kernel VXLAN and routing rows of the same run.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -100,21 +103,44 @@ fn config(backend: &str) -> String {
     format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"{backend}"}}}}"#)
 }
 
+fn dual_stack_config(backend: &str) -> String {
+    format!(
+        r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fc00:44::/48","Backend":{{"Type":"{backend}"}}}}"#
+    )
+}
+
 /// Builds the cluster for `mode`, with one pod per node, and measures it.
 fn measure(mode: &str, seconds: u32, profile: Option<&str>) -> Result<Row> {
-    let mut c = Cluster::new(2)?;
+    let v6 = mode.ends_with("-v6");
+    let mut c = if v6 {
+        Cluster::new_dual_stack(2)?
+    } else {
+        Cluster::new(2)?
+    };
     match mode {
-        "routing" => start_ours(&mut c, "host-gw")?,
+        "routing" => start_ours(&mut c, &config("host-gw"))?,
         "kernel-vxlan" => wire_kernel_vxlan(&c)?,
-        "udp" | "vxlan" | "wireguard" => start_ours(&mut c, mode)?,
+        "udp" | "vxlan" | "wireguard" => start_ours(&mut c, &config(mode))?,
+        "routing-v6" => start_ours(&mut c, &dual_stack_config("host-gw"))?,
+        "vxlan-v6" | "wireguard-v6" => {
+            start_ours(&mut c, &dual_stack_config(mode.trim_end_matches("-v6")))?
+        }
         "go-udp" | "go-vxlan" => start_go(&mut c, mode.trim_start_matches("go-"))?,
         "wireguard-go" => start_wireguard_go(&mut c)?,
         other => bail!("unknown mode {other:?}"),
     }
     let a = c.add_pod(0)?;
     let b = c.add_pod(1)?;
-    c.ping(&a, &b.ip, 3)
-        .context("pods cannot reach each other")?;
+    let dst = if v6 {
+        b.ipv6.clone().context("the pod got no IPv6 address")?
+    } else {
+        b.ip.clone()
+    };
+    // New IPv6 addresses pass duplicate detection first.
+    netns_tests::wait_until("pods reach each other", Duration::from_secs(10), || {
+        c.ping(&a, &dst, 1).is_ok()
+    })
+    .context("pods cannot reach each other")?;
     let daemons: Vec<u32> = c
         .nodes
         .iter()
@@ -122,13 +148,13 @@ fn measure(mode: &str, seconds: u32, profile: Option<&str>) -> Result<Row> {
         .collect();
 
     let mut row = Row::default();
-    let _server = iperf_server(&c, &b)?;
+    let _server = iperf_server(&c, &b, &dst)?;
     let cpu_before = cpu_seconds(&daemons);
     let perf = match profile {
         Some(dir) if !daemons.is_empty() => Some(start_perf(dir, mode, &daemons, seconds)?),
         _ => None,
     };
-    let (gbps, bytes) = iperf_tcp(&a, &b, 1, seconds)?;
+    let (gbps, bytes) = iperf_tcp(&a, &dst, 1, seconds)?;
     if let Some((mut p, dir)) = perf {
         let _ = p.stop(Duration::from_secs(30));
         report_perf(&dir, mode);
@@ -137,9 +163,9 @@ fn measure(mode: &str, seconds: u32, profile: Option<&str>) -> Result<Row> {
     if !daemons.is_empty() && bytes > 0.0 {
         row.cpu_s_per_gb = Some((cpu_seconds(&daemons) - cpu_before) / (bytes / 1e9));
     }
-    row.tcp4_gbps = iperf_tcp(&a, &b, 4, seconds)?.0;
-    row.udp64_kpps = iperf_udp64(&a, &b, seconds)?;
-    row.rtt_us = median_rtt_us(&a, &b)?;
+    row.tcp4_gbps = iperf_tcp(&a, &dst, 4, seconds)?.0;
+    row.udp64_kpps = iperf_udp64(&a, &dst, seconds)?;
+    row.rtt_us = median_rtt_us(&a, &dst)?;
     Ok(row)
 }
 
@@ -256,8 +282,8 @@ fn start_wireguard_go(c: &mut Cluster) -> Result<()> {
     Ok(())
 }
 
-fn start_ours(c: &mut Cluster, backend: &str) -> Result<()> {
-    c.put_config(&config(backend))?;
+fn start_ours(c: &mut Cluster, config: &str) -> Result<()> {
+    c.put_config(config)?;
     for i in 0..c.nodes.len() {
         c.start_daemon(i, &[])?;
         c.wait_subnet_env(i, Duration::from_secs(20))?;
@@ -362,13 +388,13 @@ fn wire_kernel_vxlan(c: &Cluster) -> Result<()> {
     Ok(())
 }
 
-fn iperf_server(c: &Cluster, on: &Pod) -> Result<Daemon> {
+fn iperf_server(c: &Cluster, on: &Pod, addr: &str) -> Result<Daemon> {
     let log = c.dir.path().join("iperf3-server.log");
     let d = Daemon::spawn(
         "iperf3-server",
         Some(&on.ns),
         std::path::Path::new("/usr/bin/iperf3"),
-        &["-s".to_string(), "-B".to_string(), on.ip.clone()],
+        &["-s".to_string(), "-B".to_string(), addr.to_string()],
         &[],
         &log,
     )?;
@@ -386,11 +412,11 @@ fn iperf_json(from: &Pod, args: &[&str]) -> Result<serde_json::Value> {
 }
 
 /// Returns (Gbit/s received, bytes received).
-fn iperf_tcp(a: &Pod, b: &Pod, streams: u32, seconds: u32) -> Result<(f64, f64)> {
+fn iperf_tcp(a: &Pod, dst: &str, streams: u32, seconds: u32) -> Result<(f64, f64)> {
     let j = iperf_json(
         a,
         &[
-            &b.ip,
+            dst,
             "-t",
             &seconds.to_string(),
             "-P",
@@ -408,19 +434,10 @@ fn iperf_tcp(a: &Pod, b: &Pod, streams: u32, seconds: u32) -> Result<(f64, f64)>
 }
 
 /// Thousands of 64-byte UDP datagrams per second delivered to the receiver.
-fn iperf_udp64(a: &Pod, b: &Pod, seconds: u32) -> Result<f64> {
+fn iperf_udp64(a: &Pod, dst: &str, seconds: u32) -> Result<f64> {
     let j = iperf_json(
         a,
-        &[
-            &b.ip,
-            "-u",
-            "-l",
-            "64",
-            "-b",
-            "0",
-            "-t",
-            &seconds.to_string(),
-        ],
+        &[dst, "-u", "-l", "64", "-b", "0", "-t", &seconds.to_string()],
     )?;
     let sum = &j["end"]["sum"];
     let packets = sum["packets"].as_f64().context("no end.sum.packets")?;
@@ -432,8 +449,8 @@ fn iperf_udp64(a: &Pod, b: &Pod, seconds: u32) -> Result<f64> {
     Ok((packets - lost) / secs / 1000.0)
 }
 
-fn median_rtt_us(a: &Pod, b: &Pod) -> Result<f64> {
-    let out = run_in(&a.ns, "ping", &["-c", "100", "-i", "0.005", &b.ip])?;
+fn median_rtt_us(a: &Pod, dst: &str) -> Result<f64> {
+    let out = run_in(&a.ns, "ping", &["-c", "100", "-i", "0.005", dst])?;
     let mut times: Vec<f64> = out
         .lines()
         .filter_map(|l| l.split("time=").nth(1))
@@ -524,6 +541,9 @@ fn label(mode: &str) -> &str {
         "wireguard-go" => "wireguard-go 0.0.20220316, configured by hand",
         "go-udp" => "Go Flannel v0.20.2 udp",
         "go-vxlan" => "Go Flannel v0.20.2 vxlan",
+        "routing-v6" => "IPv6: plain routing (our host-gw, dual stack)",
+        "vxlan-v6" => "IPv6: flanneld-rs vxlan (flannel-v6.1)",
+        "wireguard-v6" => "IPv6: flanneld-rs wireguard (flannel-wg-v6)",
         other => other,
     }
 }

@@ -707,12 +707,8 @@ fn readyz_follows_the_lease_healthz_the_process() -> Result<()> {
     // Long enough for requests to time out (5 s) and be counted as etcd errors.
     std::thread::sleep(Duration::from_secs(7).saturating_sub(paused_at.elapsed()));
     drop(paused);
-    let took = wait_until(
-        "healthz 200 after etcd is back",
-        Duration::from_secs(30),
-        ok,
-    )?;
-    eprintln!("healthz 200 again {took:?} after etcd resumed");
+    let took = wait_until("readyz 200 after etcd is back", Duration::from_secs(30), ok)?;
+    eprintln!("readyz 200 again {took:?} after etcd resumed");
     let (_, metrics) = http_get_at(&ul, addr, "/metrics")?;
     let errors = metric(&metrics, "flanneld_etcd_errors_total").unwrap_or(0.0);
     ensure!(
