@@ -223,11 +223,13 @@ fn parse_route(r: &RouteMessage) -> Option<OwnRoute> {
             _ => {}
         }
     }
+    let blackhole = r.header.kind == RouteType::BlackHole;
     Some(OwnRoute {
         dst: dst?,
         gateway,
-        oif,
-        blackhole: r.header.kind == RouteType::BlackHole,
+        // The kernel lists IPv6 blackholes on `lo`; ours are made (and compared) without one.
+        oif: oif.filter(|_| !blackhole),
+        blackhole,
     })
 }
 

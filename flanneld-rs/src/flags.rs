@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, Parser, Subcommand};
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -17,6 +17,10 @@ use clap::{ArgAction, Parser};
     about = "Flannel-compatible overlay network daemon (etcd mode)"
 )]
 pub struct Flags {
+    /// [flanneld-rs] Without a command the daemon runs; `status` asks a running one.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Comma-separated list of etcd endpoints.
     #[arg(
         long,
@@ -186,6 +190,20 @@ pub struct Flags {
     /// 0 is taken as 1 (Flannel would spin).
     #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5)]
     pub iptables_resync: u64,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Show the running daemon's lease, devices, peers and environment checks (exit 1 when
+    /// something needs attention, 2 when the daemon cannot be asked).
+    Status {
+        /// The daemon's --subnet-file: its status socket is `<subnet-file>.sock`.
+        #[arg(long, default_value = "/run/flannel/subnet.env")]
+        subnet_file: PathBuf,
+        /// Print the report as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl Flags {

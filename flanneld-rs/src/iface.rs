@@ -75,7 +75,10 @@ pub async fn choose(netlink: &Netlink, flags: &Flags) -> Result<NodeInfo> {
             link.name
         ),
     };
-    let public_ipv6 = flags.public_ipv6.or_else(|| first_v6(&addrs, link.index));
+    let public_ipv6 = flags.public_ipv6.or(match route_source {
+        Some(IpAddr::V6(src)) => Some(src),
+        _ => first_v6(&addrs, link.index),
+    });
     tracing::info!(iface = %link.name, %public_ip, mtu = link.mtu, "using interface");
     Ok(NodeInfo {
         iface: link,

@@ -1,10 +1,15 @@
 //! The flanneld-rs daemon binary: flags, logging, runtime; the rest lives in `daemon`.
 
-use flanneld_rs::{daemon, flags::Flags};
+use flanneld_rs::flags::{Command, Flags};
+use flanneld_rs::{daemon, single, status};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let flags = Flags::from_args();
+    if let Some(Command::Status { subnet_file, json }) = &flags.command {
+        let socket = single::socket_path(subnet_file);
+        return std::process::ExitCode::from(status::client::run(&socket, *json));
+    }
     if let Err(why) = flags.check() {
         eprintln!("flanneld-rs: {why}");
         return std::process::ExitCode::FAILURE;

@@ -46,8 +46,17 @@ impl Instance {
 
 /// `<subnet-file>.lock`, beside the file it guards.
 pub fn lock_path(subnet_file: &Path) -> PathBuf {
+    beside(subnet_file, ".lock")
+}
+
+/// `<subnet-file>.sock`: where the instance holding that file serves `flanneld-rs status`.
+pub fn socket_path(subnet_file: &Path) -> PathBuf {
+    beside(subnet_file, ".sock")
+}
+
+fn beside(subnet_file: &Path, suffix: &str) -> PathBuf {
     let mut name = OsString::from(subnet_file.as_os_str());
-    name.push(".lock");
+    name.push(suffix);
     PathBuf::from(name)
 }
 

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 
 use crate::flags::Flags;
 use crate::iface;
-use crate::status::{self, Status};
+use crate::status::{self, NodeDetails, Status};
 use crate::traffic::{self, FullyRandom, Kinds, RuleConfig, TrafficRules};
 use running::Running;
 
@@ -109,6 +109,11 @@ pub async fn run(flags: Flags) -> Result<()> {
     for port in ports.into_iter().filter(|p| *p != 0) {
         status::serve(SocketAddr::new(flags.healthz_ip, port), status.clone()).await?;
     }
+    status::serve_unix(
+        &crate::single::socket_path(&flags.subnet_file),
+        status.clone(),
+    )
+    .await?;
     let etcd = etcd_options(&flags);
     // Unreachable etcd or a refused login is retried; bad TLS files are fatal (a restart with
     // the same flags cannot fix them).
@@ -167,28 +172,41 @@ pub async fn run(flags: Flags) -> Result<()> {
         return Ok(());
     };
     let own = start_lease(&flags, &req.config, backend.as_mut(), &held).await?;
-    // After subnet.env, as Flannel does: the rules need our lease's subnet. Go Flannel v0.27+
-    // leaves its own behind at exit; a node moving to us would keep them for ever.
-    for what in traffic::remove_go_flannel_leftovers().await {
-        tracing::info!("removed Go Flannel's leftover {what}");
-    }
+    // After subnet.env, as Flannel does: the rules need our lease's subnet. A masquerade that
+    // cannot be installed is fatal; forward rules that cannot are retried by the upkeep.
     let config = RuleConfig::new(&req.config, &own.key, rule_kinds(&flags));
     let rules = TrafficRules::install(config)
         .await
-        .context("installing the --ip-masq and --iptables-forward-rules rules")?;
+        .context("installing the --ip-masq rules")?;
+    // Go Flannel v0.27+ leaves its rules behind at exit; a node moving to us would keep them
+    // for ever. Removed once ours are in place (their names differ), so pods never go a
+    // moment without either.
+    for what in traffic::remove_go_flannel_leftovers().await {
+        tracing::info!("removed Go Flannel's leftover {what}");
+    }
     let blackholes = upkeep::blackholes(&flags, &own.key);
-    upkeep::ensure_blackholes(&netlink, &blackholes).await?;
+    if let Err(e) = upkeep::ensure_blackholes(&netlink, &blackholes).await {
+        tracing::warn!("{e:#} (retried every --iptables-resync period)");
+    }
     status.set_lease(Some(&held));
     status.backend_running.store(true, Ordering::Relaxed);
     // Lease, device, rules and subnet.env are all in place: Flannel's /readyz turns 200.
     status.ready.store(true, Ordering::Relaxed);
+    status.set_node(NodeDetails {
+        devices: devices_of(backend.as_ref()),
+        masquerade: flags.ip_masq,
+        forward_rules: flags.iptables_forward_rules,
+    });
     let renewer = Renewer::spawn(&registry, held, flags.renew_margin(), status.clone());
 
+    let flags_subnet_file = flags.subnet_file.clone();
     let mut running = Running::new(
         flags, registry, netlink, status, backend, req, own, rules, renewer,
     );
     let result = running.event_loop(&mut shutdown).await;
     running.stop().await;
+    // `status` then says no daemon runs, not that one stopped answering.
+    let _ = std::fs::remove_file(crate::single::socket_path(&flags_subnet_file));
     result
 }
 
@@ -274,6 +292,21 @@ fn public_ipv6(config: &NetworkConfig, node: &NodeInfo) -> Result<Option<std::ne
             node.iface.name
         ),
     }
+}
+
+/// The network devices a backend runs on, for `status`: the one it names, else Flannel's fixed
+/// names for the TUN backends (host-gw has none).
+fn devices_of(backend: &dyn Backend) -> Vec<String> {
+    let fixed = match backend.name() {
+        "udp" => Some("flannel0"),
+        "wireguard" => Some("flannel-wg"),
+        _ => None,
+    };
+    backend
+        .device_name()
+        .or(fixed.map(String::from))
+        .into_iter()
+        .collect()
 }
 
 /// The traffic rules the flags ask for.

@@ -170,6 +170,7 @@ impl Running {
         self.status
             .peers
             .store(self.admission.admitted_count(), Ordering::Relaxed);
+        self.status.set_peers(self.admission.admitted());
     }
 
     /// Passes a batch of lease events through the admission check and hands the backend what

@@ -1,11 +1,15 @@
-//! `/healthz`, `/readyz` and `/metrics` over HTTP: routing, methods (HEAD, 405 with `Allow`)
-//! and the request parsing are axum's and hyper's. The accept loop is ours because the
-//! endpoints must keep answering when the process runs out of descriptors or is flooded with
-//! idle connections (a liveness probe that times out restarts the node's networking).
+//! `/healthz`, `/readyz`, `/metrics` and `/status` over HTTP, on TCP ports and on a Unix
+//! socket beside the subnet file (what `flanneld-rs status` reads): routing, methods (HEAD,
+//! 405 with `Allow`) and the request parsing are axum's and hyper's. The accept loop is ours
+//! because the endpoints must keep answering when the process runs out of descriptors or is
+//! flooded with idle connections (a liveness probe that times out restarts the node's
+//! networking).
 
 use std::collections::VecDeque;
-use std::io::ErrorKind;
+use std::future::Future;
+use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -19,7 +23,8 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use prometheus_client::registry::Registry;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 
@@ -69,10 +74,48 @@ pub async fn serve(addr: SocketAddr, status: Arc<Status>) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn spawn_server(listener: TcpListener, status: Arc<Status>, limits: Limits) {
+/// Serves the same endpoints on a Unix socket at `path` (mode 0600), replacing a stale one:
+/// the caller holds the single-instance lock, so no other daemon can be using it.
+pub async fn serve_unix(path: &Path, status: Arc<Status>) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing the stale {}", path.display())),
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    tracing::info!(socket = %path.display(), "serving flanneld-rs status");
+    spawn_server(listener, status, Limits::default());
+    Ok(())
+}
+
+pub(super) fn spawn_server<L: Listener>(listener: L, status: Arc<Status>, limits: Limits) {
     let registry = metrics::registry(status.clone());
     let app = router(Arc::new(Served { status, registry }));
     tokio::spawn(accept_loop(listener, app, limits));
+}
+
+/// A socket that hands out connections: TCP for probes and scrapers, Unix for `status`.
+pub(super) trait Listener: Send + 'static {
+    type Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept_conn(&self) -> impl Future<Output = io::Result<Self::Conn>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Conn = tokio::net::TcpStream;
+    async fn accept_conn(&self) -> io::Result<Self::Conn> {
+        self.accept().await.map(|(c, _)| c)
+    }
+}
+
+impl Listener for UnixListener {
+    type Conn = tokio::net::UnixStream;
+    async fn accept_conn(&self) -> io::Result<Self::Conn> {
+        self.accept().await.map(|(c, _)| c)
+    }
 }
 
 fn router(served: Arc<Served>) -> Router {
@@ -80,6 +123,7 @@ fn router(served: Arc<Served>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(scrape))
+        .route("/status", get(status_report))
         .fallback(not_found)
         .with_state(served)
 }
@@ -106,17 +150,29 @@ async fn scrape(State(served): State<Arc<Served>>, headers: HeaderMap) -> impl I
     ([(header::CONTENT_TYPE, content_type)], body)
 }
 
-async fn not_found() -> (StatusCode, &'static str) {
-    (StatusCode::NOT_FOUND, "try /healthz, /readyz or /metrics\n")
+/// `flanneld-rs status`'s snapshot, as JSON.
+async fn status_report(State(served): State<Arc<Served>>) -> axum::response::Response {
+    let report = served.status.report().await;
+    match serde_json::to_string(&report) {
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
 }
 
-async fn accept_loop(listener: TcpListener, app: Router, limits: Limits) {
+async fn not_found() -> (StatusCode, &'static str) {
+    (
+        StatusCode::NOT_FOUND,
+        "try /healthz, /readyz, /metrics or /status\n",
+    )
+}
+
+async fn accept_loop<L: Listener>(listener: L, app: Router, limits: Limits) {
     let slots = Arc::new(Semaphore::new(limits.connections));
     let waiting = Arc::new(Waiting::default());
     let mut failures = 0u64;
     loop {
-        let conn = match listener.accept().await {
-            Ok((conn, _)) => conn,
+        let conn = match listener.accept_conn().await {
+            Ok(conn) => conn,
             // The client gave up before we took its connection: nothing wrong on our side.
             Err(e)
                 if matches!(
@@ -179,9 +235,9 @@ impl Waiting {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn spawn(
+    fn spawn<C: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         self: &Arc<Self>,
-        conn: TcpStream,
+        conn: C,
         app: Router,
         read_timeout: Duration,
         permit: OwnedSemaphorePermit,

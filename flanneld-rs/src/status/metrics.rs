@@ -3,8 +3,10 @@
 //! the packet threads, the etcd adapter, the control loop), so nothing is counted twice.
 //!
 //! Names are the ones scraped since the first release: counters are registered without
-//! `_total`, which the encoders add. Scrapers get the Prometheus text format 0.0.4 unless they
-//! ask for OpenMetrics.
+//! `_total`, which the encoders add. Every scraper that takes the Prometheus text format 0.0.4
+//! gets it, byte for byte the exposition served before (Prometheus itself lists it, after
+//! OpenMetrics, in every `Accept`: serving it OpenMetrics would rename its counter families'
+//! metadata); OpenMetrics goes only to a client that accepts nothing else.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,10 +36,10 @@ pub fn registry(status: Arc<Status>) -> Registry {
     registry
 }
 
-/// The registry in the format the scraper asked for (`Accept`), and its content type.
+/// The registry in the format the scraper takes (`Accept`), and its content type.
 pub fn render(registry: &Registry, accept: &str) -> (&'static str, String) {
     let mut out = String::new();
-    if accept.contains("application/openmetrics-text") {
+    if openmetrics_only(accept) {
         // Writing to a String cannot fail; a collector's fmt::Error would only cut the text.
         let _ = prometheus_client::encoding::text::encode(&mut out, registry);
         (OPENMETRICS, out)
@@ -45,6 +47,30 @@ pub fn render(registry: &Registry, accept: &str) -> (&'static str, String) {
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, registry);
         (PROMETHEUS_TEXT, out)
     }
+}
+
+/// Whether `accept` takes OpenMetrics but not the text format (`text/plain`, `text/*`, `*/*`
+/// with a q above 0; an empty header takes anything).
+fn openmetrics_only(accept: &str) -> bool {
+    let mut openmetrics = false;
+    let mut text = accept.trim().is_empty();
+    for range in accept.split(',') {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.strip_prefix("q="))
+            .find_map(|q| q.parse::<f32>().ok())
+            .unwrap_or(1.0);
+        if q <= 0.0 {
+            continue;
+        }
+        match media.as_str() {
+            "application/openmetrics-text" => openmetrics = true,
+            "text/plain" | "text/*" | "*/*" => text = true,
+            _ => {}
+        }
+    }
+    openmetrics && !text
 }
 
 struct StatusCollector(Arc<Status>);
@@ -334,11 +360,30 @@ mod tests {
         assert_eq!(types, want);
     }
 
+    #[test]
+    fn prometheus_keeps_the_text_format() {
+        // Prometheus 2.x and 3.x scrape Accept headers: both list text/plain.
+        for accept in [
+            "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+            "application/openmetrics-text; version=0.0.1,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+            "",
+            "*/*",
+        ] {
+            assert!(!openmetrics_only(accept), "{accept}");
+        }
+        assert!(openmetrics_only(
+            "application/openmetrics-text;version=1.0.0"
+        ));
+        assert!(openmetrics_only(
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0"
+        ));
+    }
+
     #[tokio::test]
-    async fn openmetrics_when_asked() {
+    async fn openmetrics_when_nothing_else_is_taken() {
         let (content_type, text) = render(
             &registry(status()),
-            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+            "application/openmetrics-text;version=1.0.0",
         );
         assert!(content_type.starts_with("application/openmetrics-text"));
         assert!(text.ends_with("# EOF\n"), "{text}");

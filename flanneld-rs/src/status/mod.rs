@@ -2,8 +2,11 @@
 //! exposition (`metrics`), and the HTTP server for `/healthz`, `/readyz` (Flannel's
 //! `--healthz-*`) and `/metrics` (ours, `--metrics-port`) (`http`).
 
+mod checks;
+pub mod client;
 mod http;
 mod metrics;
+pub mod report;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,7 +16,8 @@ use encap::stats::Stats;
 use subnet_manager::admission::Refusal;
 use subnet_manager::registry::{HeldLease, RegistryStats};
 
-pub use http::serve;
+pub use http::{serve, serve_unix};
+use report::{DeviceReport, LeaseReport, PeerReport, Report};
 
 /// The daemon's state as the endpoints see it; updated by the daemon's control loop.
 #[derive(Default)]
@@ -35,6 +39,19 @@ pub struct Status {
     pub repairs: AtomicU64,
     /// Routes of ours removed because nothing justified them any more.
     pub stale_routes_removed: AtomicU64,
+    /// The admitted peers, as `status` lists them.
+    peer_list: Mutex<Vec<PeerReport>>,
+    /// What the environment checks need to know of this node.
+    node: Mutex<NodeDetails>,
+}
+
+/// The node's setup as `status` reports it.
+#[derive(Clone, Debug, Default)]
+pub struct NodeDetails {
+    /// Our network devices (`flannel.1`, `flannel0`, `flannel-wg`).
+    pub devices: Vec<String>,
+    pub masquerade: bool,
+    pub forward_rules: bool,
 }
 
 #[derive(Clone)]
@@ -77,6 +94,64 @@ impl Status {
     pub fn count_refused(&self, kind: &str) {
         if let Some(i) = Refusal::KINDS.iter().position(|k| *k == kind) {
             self.refused[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The admitted peers' leases, for `status`.
+    pub fn set_peers<'a>(&self, leases: impl Iterator<Item = &'a subnet_manager::lease::Lease>) {
+        let list = leases
+            .map(|l| PeerReport {
+                subnet: l.key.to_string(),
+                public_ip: l.attrs.public_ip.to_string(),
+                public_ipv6: l.attrs.public_ipv6.map(|ip| ip.to_string()),
+                probe: "not probed".into(),
+            })
+            .collect();
+        if let Ok(mut p) = self.peer_list.lock() {
+            *p = list;
+        }
+    }
+
+    pub fn set_node(&self, details: NodeDetails) {
+        if let Ok(mut n) = self.node.lock() {
+            *n = details;
+        }
+    }
+
+    /// A snapshot for `flanneld-rs status`, environment checks included.
+    pub async fn report(&self) -> Report {
+        let node = self.node.lock().map(|n| n.clone()).unwrap_or_default();
+        let backend = self.backend();
+        let lease = self.lease().map(|l| LeaseReport {
+            subnet: l.subnet,
+            expires_in_s: match l.expires.duration_since(SystemTime::now()) {
+                Ok(left) => i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+                Err(past) => -i64::try_from(past.duration().as_secs()).unwrap_or(i64::MAX),
+            },
+        });
+        let mut peers = self.peer_list.lock().map(|p| p.clone()).unwrap_or_default();
+        peers.sort_by(|a, b| a.subnet.cmp(&b.subnet));
+        let ctx = checks::Context {
+            devices: &node.devices,
+            masquerade: node.masquerade,
+            forward_rules: node.forward_rules,
+            backend: &backend,
+        };
+        Report {
+            version: env!("CARGO_PKG_VERSION").into(),
+            lease,
+            not_ready: self.readiness().err(),
+            devices: node.devices.iter().map(|d| device_report(d)).collect(),
+            peers,
+            refused_leases: self
+                .refused
+                .iter()
+                .zip(Refusal::KINDS)
+                .filter(|(_, kind)| *kind != "other_backend")
+                .map(|(c, _)| c.load(Ordering::Relaxed))
+                .sum(),
+            checks: checks::gather(&ctx).await,
+            backend,
         }
     }
 
@@ -124,6 +199,21 @@ impl Status {
             });
         }
         self.health()
+    }
+}
+
+/// A device's state and MTU from sysfs (no netlink round trip for a status page).
+fn device_report(name: &str) -> DeviceReport {
+    let dir = std::path::Path::new("/sys/class/net").join(name);
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    DeviceReport {
+        name: name.into(),
+        state: read("operstate").unwrap_or_else(|| "missing".into()),
+        mtu: read("mtu").and_then(|m| m.parse().ok()),
     }
 }
 

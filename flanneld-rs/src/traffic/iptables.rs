@@ -126,8 +126,8 @@ async fn ensure_jump(bin: &str, table: &str, parent: &str, chain: &str, first: b
     if run(bin, &check, None).await.is_ok() {
         return Ok(());
     }
-    // POSTROUTING: first, so no other masquerade rule sees pod-to-pod traffic before ours
-    // (Flannel inserts too); FORWARD: appended, as Flannel does, after the host's own policy.
+    // POSTROUTING: first, so no other masquerade rule sees pod-to-pod traffic before ours (our
+    // choice: Flannel appends); FORWARD: appended, as Flannel does, after the host's own rules.
     let add = if first {
         vec!["-w", "-t", table, "-I", parent, "1", "-j", chain]
     } else {

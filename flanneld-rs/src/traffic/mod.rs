@@ -216,7 +216,8 @@ struct Part {
     tool: Tool,
     driver: Box<dyn Driver>,
     kinds: Kinds,
-    snapshot: String,
+    /// `None` until a load succeeds: the upkeep retries it.
+    snapshot: Option<String>,
 }
 
 /// Rules we installed, to replace on a lease change, restore when someone removes them, and
@@ -246,7 +247,7 @@ impl TrafficRules {
                     tool,
                     driver: driver(tool),
                     kinds,
-                    snapshot: String::new(),
+                    snapshot: None,
                 })
                 .collect(),
             config,
@@ -294,26 +295,39 @@ impl TrafficRules {
     }
 
     /// Loads the rules again where they no longer list as we left them (deleted or edited by
-    /// someone else). Returns how many parts had to be restored.
+    /// someone else) or never loaded. Returns how many parts had to be restored.
     pub async fn repair(&mut self) -> Result<usize> {
         let mut restored = 0;
         for p in &mut self.parts {
             let config = self.config.with_kinds(p.kinds);
-            if p.driver.listing(&config).await == p.snapshot {
-                continue;
+            if let Some(snapshot) = &p.snapshot {
+                if p.driver.listing(&config).await == *snapshot {
+                    continue;
+                }
             }
             p.driver.load(&config).await?;
-            p.snapshot = p.driver.listing(&config).await;
+            p.snapshot = Some(p.driver.listing(&config).await);
             restored += 1;
         }
         Ok(restored)
     }
 
+    /// Loads every part. A part that carries the masquerade must load (without it pods' traffic
+    /// leaves with addresses nobody routes back); forward accepts that fail are logged and
+    /// retried by `repair`, since most hosts forward without them.
     async fn apply(&mut self) -> Result<()> {
         for p in &mut self.parts {
             let config = self.config.with_kinds(p.kinds);
-            p.driver.load(&config).await?;
-            p.snapshot = p.driver.listing(&config).await;
+            match p.driver.load(&config).await {
+                Ok(()) => p.snapshot = Some(p.driver.listing(&config).await),
+                Err(e) if p.kinds.masquerade.is_none() => {
+                    p.snapshot = None;
+                    tracing::warn!(
+                        "installing the forward rules failed (retried every --iptables-resync period): {e:#}"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }

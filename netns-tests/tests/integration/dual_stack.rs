@@ -21,12 +21,13 @@ fn config(backend: &str) -> String {
     )
 }
 
-/// A dual-stack cluster of `n` nodes running `backend`, one pod on each, both families pinging.
-fn dual_stack_mesh(n: usize, backend: &str) -> Result<(Cluster, Vec<Pod>)> {
+/// A dual-stack cluster of `n` nodes running `backend` with `flags`, one pod on each, both
+/// families pinging.
+fn dual_stack_mesh_with(n: usize, backend: &str, flags: &[&str]) -> Result<(Cluster, Vec<Pod>)> {
     let mut c = Cluster::new_dual_stack(n)?;
     c.put_config(&config(backend))?;
     for i in 0..n {
-        c.start_daemon(i, &[])?;
+        c.start_daemon(i, flags)?;
         c.wait_subnet_env(i, START)?;
     }
     let pods: Vec<Pod> = (0..n).map(|i| c.add_pod(i)).collect::<Result<_>>()?;
@@ -84,7 +85,31 @@ fn v6_mtu_edge(from: &Pod, to: &str, fits: u32) -> Result<()> {
 #[test]
 fn dual_stack_host_gw_leases_env_pods_and_v6_traffic() -> Result<()> {
     require_root!();
-    let (c, pods) = dual_stack_mesh(3, r#"{"Type":"host-gw"}"#)?;
+    let flags = [
+        "--ip-blackhole-route",
+        "--iptables-resync=1",
+        "--metrics-port=9101",
+    ];
+    let (c, pods) = dual_stack_mesh_with(3, r#"{"Type":"host-gw"}"#, &flags)?;
+    // Both families' blackhole routes, and they stay put across resyncs (the kernel lists the
+    // IPv6 one on `lo`, which must not make it look like a stranger's).
+    std::thread::sleep(Duration::from_secs(3));
+    let v4 = c.nodes[0].run("ip", &["route", "show", "type", "blackhole"])?;
+    let v6 = c.nodes[0].run("ip", &["-6", "route", "show", "type", "blackhole"])?;
+    ensure!(
+        v4.contains("proto 70") && v6.contains("fc00:44:"),
+        "{v4}{v6}"
+    );
+    let (_, metrics) = netns_tests::traffic::http_get(&c.nodes[0].ns, 9101, "/metrics")?;
+    for counter in [
+        "flanneld_stale_routes_removed_total",
+        "flanneld_repairs_total",
+    ] {
+        ensure!(
+            netns_tests::traffic::metric(&metrics, counter) == Some(0.0),
+            "{counter} moved: the blackholes are fought over\n{metrics}"
+        );
+    }
     let leases = c.leases()?;
     ensure!(leases.len() == 3, "{leases:?}");
     for (key, value) in &leases {

@@ -293,3 +293,52 @@ fn go_flannels_leftover_rules_are_removed_and_nothing_else() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn iface_can_reach_picks_the_interface_of_the_route() -> Result<()> {
+    require_root!();
+    let mut c = Cluster::new(1)?;
+    c.put_config(HOST_GW)?;
+    // No --iface, and a target the default route does not lead to: the interface (and
+    // source address) are those of the route to it.
+    let args: Vec<String> = c
+        .daemon_args(0, &["--iface-can-reach=10.99.0.2"])
+        .into_iter()
+        .filter(|a| a != "--iface=eth0")
+        .collect();
+    let n = &c.nodes[0];
+    n.run(
+        "ip",
+        &[
+            "link", "add", "decoy0", "type", "veth", "peer", "name", "decoy1",
+        ],
+    )?;
+    n.run("ip", &["addr", "add", "10.99.0.1/24", "dev", "decoy0"])?;
+    n.run("ip", &["link", "set", "decoy1", "up"])?;
+    n.run("ip", &["link", "set", "decoy0", "up"])?;
+    c.start_program(0, &binary("flanneld-rs")?, &args, &[])?;
+    c.wait_subnet_env(0, START)?;
+    // Field names are coloured: match on the text without escape sequences.
+    let log = strip_ansi(&c.nodes[0].log());
+    let want = "iface=decoy0 public_ip=10.99.0.1";
+    ensure!(log.contains(want), "no {want:?} in\n{log}");
+    Ok(())
+}
+
+/// `text` without ANSI escape sequences (`ESC [ … m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}

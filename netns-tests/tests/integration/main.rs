@@ -15,6 +15,7 @@ mod scale;
 mod services;
 mod single;
 mod soak;
+mod status;
 mod udp;
 mod vxlan;
 mod wireguard;
