@@ -181,6 +181,15 @@ pub struct Flags {
     #[arg(long, env = "WIREGUARD_KEY_FILE")]
     pub wg_key_file: Option<PathBuf>,
 
+    /// [flanneld-rs] UDP port of the per-peer health probes, sent and answered on every
+    /// address (0 turns probing and answering off).
+    #[arg(long, env = "FLANNELD_HEALTH_PORT", default_value_t = 8286)]
+    pub health_port: u16,
+
+    /// [flanneld-rs] How often each peer is probed (jittered), e.g. 5s.
+    #[arg(long, env = "FLANNELD_HEALTH_PROBE_INTERVAL", default_value = "5s", value_parser = parse_interval)]
+    pub health_probe_interval: Duration,
+
     /// [flanneld-rs] TTL of the subnet lease in etcd, e.g. 24h, 90m, 30s (Flannel: fixed 24h).
     #[arg(long, env = "FLANNELD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
     pub subnet_lease_ttl: Duration,
@@ -254,6 +263,11 @@ pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
             }
         })
         .collect()
+}
+
+/// A probe interval: a duration of at least 1s.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.replace("the lease TTL", "the interval"))
 }
 
 /// `90` (seconds), `30s`, `15m`, `24h`.

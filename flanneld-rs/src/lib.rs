@@ -2,6 +2,7 @@
 
 pub mod daemon;
 pub mod flags;
+pub mod health;
 mod iface;
 pub mod single;
 pub mod status;

@@ -25,6 +25,7 @@ use tokio::sync::{oneshot, watch as tokio_watch};
 use tokio::task::JoinHandle;
 
 use crate::flags::Flags;
+use crate::health::{Health, HealthConfig};
 use crate::iface;
 use crate::status::{self, NodeDetails, Status};
 use crate::traffic::{self, FullyRandom, Kinds, RuleConfig, TrafficRules};
@@ -199,9 +200,10 @@ pub async fn run(flags: Flags) -> Result<()> {
     });
     let renewer = Renewer::spawn(&registry, held, flags.renew_margin(), status.clone());
 
+    let health = start_health(&flags, backend.as_ref(), status.clone());
     let flags_subnet_file = flags.subnet_file.clone();
     let mut running = Running::new(
-        flags, registry, netlink, status, backend, req, own, rules, renewer,
+        flags, registry, netlink, status, backend, req, own, rules, renewer, health,
     );
     let result = running.event_loop(&mut shutdown).await;
     running.stop().await;
@@ -291,6 +293,26 @@ fn public_ipv6(config: &NetworkConfig, node: &NodeInfo) -> Result<Option<std::ne
             "EnableIPv6 is true but interface {} has no global IPv6 address: pass --public-ipv6 or another --iface",
             node.iface.name
         ),
+    }
+}
+
+/// The per-peer health prober, unless `--health-port=0`. A port that cannot be bound is
+/// reported and leaves the node without probes, never without networking.
+fn start_health(flags: &Flags, backend: &dyn Backend, status: Arc<Status>) -> Option<Health> {
+    if flags.health_port == 0 {
+        return None;
+    }
+    let cfg = HealthConfig {
+        port: flags.health_port,
+        interval: flags.health_probe_interval,
+        pod_mtu: backend.mtu(),
+    };
+    match Health::spawn(cfg, status) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!("per-peer health probes off: {e:#}");
+            None
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! the backend, our own lease renewed (re-acquired when lost, put back when overwritten), and
 //! the periodic upkeep of what we programmed.
 
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use subnet_manager::watch::{self, LeaseEvent};
 use super::upkeep::{self, keep_programmed, sweep_devices, sweep_routes};
 use super::{retry, start_lease, Renewer, Shutdown};
 use crate::flags::Flags;
+use crate::health::Health;
 use crate::status::Status;
 use crate::traffic::{RuleConfig, TrafficRules};
 
@@ -32,6 +34,8 @@ pub(super) struct Running {
     own: Lease,
     rules: TrafficRules,
     renewer: Renewer,
+    /// The per-peer health prober, when on.
+    health: Option<Health>,
     admission: Admission,
     /// Whether the first full listing reached the backend (before that, changes wait for it).
     reconciled: bool,
@@ -51,6 +55,7 @@ impl Running {
         own: Lease,
         rules: TrafficRules,
         renewer: Renewer,
+        health: Option<Health>,
     ) -> Self {
         let backend_type = backend.name();
         let mut admission = Admission::new(
@@ -69,6 +74,7 @@ impl Running {
             own,
             rules,
             renewer,
+            health,
             admission,
             reconciled: false,
             upkeep_error: None,
@@ -171,6 +177,24 @@ impl Running {
             .peers
             .store(self.admission.admitted_count(), Ordering::Relaxed);
         self.status.set_peers(self.admission.admitted());
+        if let Some(h) = &self.health {
+            // Over the path pods' packets take: the overlay address for the encapsulating
+            // backends, the underlay for host-gw.
+            let host_gw = self.backend.name() == "host-gw";
+            let targets = self
+                .admission
+                .admitted()
+                .filter_map(|l| {
+                    let to = if host_gw {
+                        IpAddr::V4(l.attrs.public_ip)
+                    } else {
+                        IpAddr::V4(l.key.ipv4?.network())
+                    };
+                    Some((l.key.to_string(), to))
+                })
+                .collect();
+            h.set_peers(targets);
+        }
     }
 
     /// Passes a batch of lease events through the admission check and hands the backend what

@@ -23,6 +23,7 @@ use prometheus_client::registry::Registry;
 use subnet_manager::admission::Refusal;
 
 use super::Status;
+use crate::health::core::State;
 
 /// `Content-Type` of the OpenMetrics text format, served to scrapers that ask for it.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -200,6 +201,65 @@ impl Collector for StatusCollector {
             "Routes of ours removed because neither the backend nor a lease justified them.",
             load(&s.stale_routes_removed),
         )?;
+        let probes = s.probes();
+        let probed = || probes.iter().filter(|v| v.state != State::NotProbed);
+        f.labelled(
+            "flanneld_peer_reachable",
+            "1 while the peer answers health probes, 0 once they go unanswered (peers that never answered, e.g. Go Flannel nodes, are not listed).",
+            MetricType::Gauge,
+            "peer",
+            probed().map(|v| (v.key.clone(), ConstGauge::new(i64::from(v.state == State::Up)))),
+        )?;
+        f.labelled(
+            "flanneld_peer_rtt_seconds",
+            "Round trip of the last answered health probe.",
+            MetricType::Gauge,
+            "peer",
+            probed().filter_map(|v| Some((v.key.clone(), ConstGauge::new(v.rtt?.as_secs_f64())))),
+        )?;
+        f.labelled(
+            "flanneld_peer_probe_loss_ratio",
+            "Health probes lost over the last rounds.",
+            MetricType::Gauge,
+            "peer",
+            probed().filter_map(|v| Some((v.key.clone(), ConstGauge::new(v.loss?)))),
+        )?;
+        f.labelled(
+            "flanneld_peer_path_mtu_bytes",
+            "The largest probed packet size that reached the peer (the pod MTU when all is well).",
+            MetricType::Gauge,
+            "peer",
+            probed()
+                .filter_map(|v| Some((v.key.clone(), ConstGauge::new(i64::from(v.mtu_passes?))))),
+        )?;
+        f.labelled(
+            "flanneld_peer_path_mtu_problem",
+            "1 while full-size (pod MTU) probes are lost and small ones pass.",
+            MetricType::Gauge,
+            "peer",
+            probed().map(|v| {
+                (
+                    v.key.clone(),
+                    ConstGauge::new(i64::from(v.mtu_fails.is_some())),
+                )
+            }),
+        )?;
+        let h = &s.health;
+        f.labelled(
+            "flanneld_health_probes",
+            "Health probe datagrams: sent, send_failed (no room in the socket), answered (peers' probes we answered), refused (from no peer's address), malformed.",
+            MetricType::Counter,
+            "kind",
+            [
+                ("sent", &h.sent),
+                ("send_failed", &h.send_failed),
+                ("answered", &h.answered),
+                ("refused", &h.refused),
+                ("malformed", &h.malformed),
+            ]
+            .into_iter()
+            .map(|(k, c)| (k.to_string(), ConstCounter::new(load(c)))),
+        )?;
         if let Some(r) = s.registry_stats() {
             for (name, help, c) in [
                 ("flanneld_etcd_errors", "Failed etcd requests.", &r.etcd_errors),
@@ -355,6 +415,13 @@ mod tests {
             "flanneld_datapath_peers gauge",
             "flanneld_datapath_table_updates_total counter",
             "flanneld_datapath_drops_total counter",
+            // Added with per-peer health probes.
+            "flanneld_peer_reachable gauge",
+            "flanneld_peer_rtt_seconds gauge",
+            "flanneld_peer_probe_loss_ratio gauge",
+            "flanneld_peer_path_mtu_bytes gauge",
+            "flanneld_peer_path_mtu_problem gauge",
+            "flanneld_health_probes_total counter",
         ];
         want.sort_unstable();
         assert_eq!(types, want);

@@ -16,6 +16,7 @@ use encap::stats::Stats;
 use subnet_manager::admission::Refusal;
 use subnet_manager::registry::{HeldLease, RegistryStats};
 
+use crate::health::core::{PeerView, State};
 pub use http::{serve, serve_unix};
 use report::{DeviceReport, LeaseReport, PeerReport, Report};
 
@@ -43,6 +44,23 @@ pub struct Status {
     peer_list: Mutex<Vec<PeerReport>>,
     /// What the environment checks need to know of this node.
     node: Mutex<NodeDetails>,
+    /// Per-peer path health, as the prober last saw it.
+    probes: Mutex<Vec<PeerView>>,
+    pub health: HealthCounters,
+}
+
+/// The prober's own traffic.
+#[derive(Default)]
+pub struct HealthCounters {
+    pub sent: AtomicU64,
+    /// Probes the socket had no room for (a loss, like any other).
+    pub send_failed: AtomicU64,
+    /// Peers' probes we answered.
+    pub answered: AtomicU64,
+    /// Probes from addresses that are no peer's: not answered.
+    pub refused: AtomicU64,
+    /// Datagrams on the probe port that are no probe.
+    pub malformed: AtomicU64,
 }
 
 /// The node's setup as `status` reports it.
@@ -112,6 +130,16 @@ impl Status {
         }
     }
 
+    pub fn set_probes(&self, views: Vec<PeerView>) {
+        if let Ok(mut p) = self.probes.lock() {
+            *p = views;
+        }
+    }
+
+    fn probes(&self) -> Vec<PeerView> {
+        self.probes.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
     pub fn set_node(&self, details: NodeDetails) {
         if let Ok(mut n) = self.node.lock() {
             *n = details;
@@ -131,6 +159,12 @@ impl Status {
         });
         let mut peers = self.peer_list.lock().map(|p| p.clone()).unwrap_or_default();
         peers.sort_by(|a, b| a.subnet.cmp(&b.subnet));
+        let probes = self.probes();
+        for peer in &mut peers {
+            if let Some(v) = probes.iter().find(|v| v.key == peer.subnet) {
+                peer.probe = probe_verdict(v);
+            }
+        }
         let ctx = checks::Context {
             devices: &node.devices,
             masquerade: node.masquerade,
@@ -200,6 +234,33 @@ impl Status {
         }
         self.health()
     }
+}
+
+/// A peer's probe result as `status` prints it.
+fn probe_verdict(v: &PeerView) -> String {
+    let mut s = match v.state {
+        State::NotProbed => "not probed (no answer yet; Go Flannel peers never answer)".to_string(),
+        State::Up => format!(
+            "up, rtt {}",
+            v.rtt.map_or("-".into(), |r| format!(
+                "{:.2} ms",
+                r.as_secs_f64() * 1000.0
+            ))
+        ),
+        State::Down => "DOWN: probes unanswered".to_string(),
+    };
+    if let Some(loss) = v.loss.filter(|l| *l > 0.0) {
+        s.push_str(&format!(", loss {:.0}%", loss * 100.0));
+    }
+    match (v.mtu_fails, v.mtu_passes) {
+        (Some(fails), Some(passes)) => {
+            s.push_str(&format!(", MTU PROBLEM: {fails} lost, {passes} passes"))
+        }
+        (Some(fails), None) => s.push_str(&format!(", MTU PROBLEM: {fails} lost")),
+        (None, Some(passes)) => s.push_str(&format!(", mtu {passes}")),
+        (None, None) => {}
+    }
+    s
 }
 
 /// A device's state and MTU from sysfs (no netlink round trip for a status page).

@@ -7,6 +7,7 @@ mod dual_stack;
 mod etcd_tls;
 mod faults;
 mod flannel_v028;
+mod health;
 mod host_gw;
 mod ipmasq;
 mod mixed;

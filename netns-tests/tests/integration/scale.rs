@@ -91,7 +91,11 @@ fn thousand_peers(backend: &str) -> Result<()> {
     ))?;
     write_leases(&c, backend)?;
     let start = Instant::now();
-    c.start_daemon(0, &[&format!("--metrics-port={METRICS}")])?;
+    // Probes off: this test counts what programming peers costs; the next one, probing.
+    c.start_daemon(
+        0,
+        &[&format!("--metrics-port={METRICS}"), "--health-port=0"],
+    )?;
     let ns = c.nodes[0].ns.clone();
     let userspace = matches!(backend, "udp" | "wireguard");
     let routes = |c: &Cluster| -> usize {
@@ -218,4 +222,80 @@ fn thousand_peers_wireguard() -> Result<()> {
 fn thousand_peers_vxlan() -> Result<()> {
     require_root!();
     thousand_peers("vxlan")
+}
+
+/// User + system CPU seconds of a process, from /proc/<pid>/stat.
+fn cpu_seconds(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = f.get(11)?.parse().ok()?;
+            let stime: f64 = f.get(12)?.parse().ok()?;
+            Some((utime + stime) / hz)
+        })
+        .unwrap_or(0.0)
+}
+
+/// 1,000 peers probed at the default interval: the probe rate and the daemon's CPU stay flat.
+#[test]
+fn thousand_peers_health_probes_stay_cheap() -> Result<()> {
+    require_root!();
+    let mut c = Cluster::new(1)?;
+    c.put_config(
+        r#"{"Network":"10.0.0.0/8","SubnetMin":"10.200.0.0","Backend":{"Type":"vxlan"}}"#,
+    )?;
+    write_leases(&c, "vxlan")?;
+    c.start_daemon(0, &[&format!("--metrics-port={METRICS}")])?;
+    let ns = c.nodes[0].ns.clone();
+    // Every probe tried, whether the socket took it or not.
+    let sent = || -> f64 {
+        http_get(&ns, METRICS, "/metrics")
+            .ok()
+            .map(|(_, b)| {
+                ["sent", "send_failed"]
+                    .iter()
+                    .filter_map(|k| {
+                        metric(&b, &format!("flanneld_health_probes_total{{kind=\"{k}\"}}"))
+                    })
+                    .sum()
+            })
+            .unwrap_or(0.0)
+    };
+    let peers = || -> f64 {
+        http_get(&ns, METRICS, "/metrics")
+            .ok()
+            .and_then(|(_, b)| metric(&b, "flanneld_peers"))
+            .unwrap_or(0.0)
+    };
+    wait_until("1,000 peers", Duration::from_secs(30), || {
+        peers() >= f64::from(PEERS)
+    })?;
+    // One interval for every peer's phase to come round, then 10 s measured.
+    std::thread::sleep(Duration::from_secs(6));
+    let pid = c.nodes[0]
+        .daemon
+        .as_ref()
+        .and_then(Daemon::pid)
+        .context("pid")?;
+    let (sent0, cpu0, t0) = (sent(), cpu_seconds(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(10));
+    let (rate, cpu) = (
+        (sent() - sent0) / t0.elapsed().as_secs_f64(),
+        (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64(),
+    );
+    let rss = netns_tests::proc::rss_kib(pid)?;
+    eprintln!("health probes, 1,000 peers at the default 5 s: {rate:.0} probes/s sent, daemon CPU {:.1}% of a core, RSS {rss} KiB", cpu * 100.0);
+    // Two probes per peer per 5 s is 400/s; the jitter moves it a little.
+    ensure!(rate <= 480.0, "{rate:.0} probes/s");
+    ensure!(
+        cpu <= 0.10,
+        "probing 1,000 peers takes {:.1}% of a core",
+        cpu * 100.0
+    );
+    ensure!(rss <= 32 * 1024, "RSS {rss} KiB");
+    Ok(())
 }

@@ -1,0 +1,175 @@
+//! Per-peer path health: every daemon probes every peer over the path its pods' packets take
+//! (through the encapsulation to the peer's overlay address for udp, vxlan and wireguard; over
+//! the underlay to its PublicIP for host-gw) and answers the probes of its peers. The verdicts
+//! (`core`) reach the log (once per change), `flanneld_peer_*` metrics and `flanneld-rs status`.
+//!
+//! Trust: a request is answered only when it comes from a peer's probe address, and an answer
+//! counts only from the address the probe went to, echoing its random nonce: nobody off the
+//! path can fake health, and a stranger's datagrams change nothing (they are counted).
+
+pub mod core;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::status::Status;
+use core::{Change, Message, Prober};
+
+/// IPv4 and UDP headers: a probe of IP size S carries S - 28 bytes.
+const IP_UDP_HEADERS: u32 = 28;
+const TICK: Duration = Duration::from_millis(100);
+
+/// What the prober needs to start.
+pub struct HealthConfig {
+    pub port: u16,
+    pub interval: Duration,
+    /// The pod MTU: the size full probes test.
+    pub pod_mtu: u32,
+}
+
+/// The running prober; dropping it stops it.
+pub struct Health {
+    peers: watch::Sender<Vec<(String, IpAddr)>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Health {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Health {
+    /// Binds the probe port on every address and starts probing and answering.
+    pub fn spawn(cfg: HealthConfig, status: Arc<Status>) -> Result<Self> {
+        let std_sock = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, cfg.port))
+            .with_context(|| format!("binding the health probe port {}", cfg.port))?;
+        dont_fragment(&std_sock)?;
+        std_sock.set_nonblocking(true)?;
+        let sock = UdpSocket::from_std(std_sock)?;
+        let (peers, rx) = watch::channel(Vec::new());
+        let task = tokio::spawn(run(sock, cfg, rx, status));
+        Ok(Health { peers, task })
+    }
+
+    /// The peers to probe now: (lease key, probe address).
+    pub fn set_peers(&self, peers: Vec<(String, IpAddr)>) {
+        let _ = self.peers.send(peers);
+    }
+}
+
+/// DF on every probe, and no local fragmentation or path-MTU cache: a full-size probe must
+/// cross the path whole or be lost, which is what pods' packets do.
+fn dont_fragment(sock: &std::net::UdpSocket) -> Result<()> {
+    let value: libc::c_int = libc::IP_PMTUDISC_PROBE;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("setting IP_MTU_DISCOVER on the probe socket");
+    }
+    Ok(())
+}
+
+async fn run(
+    sock: UdpSocket,
+    cfg: HealthConfig,
+    mut peers: watch::Receiver<Vec<(String, IpAddr)>>,
+    status: Arc<Status>,
+) {
+    let mut prober = Prober::new(cfg.interval, cfg.pod_mtu);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = vec![0u8; 65_536];
+    let mut out = Vec::with_capacity(cfg.pod_mtu as usize);
+    let seed = rand::random::<u64>();
+    loop {
+        tokio::select! {
+            changed = peers.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let list = peers.borrow_and_update().clone();
+                prober.set_peers(&list, Instant::now(), seed);
+                status.set_probes(prober.views());
+            }
+            got = sock.recv_from(&mut buf) => {
+                let Ok((len, from)) = got else { continue };
+                let Some(msg) = buf.get(..len).and_then(core::decode) else {
+                    status.health.malformed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                match msg {
+                    Message::Request(nonce) if prober.is_peer(&from.ip()) => {
+                        if sock.try_send_to(&core::encode_reply(nonce), from).is_ok() {
+                            status.health.answered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Message::Request(_) => {
+                        status.health.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Message::Reply(nonce) => {
+                        let changes = prober.on_reply(from.ip(), nonce, Instant::now());
+                        report(&changes);
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let changes = prober.expire(now);
+                report(&changes);
+                for probe in prober.due(now, rand::random::<u64>) {
+                    let len = probe.ip_size.saturating_sub(IP_UDP_HEADERS) as usize;
+                    core::encode_request(probe.nonce, len, &mut out);
+                    let to = SocketAddr::new(probe.to, cfg.port);
+                    // Never wait for room: probes queued behind an unresolved neighbour
+                    // would hold up everyone else's; one not sent is a loss like any other.
+                    let counter = match sock.try_send_to(&out, to) {
+                        Ok(_) => &status.health.sent,
+                        Err(_) => &status.health.send_failed,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                status.set_probes(prober.views());
+            }
+        }
+    }
+}
+
+/// One log line per verdict that changed, never per probe.
+fn report(changes: &[Change]) {
+    for c in changes {
+        match c {
+            Change::Up { key } => tracing::info!(peer = %key, "peer path up: probes answered"),
+            Change::Down { key } => tracing::warn!(
+                peer = %key,
+                "peer path DOWN: {} probes in a row unanswered (a firewall dropping the encapsulation, the peer gone?)",
+                core::DOWN_AFTER
+            ),
+            Change::MtuProblem { key, fails, passes } => tracing::warn!(
+                peer = %key,
+                "peer path MTU problem: {fails}-byte packets are lost, {} get through (pings work, transfers hang)",
+                passes.map_or("smaller ones being tried".to_string(), |p| format!("{p}-byte ones"))
+            ),
+            Change::MtuFine { key } => {
+                tracing::info!(peer = %key, "peer path carries full-size packets again")
+            }
+        }
+    }
+}
