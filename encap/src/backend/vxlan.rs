@@ -355,7 +355,7 @@ impl Vxlan {
         match e {
             Entry::Neighbour { ip, mac } => neigh
                 .iter()
-                .any(|n| n.ip == *ip && n.mac.as_slice() == mac.as_slice()),
+                .any(|n| n.ip == IpAddr::V4(*ip) && n.mac.as_slice() == mac.as_slice()),
             Entry::Fdb { mac, dst } => fdb
                 .iter()
                 .any(|f| f.mac.as_slice() == mac.as_slice() && f.dst == Some(IpAddr::V4(*dst))),
@@ -439,8 +439,16 @@ impl Vxlan {
     async fn install(&self, e: &Entry) -> Result<(), BackendError> {
         let idx = self.index();
         match e {
-            Entry::Neighbour { ip, mac } => self.netlink.replace_neighbour(idx, *ip, *mac).await?,
-            Entry::Fdb { mac, dst } => self.netlink.replace_fdb(idx, *mac, *dst).await?,
+            Entry::Neighbour { ip, mac } => {
+                self.netlink
+                    .replace_neighbour(idx, IpAddr::V4(*ip), *mac)
+                    .await?
+            }
+            Entry::Fdb { mac, dst } => {
+                self.netlink
+                    .replace_fdb(idx, *mac, IpAddr::V4(*dst))
+                    .await?
+            }
         }
         Ok(())
     }
@@ -459,7 +467,11 @@ impl Vxlan {
         }
         let idx = self.index();
         match e {
-            Entry::Neighbour { ip, .. } => self.netlink.delete_neighbour(idx, *ip).await?,
+            Entry::Neighbour { ip, .. } => {
+                self.netlink
+                    .delete_neighbour(idx, IpAddr::V4(*ip))
+                    .await?
+            }
             Entry::Fdb { mac, dst } => {
                 self.netlink
                     .delete_fdb(idx, *mac, Some(IpAddr::V4(*dst)))
@@ -509,10 +521,10 @@ impl Vxlan {
         wanted_routes: &[OwnRoute],
     ) -> Result<(), BackendError> {
         let idx = self.index();
-        let want_neigh = |ip: Ipv4Addr| {
+        let want_neigh = |ip: IpAddr| {
             wanted
                 .iter()
-                .any(|e| matches!(e, Entry::Neighbour { ip: w, .. } if *w == ip))
+                .any(|e| matches!(e, Entry::Neighbour { ip: w, .. } if IpAddr::V4(*w) == ip))
         };
         let want_mac = |mac: &[u8]| {
             wanted
@@ -654,7 +666,7 @@ async fn ensure_device(
         name: name.clone(),
         vni: cfg.vni,
         port: cfg.port,
-        local,
+        local: IpAddr::V4(local),
         dev: node.iface.index,
         learning: cfg.learning,
         gbp: cfg.gbp,
