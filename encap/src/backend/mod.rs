@@ -91,10 +91,11 @@ pub trait Backend: Send {
     /// installed earlier (e.g. before a restart) that no lease justifies any more.
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError>;
 
-    /// The device this backend keeps in the kernel across restarts (vxlan's `flannel.<VNI>`),
-    /// so that the daemon can delete such devices an earlier config left behind.
-    fn device_name(&self) -> Option<String> {
-        None
+    /// The devices this backend keeps in the kernel across restarts (vxlan's `flannel.<VNI>`
+    /// and `flannel-v6.<VNI>`), so that the daemon can delete such devices an earlier config
+    /// left behind.
+    fn device_names(&self) -> Vec<String> {
+        Vec::new()
     }
 
     /// The routes of ours (protocol 70) this backend wants now. The daemon removes every other

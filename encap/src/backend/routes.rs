@@ -86,13 +86,21 @@ impl PeerRoutes {
         self.set(key, Vec::new()).await
     }
 
-    /// Forgets every route without deleting it (they died with their device).
-    pub fn forget_all(&mut self) {
-        self.installed.clear();
+    /// Forgets the routes through link `oif` without deleting them (they died with it).
+    pub fn forget_on_link(&mut self, oif: u32) {
+        for routes in self.installed.values_mut() {
+            routes.retain(|r| r.oif != oif);
+        }
+        self.installed.retain(|_, routes| !routes.is_empty());
     }
 
-    pub fn count(&self, key: &SubnetKey) -> usize {
-        self.installed.get(key).map_or(0, Vec::len)
+    /// How many of our routes go through link `oif`.
+    pub fn count_on_link(&self, oif: u32) -> usize {
+        self.installed
+            .values()
+            .flatten()
+            .filter(|r| r.oif == oif)
+            .count()
     }
 
     /// Every route we hold, as the kernel lists them.
