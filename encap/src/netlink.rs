@@ -801,13 +801,17 @@ impl Netlink {
 
     /// Installs `dst via gateway dev oif`, marked as ours. A route to `dst` that is ours is
     /// replaced in place; one that is not (an operator's, the kernel's connected route) is left
-    /// alone and reported: we never take over a route we did not install.
+    /// alone and reported: we never take over a route we did not install, except with
+    /// `adopt_same` on a link that belongs to us alone (vxlan's devices), where the very route
+    /// we want (same gateway and link), left by another program (Go Flannel before a migration
+    /// in place), is made ours.
     pub async fn replace_route(
         &self,
         dst: IpNet,
         gateway: Option<IpAddr>,
         oif: u32,
         onlink: bool,
+        adopt_same: bool,
     ) -> Result<(), NetlinkError> {
         let msg = Self::route_message(dst, gateway, oif, onlink);
         let what = match gateway {
@@ -819,8 +823,9 @@ impl Netlink {
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
             other => return other.map_err(op(what)),
         }
-        if let Some(protocol) = self.route_protocol(dst).await? {
-            if protocol != ROUTE_PROTOCOL {
+        if let Some((protocol, have)) = self.existing_route(dst).await? {
+            let same = have.gateway == gateway && have.oif == Some(oif);
+            if protocol != ROUTE_PROTOCOL && !(adopt_same && same) {
                 return Err(NetlinkError::NotOurs { dst, protocol });
             }
         }
@@ -833,8 +838,8 @@ impl Netlink {
             .map_err(op(what))
     }
 
-    /// The protocol of the main table's route to exactly `dst`, if there is one.
-    async fn route_protocol(&self, dst: IpNet) -> Result<Option<u8>, NetlinkError> {
+    /// The protocol of the main table's route to exactly `dst`, and the route, if there is one.
+    async fn existing_route(&self, dst: IpNet) -> Result<Option<(u8, OwnRoute)>, NetlinkError> {
         let family = match dst {
             IpNet::V4(_) => AddressFamily::Inet,
             IpNet::V6(_) => AddressFamily::Inet6,
@@ -844,8 +849,11 @@ impl Netlink {
             .await?
             .iter()
             .filter(|r| route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN))
-            .find(|r| parse_route(r).is_some_and(|p| p.dst == dst))
-            .map(|r| u8::from(r.header.protocol)))
+            .find_map(|r| {
+                parse_route(r)
+                    .filter(|p| p.dst == dst)
+                    .map(|p| (u8::from(r.header.protocol), p))
+            }))
     }
 
     /// Deletes our route to `dst`; a route that is already gone is not an error.

@@ -19,6 +19,9 @@ pub(crate) struct PeerRoute {
     /// The gateway is reachable through `oif` whatever the kernel's neighbour table says
     /// (vxlan's route via the peer's lease address on `flannel.<VNI>`).
     pub onlink: bool,
+    /// `oif` belongs to us alone (vxlan's devices): the same route found there, made by
+    /// another program (Go Flannel before a migration in place), is taken over.
+    pub own_link: bool,
 }
 
 impl PeerRoute {
@@ -68,7 +71,7 @@ impl PeerRoutes {
         for r in wanted {
             match self
                 .netlink
-                .replace_route(r.dst, Some(r.via), r.oif, r.onlink)
+                .replace_route(r.dst, Some(r.via), r.oif, r.onlink, r.own_link)
                 .await
             {
                 Ok(()) => done.push(r),
@@ -122,7 +125,7 @@ impl PeerRoutes {
             }
             tracing::warn!(route = %r.dst, via = %r.via, "our route was deleted: restoring it");
             self.netlink
-                .replace_route(r.dst, Some(r.via), r.oif, r.onlink)
+                .replace_route(r.dst, Some(r.via), r.oif, r.onlink, r.own_link)
                 .await?;
             restored += 1;
         }

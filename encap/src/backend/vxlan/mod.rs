@@ -334,6 +334,7 @@ impl Vxlan {
                 via: addr,
                 oif: dev.index(),
                 onlink: true,
+                own_link: true,
             }],
             problems: Vec::new(),
         }))
@@ -356,6 +357,7 @@ impl Vxlan {
                 via: public_ip,
                 oif,
                 onlink: false,
+                own_link: false,
             }),
             Ok(_) => None,
             // As Flannel: without an answer, encapsulate (works whatever the topology).
