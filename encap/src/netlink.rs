@@ -105,7 +105,7 @@ pub struct LinkDetails {
 pub struct VxlanAttrs {
     pub vni: Option<u32>,
     pub port: Option<u16>,
-    pub local: Option<Ipv4Addr>,
+    pub local: Option<IpAddr>,
     /// The underlay link (`dev`).
     pub dev: Option<u32>,
     pub learning: bool,
@@ -119,7 +119,8 @@ impl VxlanAttrs {
             match i {
                 InfoVxlan::Id(id) => v.vni = Some(*id),
                 InfoVxlan::Port(p) => v.port = Some(*p),
-                InfoVxlan::Local(ip) => v.local = Some(*ip),
+                InfoVxlan::Local(ip) => v.local = Some(IpAddr::V4(*ip)),
+                InfoVxlan::Local6(ip) => v.local = Some(IpAddr::V6(*ip)),
                 InfoVxlan::Link(l) => v.dev = Some(*l),
                 InfoVxlan::Learning(l) => v.learning = *l,
                 InfoVxlan::Gbp => v.gbp = true,
@@ -136,7 +137,9 @@ pub struct VxlanSpec {
     pub name: String,
     pub vni: u32,
     pub port: u16,
-    pub local: Ipv4Addr,
+    /// The underlay address VXLAN packets leave from; its family is the device's (an IPv6
+    /// `local` makes the kernel encapsulate in IPv6).
+    pub local: IpAddr,
     /// Index of the underlay link.
     pub dev: u32,
     pub learning: bool,
@@ -145,10 +148,10 @@ pub struct VxlanSpec {
     pub mtu: u32,
 }
 
-/// An IPv4 neighbour (ARP) entry.
+/// A neighbour entry (ARP for IPv4, NDP for IPv6).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Neighbour {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub mac: Vec<u8>,
     pub permanent: bool,
 }
@@ -191,6 +194,29 @@ fn neighbour_ip(a: &NeighbourAddress) -> Option<IpAddr> {
         },
         _ => None,
     }
+}
+
+/// A dumped ARP or NDP entry; `None` for one without an IP destination.
+fn parse_neighbour(m: &NeighbourMessage) -> Option<Neighbour> {
+    let mut ip = None;
+    let mut mac = Vec::new();
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                ip = Some(IpAddr::V4(*v4))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                ip = Some(IpAddr::V6(*v6))
+            }
+            NeighbourAttribute::LinkLayerAddress(l) => mac = l.clone(),
+            _ => {}
+        }
+    }
+    Some(Neighbour {
+        ip: ip?,
+        mac,
+        permanent: is_permanent(m.header.state),
+    })
 }
 
 /// The table of a route: the header's 8-bit field, or the `RTA_TABLE` attribute for ids > 255.
@@ -419,17 +445,21 @@ impl Netlink {
         Ok(out)
     }
 
-    /// IPv4 routes of the main table that leave through link `index`, whoever made them
-    /// (for a device that belongs to us alone, such as `flannel.<VNI>`).
+    /// Routes of both families in the main table that leave through link `index`, whoever
+    /// made them (for a device that belongs to us alone, such as `flannel.<VNI>`).
     pub async fn routes_on_link(&self, index: u32) -> Result<Vec<OwnRoute>, NetlinkError> {
-        Ok(self
-            .routes(AddressFamily::Inet)
-            .await?
-            .iter()
-            .filter(|r| route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN))
-            .filter_map(parse_route)
-            .filter(|r| r.oif == Some(index))
-            .collect())
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            out.extend(
+                self.routes(family)
+                    .await?
+                    .iter()
+                    .filter(|r| route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN))
+                    .filter_map(parse_route)
+                    .filter(|r| r.oif == Some(index)),
+            );
+        }
+        Ok(out)
     }
 
     /// Deletes a route whatever its protocol number (e.g. one Go Flannel left on
@@ -554,9 +584,12 @@ impl Netlink {
     pub async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<(), NetlinkError> {
         let mut b = LinkVxlan::new(&spec.name, spec.vni)
             .dev(spec.dev)
-            .local(spec.local)
             .port(spec.port)
             .learning(spec.learning);
+        b = match spec.local {
+            IpAddr::V4(a) => b.local(a),
+            IpAddr::V6(a) => b.local6(a),
+        };
         if spec.gbp {
             b = b.gbp();
         }
@@ -603,31 +636,16 @@ impl Netlink {
             .collect())
     }
 
-    /// The IPv4 neighbour (ARP) entries of link `index`.
+    /// The neighbour entries of link `index`, IPv4 (ARP) then IPv6 (NDP).
     pub async fn neighbours(&self, index: u32) -> Result<Vec<Neighbour>, NetlinkError> {
-        Ok(self
-            .neighbour_dump(AddressFamily::Inet, index, "listing neighbours")
-            .await?
-            .into_iter()
-            .filter_map(|m| {
-                let mut ip = None;
-                let mut mac = Vec::new();
-                for a in &m.attributes {
-                    match a {
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
-                            ip = Some(*v4)
-                        }
-                        NeighbourAttribute::LinkLayerAddress(l) => mac = l.clone(),
-                        _ => {}
-                    }
-                }
-                Some(Neighbour {
-                    ip: ip?,
-                    mac,
-                    permanent: is_permanent(m.header.state),
-                })
-            })
-            .collect())
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let msgs = self
+                .neighbour_dump(family, index, "listing neighbours")
+                .await?;
+            out.extend(msgs.iter().filter_map(parse_neighbour));
+        }
+        Ok(out)
     }
 
     /// Adds or replaces the permanent neighbour entry `ip lladdr mac` on link `index`
@@ -635,12 +653,12 @@ impl Netlink {
     pub async fn replace_neighbour(
         &self,
         index: u32,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         mac: [u8; 6],
     ) -> Result<(), NetlinkError> {
         self.handle
             .neighbours()
-            .add(index, IpAddr::V4(ip))
+            .add(index, ip)
             .link_layer_address(&mac)
             .state(NeighbourState::Permanent)
             .kind(RouteType::Unicast)
@@ -654,12 +672,15 @@ impl Netlink {
     }
 
     /// Deletes the neighbour entry for `ip` on link `index`; one already gone is not an error.
-    pub async fn delete_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), NetlinkError> {
+    pub async fn delete_neighbour(&self, index: u32, ip: IpAddr) -> Result<(), NetlinkError> {
         let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Inet;
+        msg.header.family = match ip {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
         msg.header.ifindex = index;
         msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+            .push(NeighbourAttribute::Destination(NeighbourAddress::from(ip)));
         gone_is_ok(
             self.handle.neighbours().del(msg).execute().await,
             libc::ENOENT,
@@ -702,14 +723,14 @@ impl Netlink {
         &self,
         index: u32,
         mac: [u8; 6],
-        dst: Ipv4Addr,
+        dst: IpAddr,
     ) -> Result<(), NetlinkError> {
         self.handle
             .neighbours()
             .add_bridge(index, &mac)
             .flags(NeighbourFlags::Own)
             .state(NeighbourState::Permanent)
-            .destination(IpAddr::V4(dst))
+            .destination(dst)
             .replace()
             .execute()
             .await
@@ -782,13 +803,17 @@ impl Netlink {
 
     /// Installs `dst via gateway dev oif`, marked as ours. A route to `dst` that is ours is
     /// replaced in place; one that is not (an operator's, the kernel's connected route) is left
-    /// alone and reported: we never take over a route we did not install.
+    /// alone and reported: we never take over a route we did not install, except with
+    /// `adopt_same` on a link that belongs to us alone (vxlan's devices), where the very route
+    /// we want (same gateway and link), left by another program (Go Flannel before a migration
+    /// in place), is made ours.
     pub async fn replace_route(
         &self,
         dst: IpNet,
         gateway: Option<IpAddr>,
         oif: u32,
         onlink: bool,
+        adopt_same: bool,
     ) -> Result<(), NetlinkError> {
         let msg = Self::route_message(dst, gateway, oif, onlink);
         let what = match gateway {
@@ -800,8 +825,9 @@ impl Netlink {
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
             other => return other.map_err(op(what)),
         }
-        if let Some(protocol) = self.route_protocol(dst).await? {
-            if protocol != ROUTE_PROTOCOL {
+        if let Some((protocol, have)) = self.existing_route(dst).await? {
+            let same = have.gateway == gateway && have.oif == Some(oif);
+            if protocol != ROUTE_PROTOCOL && !(adopt_same && same) {
                 return Err(NetlinkError::NotOurs { dst, protocol });
             }
         }
@@ -814,8 +840,8 @@ impl Netlink {
             .map_err(op(what))
     }
 
-    /// The protocol of the main table's route to exactly `dst`, if there is one.
-    async fn route_protocol(&self, dst: IpNet) -> Result<Option<u8>, NetlinkError> {
+    /// The protocol of the main table's route to exactly `dst`, and the route, if there is one.
+    async fn existing_route(&self, dst: IpNet) -> Result<Option<(u8, OwnRoute)>, NetlinkError> {
         let family = match dst {
             IpNet::V4(_) => AddressFamily::Inet,
             IpNet::V6(_) => AddressFamily::Inet6,
@@ -825,8 +851,11 @@ impl Netlink {
             .await?
             .iter()
             .filter(|r| route_table(r) == u32::from(RouteHeader::RT_TABLE_MAIN))
-            .find(|r| parse_route(r).is_some_and(|p| p.dst == dst))
-            .map(|r| u8::from(r.header.protocol)))
+            .find_map(|r| {
+                parse_route(r)
+                    .filter(|p| p.dst == dst)
+                    .map(|p| (u8::from(r.header.protocol), p))
+            }))
     }
 
     /// Deletes our route to `dst`; a route that is already gone is not an error.

@@ -41,6 +41,7 @@ impl HostGw {
                     via: IpAddr::V4(peer.attrs.public_ip),
                     oif,
                     onlink: false,
+                    own_link: false,
                 });
             }
         }
@@ -54,6 +55,7 @@ impl HostGw {
                 via: IpAddr::V6(ip),
                 oif,
                 onlink: false,
+                own_link: false,
             });
         }
         out

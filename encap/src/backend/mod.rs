@@ -91,10 +91,11 @@ pub trait Backend: Send {
     /// installed earlier (e.g. before a restart) that no lease justifies any more.
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError>;
 
-    /// The device this backend keeps in the kernel across restarts (vxlan's `flannel.<VNI>`),
-    /// so that the daemon can delete such devices an earlier config left behind.
-    fn device_name(&self) -> Option<String> {
-        None
+    /// The devices this backend keeps in the kernel across restarts (vxlan's `flannel.<VNI>`
+    /// and `flannel-v6.<VNI>`), so that the daemon can delete such devices an earlier config
+    /// left behind.
+    fn device_names(&self) -> Vec<String> {
+        Vec::new()
     }
 
     /// The routes of ours (protocol 70) this backend wants now. The daemon removes every other
@@ -113,30 +114,35 @@ pub trait Backend: Send {
 }
 
 /// What a lease of `backend_type` claims for itself alone, so that a newcomer copying it is
-/// refused instead of displacing the holder: the VXLAN VtepMAC (the FDB is keyed by MAC) and
-/// the WireGuard PublicKey (a peer is keyed by its key).
+/// refused instead of displacing the holder: the VXLAN VtepMACs (each device's FDB is keyed
+/// by MAC; the IPv6 device's, from `BackendV6Data`, is a claim of its own) and the WireGuard
+/// PublicKey (a peer is keyed by its key).
 pub fn lease_claims(backend_type: &str, lease: &Lease) -> Vec<String> {
-    let field = match backend_type {
-        "vxlan" => "VtepMAC",
-        "wireguard" => "PublicKey",
-        _ => return Vec::new(),
-    };
-    lease
-        .attrs
-        .backend_data
-        .as_ref()
-        .and_then(|d| json_field(d, field))
-        .and_then(|v| v.as_str())
-        .map(|v| {
+    let attrs = &lease.attrs;
+    match backend_type {
+        "vxlan" => [
+            ("VtepMAC", &attrs.backend_data),
+            ("IPv6 VtepMAC", &attrs.backend_v6_data),
+        ]
+        .into_iter()
+        .filter_map(|(claim, data)| {
+            let mac = data
+                .as_ref()
+                .and_then(|d| json_field(d, "VtepMAC"))?
+                .as_str()?;
             // MACs are compared as the kernel does, whatever their case.
-            let v = if field == "VtepMAC" {
-                v.to_ascii_lowercase()
-            } else {
-                v.to_string()
-            };
-            vec![format!("{field} {v}")]
+            Some(format!("{claim} {}", mac.to_ascii_lowercase()))
         })
-        .unwrap_or_default()
+        .collect(),
+        "wireguard" => attrs
+            .backend_data
+            .as_ref()
+            .and_then(|d| json_field(d, "PublicKey"))
+            .and_then(|v| v.as_str())
+            .map(|key| vec![format!("PublicKey {key}")])
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
 }
 
 /// Builds the backend named by `Backend.Type`.
@@ -173,4 +179,69 @@ fn backend_port(config: &NetworkConfig, name: &str, default: u16) -> Result<u16,
 /// decoding finds it; `null` counts as absent.
 fn json_field<'a>(obj: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
     subnet_manager::json::field_of(obj, name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use subnet_manager::admission::{Admission, Refusal};
+    use subnet_manager::lease::{LeaseAttrs, SubnetKey};
+
+    const CONFIG: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fc00:44::/48","Backend":{"Type":"vxlan"}}"#;
+
+    fn vxlan_lease(n: u8, mac: &str, mac6: &str) -> Lease {
+        let json = format!(
+            r#"{{"PublicIP":"172.30.0.{n}","PublicIPv6":"fd00:30::{n}","BackendType":"vxlan",
+            "BackendData":{{"VNI":1,"VtepMAC":"{mac}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{mac6}"}}}}"#
+        );
+        Lease {
+            key: SubnetKey::parse(&format!("10.244.{n}.0-24&fc00:44:0:{n}::-64")).expect("key"),
+            attrs: LeaseAttrs::from_json(json.as_bytes()).expect("attrs"),
+        }
+    }
+
+    #[test]
+    fn vxlan_claims_both_vtep_macs_apart() {
+        let l = vxlan_lease(2, "0E:01:AC:1E:00:02", "0a:01:00:00:00:02");
+        assert_eq!(
+            lease_claims("vxlan", &l),
+            [
+                "VtepMAC 0e:01:ac:1e:00:02",
+                "IPv6 VtepMAC 0a:01:00:00:00:02"
+            ]
+        );
+        // One MAC on both devices of a node is no conflict: each device has its own FDB.
+        let same = vxlan_lease(3, "0a:01:00:00:00:03", "0a:01:00:00:00:03");
+        assert_eq!(lease_claims("vxlan", &same).len(), 2);
+        assert!(lease_claims("host-gw", &l).is_empty());
+    }
+
+    #[test]
+    fn a_copied_v6_vtep_mac_is_refused() {
+        let config = NetworkConfig::parse(CONFIG.as_bytes()).expect("config");
+        let mut a = Admission::new(
+            &config,
+            "vxlan",
+            Box::new(|l: &Lease| lease_claims("vxlan", l)),
+        );
+        a.set_own(&vxlan_lease(1, "0e:01:00:00:00:01", "0a:01:00:00:00:01"));
+        let owner = vxlan_lease(2, "0e:01:00:00:00:02", "0a:01:00:00:00:02");
+        assert_eq!(a.put(owner.clone()).changes.len(), 1);
+        let thief = vxlan_lease(3, "0e:01:00:00:00:03", "0A:01:00:00:00:02");
+        let out = a.put(thief);
+        assert!(out.changes.is_empty(), "{out:?}");
+        assert_eq!(
+            out.refused[0].1,
+            Refusal::Claimed {
+                claim: "IPv6 VtepMAC 0a:01:00:00:00:02".into(),
+                holder: Some(owner.key),
+            }
+        );
+        // Our own IPv6 device's MAC, copied.
+        let out = a.put(vxlan_lease(4, "0e:01:00:00:00:04", "0a:01:00:00:00:01"));
+        assert!(out.refused[0].1.to_string().contains("is ours"), "{out:?}");
+        // A v6 MAC equal to another node's v4 one is no conflict.
+        let out = a.put(vxlan_lease(5, "0e:01:00:00:00:05", "0e:01:00:00:00:02"));
+        assert_eq!(out.changes.len(), 1, "{out:?}");
+    }
 }

@@ -19,6 +19,9 @@ pub(crate) struct PeerRoute {
     /// The gateway is reachable through `oif` whatever the kernel's neighbour table says
     /// (vxlan's route via the peer's lease address on `flannel.<VNI>`).
     pub onlink: bool,
+    /// `oif` belongs to us alone (vxlan's devices): the same route found there, made by
+    /// another program (Go Flannel before a migration in place), is taken over.
+    pub own_link: bool,
 }
 
 impl PeerRoute {
@@ -68,7 +71,7 @@ impl PeerRoutes {
         for r in wanted {
             match self
                 .netlink
-                .replace_route(r.dst, Some(r.via), r.oif, r.onlink)
+                .replace_route(r.dst, Some(r.via), r.oif, r.onlink, r.own_link)
                 .await
             {
                 Ok(()) => done.push(r),
@@ -86,13 +89,21 @@ impl PeerRoutes {
         self.set(key, Vec::new()).await
     }
 
-    /// Forgets every route without deleting it (they died with their device).
-    pub fn forget_all(&mut self) {
-        self.installed.clear();
+    /// Forgets the routes through link `oif` without deleting them (they died with it).
+    pub fn forget_on_link(&mut self, oif: u32) {
+        for routes in self.installed.values_mut() {
+            routes.retain(|r| r.oif != oif);
+        }
+        self.installed.retain(|_, routes| !routes.is_empty());
     }
 
-    pub fn count(&self, key: &SubnetKey) -> usize {
-        self.installed.get(key).map_or(0, Vec::len)
+    /// How many of our routes go through link `oif`.
+    pub fn count_on_link(&self, oif: u32) -> usize {
+        self.installed
+            .values()
+            .flatten()
+            .filter(|r| r.oif == oif)
+            .count()
     }
 
     /// Every route we hold, as the kernel lists them.
@@ -114,7 +125,7 @@ impl PeerRoutes {
             }
             tracing::warn!(route = %r.dst, via = %r.via, "our route was deleted: restoring it");
             self.netlink
-                .replace_route(r.dst, Some(r.via), r.oif, r.onlink)
+                .replace_route(r.dst, Some(r.via), r.oif, r.onlink, r.own_link)
                 .await?;
             restored += 1;
         }

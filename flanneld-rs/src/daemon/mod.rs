@@ -316,19 +316,18 @@ fn start_health(flags: &Flags, backend: &dyn Backend, status: Arc<Status>) -> Op
     }
 }
 
-/// The network devices a backend runs on, for `status`: the one it names, else Flannel's fixed
-/// names for the TUN backends (host-gw has none).
+/// The network devices a backend runs on, for `status`: the kernel devices it keeps (vxlan),
+/// else Flannel's fixed names of the TUN devices (host-gw has none).
 fn devices_of(backend: &dyn Backend) -> Vec<String> {
-    let fixed = match backend.name() {
-        "udp" => Some("flannel0"),
-        "wireguard" => Some("flannel-wg"),
-        _ => None,
-    };
-    backend
-        .device_name()
-        .or(fixed.map(String::from))
-        .into_iter()
-        .collect()
+    let kept = backend.device_names();
+    if !kept.is_empty() {
+        return kept;
+    }
+    match backend.name() {
+        "udp" => vec!["flannel0".to_string()],
+        "wireguard" => vec!["flannel-wg".to_string()],
+        _ => Vec::new(),
+    }
 }
 
 /// The traffic rules the flags ask for.

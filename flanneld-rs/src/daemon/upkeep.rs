@@ -104,9 +104,19 @@ pub(super) async fn keep_programmed(
     }
 }
 
-/// Deletes VXLAN devices named like Flannel's (`flannel.<VNI>`) that the current backend does
-/// not use: left by an earlier vxlan config (another VNI, or another backend now). Their
-/// routes go with them. Called once at start, after the backend made its own device.
+/// Whether `name` is one of Flannel's VXLAN device names: `flannel.<VNI>` or
+/// `flannel-v6.<VNI>` (not `flannel-wg`, `flannel0`, …).
+fn is_flannel_vxlan_name(name: &str) -> bool {
+    ["flannel.", "flannel-v6."].iter().any(|prefix| {
+        name.strip_prefix(prefix)
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
+/// Deletes VXLAN devices named like Flannel's (`flannel.<VNI>`, `flannel-v6.<VNI>`) that the
+/// current backend does not use: left by an earlier vxlan config (another VNI, IPv6 since
+/// turned off, or another backend now). Their routes go with them. Called once at start,
+/// after the backend made its own devices.
 pub(super) async fn sweep_devices(netlink: &Netlink, backend: &dyn Backend) {
     let links = match netlink.links().await {
         Ok(l) => l,
@@ -115,13 +125,9 @@ pub(super) async fn sweep_devices(netlink: &Netlink, backend: &dyn Backend) {
             return;
         }
     };
-    let ours = backend.device_name();
+    let ours = backend.device_names();
     for link in links {
-        let flannel_vxlan_name = link
-            .name
-            .strip_prefix("flannel.")
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if !flannel_vxlan_name || ours.as_deref() == Some(link.name.as_str()) {
+        if !is_flannel_vxlan_name(&link.name) || ours.contains(&link.name) {
             continue;
         }
         let is_vxlan =
@@ -161,6 +167,31 @@ pub(super) async fn sweep_routes(
                 status.stale_routes_removed.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => tracing::warn!("{e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_flannel_vxlan_name;
+
+    #[test]
+    fn flannel_vxlan_names_of_both_families() {
+        for name in ["flannel.1", "flannel.4096", "flannel-v6.1", "flannel-v6.42"] {
+            assert!(is_flannel_vxlan_name(name), "{name}");
+        }
+        for name in [
+            "flannel.",
+            "flannel-v6.",
+            "flannel.1a",
+            "flannel-v6.x",
+            "flannel-wg",
+            "flannel-wg-v6",
+            "flannel0",
+            "flannel-v61",
+            "eth0",
+        ] {
+            assert!(!is_flannel_vxlan_name(name), "{name}");
         }
     }
 }
