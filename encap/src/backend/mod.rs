@@ -114,29 +114,39 @@ pub trait Backend: Send {
 
 /// What a lease of `backend_type` claims for itself alone, so that a newcomer copying it is
 /// refused instead of displacing the holder: the VXLAN VtepMAC (the FDB is keyed by MAC) and
-/// the WireGuard PublicKey (a peer is keyed by its key).
+/// the WireGuard PublicKey (a peer is keyed by its key; a dual-stack lease names it in both
+/// BackendData and BackendV6Data, an IPv6-only one in BackendV6Data alone).
 pub fn lease_claims(backend_type: &str, lease: &Lease) -> Vec<String> {
-    let field = match backend_type {
-        "vxlan" => "VtepMAC",
-        "wireguard" => "PublicKey",
+    let (field, objects) = match backend_type {
+        "vxlan" => ("VtepMAC", [lease.attrs.backend_data.as_ref(), None]),
+        "wireguard" => (
+            "PublicKey",
+            [
+                lease.attrs.backend_data.as_ref(),
+                lease.attrs.backend_v6_data.as_ref(),
+            ],
+        ),
         _ => return Vec::new(),
     };
-    lease
-        .attrs
-        .backend_data
-        .as_ref()
-        .and_then(|d| json_field(d, field))
-        .and_then(|v| v.as_str())
-        .map(|v| {
-            // MACs are compared as the kernel does, whatever their case.
-            let v = if field == "VtepMAC" {
-                v.to_ascii_lowercase()
-            } else {
-                v.to_string()
-            };
-            vec![format!("{field} {v}")]
-        })
-        .unwrap_or_default()
+    let mut claims: Vec<String> = Vec::new();
+    for value in objects
+        .into_iter()
+        .flatten()
+        .filter_map(|d| json_field(d, field))
+        .filter_map(|v| v.as_str())
+    {
+        // MACs are compared as the kernel does, whatever their case.
+        let value = if field == "VtepMAC" {
+            value.to_ascii_lowercase()
+        } else {
+            value.to_string()
+        };
+        let claim = format!("{field} {value}");
+        if !claims.contains(&claim) {
+            claims.push(claim);
+        }
+    }
+    claims
 }
 
 /// Builds the backend named by `Backend.Type`.
@@ -173,4 +183,31 @@ fn backend_port(config: &NetworkConfig, name: &str, default: u16) -> Result<u16,
 /// decoding finds it; `null` counts as absent.
 fn json_field<'a>(obj: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
     subnet_manager::json::field_of(obj, name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use subnet_manager::lease::{LeaseAttrs, SubnetKey};
+
+    fn claims(backend: &str, json: &str) -> Vec<String> {
+        let lease = Lease {
+            key: SubnetKey::parse("10.244.7.0-24&fc00:44:0:7::-64").expect("key"),
+            attrs: LeaseAttrs::from_json(json.as_bytes()).expect("attrs"),
+        };
+        lease_claims(backend, &lease)
+    }
+
+    #[test]
+    fn wireguard_claims_its_key_from_either_family() {
+        let dual = r#"{"PublicIP":"172.30.0.7","PublicIPv6":"fd00:30::7","BackendType":"wireguard","BackendData":{"PublicKey":"K1","Port":51820},"BackendV6Data":{"PublicKey":"K1","Port":51821}}"#;
+        assert_eq!(claims("wireguard", dual), ["PublicKey K1"], "once");
+        let v6_only = r#"{"PublicIP":"172.30.0.7","PublicIPv6":"fd00:30::7","BackendType":"wireguard","BackendV6Data":{"PublicKey":"K2"}}"#;
+        assert_eq!(claims("wireguard", v6_only), ["PublicKey K2"]);
+        let two = r#"{"PublicIP":"172.30.0.7","BackendType":"wireguard","BackendData":{"PublicKey":"K1"},"BackendV6Data":{"PublicKey":"K2"}}"#;
+        assert_eq!(claims("wireguard", two), ["PublicKey K1", "PublicKey K2"]);
+        let vxlan = r#"{"PublicIP":"172.30.0.7","BackendType":"vxlan","BackendData":{"VtepMAC":"AA:BB:CC:DD:EE:FF"},"BackendV6Data":{"VtepMAC":"11:22:33:44:55:66"}}"#;
+        assert_eq!(claims("vxlan", vxlan), ["VtepMAC aa:bb:cc:dd:ee:ff"]);
+        assert!(claims("host-gw", dual).is_empty());
+    }
 }
