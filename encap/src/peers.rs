@@ -5,10 +5,12 @@
 //! so the packet threads read it without locks (one `load` per batch).
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::hash::Hash;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::{BitAnd, Shl};
 
 use arc_swap::ArcSwap;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 
 /// One remote node as the datapath sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,23 +21,85 @@ pub struct Peer {
     pub endpoint: SocketAddr,
 }
 
-/// Longest-prefix match over IPv4 subnets, the one route lookup of the udp and wireguard
-/// peer tables: per prefix length, longest first, the masked network -> a value.
+/// Longest-prefix match over IPv4 and IPv6 subnets, the one route lookup of the udp and
+/// wireguard peer tables. One generic table per family, so an IPv4 lookup hashes a `u32` and
+/// never looks at IPv6 prefix lengths (and the other way round).
 #[derive(Debug)]
 pub(crate) struct PrefixMap<V> {
-    by_len: Vec<(u8, HashMap<u32, V>)>,
+    v4: Lpm<u32, V>,
+    v6: Lpm<u128, V>,
 }
 
 impl<V> Default for PrefixMap<V> {
     fn default() -> Self {
-        PrefixMap { by_len: Vec::new() }
+        PrefixMap {
+            v4: Lpm::default(),
+            v6: Lpm::default(),
+        }
     }
 }
 
 impl<V> PrefixMap<V> {
     /// Maps `net` to `value`, replacing what the same subnet had.
-    pub fn insert(&mut self, net: Ipv4Net, value: V) {
-        let len = net.prefix_len();
+    pub fn insert(&mut self, net: impl Into<IpNet>, value: V) {
+        match net.into() {
+            IpNet::V4(n) => self.v4.insert(n.network().into(), n.prefix_len(), value),
+            IpNet::V6(n) => self.v6.insert(n.network().into(), n.prefix_len(), value),
+        }
+    }
+
+    /// The value of the longest subnet containing `addr`.
+    pub fn get(&self, addr: impl Into<IpAddr>) -> Option<&V> {
+        match addr.into() {
+            IpAddr::V4(a) => self.v4.get(a.into()),
+            IpAddr::V6(a) => self.v6.get(a.into()),
+        }
+    }
+}
+
+/// An address as an unsigned integer of its width.
+trait Bits: Copy + Eq + Hash + Shl<u32, Output = Self> + BitAnd<Output = Self> {
+    const WIDTH: u32;
+    const ALL: Self;
+    const ZERO: Self;
+}
+
+impl Bits for u32 {
+    const WIDTH: u32 = 32;
+    const ALL: Self = u32::MAX;
+    const ZERO: Self = 0;
+}
+
+impl Bits for u128 {
+    const WIDTH: u32 = 128;
+    const ALL: Self = u128::MAX;
+    const ZERO: Self = 0;
+}
+
+/// `addr` with all but its first `len` bits cleared.
+fn mask<K: Bits>(addr: K, len: u8) -> K {
+    let len = u32::from(len).min(K::WIDTH);
+    if len == 0 {
+        K::ZERO
+    } else {
+        addr & (K::ALL << (K::WIDTH - len))
+    }
+}
+
+/// One family's prefixes: per prefix length, longest first, the masked network -> a value.
+#[derive(Debug)]
+struct Lpm<K, V> {
+    by_len: Vec<(u8, HashMap<K, V>)>,
+}
+
+impl<K, V> Default for Lpm<K, V> {
+    fn default() -> Self {
+        Lpm { by_len: Vec::new() }
+    }
+}
+
+impl<K: Bits, V> Lpm<K, V> {
+    fn insert(&mut self, net: K, len: u8, value: V) {
         let at = match self.by_len.binary_search_by(|(l, _)| len.cmp(l)) {
             Ok(at) => at,
             Err(at) => {
@@ -44,16 +108,14 @@ impl<V> PrefixMap<V> {
             }
         };
         if let Some((_, map)) = self.by_len.get_mut(at) {
-            map.insert(u32::from(net.network()), value);
+            map.insert(mask(net, len), value);
         }
     }
 
-    /// The value of the longest subnet containing `addr`.
-    pub fn get(&self, addr: Ipv4Addr) -> Option<&V> {
-        let a = u32::from(addr);
+    fn get(&self, addr: K) -> Option<&V> {
         self.by_len
             .iter()
-            .find_map(|(len, map)| map.get(&mask(a, *len)))
+            .find_map(|(len, map)| map.get(&mask(addr, *len)))
     }
 }
 
@@ -64,14 +126,6 @@ pub struct PeerTable {
     by_subnet: PrefixMap<usize>,
     /// Public IP -> indexes of the peers (normally one) whose leases carry it.
     by_public_ip: HashMap<Ipv4Addr, Vec<usize>>,
-}
-
-fn mask(addr: u32, len: u8) -> u32 {
-    if len == 0 {
-        0
-    } else {
-        addr & (u32::MAX << (32 - u32::from(len.min(32))))
-    }
 }
 
 impl PeerTable {
@@ -89,8 +143,8 @@ impl PeerTable {
         }
     }
 
-    /// Longest-prefix match of an inner destination.
-    pub fn route(&self, dst: Ipv4Addr) -> Option<&Peer> {
+    /// Longest-prefix match of an inner destination (udp is IPv4 only: an IPv6 one has none).
+    pub fn route(&self, dst: IpAddr) -> Option<&Peer> {
         self.by_subnet.get(dst).and_then(|&i| self.peers.get(i))
     }
 
@@ -166,7 +220,9 @@ mod tests {
             "node 1 may not speak for node 2's pods"
         );
         assert!(!t.may_send_from(ip("192.168.0.9"), ip("10.244.1.7")));
-        assert!(PeerTable::default().route(ip("10.244.1.1")).is_none());
+        assert!(PeerTable::default()
+            .route(ip("10.244.1.1").into())
+            .is_none());
     }
 
     #[test]
@@ -178,7 +234,7 @@ mod tests {
         m.insert(net("10.244.3.128/25"), 25);
         m.insert(net("10.244.0.0/16"), 16);
         m.insert(net("10.244.3.0/24"), 240);
-        let at = |s: &str| m.get(s.parse().expect("ip")).copied();
+        let at = |s: &str| m.get(s.parse::<IpAddr>().expect("ip")).copied();
         assert_eq!(at("10.244.3.200"), Some(25));
         assert_eq!(
             at("10.244.3.5"),
@@ -187,9 +243,41 @@ mod tests {
         );
         assert_eq!(at("10.244.9.9"), Some(16));
         assert_eq!(at("192.0.2.1"), Some(0));
+        assert_eq!(at("::1"), None, "0.0.0.0/0 is no IPv6 default");
         assert_eq!(
-            PrefixMap::<u8>::default().get("10.0.0.1".parse().expect("ip")),
+            PrefixMap::<u8>::default().get("10.0.0.1".parse::<IpAddr>().expect("ip")),
             None
         );
+    }
+
+    #[test]
+    fn prefix_map_keeps_the_families_apart() {
+        let net = |s: &str| -> IpNet { s.parse().expect("net") };
+        let mut m = PrefixMap::default();
+        m.insert(net("10.244.1.0/24"), "n1 v4");
+        m.insert(net("fc00:44:0:1::/64"), "n1 v6");
+        m.insert(net("fc00:44:0:1:8000::/65"), "n1 v6 upper half");
+        m.insert(net("fc00:44::/48"), "network v6");
+        m.insert(net("::/0"), "v6 default");
+        // An IPv4 address whose bits lead an IPv6 prefix is still not in it, nor the other way.
+        m.insert(net("252.0.0.0/8"), "v4 252/8");
+        let at = |s: &str| m.get(s.parse::<IpAddr>().expect("ip")).copied();
+        assert_eq!(at("10.244.1.9"), Some("n1 v4"));
+        assert_eq!(at("fc00:44:0:1::7"), Some("n1 v6"));
+        assert_eq!(at("fc00:44:0:1:ffff::7"), Some("n1 v6 upper half"));
+        assert_eq!(at("fc00:44:0:2::7"), Some("network v6"));
+        assert_eq!(at("2001:db8::1"), Some("v6 default"));
+        assert_eq!(
+            at("fc00::1"),
+            Some("v6 default"),
+            "fc00:: is not 252.0.0.0/8"
+        );
+        assert_eq!(at("10.244.2.1"), None, "::/0 is no IPv4 default");
+        assert_eq!(
+            at("::ffff:10.244.1.9"),
+            Some("v6 default"),
+            "mapped is IPv6 here"
+        );
+        assert_eq!(at("252.1.2.3"), Some("v4 252/8"));
     }
 }

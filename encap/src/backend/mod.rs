@@ -116,33 +116,39 @@ pub trait Backend: Send {
 /// What a lease of `backend_type` claims for itself alone, so that a newcomer copying it is
 /// refused instead of displacing the holder: the VXLAN VtepMACs (each device's FDB is keyed
 /// by MAC; the IPv6 device's, from `BackendV6Data`, is a claim of its own) and the WireGuard
-/// PublicKey (a peer is keyed by its key).
+/// PublicKey (a peer is keyed by its key; a dual-stack lease names it in both BackendData and
+/// BackendV6Data, an IPv6-only one in BackendV6Data alone: one claim either way).
 pub fn lease_claims(backend_type: &str, lease: &Lease) -> Vec<String> {
     let attrs = &lease.attrs;
-    match backend_type {
-        "vxlan" => [
-            ("VtepMAC", &attrs.backend_data),
-            ("IPv6 VtepMAC", &attrs.backend_v6_data),
-        ]
+    let (field, labels) = match backend_type {
+        "vxlan" => ("VtepMAC", ["VtepMAC", "IPv6 VtepMAC"]),
+        "wireguard" => ("PublicKey", ["PublicKey", "PublicKey"]),
+        _ => return Vec::new(),
+    };
+    let mut claims: Vec<String> = Vec::new();
+    for (label, data) in labels
         .into_iter()
-        .filter_map(|(claim, data)| {
-            let mac = data
-                .as_ref()
-                .and_then(|d| json_field(d, "VtepMAC"))?
-                .as_str()?;
-            // MACs are compared as the kernel does, whatever their case.
-            Some(format!("{claim} {}", mac.to_ascii_lowercase()))
-        })
-        .collect(),
-        "wireguard" => attrs
-            .backend_data
+        .zip([&attrs.backend_data, &attrs.backend_v6_data])
+    {
+        let Some(value) = data
             .as_ref()
-            .and_then(|d| json_field(d, "PublicKey"))
+            .and_then(|d| json_field(d, field))
             .and_then(|v| v.as_str())
-            .map(|key| vec![format!("PublicKey {key}")])
-            .unwrap_or_default(),
-        _ => Vec::new(),
+        else {
+            continue;
+        };
+        // MACs are compared as the kernel does, whatever their case.
+        let value = if field == "VtepMAC" {
+            value.to_ascii_lowercase()
+        } else {
+            value.to_string()
+        };
+        let claim = format!("{label} {value}");
+        if !claims.contains(&claim) {
+            claims.push(claim);
+        }
     }
+    claims
 }
 
 /// Builds the backend named by `Backend.Type`.
@@ -243,5 +249,32 @@ mod tests {
         // A v6 MAC equal to another node's v4 one is no conflict.
         let out = a.put(vxlan_lease(5, "0e:01:00:00:00:05", "0e:01:00:00:00:02"));
         assert_eq!(out.changes.len(), 1, "{out:?}");
+    }
+
+    fn claims(backend: &str, json: &str) -> Vec<String> {
+        let lease = Lease {
+            key: SubnetKey::parse("10.244.7.0-24&fc00:44:0:7::-64").expect("key"),
+            attrs: LeaseAttrs::from_json(json.as_bytes()).expect("attrs"),
+        };
+        lease_claims(backend, &lease)
+    }
+
+    #[test]
+    fn wireguard_claims_its_key_from_either_family() {
+        let dual = r#"{"PublicIP":"172.30.0.7","PublicIPv6":"fd00:30::7","BackendType":"wireguard","BackendData":{"PublicKey":"K1","Port":51820},"BackendV6Data":{"PublicKey":"K1","Port":51821}}"#;
+        assert_eq!(claims("wireguard", dual), ["PublicKey K1"], "once");
+        let v6_only = r#"{"PublicIP":"172.30.0.7","PublicIPv6":"fd00:30::7","BackendType":"wireguard","BackendV6Data":{"PublicKey":"K2"}}"#;
+        assert_eq!(claims("wireguard", v6_only), ["PublicKey K2"]);
+        let two = r#"{"PublicIP":"172.30.0.7","BackendType":"wireguard","BackendData":{"PublicKey":"K1"},"BackendV6Data":{"PublicKey":"K2"}}"#;
+        assert_eq!(claims("wireguard", two), ["PublicKey K1", "PublicKey K2"]);
+        let vxlan = r#"{"PublicIP":"172.30.0.7","BackendType":"vxlan","BackendData":{"VtepMAC":"AA:BB:CC:DD:EE:FF"},"BackendV6Data":{"VtepMAC":"11:22:33:44:55:66"}}"#;
+        assert_eq!(
+            claims("vxlan", vxlan),
+            [
+                "VtepMAC aa:bb:cc:dd:ee:ff",
+                "IPv6 VtepMAC 11:22:33:44:55:66"
+            ]
+        );
+        assert!(claims("host-gw", dual).is_empty());
     }
 }

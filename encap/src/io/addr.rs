@@ -82,9 +82,16 @@ impl RawAddr {
             libc::AF_INET6 if len as usize >= size_of::<sockaddr_in6>() => {
                 // SAFETY: as above.
                 let a = unsafe { self.v6 };
+                let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+                let port = u16::from_be(a.sin6_port);
+                // An IPv4 peer heard on a dual-stack socket: it is that IPv4 address, and must
+                // compare equal to the IPv4 endpoint its lease names.
+                if let Some(v4) = ip.to_ipv4_mapped() {
+                    return Some(SocketAddr::V4(SocketAddrV4::new(v4, port)));
+                }
                 Some(SocketAddr::V6(SocketAddrV6::new(
-                    Ipv6Addr::from(a.sin6_addr.s6_addr),
-                    u16::from_be(a.sin6_port),
+                    ip,
+                    port,
                     a.sin6_flowinfo,
                     a.sin6_scope_id,
                 )))
@@ -117,6 +124,16 @@ mod tests {
             let (raw, len) = RawAddr::new(&addr);
             assert_eq!(raw.get(len), Some(addr));
         }
+    }
+
+    #[test]
+    fn mapped_sources_read_as_ipv4() {
+        let mapped: SocketAddr = "[::ffff:172.30.0.12]:51820".parse().expect("test address");
+        let (raw, len) = RawAddr::new(&mapped);
+        assert_eq!(
+            raw.get(len),
+            Some("172.30.0.12:51820".parse().expect("test address"))
+        );
     }
 
     #[test]

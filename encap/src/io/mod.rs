@@ -31,7 +31,9 @@ use thiserror::Error;
 
 pub use recv::{Datagrams, RecvBatch, RecvMsg};
 pub use tun::{open_tun, Offload, TunQueue, TUN_READ_BUF_LEN, VNET_HDR_LEN};
-pub use udp::{BufferSizes, UdpSock, DEFAULT_SOCKET_BUFFER, GSO_MAX_SEGMENTS, SEND_BATCH_MAX};
+pub use udp::{
+    BufferSizes, Listen, UdpSock, DEFAULT_SOCKET_BUFFER, GSO_MAX_SEGMENTS, SEND_BATCH_MAX,
+};
 
 /// How long a blocking read/write/send/recv waits before returning `TimedOut`: short enough for
 /// a prompt shutdown, long enough that idle workers cost nothing measurable.

@@ -3,7 +3,7 @@
 //! receiving with `UDP_GRO` + `recvmmsg` (in `recv.rs`).
 
 use std::io::{self, IoSlice};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 use std::time::Duration;
@@ -33,12 +33,34 @@ const FORCE_OPTS: Option<(c_int, c_int)> = Some((libc::SO_RCVBUFFORCE, libc::SO_
 #[derive(Clone, Copy)]
 pub(crate) struct CmsgBuf(pub(crate) [u8; 64]);
 
+/// Where a socket listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// One address; an IPv6 one takes IPv6 only (`IPV6_V6ONLY`, whatever the sysctl says).
+    At(SocketAddr),
+    /// `[::]:port` for both families. IPv4 peers appear as plain IPv4 addresses both ways:
+    /// received sources are unmapped and IPv4 destinations are mapped when sending, so the
+    /// caller never sees `::ffff:a.b.c.d`.
+    DualStack(u16),
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::At(a) => write!(f, "{a}"),
+            Listen::DualStack(port) => write!(f, "[::]:{port} (IPv4 and IPv6)"),
+        }
+    }
+}
+
 /// A UDP socket for batched I/O through `&self`. Sends and receives wait at most the timeout
 /// (see [`set_timeout`](Self::set_timeout)) and then fail with `TimedOut`.
 #[derive(Debug)]
 pub struct UdpSock {
     sock: UdpSocket,
     local: SocketAddr,
+    /// An IPv6 socket that also carries IPv4: IPv4 destinations are sent to as mapped.
+    dual_stack: bool,
     pub(crate) timeout: Timeout,
 }
 
@@ -53,6 +75,15 @@ impl UdpSock {
     /// Binds a UDP socket to `addr`, with `SO_REUSEPORT` first if asked so several workers can
     /// share the port (the kernel then hashes flows to sockets).
     pub fn bind(addr: SocketAddr, reuse_port: bool) -> Result<Self, SetupError> {
+        Self::listen(Listen::At(addr), reuse_port)
+    }
+
+    /// Binds a UDP socket where `listen` says, with `SO_REUSEPORT` first if asked.
+    pub fn listen(listen: Listen, reuse_port: bool) -> Result<Self, SetupError> {
+        let (addr, dual_stack) = match listen {
+            Listen::At(addr) => (addr, false),
+            Listen::DualStack(port) => (SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port), true),
+        };
         let err = |call| {
             move |source| SetupError::Os {
                 call,
@@ -74,6 +105,16 @@ impl UdpSock {
             setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)
                 .map_err(err("setsockopt(SO_REUSEPORT)"))?;
         }
+        if addr.is_ipv6() {
+            // Explicit either way: `net.ipv6.bindv6only` must not decide which peers we hear.
+            setsockopt_int(
+                raw,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                c_int::from(!dual_stack),
+            )
+            .map_err(err("setsockopt(IPV6_V6ONLY)"))?;
+        }
         let (mut sa, len) = RawAddr::new(&addr);
         // SAFETY: `sa` holds a valid sockaddr of length `len`.
         cvt(unsafe { libc::bind(raw, sa.as_mut_ptr().cast(), len) }).map_err(err("bind"))?;
@@ -82,8 +123,19 @@ impl UdpSock {
         Ok(Self {
             sock,
             local,
+            dual_stack,
             timeout: Timeout::new(Some(DEFAULT_TIMEOUT)),
         })
+    }
+
+    /// `dst` as this socket must name it: an IPv6 socket reaches IPv4 peers by mapped address.
+    fn outgoing(&self, dst: SocketAddr) -> SocketAddr {
+        match dst.ip() {
+            IpAddr::V4(ip) if self.dual_stack => {
+                SocketAddr::new(IpAddr::V6(ip.to_ipv6_mapped()), dst.port())
+            }
+            _ => dst,
+        }
     }
 
     /// The bound address (with the real port when bound to port 0).
@@ -157,7 +209,7 @@ impl UdpSock {
         seg_size: u16,
     ) -> io::Result<usize> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let (mut name, name_len) = RawAddr::new(&dst);
+        let (mut name, name_len) = RawAddr::new(&self.outgoing(dst));
         let mut ctrl = CmsgBuf([0; 64]);
         // SAFETY: msghdr is a plain C struct for which all zeros (null pointers, zero lengths)
         // is a valid value.
@@ -192,7 +244,7 @@ impl UdpSock {
         }; SEND_BATCH_MAX];
         let mut name_lens = [0; SEND_BATCH_MAX];
         for (i, (dst, data)) in msgs.iter().enumerate() {
-            (names[i], name_lens[i]) = RawAddr::new(dst);
+            (names[i], name_lens[i]) = RawAddr::new(&self.outgoing(*dst));
             iovs[i].iov_base = data.as_ptr().cast_mut().cast();
             iovs[i].iov_len = data.len();
         }

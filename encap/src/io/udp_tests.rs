@@ -279,3 +279,39 @@ fn recv_batch_sizes_are_clamped() {
     assert!(b.msg(0).is_none());
     assert_eq!(RecvBatch::new(5000, 8).capacity(), 64);
 }
+
+#[test]
+fn dual_stack_socket_speaks_plain_ipv4_to_its_caller() {
+    let Ok(dual) = UdpSock::listen(crate::io::Listen::DualStack(0), false) else {
+        eprintln!("skipping: no IPv6");
+        return;
+    };
+    let port = dual.local_addr().port();
+    let v4 = UdpSock::bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
+    // IPv4 in: the source is the IPv4 address, not ::ffff:127.0.0.1.
+    let to_dual: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
+    assert_eq!(v4.send_batch(&[(to_dual, b"in")]).unwrap(), 1);
+    let mut batch = RecvBatch::new(2, 64);
+    dual.recv_batch(&mut batch).unwrap();
+    let m = batch.msg(0).unwrap();
+    assert_eq!((m.data(), m.source()), (&b"in"[..], v4.local_addr()));
+    // IPv4 out, to an IPv4 address, every way of sending (GSO: three segments in one call).
+    // The v4 socket has no UDP_GRO: each segment arrives as its own datagram.
+    assert_eq!(dual.send_batch(&[(v4.local_addr(), b"out")]).unwrap(), 1);
+    dual.send_gso(v4.local_addr(), b"one", 0).unwrap();
+    let mut want: Vec<&[u8]> = vec![b"out", b"one"];
+    if dual.gso_supported() {
+        dual.send_gso(v4.local_addr(), b"aaabbbcc", 3).unwrap();
+        want.extend([&b"aaa"[..], b"bbb", b"cc"]);
+    }
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        let n = v4.recv_batch(&mut batch).unwrap();
+        got.extend(
+            (0..n)
+                .filter_map(|i| batch.msg(i))
+                .map(|m| m.data().to_vec()),
+        );
+    }
+    assert_eq!(got, want);
+}

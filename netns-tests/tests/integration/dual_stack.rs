@@ -548,3 +548,126 @@ fn dual_stack_host_gw_mixed_with_go_flannel() -> Result<()> {
     }
     Ok(())
 }
+
+/// UDP datagrams node `i` has sent over IPv4 and over IPv6 (its namespace's MIB counters).
+fn udp_out(c: &Cluster, i: usize) -> Result<(u64, u64)> {
+    let snmp = c.nodes[i].run("cat", &["/proc/net/snmp"])?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (names, values) = (udp.next().context("no Udp: line")?, udp.next());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "OutDatagrams")
+        .context("no OutDatagrams")?;
+    let v4 = values
+        .and_then(|v| v.split_whitespace().nth(at))
+        .and_then(|v| v.parse().ok())
+        .context("Udp OutDatagrams")?;
+    let snmp6 = c.nodes[i].run("cat", &["/proc/net/snmp6"])?;
+    let v6 = snmp6
+        .lines()
+        .find_map(|l| l.strip_prefix("Udp6OutDatagrams"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("Udp6OutDatagrams")?;
+    Ok((v4, v6))
+}
+
+/// Pings `to` from `from` 10 times and returns how many UDP datagrams `from`'s node sent
+/// meanwhile over IPv4 and over IPv6.
+fn underlay_of(c: &Cluster, from: &Pod, to: &str) -> Result<(u64, u64)> {
+    let before = udp_out(c, from.node)?;
+    c.ping(from, to, 10)?;
+    let after = udp_out(c, from.node)?;
+    Ok((after.0 - before.0, after.1 - before.1))
+}
+
+fn v6(pod: &Pod) -> Result<String> {
+    pod.ipv6.clone().context("a pod without IPv6")
+}
+
+/// The wireguard device `dev` of node `i`: a TUN with the pod MTU.
+fn wg_device(c: &Cluster, i: usize, dev: &str) -> Result<()> {
+    let link = c.nodes[i].run("ip", &["-d", "link", "show", dev])?;
+    ensure!(
+        link.contains("mtu 1420") && link.contains("tun"),
+        "n{}: {link}",
+        i + 1
+    );
+    Ok(())
+}
+
+#[test]
+fn dual_stack_wireguard_separate_and_single_device_modes() -> Result<()> {
+    require_root!();
+    // Separate (Flannel's default): flannel-wg for IPv4 over IPv4, flannel-wg-v6 for IPv6
+    // over IPv6, one key.
+    let (c, pods) = dual_stack_mesh(3, r#"{"Type":"wireguard"}"#, &[])?;
+    let leases = c.leases()?;
+    ensure!(leases.len() == 3, "{leases:?}");
+    for (key, value) in &leases {
+        let v: serde_json::Value = serde_json::from_str(value)?;
+        let (v4, v6) = (&v["BackendData"], &v["BackendV6Data"]);
+        ensure!(
+            v["BackendType"] == "wireguard"
+                && v4["PublicKey"].is_string()
+                && v4["PublicKey"] == v6["PublicKey"]
+                && v4["Port"] == 51820
+                && v6["Port"] == 51821,
+            "{key}: {value}"
+        );
+        ensure!(key.contains('&'), "not a dual-stack key: {key}");
+    }
+    for i in 0..3 {
+        wg_device(&c, i, "flannel-wg")?;
+        wg_device(&c, i, "flannel-wg-v6")?;
+        // One route for each whole Network, each into its family's device.
+        let r6 = c.nodes[i].run("ip", &["-6", "route", "show", "dev", "flannel-wg-v6"])?;
+        ensure!(r6.contains(&format!("{IPV6_NETWORK} ")), "n{}: {r6}", i + 1);
+        let r4 = c.nodes[i].run("ip", &["-4", "route", "show", "dev", "flannel-wg"])?;
+        ensure!(r4.contains("10.244.0.0/16 "), "n{}: {r4}", i + 1);
+    }
+    // Each family on its own underlay.
+    let (d4, d6) = underlay_of(&c, &pods[0], &pods[1].ip)?;
+    ensure!(
+        d4 >= 10 && d6 == 0,
+        "IPv4 pings: {d4} v4 / {d6} v6 datagrams"
+    );
+    let (d4, d6) = underlay_of(&c, &pods[0], &v6(&pods[1])?)?;
+    ensure!(
+        d6 >= 10 && d4 == 0,
+        "IPv6 pings: {d4} v4 / {d6} v6 datagrams"
+    );
+    for (a, b) in [(0, 1), (1, 0), (2, 0)] {
+        let started = std::time::Instant::now();
+        let (sent, received) = tcp_transfer(&pods[a].ns, &pods[b].ns, &v6(&pods[b])?, 32 << 20)?;
+        ensure!(sent == received, "n{} -> n{}: hashes differ", a + 1, b + 1);
+        eprintln!(
+            "wireguard separate: 32 MiB n{} -> n{} over IPv6 in {:?}",
+            a + 1,
+            b + 1,
+            started.elapsed()
+        );
+    }
+    // The pod MTU (1500 - 80) fills an IPv6 outer packet to the underlay's 1500 exactly.
+    v6_mtu_edge(&pods[0], &v6(&pods[2])?, 1420 - 40 - 8)?;
+    drop(c);
+
+    // Mode ipv6: flannel-wg alone carries both families, every peer reached over IPv6.
+    let (c, pods) = dual_stack_mesh(3, r#"{"Type":"wireguard","Mode":"ipv6"}"#, &[])?;
+    for i in 0..3 {
+        wg_device(&c, i, "flannel-wg")?;
+        ensure!(
+            c.nodes[i]
+                .run("ip", &["link", "show", "flannel-wg-v6"])
+                .is_err(),
+            "n{}: a second device in Mode ipv6",
+            i + 1
+        );
+    }
+    for to in [pods[1].ip.clone(), v6(&pods[1])?] {
+        let (d4, d6) = underlay_of(&c, &pods[0], &to)?;
+        ensure!(d6 >= 10 && d4 == 0, "to {to}: {d4} v4 / {d6} v6 datagrams");
+    }
+    let (sent, received) = tcp_transfer(&pods[2].ns, &pods[0].ns, &pods[0].ip, 8 << 20)?;
+    ensure!(sent == received, "IPv4 over IPv6: hashes differ");
+    Ok(())
+}

@@ -1,86 +1,106 @@
 //! Addressing a TUN device for our lease, kept apart from the state the packet threads share:
 //! the control plane alone does netlink.
 
-use std::net::IpAddr;
+use ipnet::IpNet;
 
-use ipnet::{IpNet, Ipv4Net};
-
-use super::DeviceState;
+use super::{DeviceState, OwnSubnets};
 use crate::backend::BackendError;
 use crate::netlink::Netlink;
+
+/// One address family a device carries: our lease's subnet and the Network it lies in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Family {
+    pub subnet: IpNet,
+    pub network: IpNet,
+}
+
+impl Family {
+    /// The device's address: the lease's network address with the whole Network's prefix, so
+    /// that the kernel routes every other node's pods of that family into the device (the one
+    /// route for the Network, as Flannel installs it).
+    fn address(&self) -> Result<IpNet, BackendError> {
+        IpNet::new(self.subnet.network(), self.network.prefix_len())
+            .map_err(|e| BackendError::Config(format!("address for {}: {e}", self.subnet)))
+    }
+}
+
+/// The subnets the packet threads take as ours.
+fn own_subnets(families: &[Family]) -> OwnSubnets {
+    let mut own = OwnSubnets::default();
+    for f in families {
+        match f.subnet.trunc() {
+            IpNet::V4(n) => own.v4 = Some(n),
+            IpNet::V6(n) => own.v6 = Some(n),
+        }
+    }
+    own
+}
 
 /// The TUN device's addressing: what we gave it, to give it again if someone removes it.
 pub(crate) struct Addressing {
     device: &'static str,
-    /// Our lease's subnet and the Network, once we hold a lease.
-    adopted: Option<(Ipv4Net, Ipv4Net)>,
+    /// One entry per family the device carries, once we hold a lease.
+    adopted: Vec<Family>,
 }
 
 impl Addressing {
     pub fn new(device: &'static str) -> Self {
         Addressing {
             device,
-            adopted: None,
+            adopted: Vec::new(),
         }
     }
 
-    /// Points the device at our lease: it gets the lease's network address with the whole
-    /// Network's prefix (so the kernel routes every other node's pods into it), the pump's
-    /// MTU, and is brought up; the packet threads then take packets for `subnet` as ours.
+    /// Points the device at our lease: the pump's MTU, up, and an address per family (see
+    /// [`Family::address`]); the packet threads then take packets for those subnets as ours.
     pub async fn adopt(
         &mut self,
         netlink: &Netlink,
         state: &DeviceState,
-        subnet: Ipv4Net,
-        network: Ipv4Net,
+        families: &[Family],
     ) -> Result<(), BackendError> {
-        state.set_own_subnet(subnet);
-        self.adopted = Some((subnet, network));
-        self.apply(netlink, state, subnet, network).await
+        state.set_own(own_subnets(families));
+        self.adopted = families.to_vec();
+        self.apply(netlink, state).await
     }
 
-    /// Gives the device its address again if someone removed it; `Ok(true)` when it had to.
+    /// Gives the device its addresses again if someone removed one; `Ok(true)` when it had to.
     pub async fn repair(
         &self,
         netlink: &Netlink,
         state: &DeviceState,
     ) -> Result<bool, BackendError> {
-        let Some((subnet, network)) = self.adopted else {
+        if self.adopted.is_empty() {
             return Ok(false);
-        };
+        }
         let link = netlink.link_by_name(self.device).await?;
-        let want = IpAddr::V4(subnet.network());
-        let present = netlink
-            .addresses()
-            .await?
-            .iter()
-            .any(|(i, a)| *i == link.index && a.addr() == want);
-        if present {
+        let present = netlink.addresses().await?;
+        let mut missing = false;
+        for f in &self.adopted {
+            let want = f.subnet.network();
+            missing |= !present
+                .iter()
+                .any(|(i, a)| *i == link.index && a.addr() == want);
+        }
+        if !missing {
             return Ok(false);
         }
         tracing::warn!(
             device = self.device,
             "our device lost its address: restoring it"
         );
-        self.apply(netlink, state, subnet, network).await?;
+        self.apply(netlink, state).await?;
         Ok(true)
     }
 
-    async fn apply(
-        &self,
-        netlink: &Netlink,
-        state: &DeviceState,
-        subnet: Ipv4Net,
-        network: Ipv4Net,
-    ) -> Result<(), BackendError> {
-        let device = self.device;
-        let link = netlink.link_by_name(device).await?;
-        let addr = Ipv4Net::new(subnet.network(), network.prefix_len())
-            .map_err(|e| BackendError::Config(format!("address for {device}: {e}")))?;
-        netlink
-            .set_sole_address(link.index, IpNet::V4(addr))
-            .await?;
+    async fn apply(&self, netlink: &Netlink, state: &DeviceState) -> Result<(), BackendError> {
+        let link = netlink.link_by_name(self.device).await?;
+        // MTU first: setting one below IPv6's 1280 later would silently drop the device's IPv6
+        // address, while adding one to such a device fails here, loudly.
         netlink.set_mtu_up(link.index, state.mtu as u32).await?;
+        for f in &self.adopted {
+            netlink.set_sole_address(link.index, f.address()?).await?;
+        }
         Ok(())
     }
 }

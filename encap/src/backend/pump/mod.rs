@@ -14,7 +14,7 @@
 
 mod addressing;
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 mod outbox;
 mod ports;
 mod rx;
@@ -24,25 +24,53 @@ mod tests;
 mod tx;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use ipnet::Ipv4Net;
+use arc_swap::ArcSwap;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::BackendError;
-use crate::io::{open_tun, Offload, RecvMsg, UdpSock, DEFAULT_SOCKET_BUFFER};
+use crate::io::{open_tun, Listen, Offload, RecvMsg, UdpSock, DEFAULT_SOCKET_BUFFER};
 use crate::stats::{DropReason, Stats, Tally};
-pub(crate) use addressing::Addressing;
+pub(crate) use addressing::{Addressing, Family};
 pub(crate) use outbox::{Outbox, Transmit};
 pub(crate) use ports::{TunIo, UdpIo};
 pub(crate) use sender::UdpSender;
 
-/// What the control plane and the packet threads share about the device: our lease's subnet
+/// Our lease's subnets as the packet threads check them: what received packets must be for,
+/// and where ICMP errors to our pods come from. A family we do not carry is `None`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct OwnSubnets {
+    pub v4: Option<Ipv4Net>,
+    pub v6: Option<Ipv6Net>,
+}
+
+impl OwnSubnets {
+    /// Whether `addr` is one of our pods' (or our device's) addresses.
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        match addr {
+            IpAddr::V4(a) => self.v4.is_some_and(|n| n.contains(&a)),
+            IpAddr::V6(a) => self.v6.is_some_and(|n| n.contains(&a)),
+        }
+    }
+
+    /// Our device's address in the family of `peer` (the lease's network address), as the
+    /// source of an ICMP error to it.
+    pub fn address_for(&self, peer: IpAddr) -> Option<IpAddr> {
+        match peer {
+            IpAddr::V4(_) => self.v4.map(|n| IpAddr::V4(n.network())),
+            IpAddr::V6(_) => self.v6.map(|n| IpAddr::V6(n.network())),
+        }
+    }
+}
+
+/// What the control plane and the packet threads share about the device: our lease's subnets
 /// (what received packets must be for), the MTU and the counters.
 pub(crate) struct DeviceState {
-    /// Our lease's subnet as `addr << 8 | prefix_len` (0 = none yet): read per batch.
-    own: AtomicU64,
+    /// Read once per batch; swapped when our lease changes.
+    own: ArcSwap<OwnSubnets>,
     pub stats: Arc<Stats>,
     /// The TUN MTU: the largest inner packet we send.
     pub mtu: usize,
@@ -50,22 +78,24 @@ pub(crate) struct DeviceState {
 
 impl DeviceState {
     pub fn new(mtu: usize) -> Self {
+        Self::with_stats(mtu, Arc::new(Stats::default()))
+    }
+
+    /// A device whose counters add up with other devices' (wireguard's two in separate mode).
+    pub fn with_stats(mtu: usize, stats: Arc<Stats>) -> Self {
         DeviceState {
-            own: AtomicU64::new(0),
-            stats: Arc::new(Stats::default()),
+            own: ArcSwap::from_pointee(OwnSubnets::default()),
+            stats,
             mtu,
         }
     }
 
-    pub fn own_subnet(&self) -> Option<Ipv4Net> {
-        let v = self.own.load(Ordering::Relaxed);
-        let len = (v & 0xff) as u8;
-        (v != 0).then(|| Ipv4Net::new(Ipv4Addr::from((v >> 8) as u32), len).ok())?
+    pub fn own(&self) -> OwnSubnets {
+        **self.own.load()
     }
 
-    pub fn set_own_subnet(&self, net: Ipv4Net) {
-        let v = (u64::from(u32::from(net.network())) << 8) | u64::from(net.prefix_len());
-        self.own.store(v, Ordering::Relaxed);
+    pub fn set_own(&self, own: OwnSubnets) {
+        self.own.store(Arc::new(own));
     }
 }
 
@@ -90,9 +120,9 @@ pub(crate) trait Codec: Send + Sync + 'static {
     fn tx_scratch(&self) -> Self::TxScratch;
     fn rx_scratch(&self) -> Self::RxScratch;
 
-    /// The peer an inner IPv4 destination belongs to; `None` makes the pump answer the pod with
-    /// ICMP net unreachable.
-    fn route(&self, dst: Ipv4Addr) -> Option<Self::Route>;
+    /// The peer an inner destination belongs to; `None` makes the pump answer the pod with
+    /// ICMP net unreachable (ICMPv6 no route).
+    fn route(&self, dst: IpAddr) -> Option<Self::Route>;
 
     /// Turns complete inner packets into datagrams: `segs` holds them back to back, each
     /// `seg_len` bytes but the last, all for `route`. Returns the run to send (`None`: nothing
@@ -135,12 +165,12 @@ pub(crate) struct Pump<U: UdpIo = UdpSock> {
 pub(crate) const QUEUES: usize = 2;
 
 impl Pump {
-    /// Opens `device` with [`QUEUES`] queues and offloads, binds one socket per queue to `bind`
-    /// and starts the threads, named `<name>-tx<i>`/`<name>-rx<i>`.
+    /// Opens `device` with [`QUEUES`] queues and offloads, binds one socket per queue where
+    /// `listen` says and starts the threads, named `<name>-tx<i>`/`<name>-rx<i>`.
     pub fn start<C: Codec>(
         name: &str,
         device: &str,
-        bind: SocketAddr,
+        listen: Listen,
         codec: Arc<C>,
         state: Arc<DeviceState>,
     ) -> Result<Pump, BackendError> {
@@ -150,15 +180,15 @@ impl Pump {
         let mut ports = Vec::with_capacity(queues.len());
         let mut gro = false;
         for q in queues {
-            let sock = UdpSock::bind(bind, true)
-                .map_err(|e| io_error(format!("binding UDP {bind}"), e))?;
+            let sock = UdpSock::listen(listen, true)
+                .map_err(|e| io_error(format!("binding UDP {listen}"), e))?;
             sock.grow_buffers(DEFAULT_SOCKET_BUFFER);
             gro = sock.enable_gro();
             ports.push((q, sock));
         }
         let pump = Pump::run(name, codec, state, ports)?;
         tracing::info!(
-            port = bind.port(),
+            %listen,
             queues = QUEUES,
             "{name} datapath running: tun offload {offload:?}, udp gso {}, udp gro {gro}",
             pump.sender.gso()

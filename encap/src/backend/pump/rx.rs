@@ -2,13 +2,10 @@
 //! and vet their senders, drop what is not for our subnet, merge TCP segments into
 //! super-packets and write them to the TUN.
 
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
-
-use super::{Codec, DeviceState, Outbox, TunIo, UdpIo, UdpSender};
+use super::{Codec, DeviceState, Outbox, OwnSubnets, TunIo, UdpIo, UdpSender};
 use crate::io::{is_timeout, RecvBatch};
 use crate::stats::{DropReason, Tally};
 use crate::wire::{ip, Gro, VNET_HDR_LEN};
@@ -50,7 +47,7 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
             }
         };
         tally.syscalls += 1;
-        let own = state.own_subnet();
+        let own = state.own();
         for i in 0..n {
             let Some(msg) = batch.msg(i) else { continue };
             // Only the beginning of a message larger than its slot arrived.
@@ -79,9 +76,9 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
 }
 
 /// Queues an admitted inner packet for the TUN if it is for a pod of ours.
-fn deliver<T: TunIo>(pkt: &[u8], own: Option<Ipv4Net>, tun: &T, gro: &mut Gro, tally: &mut Tally) {
+fn deliver<T: TunIo>(pkt: &[u8], own: OwnSubnets, tun: &T, gro: &mut Gro, tally: &mut Tally) {
     match ip::addrs(pkt) {
-        Ok((_, IpAddr::V4(dst))) if own.is_some_and(|o| o.contains(&dst)) => {}
+        Ok((_, dst)) if own.contains(dst) => {}
         Ok(_) => return tally.count_drop(DropReason::NotForUs),
         Err(_) => return tally.count_drop(DropReason::Malformed),
     }

@@ -1,7 +1,7 @@
 //! The pump's threads over in-memory TUN queues and sockets (`fake.rs`): no root, no kernel.
 //! A minimal codec (datagram = inner packet, one peer) keeps the pump itself under test.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv4Net;
 
 use super::fake::{FakeNet, FakeTun, FakeUdp};
-use super::{Codec, DeviceState, Outbox, Pump, Transmit};
+use super::{Codec, DeviceState, Outbox, OwnSubnets, Pump, Transmit};
 use crate::io::RecvMsg;
 use crate::stats::{DropReason, Tally};
 use crate::wire::testutil::TcpSpec;
@@ -30,8 +30,11 @@ impl Codec for Plain {
     fn tx_scratch(&self) {}
     fn rx_scratch(&self) {}
 
-    fn route(&self, dst: Ipv4Addr) -> Option<SocketAddr> {
-        self.subnet.contains(&dst).then_some(self.peer)
+    fn route(&self, dst: IpAddr) -> Option<SocketAddr> {
+        match dst {
+            IpAddr::V4(dst) => self.subnet.contains(&dst).then_some(self.peer),
+            IpAddr::V6(_) => None,
+        }
     }
 
     fn transmit<'a>(
@@ -77,7 +80,10 @@ fn node(net: &Arc<FakeNet>, own: u8, peer: u8) -> Node {
     let tun = Arc::new(FakeTun::default());
     let sock = Arc::new(net.bind(addr(own)));
     let state = Arc::new(DeviceState::new(MTU));
-    state.set_own_subnet(subnet(own));
+    state.set_own(OwnSubnets {
+        v4: Some(subnet(own)),
+        v6: None,
+    });
     let codec = Arc::new(Plain {
         subnet: subnet(peer),
         peer: addr(peer),
@@ -171,6 +177,41 @@ fn routeless_packets_get_icmp_unreachable() {
     eventually("a no_route drop", || {
         a.state.stats.drops(DropReason::NoRoute) == 1
     });
+}
+
+#[test]
+fn routeless_ipv6_gets_icmpv6_from_our_ipv6_address_if_we_have_one() {
+    let (a, _b) = pair();
+    let mut spec = TcpSpec::v6().udp().payload(&[1u8; 100]);
+    spec.src = "fc00:44:0:1::5".parse().expect("ip");
+    spec.dst = "fc00:44:0:9::9".parse().expect("ip");
+    let pkt = spec.build();
+    // IPv4 only (the udp backend): nothing to answer from, only counted.
+    a.tun.inject(from_pod(&pkt));
+    eventually("a no_route drop", || {
+        a.state.stats.drops(DropReason::NoRoute) == 1
+    });
+    assert!(a.tun.written(Duration::from_millis(100)).is_empty());
+    // With an IPv6 subnet: ICMPv6 destination unreachable (type 1, no route) to the pod.
+    let mut own = a.state.own();
+    own.v6 = Some("fc00:44:0:1::/64".parse().expect("net"));
+    a.state.set_own(own);
+    a.tun.inject(from_pod(&pkt));
+    let got = delivered(&a.tun, 1, Duration::from_secs(3));
+    assert_eq!(got.len(), 1, "an answer to the pod");
+    assert_eq!(
+        (got[0][0] >> 4, got[0][6], got[0][40]),
+        (6, 58, 1),
+        "ICMPv6 unreachable"
+    );
+    assert_eq!(
+        &got[0][8..24],
+        &"fc00:44:0:1::"
+            .parse::<std::net::Ipv6Addr>()
+            .expect("ip")
+            .octets()
+    );
+    assert_eq!(&got[0][24..40], &pkt[8..24], "to the sender");
 }
 
 #[test]

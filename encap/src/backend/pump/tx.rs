@@ -83,12 +83,11 @@ fn forward<C: Codec, T: TunIo, U: UdpIo>(
         return tally.count_drop(DropReason::Malformed);
     };
     let dst = match ip::addrs(pkt) {
-        Ok((_, IpAddr::V4(dst))) => dst,
-        Ok(_) => return tally.count_drop(DropReason::NoRoute),
+        Ok((_, dst)) => dst,
         Err(_) => return tally.count_drop(DropReason::Malformed),
     };
     let Some(route) = codec.route(dst) else {
-        reply_unreachable(tun, state, pkt);
+        reply_unreachable(tun, state, pkt, dst);
         return tally.count_drop(DropReason::NoRoute);
     };
     if C::DECREMENT_TTL {
@@ -130,13 +129,14 @@ fn forward<C: Codec, T: TunIo, U: UdpIo>(
     }
 }
 
-/// Tells a local pod its destination is in no lease (ICMP net unreachable), as a router would.
-fn reply_unreachable<T: TunIo>(tun: &T, state: &DeviceState, pkt: &[u8]) {
-    let mut reply = [0u8; VNET_HDR_LEN + 600];
-    let Some(own) = state.own_subnet() else {
+/// Tells a local pod its destination is in no lease (ICMP net unreachable, ICMPv6 no route),
+/// as a router would, from our device's address of that family (none: no reply).
+fn reply_unreachable<T: TunIo>(tun: &T, state: &DeviceState, pkt: &[u8], dst: IpAddr) {
+    // Room for the longest reply: ICMPv6 quotes up to 1280 - 48 bytes.
+    let mut reply = [0u8; VNET_HDR_LEN + 1280];
+    let Some(from) = state.own().address_for(dst) else {
         return;
     };
-    let from = IpAddr::V4(own.network());
     let Some((hdr, body)) = reply.split_at_mut_checked(VNET_HDR_LEN) else {
         return;
     };

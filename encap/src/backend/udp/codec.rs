@@ -25,7 +25,7 @@ impl Codec for UdpCodec {
     fn tx_scratch(&self) {}
     fn rx_scratch(&self) {}
 
-    fn route(&self, dst: Ipv4Addr) -> Option<SocketAddr> {
+    fn route(&self, dst: IpAddr) -> Option<SocketAddr> {
         self.peers.load().route(dst).map(|p| p.endpoint)
     }
 

@@ -17,8 +17,9 @@ use async_trait::async_trait;
 use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::{Lease, SubnetKey};
 
-use super::pump::{Addressing, DeviceState, Pump};
+use super::pump::{Addressing, DeviceState, Family, Pump};
 use super::{backend_port, Backend, BackendError, LeaseData, NodeInfo};
+use crate::io::Listen;
 use crate::netlink::Netlink;
 use crate::peers::{Peer, PeerTable, SharedPeers};
 use crate::stats::Stats;
@@ -46,9 +47,15 @@ pub struct Udp {
 
 impl Udp {
     pub fn new(network: &NetworkConfig, node: &NodeInfo) -> Result<Self, BackendError> {
-        if network.network.is_none() {
+        if network.network.is_none() || !network.enable_ipv4 {
             return Err(BackendError::Config(
                 "the udp backend needs an IPv4 Network".into(),
+            ));
+        }
+        // Flannel's udp backend is IPv4 only, and its wire format has no room for a family.
+        if network.enable_ipv6 {
+            return Err(BackendError::Config(
+                "the udp backend is IPv4 only, as Flannel's: set EnableIPv6 to false, or use the host-gw, vxlan or wireguard backend for dual stack".into(),
             ));
         }
         let port = backend_port(network, "Port", DEFAULT_PORT)?;
@@ -113,10 +120,21 @@ impl Backend for Udp {
                 peers: self.table.clone(),
             });
             let bind = SocketAddr::new(IpAddr::V4(self.node.public_ip), self.port);
-            self.pump = Some(Pump::start(TYPE, DEVICE, bind, codec, self.state.clone())?);
+            let listen = Listen::At(bind);
+            self.pump = Some(Pump::start(
+                TYPE,
+                DEVICE,
+                listen,
+                codec,
+                self.state.clone(),
+            )?);
         }
+        let family = Family {
+            subnet: subnet.into(),
+            network: network.into(),
+        };
         self.addressing
-            .adopt(&self.netlink, &self.state, subnet, network)
+            .adopt(&self.netlink, &self.state, &[family])
             .await
     }
 
@@ -151,5 +169,41 @@ impl Backend for Udp {
             .collect();
         self.publish_peers();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new(json: &str) -> Result<Udp, BackendError> {
+        let config = NetworkConfig::parse(json.as_bytes()).expect("config");
+        let node = NodeInfo {
+            iface: crate::netlink::Link {
+                index: 1,
+                name: "eth0".into(),
+                mtu: 1500,
+            },
+            public_ip: "172.30.0.11".parse().expect("ip"),
+            public_ipv6: Some("fd00:30::11".parse().expect("ip")),
+            wg_key_file: None,
+        };
+        Udp::new(&config, &node)
+    }
+
+    #[test]
+    fn ipv6_is_refused_clearly() {
+        let dual = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fc00:44::/48","Backend":{"Type":"udp"}}"#;
+        let err = new(dual).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            err.contains("IPv4 only") && err.contains("EnableIPv6"),
+            "{err}"
+        );
+        let v6_only = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00:44::/48","Backend":{"Type":"udp"}}"#;
+        let err = new(v6_only)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("IPv4 Network"), "{err}");
     }
 }

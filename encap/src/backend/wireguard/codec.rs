@@ -16,7 +16,7 @@
 //! Handshake messages pass the shared rate limiter (mac1 check, cookie replies under load)
 //! before any Diffie-Hellman is spent on them.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -279,7 +279,7 @@ impl Codec for WgCodec {
         }
     }
 
-    fn route(&self, dst: Ipv4Addr) -> Option<Arc<WgPeer>> {
+    fn route(&self, dst: IpAddr) -> Option<Arc<WgPeer>> {
         self.table.load().route(dst).map(|f| f.peer.clone())
     }
 
@@ -411,29 +411,37 @@ impl Codec for WgCodec {
                 tally.count_drop(DropReason::Malformed);
                 continue;
             };
-            match tunn.decapsulate(Some(src.ip()), d, dst) {
-                TunnResult::WriteToTunnelV4(p, inner_src) => {
-                    h.authentic = true;
-                    if table.allows(h.slot, inner_src) {
-                        sc.pkts.push((sc.used, p.len()));
-                        sc.used += p.len();
-                    } else {
-                        tally.count_drop(DropReason::SpoofedSource);
-                    }
-                }
-                // Authentic, but no IPv6 AllowedIPs exist (IPv4-only backend).
-                TunnResult::WriteToTunnelV6(..) => {
-                    h.authentic = true;
-                    tally.count_drop(DropReason::SpoofedSource);
-                }
+            let opened = match tunn.decapsulate(Some(src.ip()), d, dst) {
+                TunnResult::WriteToTunnelV4(p, inner_src) => Some((p.len(), inner_src.into())),
+                TunnResult::WriteToTunnelV6(p, inner_src) => Some((p.len(), inner_src.into())),
                 // A keepalive.
-                TunnResult::Done => h.authentic = true,
-                TunnResult::WriteToNetwork(p) => out.push_control(src, p),
+                TunnResult::Done => {
+                    h.authentic = true;
+                    None
+                }
+                TunnResult::WriteToNetwork(p) => {
+                    out.push_control(src, p);
+                    None
+                }
                 // Not sealed with this peer's current keys (forged, corrupted, wrong key, stale
                 // session: InvalidAeadTag, NoCurrentSession, WrongIndex) or a replay
                 // (DuplicateCounter, InvalidCounter: already seen, or behind the counter
                 // window): not from the peer as far as we can tell.
-                TunnResult::Err(_) => tally.count_drop(DropReason::NotAuthentic),
+                TunnResult::Err(_) => {
+                    tally.count_drop(DropReason::NotAuthentic);
+                    None
+                }
+            };
+            if let Some((len, inner_src)) = opened {
+                // Authentic; WireGuard's cryptokey routing then asks whether this peer may send
+                // from that address (a subnet of its lease, of the packet's own family).
+                h.authentic = true;
+                if table.allows(h.slot, inner_src) {
+                    sc.pkts.push((sc.used, len));
+                    sc.used += len;
+                } else {
+                    tally.count_drop(DropReason::SpoofedSource);
+                }
             }
         }
         release(&mut held, sc, src, tally, &mut deliver);

@@ -92,7 +92,7 @@ fn node(lan: &Lan, net: u8) -> Node {
     }
 }
 
-/// Makes `b` a peer of `a` (AllowedIPs = b's /24), with a fresh `Tunn`.
+/// Makes `b` a peer of `a` (AllowedIPs = b's /24 and /64), with a fresh `Tunn`.
 fn link(a: &Node, b: &Node, index: u32) -> Arc<WgPeer> {
     let tunn = Tunn::new(
         a.codec.keys().secret.clone(),
@@ -119,7 +119,10 @@ fn link(a: &Node, b: &Node, index: u32) -> Arc<WgPeer> {
     // Existing entries lose their AllowedIPs here; tests link each pair once, before traffic.
     entries.push((
         peer.clone(),
-        vec![format!("10.244.{}.0/24", b.net).parse().expect("net")],
+        vec![
+            format!("10.244.{}.0/24", b.net).parse().expect("net"),
+            format!("fc00:44:0:{}::/64", b.net).parse().expect("net"),
+        ],
     ));
     a.codec.table.store(Arc::new(WgTable::new(entries)));
     peer
@@ -158,7 +161,7 @@ fn send(a: &mut Node, to: u8, pkts: &[Vec<u8>]) -> Result<(), DropReason> {
     let segs: Vec<u8> = pkts.concat();
     let route = a
         .codec
-        .route(Ipv4Addr::new(10, 244, to, 7))
+        .route(Ipv4Addr::new(10, 244, to, 7).into())
         .expect("a route to the peer");
     let run = a
         .codec
@@ -255,7 +258,10 @@ fn replays_and_spoofed_sources_are_dropped() {
     let elsewhere = (SocketAddr::from(([192, 0, 2, 99], 4444)), msg.1, msg.2);
     assert!(receive(&mut b, &elsewhere).is_empty());
     assert_eq!(drops(&b, DropReason::NotAuthentic), 2);
-    let peer_a = b.codec.route(Ipv4Addr::new(10, 244, 1, 5)).expect("route");
+    let peer_a = b
+        .codec
+        .route(Ipv4Addr::new(10, 244, 1, 5).into())
+        .expect("route");
     assert_eq!(peer_a.lock().endpoint, a.addr);
 
     // Authentic, but the inner source is not a's pod subnet.
@@ -408,7 +414,10 @@ fn a_peer_that_moves_keeps_working() {
     let p = packet(pod(1, 5), pod(2, 7), 300, 8);
     send(&mut a, 2, std::slice::from_ref(&p)).expect("sent");
     assert_eq!(poll(&mut b), vec![p]);
-    let peer_a = b.codec.route(Ipv4Addr::new(10, 244, 1, 5)).expect("route");
+    let peer_a = b
+        .codec
+        .route(Ipv4Addr::new(10, 244, 1, 5).into())
+        .expect("route");
     assert_eq!(
         peer_a.lock().endpoint,
         a.addr,
@@ -419,4 +428,53 @@ fn a_peer_that_moves_keeps_working() {
     send(&mut b, 1, &back).expect("sent");
     assert_eq!(poll(&mut a), back);
     assert_eq!(a.lan.waiting(old), 0, "nothing went to the old address");
+}
+
+/// A UDP packet from fc00:44:0:<from>::5 to fc00:44:0:<to>::7.
+fn packet_v6(from: u8, to: u8, len: usize) -> Vec<u8> {
+    let mut spec = crate::wire::testutil::TcpSpec::v6()
+        .udp()
+        .payload(&vec![from; len]);
+    spec.src = format!("fc00:44:0:{from}::5").parse().expect("ip");
+    spec.dst = format!("fc00:44:0:{to}::7").parse().expect("ip");
+    spec.build()
+}
+
+#[test]
+fn ipv6_inner_packets_round_trip_and_spoofed_v6_sources_are_dropped() {
+    let (mut a, mut b) = pair();
+    handshake(&mut a, &mut b);
+    // A run of IPv6 packets, routed by their IPv6 destination to the same peer.
+    let run: Vec<Vec<u8>> = (0..10).map(|_| packet_v6(1, 2, 1200)).collect();
+    let route = a
+        .codec
+        .route("fc00:44:0:2::7".parse().expect("ip"))
+        .expect("an IPv6 route to b");
+    assert_eq!(route.index, 11);
+    let segs = run.concat();
+    let sent = a
+        .codec
+        .transmit(
+            &mut a.tx,
+            route,
+            &segs,
+            run[0].len(),
+            &mut a.out,
+            &mut a.tally,
+        )
+        .expect("sealed")
+        .expect("a run");
+    a.lan.send_run(a.addr, &sent);
+    assert_eq!(poll(&mut b), run);
+    // Authentic, but from b's IPv6 subnet, or from a third node's: not a's to send.
+    for from in [2, 9] {
+        send(&mut a, 2, &[packet_v6(from, 2, 300)]).expect("sent");
+        assert!(poll(&mut b).is_empty(), "from fc00:44:0:{from}::5");
+    }
+    assert_eq!(drops(&b, DropReason::SpoofedSource), 2);
+    assert_eq!(drops(&b, DropReason::NotAuthentic), 0);
+    // And back over IPv6.
+    let back = vec![packet_v6(2, 1, 80)];
+    send(&mut b, 1, &back).expect("sent");
+    assert_eq!(poll(&mut a), back);
 }

@@ -3,75 +3,66 @@
 //! backend, so it speaks standard WireGuard to Flannel's kernel backend, wireguard-go or `wg`
 //! peers, and is fast.
 //!
-//! Like Flannel: TUN `flannel-wg` holding the lease's network address with the Network's prefix
-//! (one route for the whole Network into the device), MTU = underlay - 80, one WireGuard peer per
-//! remote node with AllowedIPs = its lease subnet and endpoint = PublicIP:Port, the private key
-//! in a key file (created once, reused), and `{"PublicKey":…,"Port":…}` in our lease.
+//! Like Flannel v0.28.9: TUN devices holding the lease's network address with the Network's
+//! prefix per family (one route for the whole Network, and IPv6Network, into the device),
+//! MTU = underlay - 80, one WireGuard peer per remote node and device with AllowedIPs = its
+//! lease subnets, the private key in a key file (created once, reused, the same for every
+//! device), and `{"PublicKey":…,"Port":ListenPort}` in BackendData with EnableIPv4,
+//! `{"PublicKey":…,"Port":ListenPortV6}` in BackendV6Data with EnableIPv6.
 //!
-//! IPv4 only for now: `Mode` ipv6 and dual-stack configs are refused with a clear error.
+//! `Mode` separate (the default) runs `flannel-wg` for IPv4 over IPv4 and `flannel-wg-v6` for
+//! IPv6 over IPv6; auto, ipv4 and ipv6 run `flannel-wg` alone for both families, each peer
+//! reached over the family the mode picks (see `lease.rs`).
 
 mod codec;
 #[cfg(test)]
 mod codec_tests;
 mod config;
+mod device;
 mod keys;
+mod lease;
 mod peers;
+#[cfg(test)]
+mod pump_tests;
 
-use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv6Addr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use boringtun::noise::Tunn;
-use boringtun::x25519::PublicKey;
-use ipnet::Ipv4Net;
-use serde_json::{json, Value};
+use ipnet::IpNet;
+use serde_json::json;
 use subnet_manager::config::NetworkConfig;
-use subnet_manager::lease::{Lease, SubnetKey};
+use subnet_manager::lease::Lease;
 
-use super::pump::{io_error, Addressing, DeviceState, Outbox, Pump};
+use super::pump::{io_error, Family};
 use super::{Backend, BackendError, LeaseData, NodeInfo};
 use crate::netlink::Netlink;
-use crate::stats::{Stats, Tally};
-use codec::WgCodec;
-use config::WgConfig;
-use peers::{WgPeer, WgTable, INDEX_BITS};
+use crate::stats::Stats;
+use config::{DeviceSpec, WgConfig};
+use device::WgDevice;
+use keys::StaticKeys;
+use lease::device_peer;
 
 const TYPE: &str = "wireguard";
-const DEVICE: &str = "flannel-wg";
 /// Flannel's figure: outer IPv6 header (40, the worst case) + UDP (8) + WireGuard (32).
 const OVERHEAD: u32 = 80;
 /// Flannel's key file.
 pub const DEFAULT_KEY_FILE: &str = "/run/flannel/wgkey";
-/// How often peer timers run: well under WireGuard's shortest timer (REKEY_TIMEOUT, 5 s).
-const TIMER_TICK: Duration = Duration::from_millis(100);
-
-/// One lease of a wireguard node, as it configures a peer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct LeasePeer {
-    public_key: [u8; 32],
-    subnet: Ipv4Net,
-    endpoint: SocketAddr,
-}
 
 pub struct WireGuard {
     netlink: Netlink,
     network: NetworkConfig,
     cfg: WgConfig,
-    codec: Arc<WgCodec>,
-    state: Arc<DeviceState>,
-    /// Every wireguard lease but ours, by lease key.
-    leases: HashMap<SubnetKey, LeasePeer>,
-    /// One peer per public key (a node may briefly hold two leases with one key).
-    peers: HashMap<[u8; 32], Arc<WgPeer>>,
-    next_index: u32,
-    /// The packet and timer threads, once started; dropping it stops them.
-    pump: Option<Pump>,
-    /// The TUN device's address for our lease.
-    addressing: Addressing,
+    public_key: [u8; 32],
+    /// Our PublicIPv6: Mode auto reaches a peer over IPv6 only if it is public.
+    public_ipv6: Option<Ipv6Addr>,
+    /// One per device the config calls for (two in dual-stack separate mode).
+    devices: Vec<WgDevice>,
+    /// The devices' counters, added up.
+    stats: Arc<Stats>,
+    mtu: usize,
 }
 
 impl WireGuard {
@@ -82,176 +73,76 @@ impl WireGuard {
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_KEY_FILE));
         let keys = keys::load_or_create(&key_file)?;
+        let specs = cfg.devices();
         tracing::info!(
             public_key = %keys::encode_key(keys.public.as_bytes()),
             file = %key_file.display(),
-            port = cfg.listen_port,
+            devices = ?specs.iter().map(|d| d.name).collect::<Vec<_>>(),
             ?cfg,
             "WireGuard key loaded"
         );
         let seed =
             keys::random_key().map_err(|e| io_error("reading random bytes for peer indexes", e))?;
         let mtu = node.iface.mtu.saturating_sub(OVERHEAD) as usize;
+        let stats = Arc::new(Stats::default());
+        let devices = specs
+            .into_iter()
+            .zip(seed.chunks_exact(3))
+            .map(|(spec, s)| {
+                let keys = StaticKeys {
+                    secret: keys.secret.clone(),
+                    public: keys.public,
+                };
+                let seed = u32::from_le_bytes([s[0], s[1], s[2], 0]);
+                WgDevice::new(spec, keys, &cfg, mtu, stats.clone(), seed)
+            })
+            .collect();
         Ok(WireGuard {
             netlink: Netlink::open()?,
             network: network.clone(),
             cfg,
-            codec: Arc::new(WgCodec::new(keys)),
-            state: Arc::new(DeviceState::new(mtu)),
-            leases: HashMap::new(),
-            peers: HashMap::new(),
-            next_index: u32::from_le_bytes([seed[0], seed[1], seed[2], 0]),
-            pump: None,
-            addressing: Addressing::new(DEVICE),
+            public_key: *keys.public.as_bytes(),
+            public_ipv6: node.public_ipv6,
+            devices,
+            stats,
+            mtu,
         })
     }
-}
 
-/// The peer a wireguard lease describes (`listen_port`: ours, for leases of older Flannel
-/// that publish no Port); the error says why it cannot be one.
-fn lease_peer(lease: &Lease, listen_port: u16) -> Result<LeasePeer, String> {
-    let subnet = lease
-        .key
-        .ipv4
-        .ok_or("no IPv4 subnet (the wireguard backend is IPv4 only for now)")?;
-    let ip = lease.attrs.public_ip;
-    if ip.is_unspecified() {
-        return Err("no PublicIP".into());
-    }
-    let data = lease
-        .attrs
-        .backend_data
-        .as_ref()
-        .and_then(Value::as_object)
-        .ok_or("no BackendData object with the node's PublicKey")?;
-    // Go decodes BackendData case-insensitively.
-    let get = |name: &str| subnet_manager::json::field(data, name);
-    let public_key = get("PublicKey")
-        .and_then(Value::as_str)
-        .and_then(keys::decode_key)
-        .ok_or("BackendData.PublicKey is not a base64 WireGuard key")?;
-    // Older Flannel publishes no Port: its peers listen where we do.
-    let port = match get("Port") {
-        None => listen_port,
-        Some(v) => v
-            .as_u64()
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("BackendData.Port {v} is not a port"))?,
-    };
-    Ok(LeasePeer {
-        public_key,
-        subnet,
-        endpoint: SocketAddr::new(IpAddr::V4(ip), port),
-    })
-}
-
-impl WireGuard {
-    fn alloc_index(&mut self) -> u32 {
-        let mask = (1u32 << INDEX_BITS) - 1;
-        loop {
-            self.next_index = self.next_index.wrapping_add(1) & mask;
-            let i = self.next_index;
-            if i != 0 && !self.peers.values().any(|p| p.index == i) {
-                return i;
-            }
-        }
-    }
-
-    /// Makes the peers match the leases: new keys get a fresh `Tunn`, gone keys are dropped
-    /// (their keys wiped once the packet threads let go), endpoints follow lease changes; then
-    /// the packet threads get the new table.
-    fn sync_peers(&mut self, changed: &[LeasePeer]) {
-        let mut wanted: HashMap<[u8; 32], Vec<Ipv4Net>> = HashMap::new();
-        for l in self.leases.values() {
-            wanted.entry(l.public_key).or_default().push(l.subnet);
-        }
-        self.peers.retain(|k, _| wanted.contains_key(k));
-        for key in wanted.keys() {
-            if self.peers.contains_key(key) {
-                continue;
-            }
-            let Some(lease) = self.leases.values().find(|l| l.public_key == *key) else {
-                continue;
+    /// The families `dev` carries, with our lease's subnet and the Network of each.
+    fn families(&self, dev: &DeviceSpec, own: &Lease) -> Result<Vec<Family>, BackendError> {
+        let mut out = Vec::new();
+        if dev.carries(false, &self.cfg) {
+            let (Some(subnet), Some(network)) = (own.key.ipv4, self.network.network) else {
+                return Err(BackendError::Config(format!(
+                    "{}: IPv4 is enabled but our lease has no IPv4 subnet",
+                    dev.name
+                )));
             };
-            let endpoint = changed
-                .iter()
-                .find(|l| l.public_key == *key)
-                .map_or(lease.endpoint, |l| l.endpoint);
-            let index = self.alloc_index();
-            let tunn = Tunn::new(
-                self.codec.keys().secret.clone(),
-                PublicKey::from(*key),
-                self.cfg.psk,
-                self.cfg.keepalive,
-                index,
-                Some(self.codec.limiter.clone()),
-            );
-            self.peers
-                .insert(*key, Arc::new(WgPeer::new(index, *key, tunn, endpoint)));
+            out.push(Family {
+                subnet: IpNet::V4(subnet),
+                network: IpNet::V4(network),
+            });
         }
-        // A lease that moved its endpoint moves the peer, even if it had roamed meanwhile.
-        for l in changed {
-            if let Some(peer) = self.peers.get(&l.public_key) {
-                let mut st = peer.lock();
-                if st.configured != l.endpoint {
-                    st.configured = l.endpoint;
-                    st.endpoint = l.endpoint;
-                }
-            }
+        if dev.carries(true, &self.cfg) {
+            let (Some(subnet), Some(network)) = (own.key.ipv6, self.network.ipv6_network) else {
+                return Err(BackendError::Config(format!(
+                    "{}: IPv6 is enabled but our lease has no IPv6 subnet",
+                    dev.name
+                )));
+            };
+            out.push(Family {
+                subnet: IpNet::V6(subnet),
+                network: IpNet::V6(network),
+            });
         }
-        let mut entries: Vec<(Arc<WgPeer>, Vec<Ipv4Net>)> = wanted
-            .into_iter()
-            .filter_map(|(k, mut nets)| {
-                nets.sort();
-                Some((self.peers.get(&k)?.clone(), nets))
-            })
-            .collect();
-        entries.sort_by_key(|(p, _)| p.index);
-        self.state.stats.table_published(entries.len());
-        self.codec.table.store(Arc::new(WgTable::new(entries)));
+        Ok(out)
     }
 
-    /// Opens flannel-wg (replacing a leftover device of that name that is not a TUN, e.g.
-    /// Flannel's kernel WireGuard device on a node migrating to us) and starts the threads.
-    async fn start_pump(&mut self) -> Result<(), BackendError> {
-        let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), self.cfg.listen_port);
-        let start = || Pump::start("wg", DEVICE, bind, self.codec.clone(), self.state.clone());
-        let mut pump = match start() {
-            Ok(p) => p,
-            Err(first) => {
-                let Ok(old) = self.netlink.link_by_name(DEVICE).await else {
-                    return Err(first);
-                };
-                tracing::warn!(
-                    "{first}: replacing the existing {DEVICE} (index {})",
-                    old.index
-                );
-                self.netlink
-                    .handle()
-                    .link()
-                    .del(old.index)
-                    .execute()
-                    .await
-                    .map_err(|e| BackendError::Config(format!("deleting the old {DEVICE}: {e}")))?;
-                start()?
-            }
-        };
-        let (codec, sender, state) = (self.codec.clone(), pump.sender(), self.state.clone());
-        // Handshake retries, rekeying, keepalives, the rate limiter's reset.
-        pump.spawn("wg-timers".into(), move |stop: &AtomicBool| {
-            let mut buf = vec![0u8; 65_536 + 256];
-            let mut due = Outbox::new();
-            let mut tally = Tally::default();
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(TIMER_TICK);
-                codec.tick(&mut buf, &mut due);
-                sender.flush(&mut due, &mut tally);
-                tally.flush_tx(&state.stats);
-            }
-        })?;
-        self.pump = Some(pump);
-        Ok(())
+    /// `flanneld_datapath_peers`: remote nodes, however many devices each is a peer of.
+    fn publish_peer_count(&self) {
+        let keys: HashSet<&[u8; 32]> = self.devices.iter().flat_map(|d| d.peers.keys()).collect();
+        self.stats.table_published(keys.len());
     }
 }
 
@@ -262,41 +153,47 @@ impl Backend for WireGuard {
     }
 
     fn mtu(&self) -> u32 {
-        self.state.mtu as u32
+        self.mtu as u32
     }
 
     fn lease_data(&self) -> LeaseData {
+        // Flannel publishes both objects by family, whatever the mode, with the same key.
+        let key = keys::encode_key(&self.public_key);
         LeaseData {
             backend_type: Some(TYPE.into()),
-            backend_data: Some(json!({
-                "PublicKey": keys::encode_key(self.codec.keys().public.as_bytes()),
-                "Port": self.cfg.listen_port,
-            })),
-            backend_v6_data: None,
+            backend_data: self
+                .cfg
+                .ipv4
+                .then(|| json!({"PublicKey": key, "Port": self.cfg.listen_port})),
+            backend_v6_data: self
+                .cfg
+                .ipv6
+                .then(|| json!({"PublicKey": key, "Port": self.cfg.listen_port_v6})),
         }
     }
 
     fn stats(&self) -> Option<Arc<Stats>> {
-        Some(self.state.stats.clone())
+        Some(self.stats.clone())
     }
 
     async fn start(&mut self, own: &Lease) -> Result<(), BackendError> {
-        let (Some(subnet), Some(network)) = (own.key.ipv4, self.network.network) else {
-            return Err(BackendError::Config(
-                "the wireguard backend needs an IPv4 lease".into(),
-            ));
-        };
-        if self.pump.is_none() {
-            self.start_pump().await?;
+        let families: Vec<Vec<Family>> = self
+            .devices
+            .iter()
+            .map(|d| self.families(&d.spec, own))
+            .collect::<Result<_, _>>()?;
+        for (dev, families) in self.devices.iter_mut().zip(families) {
+            dev.start(&self.netlink, &families).await?;
         }
-        self.addressing
-            .adopt(&self.netlink, &self.state, subnet, network)
-            .await
+        Ok(())
     }
 
     async fn repair(&mut self) -> Result<usize, BackendError> {
-        let restored = self.addressing.repair(&self.netlink, &self.state).await?;
-        Ok(usize::from(restored))
+        let mut restored = 0;
+        for dev in &self.devices {
+            restored += usize::from(dev.repair(&self.netlink).await?);
+        }
+        Ok(restored)
     }
 
     async fn add_peer(&mut self, peer: &Lease) -> Result<(), BackendError> {
@@ -304,42 +201,68 @@ impl Backend for WireGuard {
             peer: peer.key.to_string(),
             reason,
         };
-        let lp = lease_peer(peer, self.cfg.listen_port).map_err(err)?;
-        if lp.public_key == *self.codec.keys().public.as_bytes() {
+        let plans: Vec<_> = self
+            .devices
+            .iter()
+            .map(|d| device_peer(peer, &d.spec, &self.cfg, self.public_ipv6))
+            .collect();
+        let ours = |p: &Result<Option<lease::DevicePeer>, String>| matches!(p, Ok(Some(p)) if p.public_key == self.public_key);
+        if plans.iter().any(ours) {
             return Err(err(
                 "ignored: it carries our own public key (a copied key file?)".into(),
             ));
         }
-        let changed = self.leases.get(&peer.key) != Some(&lp);
-        self.leases.insert(peer.key.clone(), lp.clone());
+        let (mut carried, mut changed, mut refused) = (false, false, Vec::new());
+        for (dev, plan) in self.devices.iter_mut().zip(plans) {
+            match plan {
+                Ok(p) => {
+                    carried |= p.is_some();
+                    changed |= dev.set_lease(&peer.key, p);
+                }
+                // What the device had of this lease stays, as a bad update leaves it.
+                Err(why) => refused.push(format!("{}: {why}", dev.spec.name)),
+            }
+        }
         if changed {
-            self.sync_peers(&[lp]);
+            self.publish_peer_count();
+        }
+        if !refused.is_empty() {
+            return Err(err(refused.join("; ")));
+        }
+        if !carried {
+            return Err(err("no subnet of a family we carry".into()));
         }
         Ok(())
     }
 
     async fn remove_peer(&mut self, peer: &Lease) -> Result<(), BackendError> {
-        if self.leases.remove(&peer.key).is_some() {
-            self.sync_peers(&[]);
+        let mut changed = false;
+        for dev in &mut self.devices {
+            changed |= dev.set_lease(&peer.key, None);
+        }
+        if changed {
+            self.publish_peer_count();
         }
         Ok(())
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError> {
-        let own = *self.codec.keys().public.as_bytes();
-        self.leases = peers
-            .iter()
-            .filter_map(|p| match lease_peer(p, self.cfg.listen_port) {
-                Ok(lp) if lp.public_key != own => Some((p.key.clone(), lp)),
-                Ok(_) => None,
-                Err(why) => {
-                    tracing::warn!(peer = %p.key, "wireguard lease ignored: {why}");
-                    None
+        for dev in &mut self.devices {
+            let mut leases = HashMap::new();
+            for p in peers {
+                match device_peer(p, &dev.spec, &self.cfg, self.public_ipv6) {
+                    Ok(Some(dp)) if dp.public_key != self.public_key => {
+                        leases.insert(p.key.clone(), dp);
+                    }
+                    Ok(_) => {}
+                    Err(why) => {
+                        tracing::warn!(peer = %p.key, device = dev.spec.name, "wireguard lease ignored: {why}");
+                    }
                 }
-            })
-            .collect();
-        let all: Vec<LeasePeer> = self.leases.values().cloned().collect();
-        self.sync_peers(&all);
+            }
+            dev.set_all(leases);
+        }
+        self.publish_peer_count();
         Ok(())
     }
 }
@@ -347,11 +270,13 @@ impl Backend for WireGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
+    use subnet_manager::lease::{LeaseAttrs, SubnetKey};
 
     fn lease(json: &str) -> Lease {
         Lease {
             key: SubnetKey::parse("10.244.7.0-24").expect("key"),
-            attrs: subnet_manager::lease::LeaseAttrs::from_json(json.as_bytes()).expect("attrs"),
+            attrs: LeaseAttrs::from_json(json.as_bytes()).expect("attrs"),
         }
     }
 
@@ -361,7 +286,7 @@ mod tests {
     fn wg_lease(subnet: &str, ip: &str, key: &str) -> Lease {
         Lease {
             key: SubnetKey::parse(subnet).expect("key"),
-            attrs: subnet_manager::lease::LeaseAttrs::from_json(
+            attrs: LeaseAttrs::from_json(
                 format!(
                     r#"{{"PublicIP":"{ip}","BackendType":"wireguard","BackendData":{{"PublicKey":"{key}","Port":51820}}}}"#
                 )
@@ -371,18 +296,39 @@ mod tests {
         }
     }
 
-    /// The table the packet threads see: (peer index, public key, endpoint, AllowedIPs).
-    fn table(wg: &WireGuard) -> Vec<(u32, String, SocketAddr, Vec<String>)> {
-        let t = wg.codec.table.load();
+    /// A dual-stack lease as Flannel v0.28.9 writes it.
+    fn dual_lease(n: u8, key: &str) -> Lease {
+        Lease {
+            key: SubnetKey::parse(&format!("10.244.{n}.0-24&fc00:44:0:{n}::-64")).expect("key"),
+            attrs: LeaseAttrs::from_json(
+                format!(
+                    r#"{{"PublicIP":"172.30.0.{n}","PublicIPv6":"fd00:30::{n}","BackendType":"wireguard","BackendData":{{"PublicKey":"{key}","Port":51820}},"BackendV6Data":{{"PublicKey":"{key}","Port":51821}}}}"#
+                )
+                .as_bytes(),
+            )
+            .expect("attrs"),
+        }
+    }
+
+    /// The table device `dev`'s packet threads see: (peer index, public key, endpoint,
+    /// AllowedIPs among a few pod addresses).
+    fn table_of(wg: &WireGuard, dev: usize) -> Vec<(u32, String, SocketAddr, Vec<String>)> {
+        let t = wg.devices[dev].codec.table.load();
         t.peers()
             .iter()
             .enumerate()
             .map(|(slot, p)| {
-                let nets = ["10.244.1.0", "10.244.2.0", "10.244.3.0"]
-                    .iter()
-                    .filter(|n| t.allows(slot, n.parse().expect("ip")))
-                    .map(|n| n.to_string())
-                    .collect();
+                let nets = [
+                    "10.244.1.0",
+                    "10.244.2.0",
+                    "10.244.3.0",
+                    "fc00:44:0:1::",
+                    "fc00:44:0:2::",
+                ]
+                .iter()
+                .filter(|n| t.allows(slot, n.parse().expect("ip")))
+                .map(|n| n.to_string())
+                .collect();
                 (
                     p.index,
                     keys::encode_key(&p.public_key),
@@ -393,12 +339,12 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test]
-    async fn peers_follow_the_leases() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config =
-            NetworkConfig::parse(br#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#)
-                .expect("config");
+    fn table(wg: &WireGuard) -> Vec<(u32, String, SocketAddr, Vec<String>)> {
+        table_of(wg, 0)
+    }
+
+    fn backend(config: &str, dir: &tempfile::TempDir) -> WireGuard {
+        let config = NetworkConfig::parse(config.as_bytes()).expect("config");
         let node = NodeInfo {
             iface: crate::netlink::Link {
                 index: 1,
@@ -406,13 +352,25 @@ mod tests {
                 mtu: 1500,
             },
             public_ip: "172.30.0.11".parse().expect("ip"),
-            public_ipv6: None,
+            public_ipv6: config
+                .enable_ipv6
+                .then(|| "fd00:30::11".parse().expect("ip")),
             wg_key_file: Some(dir.path().join("wgkey")),
         };
-        let mut wg = WireGuard::new(&config, &node).expect("backend");
+        WireGuard::new(&config, &node).expect("backend")
+    }
+
+    #[tokio::test]
+    async fn peers_follow_the_leases() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut wg = backend(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#,
+            &dir,
+        );
         assert_eq!(wg.mtu(), 1500 - 80);
         let data = wg.lease_data();
         assert_eq!(data.backend_type.as_deref(), Some("wireguard"));
+        assert_eq!(data.backend_v6_data, None, "no IPv6, no BackendV6Data");
         let own = data.backend_data.expect("data");
         assert_eq!(own["Port"], 51820);
         let own_key = own["PublicKey"].as_str().expect("key").to_string();
@@ -450,10 +408,12 @@ mod tests {
         let renewed = t.iter().find(|p| p.1 == KEY2).expect("new key");
         assert_ne!(renewed.0, first_index);
         assert_eq!(renewed.3, vec!["10.244.1.0"]);
+        assert_eq!(wg.stats.peers.load(std::sync::atomic::Ordering::Relaxed), 2);
 
         // Removal: the old key's last lease goes, and its peer with it.
         let old = Arc::downgrade(
-            wg.peers
+            wg.devices[0]
+                .peers
                 .get(&keys::decode_key(KEY).expect("key"))
                 .expect("peer"),
         );
@@ -483,19 +443,145 @@ mod tests {
         );
     }
 
+    const DUAL: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fc00:44::/48","Backend":{"Type":"wireguard"MODE}}"#;
+
+    #[tokio::test]
+    async fn dual_stack_lease_data_and_devices_like_flannel() {
+        for mode in ["", r#","Mode":"ipv6""#] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let wg = backend(&DUAL.replace("MODE", mode), &dir);
+            let data = wg.lease_data();
+            let (v4, v6) = (
+                data.backend_data.expect("BackendData"),
+                data.backend_v6_data.expect("BackendV6Data"),
+            );
+            // One key for every device; each object says its family's port, whatever the mode.
+            assert_eq!(v4["PublicKey"], v6["PublicKey"], "{mode}");
+            assert_eq!(
+                (v4["Port"].as_u64(), v6["Port"].as_u64()),
+                (Some(51820), Some(51821))
+            );
+            let names: Vec<_> = wg.devices.iter().map(|d| d.spec.name).collect();
+            let want: &[&str] = if mode.is_empty() {
+                &["flannel-wg", "flannel-wg-v6"]
+            } else {
+                &["flannel-wg"]
+            };
+            assert_eq!(names, want);
+            assert_eq!(wg.mtu(), 1420, "underlay - 80 on every device");
+            assert!(wg.devices.iter().all(|d| d.state.mtu == 1420));
+        }
+        // IPv6 only: BackendV6Data alone.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wg = backend(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00:44::/48","Backend":{"Type":"wireguard"}}"#,
+            &dir,
+        );
+        let data = wg.lease_data();
+        assert_eq!(data.backend_data, None);
+        assert_eq!(data.backend_v6_data.expect("v6")["Port"], 51821);
+    }
+
+    #[tokio::test]
+    async fn separate_mode_gives_each_family_its_device() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut wg = backend(&DUAL.replace("MODE", ""), &dir);
+        wg.add_peer(&dual_lease(1, KEY)).await.expect("peer");
+        wg.add_peer(&dual_lease(2, KEY2)).await.expect("peer");
+        let (v4, v6) = (table_of(&wg, 0), table_of(&wg, 1));
+        assert_eq!(
+            v4.iter()
+                .map(|p| (p.1.as_str(), p.2.to_string(), p.3.clone()))
+                .collect::<Vec<_>>(),
+            [
+                (
+                    KEY,
+                    "172.30.0.1:51820".to_string(),
+                    vec!["10.244.1.0".to_string()]
+                ),
+                (
+                    KEY2,
+                    "172.30.0.2:51820".to_string(),
+                    vec!["10.244.2.0".to_string()]
+                ),
+            ]
+        );
+        assert_eq!(
+            v6.iter()
+                .map(|p| (p.1.as_str(), p.2.to_string(), p.3.clone()))
+                .collect::<Vec<_>>(),
+            [
+                (
+                    KEY,
+                    "[fd00:30::1]:51821".to_string(),
+                    vec!["fc00:44:0:1::".to_string()]
+                ),
+                (
+                    KEY2,
+                    "[fd00:30::2]:51821".to_string(),
+                    vec!["fc00:44:0:2::".to_string()]
+                ),
+            ]
+        );
+        assert_eq!(
+            wg.stats.peers.load(std::sync::atomic::Ordering::Relaxed),
+            2,
+            "two nodes, whatever the devices"
+        );
+        wg.remove_peer(&dual_lease(1, KEY)).await.expect("removed");
+        assert_eq!((table_of(&wg, 0).len(), table_of(&wg, 1).len()), (1, 1));
+        // A lease with a broken BackendV6Data: the IPv4 side still works, the error says so.
+        let mut broken = dual_lease(3, KEY);
+        broken.attrs.backend_v6_data = Some(serde_json::json!({"PublicKey": "nope"}));
+        let err = wg.add_peer(&broken).await.expect_err("v6 data").to_string();
+        assert!(
+            err.contains("flannel-wg-v6: BackendV6Data.PublicKey"),
+            "{err}"
+        );
+        assert_eq!((table_of(&wg, 0).len(), table_of(&wg, 1).len()), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn single_device_mode_carries_both_families_in_one_peer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut wg = backend(&DUAL.replace("MODE", r#","Mode":"ipv6""#), &dir);
+        wg.add_peer(&dual_lease(1, KEY)).await.expect("peer");
+        let t = table(&wg);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].2, "[fd00:30::1]:51820".parse().expect("addr"));
+        assert_eq!(t[0].3, ["10.244.1.0", "fc00:44:0:1::"]);
+        // Same for the packet threads' routing: both families of pods, one peer.
+        let codec = &wg.devices[0].codec;
+        for dst in ["10.244.1.9", "fc00:44:0:1::9"] {
+            let found = crate::backend::pump::Codec::route(&**codec, dst.parse().expect("ip"));
+            assert_eq!(found.map(|p| p.index), Some(t[0].0), "{dst}");
+        }
+    }
+
     #[test]
-    fn lease_peers_like_flannel() {
+    fn v4_lease_peers_like_flannel() {
+        let cfg = |port: u16| {
+            let json = format!(
+                r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"wireguard","ListenPort":{port}}}}}"#
+            );
+            WgConfig::parse(&NetworkConfig::parse(json.as_bytes()).expect("config")).expect("wg")
+        };
+        let peer = |l: &Lease, port: u16| {
+            let c = cfg(port);
+            let dev = c.devices()[0];
+            device_peer(l, &dev, &c, None).map(|p| p.expect("an IPv4 subnet"))
+        };
         let new = lease(&format!(
             r#"{{"PublicIP":"172.30.0.13","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"Port":5555,"PublicKey":"{KEY}"}}}}"#
         ));
-        let p = lease_peer(&new, 51820).expect("newer Flannel");
+        let p = peer(&new, 51820).expect("newer Flannel");
         assert_eq!(p.endpoint, "172.30.0.13:5555".parse().expect("addr"));
-        assert_eq!(p.subnet, "10.244.7.0/24".parse::<Ipv4Net>().expect("net"));
+        assert_eq!(p.allowed, ["10.244.7.0/24".parse::<IpNet>().expect("net")]);
         assert_eq!(keys::encode_key(&p.public_key), KEY);
         let old = lease(&format!(
             r#"{{"PublicIP":"172.30.0.13","BackendType":"wireguard","BackendData":{{"publickey":"{KEY}"}}}}"#
         ));
-        let p = lease_peer(&old, 51999).expect("older Flannel: no Port");
+        let p = peer(&old, 51999).expect("older Flannel: no Port");
         assert_eq!(p.endpoint.port(), 51999, "our ListenPort");
         for (json, want) in [
             (
@@ -519,7 +605,7 @@ mod tests {
                 "PublicIP",
             ),
         ] {
-            let err = lease_peer(&lease(json), 51820).expect_err(json);
+            let err = peer(&lease(json), 51820).expect_err(json);
             assert!(err.contains(want), "{json}: {err}");
         }
     }

@@ -5,13 +5,13 @@
 
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use boringtun::noise::Tunn;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use crate::peers::PrefixMap;
 
@@ -103,8 +103,8 @@ impl Drop for WipedTunn {
 #[derive(Default)]
 pub(super) struct WgTable {
     peers: Vec<std::sync::Arc<WgPeer>>,
-    /// AllowedIPs of each peer (same order as `peers`): its lease subnets.
-    allowed: Vec<Vec<Ipv4Net>>,
+    /// AllowedIPs of each peer (same order as `peers`): its lease subnets, of either family.
+    allowed: Vec<Vec<IpNet>>,
     /// AllowedIPs -> peer slot.
     by_allowed: PrefixMap<usize>,
     by_index: HashMap<u32, usize>,
@@ -119,7 +119,7 @@ pub(super) struct Found<'a> {
 }
 
 impl WgTable {
-    pub fn new(entries: Vec<(std::sync::Arc<WgPeer>, Vec<Ipv4Net>)>) -> Self {
+    pub fn new(entries: Vec<(std::sync::Arc<WgPeer>, Vec<IpNet>)>) -> Self {
         let mut t = WgTable::default();
         for (slot, (peer, allowed)) in entries.into_iter().enumerate() {
             for net in &allowed {
@@ -141,7 +141,7 @@ impl WgTable {
     }
 
     /// Longest-prefix match of an inner destination over every peer's AllowedIPs.
-    pub fn route(&self, dst: Ipv4Addr) -> Option<Found<'_>> {
+    pub fn route(&self, dst: IpAddr) -> Option<Found<'_>> {
         self.found(*self.by_allowed.get(dst)?)
     }
 
@@ -155,7 +155,7 @@ impl WgTable {
     }
 
     /// WireGuard's cryptokey routing on receive: may the peer in `slot` send from `src`?
-    pub fn allows(&self, slot: usize, src: Ipv4Addr) -> bool {
+    pub fn allows(&self, slot: usize, src: IpAddr) -> bool {
         self.allowed
             .get(slot)
             .is_some_and(|nets| nets.iter().any(|n| n.contains(&src)))
@@ -188,20 +188,28 @@ mod tests {
     fn lookups() {
         let a = peer(7, 2);
         let b = peer(9, 3);
+        let net = |s: &str| -> IpNet { s.parse().expect("net") };
         let t = WgTable::new(vec![
-            (a.clone(), vec!["10.244.1.0/24".parse().expect("net")]),
+            (
+                a.clone(),
+                vec![net("10.244.1.0/24"), net("fc00:44:0:1::/64")],
+            ),
             (
                 b.clone(),
                 vec![
-                    "10.244.2.0/24".parse().expect("net"),
-                    "10.244.2.128/25".parse().expect("net"),
+                    net("10.244.2.0/24"),
+                    net("10.244.2.128/25"),
+                    net("fc00:44:0:2::/64"),
                 ],
             ),
         ]);
-        let ip = |s: &str| -> Ipv4Addr { s.parse().expect("ip") };
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
         assert_eq!(t.route(ip("10.244.1.9")).map(|f| f.peer.index), Some(7));
         assert_eq!(t.route(ip("10.244.2.200")).map(|f| f.peer.index), Some(9));
         assert!(t.route(ip("10.244.3.1")).is_none());
+        assert_eq!(t.route(ip("fc00:44:0:1::9")).map(|f| f.peer.index), Some(7));
+        assert_eq!(t.route(ip("fc00:44:0:2::9")).map(|f| f.peer.index), Some(9));
+        assert!(t.route(ip("fc00:44:0:3::9")).is_none());
         assert_eq!(t.by_receiver(9 << 8 | 0x42).map(|f| f.slot), Some(1));
         assert!(t.by_receiver(8 << 8).is_none());
         assert_eq!(t.by_key(&b.public_key).map(|f| f.peer.index), Some(9));
@@ -209,6 +217,13 @@ mod tests {
         assert!(
             !t.allows(0, ip("10.244.2.3")),
             "peer 7 may not speak for peer 9's pods"
+        );
+        // Cryptokey routing on an IPv6 inner source, as on an IPv4 one.
+        assert!(t.allows(0, ip("fc00:44:0:1::3")));
+        assert!(!t.allows(0, ip("fc00:44:0:2::3")), "nor for its IPv6 pods");
+        assert!(
+            !t.allows(0, ip("::ffff:10.244.1.3")),
+            "a mapped address is IPv6"
         );
         assert!(!t.allows(5, ip("10.244.1.3")));
         assert_eq!(t.peers().len(), 2);
