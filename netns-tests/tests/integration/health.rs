@@ -156,6 +156,12 @@ fn udp_port_dropped_in_the_underlay_is_reported() -> Result<()> {
 }
 
 #[test]
+fn wireguard_port_dropped_in_the_underlay_is_reported() -> Result<()> {
+    require_root!();
+    broken_path_is_reported_and_its_repair("wireguard", "udp dport 51820", FLAGS)
+}
+
+#[test]
 fn host_gw_path_cut_in_the_underlay_is_reported() -> Result<()> {
     require_root!();
     broken_path_is_reported_and_its_repair("host-gw", "", FLAGS)
