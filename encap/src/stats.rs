@@ -70,6 +70,9 @@ pub struct Stats {
     /// Times that table was replaced (each lease change that reached it).
     pub table_updates: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
+    /// The offloads the datapath runs with (TUN offload flags, UDP GSO/GRO), for `status`:
+    /// written once per device start, never by the packet threads.
+    pub offloads: std::sync::Mutex<Vec<String>>,
 }
 
 impl Stats {
@@ -83,6 +86,14 @@ impl Stats {
     pub fn table_published(&self, peers: usize) {
         self.peers.store(peers as u64, Ordering::Relaxed);
         self.table_updates.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records the offloads a device of the datapath started with.
+    pub fn set_offloads(&self, device: &str, modes: String) {
+        if let Ok(mut o) = self.offloads.lock() {
+            o.retain(|m| !m.starts_with(&format!("{device}: ")));
+            o.push(format!("{device}: {modes}"));
+        }
     }
 
     pub fn drops(&self, why: DropReason) -> u64 {

@@ -176,6 +176,10 @@ impl Status {
             lease,
             not_ready: self.readiness().err(),
             devices: node.devices.iter().map(|d| device_report(d)).collect(),
+            offloads: self
+                .datapath_stats()
+                .and_then(|d| d.offloads.lock().ok().map(|o| o.clone()))
+                .unwrap_or_default(),
             peers,
             refused_leases: self
                 .refused

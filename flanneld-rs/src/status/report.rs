@@ -14,6 +14,9 @@ pub struct Report {
     /// `/readyz`'s answer: `None` when ready, else why not.
     pub not_ready: Option<String>,
     pub devices: Vec<DeviceReport>,
+    /// The offloads the userspace datapath runs with (udp, wireguard); the kernel datapaths
+    /// (vxlan, host-gw) have none of ours.
+    pub offloads: Vec<String>,
     pub peers: Vec<PeerReport>,
     /// Peers' leases kept from the backend (see the daemon's log and
     /// `flanneld_leases_refused_total` for which and why).
@@ -83,6 +86,9 @@ impl Report {
         for d in &self.devices {
             let mtu = d.mtu.map_or("-".to_string(), |m| m.to_string());
             let _ = writeln!(s, "  device    {} {} mtu {mtu}", d.name, d.state);
+        }
+        for o in &self.offloads {
+            let _ = writeln!(s, "  offloads  {o}");
         }
         let _ = writeln!(
             s,
@@ -170,6 +176,7 @@ mod tests {
                 state: "unknown".into(),
                 mtu: Some(1450),
             }],
+            offloads: vec!["flannel0: tun offload TSO, udp gso true, udp gro true".into()],
             peers: vec![PeerReport {
                 subnet: "10.244.7.0-24".into(),
                 public_ip: "192.168.1.11".into(),
@@ -199,6 +206,7 @@ mod tests {
             "lease     10.244.3.0-24 (expires in 23h53m)",
             "ready     yes",
             "device    flannel.1 unknown mtu 1450",
+            "offloads  flannel0: tun offload TSO, udp gso true, udp gro true",
             "peers (1, 1 refused)",
             "10.244.7.0-24  192.168.1.11  -            not probed",
             "forward    PROBLEM  FORWARD policy DROP and no forward rules of ours",

@@ -671,3 +671,22 @@ fn dual_stack_wireguard_separate_and_single_device_modes() -> Result<()> {
     ensure!(sent == received, "IPv4 over IPv6: hashes differ");
     Ok(())
 }
+
+/// `Mode` ipv4: one device, and IPv6 pods carried over the IPv4 underlay (what Flannel allows
+/// where the nodes have no IPv6 path between them).
+#[test]
+fn dual_stack_wireguard_mode_ipv4_carries_ipv6_pods_over_ipv4() -> Result<()> {
+    require_root!();
+    let (c, pods) = dual_stack_mesh(3, r#"{"Type":"wireguard","Mode":"ipv4"}"#, &[])?;
+    for i in 0..3 {
+        wg_device(&c, i, "flannel-wg")?;
+    }
+    for to in [pods[1].ip.clone(), v6(&pods[1])?] {
+        let (d4, d6) = underlay_of(&c, &pods[0], &to)?;
+        ensure!(d4 >= 10 && d6 == 0, "to {to}: {d4} v4 / {d6} v6 datagrams");
+    }
+    let to = v6(&pods[0])?;
+    let (sent, received) = tcp_transfer(&pods[2].ns, &pods[0].ns, &to, 8 << 20)?;
+    ensure!(sent == received, "IPv6 over IPv4: hashes differ");
+    Ok(())
+}

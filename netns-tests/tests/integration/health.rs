@@ -167,10 +167,10 @@ fn host_gw_path_cut_in_the_underlay_is_reported() -> Result<()> {
     broken_path_is_reported_and_its_repair("host-gw", "", FLAGS)
 }
 
-#[test]
-fn smaller_underlay_mtu_is_reported_with_the_size_that_passes() -> Result<()> {
-    require_root!();
-    let (c, _pods) = cluster("vxlan", 2)?;
+/// A 1400-byte hop between nodes 1 and 2: full-size (`pod_mtu`) probes are lost both ways,
+/// and 1280-byte ones, the largest of the sizes tried that fit with the encapsulation, pass.
+fn smaller_underlay_mtu_is_reported(backend: &str, pod_mtu: u32) -> Result<()> {
+    let (c, _pods) = cluster(backend, 2)?;
     // A hop with a smaller MTU in the path: the underlay bridge's ports of nodes 1 and 2 (a
     // veth drops what exceeds its MTU as it enters; the bridge itself does not check).
     for port in ["n1", "n2"] {
@@ -198,7 +198,7 @@ fn smaller_underlay_mtu_is_reported_with_the_size_that_passes() -> Result<()> {
             status_table(&c, 0).unwrap_or_default()
         )
     })?;
-    // 1280-byte inner packets (1330 outer) pass a 1400-byte hop; 1400 (1450 outer) do not.
+    // 1280-byte inner packets plus the encapsulation fit a 1400-byte hop; 1400-byte ones do not.
     for (i, j) in [(0, 1), (1, 0)] {
         let passes = peer_metric(&c, i, "flanneld_peer_path_mtu_bytes", j).unwrap_or(0.0);
         ensure!(
@@ -214,18 +214,16 @@ fn smaller_underlay_mtu_is_reported_with_the_size_that_passes() -> Result<()> {
     );
     let table = status_table(&c, 0)?;
     ensure!(
-        table.contains("MTU PROBLEM: 1450 lost, 1280 passes"),
+        table.contains(&format!("MTU PROBLEM: {pod_mtu} lost, 1280 passes")),
         "{table}"
     );
     let log = c.nodes[0].log();
-    ensure!(
-        log.contains(
-            "peer path MTU problem: 1450-byte packets are lost, 1280-byte ones get through"
-        ),
-        "{log}"
+    let said = format!(
+        "peer path MTU problem: {pod_mtu}-byte packets are lost, 1280-byte ones get through"
     );
+    ensure!(log.contains(&said), "{log}");
     eprintln!(
-        "vxlan: MTU problem (1450 lost, 1280 passes) reported {:?} after the hop shrank",
+        "{backend}: MTU problem ({pod_mtu} lost, 1280 passes) reported {:?} after the hop shrank",
         t.elapsed()
     );
     for port in ["n1", "n2"] {
@@ -237,6 +235,24 @@ fn smaller_underlay_mtu_is_reported_with_the_size_that_passes() -> Result<()> {
         || peer_metric(&c, 0, "flanneld_peer_path_mtu_problem", 1) == Some(0.0),
     )?;
     Ok(())
+}
+
+#[test]
+fn smaller_underlay_mtu_is_reported_vxlan() -> Result<()> {
+    require_root!();
+    smaller_underlay_mtu_is_reported("vxlan", 1450)
+}
+
+#[test]
+fn smaller_underlay_mtu_is_reported_udp() -> Result<()> {
+    require_root!();
+    smaller_underlay_mtu_is_reported("udp", 1472)
+}
+
+#[test]
+fn smaller_underlay_mtu_is_reported_wireguard() -> Result<()> {
+    require_root!();
+    smaller_underlay_mtu_is_reported("wireguard", 1420)
 }
 
 #[test]

@@ -186,7 +186,15 @@ impl Pump {
             gro = sock.enable_gro();
             ports.push((q, sock));
         }
+        let stats = state.stats.clone();
         let pump = Pump::run(name, codec, state, ports)?;
+        stats.set_offloads(
+            device,
+            format!(
+                "tun offload {offload:?}, udp gso {}, udp gro {gro}",
+                pump.sender.gso()
+            ),
+        );
         tracing::info!(
             %listen,
             queues = QUEUES,
