@@ -923,6 +923,12 @@ fn logs_one_line_per_lifecycle_event() -> Result<()> {
     wait_until("n1 to log its peer", Duration::from_secs(5), || {
         log_lines(&c, 0).iter().any(|l| l.contains("peer added"))
     })?;
+    // The first health probe answered is an event too (within one 5 s probe interval).
+    wait_until(
+        "n1 to log its peer's path up",
+        Duration::from_secs(10),
+        || log_lines(&c, 0).iter().any(|l| l.contains("peer path up")),
+    )?;
     let start = log_lines(&c, 0);
     for event in [
         "flanneld-rs starting",
@@ -931,7 +937,9 @@ fn logs_one_line_per_lifecycle_event() -> Result<()> {
         "acquired a new lease",
         "datapath running",
         "wrote subnet.env",
+        "traffic rules installed",
         "peer added",
+        "peer path up",
     ] {
         let n = start.iter().filter(|l| l.contains(event)).count();
         ensure!(n == 1, "{n} lines for {event:?}:\n{}", start.join("\n"));
@@ -944,7 +952,7 @@ fn logs_one_line_per_lifecycle_event() -> Result<()> {
         start.join("\n")
     );
     ensure!(
-        start.len() <= 15,
+        start.len() <= 18,
         "{} lines to start:\n{}",
         start.len(),
         start.join("\n")
