@@ -76,6 +76,22 @@ fn main() -> Result<()> {
             summary.join(" | ")
         );
     }
+    println!("\n==> flanneld-rs status on n1 (peers' paths probed every 5 s)");
+    let status = |c: &Cluster| -> Result<String> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &c.nodes[0].ns])
+            .arg(netns_tests::binary("flanneld-rs")?)
+            .arg("status")
+            .arg("--subnet-file")
+            .arg(c.nodes[0].subnet_file())
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // Wait for the first round of probes to be answered, for the table to say so.
+    let _ = netns_tests::wait_until("n1's peers probed", Duration::from_secs(12), || {
+        status(&c).is_ok_and(|t| t.matches(" up, rtt").count() >= 2)
+    });
+    print!("{}", indent(&status(&c)?));
     if hold {
         println!(
             "\n==> cluster up. Try: ip netns exec {} ping {}",
