@@ -110,11 +110,15 @@ pub async fn run(flags: Flags) -> Result<()> {
     for port in ports.into_iter().filter(|p| *p != 0) {
         status::serve(SocketAddr::new(flags.healthz_ip, port), status.clone()).await?;
     }
-    status::serve_unix(
+    // `flanneld-rs status` is for the operator: without its socket the node still networks.
+    if let Err(e) = status::serve_unix(
         &crate::single::socket_path(&flags.subnet_file),
         status.clone(),
     )
-    .await?;
+    .await
+    {
+        tracing::warn!("flanneld-rs status will not answer: {e:#}");
+    }
     let etcd = etcd_options(&flags);
     // Unreachable etcd or a refused login is retried; bad TLS files are fatal (a restart with
     // the same flags cannot fix them).
