@@ -114,15 +114,6 @@ impl Backend for HostGw {
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError> {
         // Stale routes of ours (a lease gone while we were down) are removed by the daemon's
         // sweep, which follows every reconcile and covers every backend's routes.
-        let mut first_err = Ok(());
-        for p in peers {
-            if let Err(e) = self.add_peer(p).await {
-                tracing::warn!("{e}");
-                if first_err.is_ok() {
-                    first_err = Err(e);
-                }
-            }
-        }
-        first_err
+        super::add_each(self, peers).await
     }
 }

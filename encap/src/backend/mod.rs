@@ -113,6 +113,24 @@ pub trait Backend: Send {
     }
 }
 
+/// Adds every peer of a full listing, logging each failure, and returns the first: one bad
+/// lease never keeps the others out (the `reconcile` of the route-programming backends).
+pub(crate) async fn add_each<B: Backend + ?Sized>(
+    backend: &mut B,
+    peers: &[Lease],
+) -> Result<(), BackendError> {
+    let mut first_err = Ok(());
+    for p in peers {
+        if let Err(e) = backend.add_peer(p).await {
+            tracing::warn!("{e}");
+            if first_err.is_ok() {
+                first_err = Err(e);
+            }
+        }
+    }
+    first_err
+}
+
 /// What a lease of `backend_type` claims for itself alone, so that a newcomer copying it is
 /// refused instead of displacing the holder: the VXLAN VtepMACs (each device's FDB is keyed
 /// by MAC; the IPv6 device's, from `BackendV6Data`, is a claim of its own) and the WireGuard

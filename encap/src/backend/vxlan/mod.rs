@@ -856,16 +856,7 @@ impl Backend for Vxlan {
         if let Err(e) = self.sweep_stale(&entries, &routes).await {
             tracing::warn!("removing stale entries from our VXLAN devices: {e}");
         }
-        let mut first_err = Ok(());
-        for p in peers {
-            if let Err(e) = self.add_peer(p).await {
-                tracing::warn!("{e}");
-                if first_err.is_ok() {
-                    first_err = Err(e);
-                }
-            }
-        }
-        first_err
+        crate::backend::add_each(self, peers).await
     }
 }
 
