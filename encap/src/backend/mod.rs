@@ -51,6 +51,24 @@ pub struct NodeInfo {
     pub wg_key_file: Option<std::path::PathBuf>,
 }
 
+#[cfg(test)]
+impl NodeInfo {
+    /// A node on `eth0` (MTU 1500) at 172.30.0.11 and, dual stack, fd00:30::11: the backends'
+    /// unit tests' underlay.
+    pub(crate) fn for_test(ipv6: bool) -> Self {
+        NodeInfo {
+            iface: Link {
+                index: 1,
+                name: "eth0".into(),
+                mtu: 1500,
+            },
+            public_ip: Ipv4Addr::new(172, 30, 0, 11),
+            public_ipv6: ipv6.then_some(Ipv6Addr::new(0xfd00, 0x30, 0, 0, 0, 0, 0, 0x11)),
+            wg_key_file: None,
+        }
+    }
+}
+
 /// What a backend puts into our lease besides the public addresses.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LeaseData {

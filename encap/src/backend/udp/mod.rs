@@ -178,17 +178,7 @@ mod tests {
 
     fn new(json: &str) -> Result<Udp, BackendError> {
         let config = NetworkConfig::parse(json.as_bytes()).expect("config");
-        let node = NodeInfo {
-            iface: crate::netlink::Link {
-                index: 1,
-                name: "eth0".into(),
-                mtu: 1500,
-            },
-            public_ip: "172.30.0.11".parse().expect("ip"),
-            public_ipv6: Some("fd00:30::11".parse().expect("ip")),
-            wg_key_file: None,
-        };
-        Udp::new(&config, &node)
+        Udp::new(&config, &NodeInfo::for_test(true))
     }
 
     #[test]

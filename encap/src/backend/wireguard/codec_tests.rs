@@ -92,22 +92,33 @@ fn node(lan: &Lan, net: u8) -> Node {
     }
 }
 
+/// A peer of `local` for `remote`'s key, with a fresh `Tunn` and `endpoint`: what the
+/// backend builds for a lease (shared with `pump_tests`).
+pub(super) fn peer_of(
+    local: &WgCodec,
+    remote: &WgCodec,
+    index: u32,
+    endpoint: SocketAddr,
+) -> Arc<WgPeer> {
+    let tunn = Tunn::new(
+        local.keys().secret.clone(),
+        remote.keys().public,
+        None,
+        None,
+        index,
+        Some(local.limiter.clone()),
+    );
+    Arc::new(WgPeer::new(
+        index,
+        *remote.keys().public.as_bytes(),
+        tunn,
+        endpoint,
+    ))
+}
+
 /// Makes `b` a peer of `a` (AllowedIPs = b's /24 and /64), with a fresh `Tunn`.
 fn link(a: &Node, b: &Node, index: u32) -> Arc<WgPeer> {
-    let tunn = Tunn::new(
-        a.codec.keys().secret.clone(),
-        b.codec.keys().public,
-        None,
-        None,
-        index,
-        Some(a.codec.limiter.clone()),
-    );
-    let peer = Arc::new(WgPeer::new(
-        index,
-        *b.codec.keys().public.as_bytes(),
-        tunn,
-        b.addr,
-    ));
+    let peer = peer_of(&a.codec, &b.codec, index, b.addr);
     let mut entries: Vec<_> = a
         .codec
         .table

@@ -346,16 +346,8 @@ mod tests {
     fn backend(config: &str, dir: &tempfile::TempDir) -> WireGuard {
         let config = NetworkConfig::parse(config.as_bytes()).expect("config");
         let node = NodeInfo {
-            iface: crate::netlink::Link {
-                index: 1,
-                name: "eth0".into(),
-                mtu: 1500,
-            },
-            public_ip: "172.30.0.11".parse().expect("ip"),
-            public_ipv6: config
-                .enable_ipv6
-                .then(|| "fd00:30::11".parse().expect("ip")),
             wg_key_file: Some(dir.path().join("wgkey")),
+            ..NodeInfo::for_test(config.enable_ipv6)
         };
         WireGuard::new(&config, &node).expect("backend")
     }

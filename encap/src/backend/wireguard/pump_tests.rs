@@ -8,13 +8,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use boringtun::noise::Tunn;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
 
 use super::codec::WgCodec;
+use super::codec_tests::peer_of;
 use super::keys::{random_key, StaticKeys};
-use super::peers::{WgPeer, WgTable};
+use super::peers::WgTable;
 use crate::backend::pump::fake::{FakeNet, FakeTun, FakeUdp};
 use crate::backend::pump::{DeviceState, OwnSubnets, Pump};
 use crate::stats::DropReason;
@@ -68,20 +68,7 @@ fn node(net: &Arc<FakeNet>, n: u8) -> Node {
 
 /// Makes `b` the one peer of `a`, AllowedIPs both of b's subnets, as a single-device mode does.
 fn link(a: &Node, b: &Node, b_net: u8, index: u32) {
-    let tunn = Tunn::new(
-        a.codec.keys().secret.clone(),
-        b.codec.keys().public,
-        None,
-        None,
-        index,
-        Some(a.codec.limiter.clone()),
-    );
-    let peer = Arc::new(WgPeer::new(
-        index,
-        *b.codec.keys().public.as_bytes(),
-        tunn,
-        b.addr,
-    ));
+    let peer = peer_of(&a.codec, &b.codec, index, b.addr);
     let table = WgTable::new(vec![(peer, vec![v4net(b_net), v6net(b_net)])]);
     a.codec.table.store(Arc::new(table));
 }
