@@ -1,0 +1,47 @@
+//! Kubernetes NetworkPolicy for flanneld-rs, with no I/O: the records kept in etcd under
+//! `<prefix>/policy/` (`object`), label selectors (`selector`), the cluster as those records
+//! describe it (`world`), what one node's kernel must hold for its own pods (`compile`), that
+//! state as nftables commands, whole or as the difference from what is installed (`nft`), and
+//! the answer to "why is this allowed or denied" from the same rules (`explain`).
+//!
+//! The daemon feeds records in, applies the commands with `nft -f`, and serves `explain`.
+//! The contract (keys, formats, semantics) is `shared/spec/network-policy.md`.
+
+pub mod compile;
+pub mod explain;
+pub mod nft;
+pub mod object;
+pub mod selector;
+pub mod wire;
+pub mod world;
+
+pub use object::{Object, ObjectKey};
+pub use world::World;
+
+/// A record that cannot be used: which field, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct Invalid {
+    pub field: String,
+    pub reason: String,
+}
+
+impl Invalid {
+    pub fn new(field: &str, reason: impl Into<String>) -> Self {
+        Invalid {
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Quotes of untrusted text stop at 64 characters, so a huge value never reaches a log whole.
+pub(crate) fn clip(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.chars().count() <= MAX {
+        s.to_string()
+    } else {
+        let cut: String = s.chars().take(MAX).collect();
+        format!("{cut}…")
+    }
+}

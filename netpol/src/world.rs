@@ -1,0 +1,222 @@
+//! The cluster as the policy records describe it: policies, namespace labels, pods and their
+//! addresses. Both the compiler and `explain` ask it the same questions (which policies
+//! select this pod, which pods does this peer stand for), so they cannot disagree.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use crate::object::{Object, ObjectKey, Peer, Pod, Policy};
+use crate::selector::Labels;
+
+/// The label Kubernetes sets on every namespace; implied here for namespaces without a record.
+pub const NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+type Name = (String, String);
+
+#[derive(Clone, Debug, Default)]
+pub struct World {
+    policies: BTreeMap<Name, Policy>,
+    namespaces: BTreeMap<String, Labels>,
+    pods: BTreeMap<Name, (Pod, i64)>,
+    /// Each address belongs to the newest record that claims it: a pod deleted without its
+    /// record being removed yet never steals the address of the pod that reused it.
+    owner: HashMap<IpAddr, Name>,
+}
+
+impl World {
+    pub fn new() -> Self {
+        World::default()
+    }
+
+    /// Puts (`Some`) or removes (`None`) the object at `key`, written at etcd `revision`.
+    pub fn apply(&mut self, key: &ObjectKey, object: Option<Object>, revision: i64) {
+        match (key, object) {
+            (ObjectKey::Policy { namespace, name }, Some(Object::Policy(p))) => {
+                self.policies.insert((namespace.clone(), name.clone()), p);
+            }
+            (ObjectKey::Policy { namespace, name }, _) => {
+                self.policies.remove(&(namespace.clone(), name.clone()));
+            }
+            (ObjectKey::Namespace { name }, Some(Object::Namespace(ns))) => {
+                self.namespaces.insert(name.clone(), ns.labels);
+            }
+            (ObjectKey::Namespace { name }, _) => {
+                self.namespaces.remove(name);
+            }
+            (ObjectKey::Pod { namespace, name }, Some(Object::Pod(p))) => {
+                self.pods
+                    .insert((namespace.clone(), name.clone()), (p, revision));
+                self.reindex();
+            }
+            (ObjectKey::Pod { namespace, name }, _) => {
+                if self
+                    .pods
+                    .remove(&(namespace.clone(), name.clone()))
+                    .is_some()
+                {
+                    self.reindex();
+                }
+            }
+        }
+    }
+
+    fn reindex(&mut self) {
+        let mut owner: HashMap<IpAddr, (Name, i64)> = HashMap::new();
+        for (name, (pod, rev)) in &self.pods {
+            for ip in &pod.ips {
+                let newer = owner.get(ip).is_none_or(|(_, r)| rev > r);
+                if newer {
+                    owner.insert(*ip, (name.clone(), *rev));
+                }
+            }
+        }
+        self.owner = owner.into_iter().map(|(ip, (n, _))| (ip, n)).collect();
+    }
+
+    pub fn policy_count(&self) -> usize {
+        self.policies.len()
+    }
+
+    pub fn pod_count(&self) -> usize {
+        self.pods.len()
+    }
+
+    pub fn namespace_count(&self) -> usize {
+        self.namespaces.len()
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = &Policy> {
+        self.policies.values()
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &Pod> {
+        self.pods.values().map(|(p, _)| p)
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        self.pods
+            .get(&(namespace.to_string(), name.to_string()))
+            .map(|(p, _)| p)
+    }
+
+    /// The addresses a pod really holds (those no newer record claims).
+    pub fn addresses<'a>(&'a self, pod: &'a Pod) -> impl Iterator<Item = IpAddr> + 'a {
+        pod.ips.iter().copied().filter(move |ip| {
+            self.owner
+                .get(ip)
+                .is_some_and(|(ns, n)| *ns == pod.namespace && *n == pod.name)
+        })
+    }
+
+    pub fn pod_at(&self, ip: IpAddr) -> Option<&Pod> {
+        self.owner
+            .get(&ip)
+            .and_then(|n| self.pods.get(n))
+            .map(|(p, _)| p)
+    }
+
+    /// A namespace's labels, with the name label Kubernetes always sets.
+    pub fn namespace_labels(&self, namespace: &str) -> Labels {
+        let mut labels = self.namespaces.get(namespace).cloned().unwrap_or_default();
+        labels.insert(NAME_LABEL.to_string(), namespace.to_string());
+        labels
+    }
+
+    /// The policies that isolate `pod` in `dir`, in name order.
+    pub fn selecting(&self, pod: &Pod, dir: Direction) -> Vec<&Policy> {
+        self.policies
+            .values()
+            .filter(|p| p.namespace == pod.namespace && p.pod_selector.matches(&pod.labels))
+            .filter(|p| match dir {
+                Direction::Ingress => p.ingress.is_some(),
+                Direction::Egress => p.egress.is_some(),
+            })
+            .collect()
+    }
+
+    /// Whether a pod-selecting peer of `policy` stands for `pod`. Blocks are not pods.
+    pub fn peer_has_pod(&self, policy: &Policy, peer: &Peer, pod: &Pod) -> bool {
+        match peer {
+            Peer::Block { .. } => false,
+            Peer::Pods { namespaces, pods } => {
+                let ns_ok = match namespaces {
+                    None => pod.namespace == policy.namespace,
+                    Some(sel) => sel.matches(&self.namespace_labels(&pod.namespace)),
+                };
+                ns_ok && pods.as_ref().is_none_or(|sel| sel.matches(&pod.labels))
+            }
+        }
+    }
+
+    /// Every pod a pod-selecting peer stands for.
+    pub fn peer_pods<'a>(&'a self, policy: &'a Policy, peer: &'a Peer) -> Vec<&'a Pod> {
+        self.pods()
+            .filter(|pod| self.peer_has_pod(policy, peer, pod))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::object::parse;
+
+    /// Builds a world from (key, JSON) pairs, panicking on bad test input.
+    pub fn world(records: &[(&str, String)]) -> World {
+        let mut w = World::new();
+        for (i, (key, json)) in records.iter().enumerate() {
+            let k = ObjectKey::parse(key).expect("key");
+            let obj = parse(&k, json.as_bytes()).unwrap_or_else(|e| panic!("{key}: {e}"));
+            w.apply(&k, Some(obj), i as i64 + 1);
+        }
+        w
+    }
+
+    pub fn pod_json(ns: &str, name: &str, ip: &str, labels: &str) -> String {
+        format!(
+            r#"{{"metadata":{{"name":"{name}","namespace":"{ns}","labels":{labels}}},
+               "spec":{{"containers":[{{"ports":[{{"name":"serve-80-tcp","containerPort":80}},
+                                                {{"name":"serve-81-udp","containerPort":81,"protocol":"UDP"}}]}}]}},
+               "status":{{"podIP":"{ip}"}}}}"#
+        )
+    }
+
+    #[test]
+    fn newest_record_owns_a_reused_address() {
+        let w = world(&[
+            ("pods/x/old", pod_json("x", "old", "10.244.1.5", "{}")),
+            ("pods/x/new", pod_json("x", "new", "10.244.1.5", "{}")),
+        ]);
+        let ip: IpAddr = "10.244.1.5".parse().expect("ip");
+        assert_eq!(w.pod_at(ip).map(|p| p.name.as_str()), Some("new"));
+        let old = w.pod("x", "old").expect("old");
+        assert_eq!(w.addresses(old).count(), 0);
+    }
+
+    #[test]
+    fn namespaces_carry_the_name_label() {
+        let w = world(&[(
+            "namespaces/x",
+            r#"{"metadata":{"name":"x","labels":{"ns":"x"}}}"#.to_string(),
+        )]);
+        let l = w.namespace_labels("x");
+        assert_eq!(l.get("ns").map(String::as_str), Some("x"));
+        assert_eq!(l.get(NAME_LABEL).map(String::as_str), Some("x"));
+        assert_eq!(w.namespace_labels("y").len(), 1);
+    }
+}
