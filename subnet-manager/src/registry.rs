@@ -95,6 +95,22 @@ pub struct LeaseList {
     pub cluster_id: u64,
 }
 
+/// One key as read from etcd.
+#[derive(Clone, Debug)]
+pub struct RawKv {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+}
+
+/// A prefix listing with the store's revision and cluster ID at the time.
+#[derive(Clone, Debug, Default)]
+pub struct RawList {
+    pub kvs: Vec<RawKv>,
+    pub revision: i64,
+    pub cluster_id: u64,
+}
+
 /// A lease key written by us under an etcd lease grant.
 #[derive(Clone, Debug)]
 pub struct HeldLease {
@@ -321,6 +337,113 @@ impl Registry {
             self.revoke(held.grant_id).await;
         }
         Ok(renewed)
+    }
+
+    /// Every key under `prefix` with its value and the revision it was last written at, and
+    /// the store's revision (the listing's header).
+    pub async fn get_prefix(&self, prefix: &str) -> Result<RawList, RegistryError> {
+        let resp = self.count_err(
+            self.client
+                .clone()
+                .get(prefix, Some(GetOptions::new().with_prefix()))
+                .await
+                .map_err(RegistryError::etcd(format!("listing {prefix}"))),
+        )?;
+        Ok(RawList {
+            revision: resp.header().map(|h| h.revision()).unwrap_or_default(),
+            cluster_id: resp.header().map(|h| h.cluster_id()).unwrap_or_default(),
+            kvs: resp
+                .kvs()
+                .iter()
+                .map(|kv| RawKv {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    value: kv.value().to_vec(),
+                    mod_revision: kv.mod_revision(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Writes one key, under etcd lease `grant` if given; returns the store revision after.
+    pub async fn put_raw(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        grant: Option<i64>,
+    ) -> Result<i64, RegistryError> {
+        let opts = grant.map(|g| PutOptions::new().with_lease(g));
+        let resp = self.count_err(
+            self.client
+                .clone()
+                .put(key, value, opts)
+                .await
+                .map_err(RegistryError::etcd(format!("writing {key}"))),
+        )?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or_default())
+    }
+
+    /// Deletes one key; returns whether it existed and the store revision after.
+    pub async fn delete_raw(&self, key: &str) -> Result<(bool, i64), RegistryError> {
+        let resp = self.count_err(
+            self.client
+                .clone()
+                .delete(key, None)
+                .await
+                .map_err(RegistryError::etcd(format!("deleting {key}"))),
+        )?;
+        Ok((
+            resp.deleted() > 0,
+            resp.header().map(|h| h.revision()).unwrap_or_default(),
+        ))
+    }
+
+    /// Deletes `key` only if it was last written at `mod_revision` (nobody rewrote it since
+    /// we read it). Returns whether it was deleted.
+    pub async fn delete_if_unchanged(
+        &self,
+        key: &str,
+        mod_revision: i64,
+    ) -> Result<bool, RegistryError> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
+            .and_then([TxnOp::delete(key, None)]);
+        let resp = self.count_err(
+            self.client
+                .clone()
+                .txn(txn)
+                .await
+                .map_err(RegistryError::etcd(format!("deleting {key}"))),
+        )?;
+        Ok(resp.succeeded())
+    }
+
+    /// A new etcd lease grant of `ttl` for keys that should vanish when we stop renewing.
+    pub async fn grant_raw(&self, ttl: Duration) -> Result<i64, RegistryError> {
+        self.grant(ttl).await
+    }
+
+    /// Renews a grant once; `Ok(false)` when etcd no longer knows it (expired).
+    pub async fn keep_alive_once(&self, grant_id: i64) -> Result<bool, RegistryError> {
+        let (mut keeper, mut stream) = self.count_err(
+            self.client
+                .clone()
+                .lease_keep_alive(grant_id)
+                .await
+                .map_err(RegistryError::etcd("renewing a lease grant")),
+        )?;
+        self.count_err(
+            keeper
+                .keep_alive()
+                .await
+                .map_err(RegistryError::etcd("renewing a lease grant")),
+        )?;
+        let resp = self.count_err(
+            stream
+                .message()
+                .await
+                .map_err(RegistryError::etcd("renewing a lease grant")),
+        )?;
+        Ok(resp.is_some_and(|r| r.ttl() > 0))
     }
 
     pub async fn delete_lease(&self, key: &SubnetKey) -> Result<(), RegistryError> {
