@@ -162,6 +162,20 @@ pub fn cni_args(env: &Environment, command: Command) -> Result<CniArgs, CniError
     })
 }
 
+/// One value from CNI_ARGS, the runtime's `KEY=VALUE;KEY=VALUE` extras (kubelet and CRI
+/// runtimes pass K8S_POD_NAMESPACE, K8S_POD_NAME there). Pairs without '=' are skipped rather
+/// than refused: the delegate gets CNI_ARGS too and is the one to judge its own keys. An empty
+/// value counts as absent, as for environment variables.
+pub fn cni_arg<'a>(env: &'a Environment, key: &str) -> Option<&'a str> {
+    env.get("CNI_ARGS")?
+        .split(';')
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(k, _)| k.trim() == key)
+        .map(|(_, v)| v.trim())
+        .next_back()
+        .filter(|v| !v.is_empty())
+}
+
 /// `^[a-zA-Z0-9][a-zA-Z0-9_.-]*$`, as the CNI library requires; this also rules out "/", "."
 /// and "..", so the ID can name a file under dataDir.
 fn validate_container_id(id: &str) -> Result<(), CniError> {
@@ -293,6 +307,28 @@ mod tests {
             assert!(validate_ifname(bad).is_err(), "{bad}");
         }
         assert!(validate_ifname("abcdefghijklmno").is_ok());
+    }
+
+    #[test]
+    fn cni_args_pairs() {
+        let e = env(&[(
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-1;\
+             K8S_POD_INFRA_CONTAINER_ID=abc;junk;X=a=b;EMPTY=",
+        )]);
+        assert_eq!(cni_arg(&e, "K8S_POD_NAMESPACE"), Some("kube-system"));
+        assert_eq!(cni_arg(&e, "K8S_POD_NAME"), Some("coredns-1"));
+        assert_eq!(cni_arg(&e, "X"), Some("a=b"), "split at the first '='");
+        assert_eq!(cni_arg(&e, "EMPTY"), None);
+        assert_eq!(cni_arg(&e, "junk"), None);
+        assert_eq!(cni_arg(&e, "k8s_pod_name"), None, "keys are case-sensitive");
+        assert_eq!(cni_arg(&env(&[]), "K8S_POD_NAME"), None);
+        let last = env(&[("CNI_ARGS", "K8S_POD_NAME=a;K8S_POD_NAME=b")]);
+        assert_eq!(
+            cni_arg(&last, "K8S_POD_NAME"),
+            Some("b"),
+            "the last one wins"
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! ADD, DEL and CHECK: subnet.env and our config in, the delegate plugin does the work.
+//! ADD, DEL and CHECK: subnet.env and our config in, the delegate plugin does the work; ADD
+//! and DEL also hand the pod's record to the daemon and take it back (`handover`).
 //! GC and STATUS (CNI 1.1.0) succeed without doing anything, as Flannel's do.
 
 use std::path::Path;
@@ -10,15 +11,20 @@ use subnet_manager::subnet_env::SubnetEnv;
 
 use super::args::{CniArgs, Command, Environment};
 use super::conf::NetConf;
+use super::daemon_api::{self, DaemonApi};
 use super::error::CniError;
+use super::handover;
+use super::pod::{self, PodId, PodLabels};
 use super::saved::SavedConfigs;
 use super::{delegate, invoke};
 
-/// How long ADD waits for subnet.env to appear (or be complete) before giving up.
+/// How long ADD waits for subnet.env to appear (or be complete) before giving up, and for
+/// the daemon to answer a request about a pod.
 #[derive(Debug, Clone)]
 pub struct Options {
     pub subnet_env_wait: Duration,
     pub subnet_env_poll: Duration,
+    pub daemon_timeout: Duration,
 }
 
 impl Default for Options {
@@ -28,17 +34,23 @@ impl Default for Options {
         Options {
             subnet_env_wait: Duration::from_secs(5),
             subnet_env_poll: Duration::from_millis(100),
+            // Well inside kubelet's CNI call budget, and far longer than a healthy daemon
+            // needs to store one record.
+            daemon_timeout: Duration::from_secs(10),
         }
     }
 }
 
-/// ADD: returns the delegate's result unchanged.
+/// ADD: returns the delegate's result unchanged, once the daemon has the pod's record.
 pub fn add(
     args: &CniArgs,
     conf: &NetConf,
     env: &Environment,
     opts: &Options,
 ) -> Result<Vec<u8>, CniError> {
+    // Checked before anything runs: a pod we could not describe needs nothing undone.
+    let pod = PodId::from_env(env, &args.container_id)?;
+    let labels = PodLabels::from_args(conf.args.as_ref())?;
     let subnet_env = read_subnet_env(&conf.subnet_file, opts)?;
     let delegate = delegate::build(conf, &subnet_env)?;
     let plugin = plugin_type(&delegate)
@@ -52,19 +64,21 @@ pub fn add(
     // Saved before the delegate runs, so a DEL after a crash mid-ADD can still clean up.
     saved.save(&args.container_id, &bytes)?;
 
-    let failure = match invoke::exec(&plugin_path, &plugin, Command::Add, &bytes, env) {
-        Ok(out) if serde_json::from_slice::<Value>(&out).is_ok_and(|v| v.is_object()) => {
-            return Ok(out)
-        }
-        Ok(out) => CniError::DelegateFailed {
+    let api = daemon_api(conf, opts);
+    let added = invoke::exec(&plugin_path, &plugin, Command::Add, &bytes, env).and_then(|out| {
+        let result = delegate_result(&plugin, &out)?;
+        let ips = pod::pod_ips(&result).map_err(|reason| CniError::NoPodIp {
             plugin: plugin.clone(),
-            command: "ADD",
-            message: format!(
-                "it succeeded but printed no JSON result: {:?}",
-                String::from_utf8_lossy(&out)
-            ),
-            raw: None,
-        },
+            reason,
+        })?;
+        let record = pod::record(&pod, &args.container_id, &labels, &ips);
+        handover::put_pod(&api, &pod, &record)?;
+        Ok(out)
+    });
+    // A record the daemon stored but could not confirm (a timeout) is not taken back here:
+    // the runtime DELs a failed ADD, and our DEL deletes it then.
+    let failure = match added {
+        Ok(out) => return Ok(out),
         Err(e) => e,
     };
     // Undo whatever the delegate did before failing (veth, IPAM allocation). If that fails too,
@@ -80,9 +94,31 @@ pub fn add(
     Err(failure)
 }
 
-/// DEL: runs the delegate with the config ADD saved; no saved config means nothing to undo.
-/// The saved config is removed even when the delegate's DEL fails, as Flannel v1.9 does.
-pub fn del(args: &CniArgs, conf: &NetConf, env: &Environment) -> Result<Vec<u8>, CniError> {
+/// DEL: undoes the delegate, then takes the pod's record back from the daemon whatever the
+/// delegate's DEL did; the daemon's answer never fails DEL (see `handover::delete_pod`).
+pub fn del(
+    args: &CniArgs,
+    conf: &NetConf,
+    env: &Environment,
+    opts: &Options,
+) -> Result<Vec<u8>, CniError> {
+    let undone = del_delegate(args, conf, env);
+    // Also without a saved config: an ADD whose PUT timed out may still have left a record.
+    match PodId::from_env(env, &args.container_id) {
+        Ok(pod) => {
+            let gone = handover::gone_dir(&conf.subnet_file);
+            handover::delete_pod(&daemon_api(conf, opts), &pod, &args.container_id, &gone);
+        }
+        // ADD refuses such a pod, so the daemon has no record of it.
+        Err(e) => eprintln!("flannel: no pod record to delete: {e}"),
+    }
+    undone
+}
+
+/// DEL's delegate part: runs the delegate with the config ADD saved; no saved config means
+/// nothing to undo. The saved config is removed even when the delegate's DEL fails, as Flannel
+/// v1.9 does.
+fn del_delegate(args: &CniArgs, conf: &NetConf, env: &Environment) -> Result<Vec<u8>, CniError> {
     let saved = SavedConfigs::new(&conf.data_dir);
     let Some(bytes) = saved.load(&args.container_id)? else {
         return Ok(Vec::new());
@@ -183,6 +219,29 @@ fn parse_saved(
         Ok(_) => Err(corrupt("not a JSON object".into())),
         Err(e) => Err(corrupt(e.to_string())),
     }
+}
+
+/// The delegate's ADD result: it must be a JSON object, or there is nothing to relay.
+fn delegate_result(plugin: &str, out: &[u8]) -> Result<Value, CniError> {
+    match serde_json::from_slice::<Value>(out) {
+        Ok(v) if v.is_object() => Ok(v),
+        _ => Err(CniError::DelegateFailed {
+            plugin: plugin.to_string(),
+            command: "ADD",
+            message: format!(
+                "it succeeded but printed no JSON result: {:?}",
+                String::from_utf8_lossy(out)
+            ),
+            raw: None,
+        }),
+    }
+}
+
+fn daemon_api(conf: &NetConf, opts: &Options) -> DaemonApi {
+    DaemonApi::new(
+        daemon_api::socket_path(&conf.subnet_file),
+        opts.daemon_timeout,
+    )
 }
 
 fn plugin_type(conf: &Map<String, Value>) -> Option<&str> {

@@ -42,6 +42,9 @@ pub struct NetConf {
     pub ipam: Option<Map<String, Value>>,
     pub runtime_config: Option<Map<String, Value>>,
     pub prev_result: Option<Value>,
+    /// `args` as given (CNI CONVENTIONS.md): `args.cni.labels` and `args.cni.ports` describe
+    /// the pod for the daemon. Decoded by `pod` at ADD only, so a bad one never blocks DEL.
+    pub args: Option<Value>,
 }
 
 /// Parses stdin as a JSON object.
@@ -90,6 +93,7 @@ impl NetConf {
             ipam: object(json, "ipam")?,
             runtime_config: object(json, "runtimeConfig")?,
             prev_result: field(json, "prevResult").cloned(),
+            args: field(json, "args").cloned(),
         })
     }
 

@@ -79,6 +79,23 @@ pub enum CniError {
         message: String,
         raw: Option<Vec<u8>>,
     },
+    /// The delegate's ADD result names no address we could give the daemon as the pod's IP.
+    #[error("delegate plugin {plugin} ADD result has no usable pod IP: {reason}")]
+    NoPodIp { plugin: String, reason: String },
+    /// The daemon could not be asked at all (not running, restarting, too slow): kubelet
+    /// retries ADD on code 11.
+    #[error(
+        "the flanneld-rs daemon is not reachable at {}: {reason} (try again later)",
+        .socket.display()
+    )]
+    DaemonUnreachable { socket: PathBuf, reason: String },
+    /// The daemon answered, but not with success, or not with HTTP we could read.
+    #[error("the flanneld-rs daemon at {} refused pod {pod}: {reason}", .socket.display())]
+    DaemonRefused {
+        socket: PathBuf,
+        pod: String,
+        reason: String,
+    },
 }
 
 /// The CNI error result, fields in the spec's order.
@@ -102,14 +119,16 @@ impl CniError {
             }
             ReadStdin(_) | Decode(_) => code::DECODE,
             InvalidConfig(_) => code::INVALID_CONFIG,
-            SubnetEnvNotReady { .. } => code::TRY_AGAIN_LATER,
+            SubnetEnvNotReady { .. } | DaemonUnreachable { .. } => code::TRY_AGAIN_LATER,
             SubnetEnv(_)
             | SavedConfig { .. }
             | NoSavedConfig(_)
             | CorruptSavedConfig { .. }
             | PluginNotFound { .. }
             | Exec { .. }
-            | DelegateFailed { .. } => code::INTERNAL,
+            | DelegateFailed { .. }
+            | NoPodIp { .. }
+            | DaemonRefused { .. } => code::INTERNAL,
         }
     }
 

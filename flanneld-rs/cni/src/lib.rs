@@ -9,6 +9,15 @@
 //! delegate's DEL succeeded, as Flannel v1.9 does. GC and STATUS succeed without doing anything,
 //! as Flannel's do.
 //!
+//! For NetworkPolicy, the daemon must know every pod: after the delegate's ADD succeeded, ADD
+//! hands a Kubernetes-shaped Pod record (namespace and name from CNI_ARGS' K8S_POD_*, labels
+//! and named ports from the config's `args.cni`, IPs from the delegate's result) to the local
+//! daemon with `PUT /v1/pods/<ns>/<name>` over HTTP on `flanneld-rs.sock` beside subnet.env;
+//! the plugin holds no etcd credentials. If the daemon refuses the record or cannot be reached
+//! (code 11, try again later), ADD fails and undoes the delegate. DEL sends the matching
+//! `DELETE` after the delegate's DEL, and never fails over it: when the daemon cannot be told,
+//! a tombstone file in `flanneld-rs-gone/` beside subnet.env tells it once it is back.
+//!
 //! Where we differ from Flannel's plugin, on purpose:
 //! - ADD waits a few seconds for a missing subnet.env (code 11 if it never comes), where Flannel
 //!   fails at once;
@@ -18,16 +27,21 @@
 //! - CHECK checks our saved state (Flannel's is a no-op);
 //! - errors carry `cniVersion`, and config errors use codes 6/7 rather than 999.
 //!
-//! Layout: `args` (CNI_* environment), `conf` (stdin), `delegate` (delegate config),
-//! `invoke` (CNI_PATH lookup, running plugins), `saved` (dataDir files), `commands`
+//! Layout: `args` (CNI_* environment, CNI_ARGS pairs), `conf` (stdin), `delegate` (delegate
+//! config), `invoke` (CNI_PATH lookup, running plugins), `saved` (dataDir files, atomic
+//! writes), `pod` (the Pod record: identity, labels, ports, IPs), `daemon_api` (HTTP/1.1 over
+//! the daemon's Unix socket), `handover` (PUT/DELETE of records, tombstones), `commands`
 //! (ADD/DEL/CHECK/GC/STATUS), `error` (CNI error JSON).
 
 pub mod args;
 pub mod commands;
 pub mod conf;
+pub mod daemon_api;
 pub mod delegate;
 pub mod error;
+pub mod handover;
 pub mod invoke;
+pub mod pod;
 pub mod saved;
 
 #[cfg(test)]
@@ -124,7 +138,7 @@ fn dispatch(
     conf.check_version(command)?;
     match command {
         Command::Add => commands::add(&args, &conf, env, opts),
-        Command::Del => commands::del(&args, &conf, env),
+        Command::Del => commands::del(&args, &conf, env, opts),
         Command::Check => commands::check(&args, &conf, env),
         Command::Gc => commands::gc(&conf),
         Command::Status => commands::status(&conf),

@@ -30,27 +30,12 @@ impl<'a> SavedConfigs<'a> {
     /// leaves a truncated config that would make a later DEL unable to clean up, and once ADD
     /// has run the delegate the config survives a power cut, so DEL can still undo it.
     pub fn save(&self, container_id: &str, conf: &[u8]) -> Result<(), CniError> {
-        let path = self.path(container_id);
-        let err = |source| CniError::SavedConfig {
+        // Container IDs never start with '.', so no temp file can be another container's.
+        write_atomic(self.dir, container_id, conf).map_err(|source| CniError::SavedConfig {
             action: "write",
-            path: path.clone(),
+            path: self.path(container_id),
             source,
-        };
-        create_dir_synced(self.dir).map_err(err)?;
-        // Container IDs never start with '.', so this name cannot be another container's file.
-        let tmp = self
-            .dir
-            .join(format!(".{container_id}.{}.tmp", std::process::id()));
-        let written = write_synced(&tmp, conf).and_then(|()| {
-            fs::rename(&tmp, &path)?;
-            step("rename", &path);
-            Ok(())
-        });
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(err(e));
-        }
-        sync_dir(self.dir).map_err(err)
+        })
     }
 
     /// The saved config, `None` if there is none.
@@ -79,6 +64,25 @@ impl<'a> SavedConfigs<'a> {
             _ => Ok(()),
         }
     }
+}
+
+/// Writes `dir/name` atomically and durably: temp file, fsync, rename, directory fsync,
+/// creating `dir` (0700) first; the file is 0600. `name` must not start with '.' (temp files
+/// do) and contains no '/'.
+pub(super) fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
+    create_dir_synced(dir)?;
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let written = write_synced(&tmp, data).and_then(|()| {
+        fs::rename(&tmp, &path)?;
+        step("rename", &path);
+        Ok(())
+    });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    sync_dir(dir)
 }
 
 fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {

@@ -1,8 +1,12 @@
 //! Whole invocations of the plugin against shell-script delegates in temp dirs: no root needed.
 
 use std::fs;
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -21,22 +25,119 @@ pub(crate) fn script(dir: &Path, name: &str, body: &str) {
     fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
 }
 
+const OK: &str = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+
+/// A stand-in for the daemon's API socket: a thread that records each request and answers it
+/// with `answer` (raw HTTP), or, when silent, holds the connection without a word.
+pub(crate) struct FakeDaemon {
+    pub socket: PathBuf,
+    answer: Arc<Mutex<Option<String>>>,
+    requests: Arc<Mutex<Vec<String>>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl FakeDaemon {
+    /// In a temp dir of its own.
+    pub fn start(answer: &str) -> FakeDaemon {
+        let dir = tempfile::tempdir().unwrap();
+        let mut daemon = FakeDaemon::serve(dir.path().join("flanneld-rs.sock"), Some(answer));
+        daemon._dir = Some(dir);
+        daemon
+    }
+
+    pub fn silent() -> FakeDaemon {
+        let daemon = FakeDaemon::start("");
+        daemon.silence();
+        daemon
+    }
+
+    /// At `socket`, in a directory someone else keeps.
+    pub fn serve(socket: PathBuf, answer: Option<&str>) -> FakeDaemon {
+        let listener = UnixListener::bind(&socket).unwrap();
+        let daemon = FakeDaemon {
+            socket,
+            answer: Arc::new(Mutex::new(answer.map(str::to_string))),
+            requests: Arc::default(),
+            _dir: None,
+        };
+        let (answer, requests) = (daemon.answer.clone(), daemon.requests.clone());
+        // Lives until the test process ends: blocked in accept, it costs nothing.
+        thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                let request = read_request(&mut stream);
+                requests.lock().unwrap().push(request);
+                match answer.lock().unwrap().clone() {
+                    Some(a) => {
+                        let _ = stream.write_all(a.as_bytes());
+                    }
+                    None => {
+                        thread::spawn(move || {
+                            thread::sleep(Duration::from_secs(5));
+                            drop(stream);
+                        });
+                    }
+                }
+            }
+        });
+        daemon
+    }
+
+    pub fn answer(&self, answer: &str) {
+        *self.answer.lock().unwrap() = Some(answer.to_string());
+    }
+
+    pub fn silence(&self) {
+        *self.answer.lock().unwrap() = None;
+    }
+
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+/// One request: headers, then Content-Length bytes of body (or up to EOF).
+fn read_request(stream: &mut UnixStream) -> String {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&buf).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .map_or(0, |n| n.parse().unwrap());
+            if buf.len() >= end + 4 + len {
+                return text;
+            }
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return String::from_utf8_lossy(&buf).to_string(),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// A node: temp dir with subnet.env, dataDir, a plugin dir and a log of delegate calls.
+/// The daemon's socket is beside subnet.env, answering 200 to everything.
 struct Node {
     dir: tempfile::TempDir,
+    daemon: FakeDaemon,
 }
 
 impl Node {
     fn new() -> Node {
-        let node = Node {
-            dir: tempfile::tempdir().unwrap(),
-        };
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = FakeDaemon::serve(dir.path().join("flanneld-rs.sock"), Some(OK));
+        let node = Node { dir, daemon };
         fs::create_dir(node.p("bin")).unwrap();
         fs::write(node.p("subnet.env"), SUBNET_ENV).unwrap();
         node
     }
 
-    fn p(&self, rel: &str) -> std::path::PathBuf {
+    fn p(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
 
@@ -88,6 +189,7 @@ impl Node {
         let opts = Options {
             subnet_env_wait: Duration::from_millis(300),
             subnet_env_poll: Duration::from_millis(20),
+            daemon_timeout: Duration::from_millis(500),
         };
         run(&Environment::from_pairs(env), &mut stdin.as_bytes(), &opts)
     }
@@ -483,4 +585,255 @@ fn bad_input_gives_error_json_never_a_panic() {
     let out = stdout_json(&r);
     assert_eq!(out["code"], 4);
     assert_eq!(out["details"], "../../etc");
+}
+
+const POD_ARGS: &str = "IgnoreUnknown=1;K8S_POD_NAMESPACE=prod;K8S_POD_NAME=db-0;\
+                        K8S_POD_INFRA_CONTAINER_ID=ctr1";
+
+impl Node {
+    fn pod_env(&self, command: &str) -> Vec<(String, String)> {
+        let mut env = self.env(command);
+        env.push(("CNI_ARGS".into(), POD_ARGS.into()));
+        env
+    }
+
+    /// The body of each request the daemon got, by request line.
+    fn daemon_requests(&self) -> Vec<(String, String)> {
+        self.daemon
+            .requests()
+            .iter()
+            .map(|r| {
+                let line = r.lines().next().unwrap_or_default().to_string();
+                let body = r.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+                (line, body.unwrap_or_default())
+            })
+            .collect()
+    }
+
+    fn gone(&self) -> Vec<String> {
+        let Ok(dir) = fs::read_dir(self.p("flanneld-rs-gone")) else {
+            return Vec::new();
+        };
+        let mut names: Vec<_> = dir
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+#[test]
+fn add_hands_the_pod_record_to_the_daemon() {
+    let node = Node::new();
+    let result =
+        r#"{"cniVersion":"1.0.0","ips":[{"address":"fd00:3::2/64"},{"address":"10.244.3.2/24"}]}"#;
+    node.delegate("fake", &format!("echo '{result}'"));
+    let conf = node.conf(json!({"args": {"cni": {
+        "labels": [{"key": "app", "value": "db"}],
+        "ports": [{"name": "pg", "containerPort": 5432}],
+    }}}));
+    let r = node.run_with(node.pod_env("ADD"), &conf);
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    assert_eq!(
+        r.stdout,
+        format!("{result}\n").into_bytes(),
+        "relayed unchanged"
+    );
+
+    let requests = node.daemon_requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].0, "PUT /v1/pods/prod/db-0 HTTP/1.1");
+    let record: Value = serde_json::from_str(&requests[0].1).unwrap();
+    assert_eq!(
+        record,
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "db-0", "namespace": "prod", "labels": {"app": "db"},
+                         "annotations": {"flanneld-rs.io/container-id": "ctr1"}},
+            "spec": {"containers": [{"name": "main", "ports": [
+                {"name": "pg", "containerPort": 5432, "protocol": "TCP"}]}]},
+            "status": {"podIP": "10.244.3.2",
+                       "podIPs": [{"ip": "10.244.3.2"}, {"ip": "fd00:3::2"}]}})
+    );
+    assert!(node.calls().iter().all(|(_, c)| c.get("args").is_none()));
+}
+
+#[test]
+fn add_without_k8s_args_names_the_pod_after_the_container() {
+    let node = Node::new();
+    let result = r#"{"cniVersion":"0.2.0","ip4":{"ip":"10.244.3.7/24"}}"#;
+    node.delegate("fake", &format!("echo '{result}'"));
+    let r = node.run("ADD", &node.conf(json!({"cniVersion": "0.2.0"})));
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    let requests = node.daemon_requests();
+    assert_eq!(requests[0].0, "PUT /v1/pods/default/ctr1 HTTP/1.1");
+    let record: Value = serde_json::from_str(&requests[0].1).unwrap();
+    assert_eq!(record["status"]["podIP"], "10.244.3.7");
+    assert_eq!(record["metadata"]["labels"], json!({}));
+}
+
+/// Every hand-over failure undoes the delegate as a failed delegate ADD does.
+#[test]
+fn failed_hand_over_undoes_the_delegate() {
+    let refused = "HTTP/1.1 400 Bad Request\r\nContent-Length: 19\r\n\r\nlabel key invalid\r\n";
+    let cases: [(&str, Option<&str>, u64, &str); 4] = [
+        (
+            "refused",
+            Some(refused),
+            999,
+            "refused pod prod/db-0: HTTP 400: label key invalid",
+        ),
+        (
+            "unavailable",
+            Some("HTTP/1.1 503 Busy\r\n\r\n"),
+            999,
+            "HTTP 503",
+        ),
+        (
+            "silent",
+            None,
+            11,
+            "no answer within 500 ms (try again later)",
+        ),
+        ("gone", Some(OK), 11, "not reachable at"),
+    ];
+    for (case, answer, code, needle) in cases {
+        let node = Node::new();
+        node.delegate("fake", &format!("echo '{RESULT}'"));
+        match answer {
+            Some(a) => node.daemon.answer(a),
+            None => node.daemon.silence(),
+        }
+        if case == "gone" {
+            fs::remove_file(node.p("flanneld-rs.sock")).unwrap();
+        }
+        let r = node.run_with(node.pod_env("ADD"), &node.conf(json!({})));
+        assert_eq!(r.exit_code, 1, "{case}: {r:?}");
+        let out = stdout_json(&r);
+        assert_eq!(out["code"], code, "{case}: {out}");
+        let msg = out["msg"].as_str().unwrap();
+        assert!(msg.contains(needle), "{case}: {msg}");
+        assert!(
+            msg.contains(&*node.p("flanneld-rs.sock").to_string_lossy()),
+            "{case}: {msg}"
+        );
+        let calls = node.calls();
+        let commands: Vec<_> = calls.iter().map(|(c, _)| c.as_str()).collect();
+        assert_eq!(commands, ["ADD", "DEL"], "{case}");
+        assert_eq!(calls[0].1, calls[1].1, "{case}");
+        assert!(node.saved().is_none(), "{case}");
+    }
+}
+
+#[test]
+fn add_fails_without_a_pod_ip_and_undoes_the_delegate() {
+    let node = Node::new();
+    node.delegate("fake", "echo '{\"cniVersion\":\"1.0.0\",\"ips\":[]}'");
+    let r = node.run("ADD", &node.conf(json!({})));
+    assert_eq!(r.exit_code, 1, "{r:?}");
+    let out = stdout_json(&r);
+    assert_eq!(out["code"], 999);
+    assert_eq!(
+        out["msg"],
+        "delegate plugin fake ADD result has no usable pod IP: it names no IP address"
+    );
+    assert_eq!(node.calls().len(), 2);
+    assert!(node.saved().is_none());
+    assert!(node.daemon_requests().is_empty());
+}
+
+#[test]
+fn bad_pod_description_fails_add_before_the_delegate_runs() {
+    let node = Node::new();
+    node.delegate("fake", &format!("echo '{RESULT}'"));
+    let conf = node.conf(json!({"args": {"cni": {"labels": {"app": "db"}}}}));
+    let out = stdout_json(&node.run("ADD", &conf));
+    assert_eq!(out["code"], 7);
+    assert!(out["msg"]
+        .as_str()
+        .unwrap()
+        .contains("args.cni.labels must be an array"));
+
+    let mut env = node.env("ADD");
+    env.push(("CNI_ARGS".into(), "K8S_POD_NAMESPACE=a/b".into()));
+    let out = stdout_json(&node.run_with(env, &node.conf(json!({}))));
+    assert_eq!(out["code"], 7, "{out}");
+    assert!(node.calls().is_empty());
+    assert!(node.saved().is_none());
+    // DEL does not read args.cni: a bad one never blocks a teardown.
+    assert_eq!(node.run("DEL", &conf).exit_code, 0);
+}
+
+#[test]
+fn del_takes_the_record_back() {
+    let node = Node::new();
+    node.delegate("fake", &format!("echo '{RESULT}'"));
+    assert_eq!(
+        node.run_with(node.pod_env("ADD"), &node.conf(json!({})))
+            .exit_code,
+        0
+    );
+    let r = node.run_with(node.pod_env("DEL"), &node.conf(json!({})));
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    let requests = node.daemon_requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(
+        requests[1],
+        (
+            "DELETE /v1/pods/prod/db-0?containerID=ctr1 HTTP/1.1".into(),
+            String::new()
+        )
+    );
+
+    // Gone already (404), and no saved config: still fine, still asked.
+    node.daemon.answer("HTTP/1.1 404 Not Found\r\n\r\n");
+    let r = node.run_with(node.pod_env("DEL"), &node.conf(json!({})));
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    assert_eq!(node.daemon_requests().len(), 3);
+    assert!(node.gone().is_empty());
+}
+
+#[test]
+fn del_leaves_a_tombstone_when_the_daemon_cannot_be_told() {
+    let node = Node::new();
+    node.delegate("fake", &format!("echo '{RESULT}'"));
+    assert_eq!(
+        node.run_with(node.pod_env("ADD"), &node.conf(json!({})))
+            .exit_code,
+        0
+    );
+    fs::remove_file(node.p("flanneld-rs.sock")).unwrap();
+    let r = node.run_with(node.pod_env("DEL"), &node.conf(json!({})));
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    assert!(r.stdout.is_empty());
+    assert_eq!(node.calls().len(), 2, "the delegate's DEL ran");
+    assert!(node.saved().is_none());
+    assert_eq!(node.gone(), ["prod_db-0_ctr1"]);
+    let tombstone: Value =
+        serde_json::from_slice(&fs::read(node.p("flanneld-rs-gone/prod_db-0_ctr1")).unwrap())
+            .unwrap();
+    assert_eq!(
+        tombstone,
+        json!({"namespace": "prod", "name": "db-0", "containerID": "ctr1"})
+    );
+}
+
+#[test]
+fn del_with_failing_delegate_and_daemon_keeps_the_delegate_error() {
+    let node = Node::new();
+    let err = r#"{"cniVersion":"1.0.0","code":11,"msg":"busy"}"#;
+    node.delegate(
+        "fake",
+        &format!("[ \"$CNI_COMMAND\" = ADD ] && echo '{RESULT}' && exit 0\necho '{err}'; exit 1"),
+    );
+    assert_eq!(node.run("ADD", &node.conf(json!({}))).exit_code, 0);
+    node.daemon
+        .answer("HTTP/1.1 500 Internal Server Error\r\n\r\n");
+    let r = node.run("DEL", &node.conf(json!({})));
+    assert_eq!(r.exit_code, 1, "{r:?}");
+    assert_eq!(r.stdout, format!("{err}\n").into_bytes());
+    assert_eq!(
+        node.daemon_requests()[1].0,
+        "DELETE /v1/pods/default/ctr1?containerID=ctr1 HTTP/1.1"
+    );
+    assert_eq!(node.gone(), ["default_ctr1_ctr1"]);
 }

@@ -1,0 +1,262 @@
+//! Handing pod records to the daemon (ADD) and taking them back (DEL).
+//!
+//! ADD must not succeed without the daemon knowing the pod, or NetworkPolicy would not cover
+//! it: any failure here fails ADD. DEL must never block a pod's teardown: when the daemon
+//! cannot be told, a tombstone file tells it once it is back.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::daemon_api::{encode_component, state_dir, ApiError, DaemonApi, Response};
+use super::error::CniError;
+use super::pod::PodId;
+use super::saved::write_atomic;
+
+/// Beside subnet.env: one file per pod record the daemon still has to delete.
+pub const GONE_DIR_NAME: &str = "flanneld-rs-gone";
+
+/// `<directory of subnetFile>/flanneld-rs-gone`.
+pub fn gone_dir(subnet_file: &Path) -> PathBuf {
+    state_dir(subnet_file).join(GONE_DIR_NAME)
+}
+
+/// `PUT /v1/pods/<ns>/<name>` with the record; success is any 2xx.
+pub fn put_pod(api: &DaemonApi, pod: &PodId, record: &Value) -> Result<(), CniError> {
+    let body = serde_json::to_vec(record).map_err(|e| refused(api, pod, e.to_string()))?;
+    match api.request("PUT", &pod.api_path(), Some(&body)) {
+        Ok(r) if r.is_success() => Ok(()),
+        Ok(r) => Err(refused(api, pod, status_text(&r))),
+        Err(e @ ApiError::BadResponse(_)) => Err(refused(api, pod, e.to_string())),
+        Err(e) => Err(CniError::DaemonUnreachable {
+            socket: api.socket().to_path_buf(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// What became of a DELETE.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// 2xx, or 404: the daemon has no such record (any more).
+    Done,
+    /// The daemon was unreachable or failing (5xx, unreadable answer): a tombstone was left.
+    Tombstone(PathBuf),
+    /// The daemon refused for good (another 4xx), or the tombstone could not be written: there
+    /// is nothing more DEL can do, and failing it would block the pod's teardown.
+    GaveUp(String),
+}
+
+/// `DELETE /v1/pods/<ns>/<name>?containerID=<id>`; never fails. Anything but `Done` is
+/// reported with a one-line warning on stderr.
+pub fn delete_pod(api: &DaemonApi, pod: &PodId, container_id: &str, gone: &Path) -> Removal {
+    let target = format!(
+        "{}?containerID={}",
+        pod.api_path(),
+        encode_component(container_id)
+    );
+    let problem = match api.request("DELETE", &target, None) {
+        Ok(r) if r.is_success() || r.status == 404 => return Removal::Done,
+        Ok(r) if r.status < 500 => {
+            let why = format!(
+                "the flanneld-rs daemon at {} refused to delete pod {pod}: {}",
+                api.socket().display(),
+                status_text(&r)
+            );
+            eprintln!("flannel: warning: {why}");
+            return Removal::GaveUp(why);
+        }
+        Ok(r) => status_text(&r),
+        Err(e) => e.to_string(),
+    };
+    match write_tombstone(gone, pod, container_id) {
+        Ok(path) => {
+            eprintln!(
+                "flannel: warning: cannot tell the flanneld-rs daemon at {} that pod {pod} is \
+                 gone ({problem}); left {} for it",
+                api.socket().display(),
+                path.display()
+            );
+            Removal::Tombstone(path)
+        }
+        Err(e) => {
+            let why = format!(
+                "cannot tell the flanneld-rs daemon at {} that pod {pod} is gone ({problem}), \
+                 nor write a tombstone under {}: {e}",
+                api.socket().display(),
+                gone.display()
+            );
+            eprintln!("flannel: warning: {why}");
+            Removal::GaveUp(why)
+        }
+    }
+}
+
+/// `<namespace>_<name>_<containerID>`, every other character than [A-Za-z0-9._-] made '_'.
+/// A leading '.' is made '_' too: it would hide the file and clash with temp files.
+pub fn tombstone_name(pod: &PodId, container_id: &str) -> String {
+    let raw = format!("{}_{}_{}", pod.namespace, pod.name, container_id);
+    raw.chars()
+        .enumerate()
+        .map(|(i, c)| match c {
+            '.' if i == 0 => '_',
+            c if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') => c,
+            _ => '_',
+        })
+        .collect()
+}
+
+/// Writes `{"namespace","name","containerID"}` to `gone/<tombstone_name>` atomically.
+pub fn write_tombstone(gone: &Path, pod: &PodId, container_id: &str) -> std::io::Result<PathBuf> {
+    let name = tombstone_name(pod, container_id);
+    let body = json!({
+        "namespace": pod.namespace,
+        "name": pod.name,
+        "containerID": container_id,
+    });
+    write_atomic(gone, &name, body.to_string().as_bytes())?;
+    Ok(gone.join(name))
+}
+
+fn refused(api: &DaemonApi, pod: &PodId, reason: String) -> CniError {
+    CniError::DaemonRefused {
+        socket: api.socket().to_path_buf(),
+        pod: pod.to_string(),
+        reason,
+    }
+}
+
+fn status_text(r: &Response) -> String {
+    match r.body_text() {
+        body if body.is_empty() => format!("HTTP {}", r.status),
+        body => format!("HTTP {}: {body}", r.status),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tests::FakeDaemon;
+    use std::fs;
+    use std::os::unix::fs::MetadataExt;
+    use std::time::Duration;
+
+    fn pod() -> PodId {
+        PodId {
+            namespace: "prod".into(),
+            name: "db-0".into(),
+        }
+    }
+
+    fn api(daemon: &FakeDaemon) -> DaemonApi {
+        DaemonApi::new(daemon.socket.clone(), Duration::from_millis(500))
+    }
+
+    #[test]
+    fn put_success_and_refusals() {
+        let daemon = FakeDaemon::start("HTTP/1.1 204 No Content\r\n\r\n");
+        put_pod(&api(&daemon), &pod(), &json!({"kind": "Pod"})).unwrap();
+        assert!(daemon.requests()[0].starts_with("PUT /v1/pods/prod/db-0 HTTP/1.1\r\n"));
+        assert!(daemon.requests()[0].ends_with("\r\n\r\n{\"kind\":\"Pod\"}"));
+
+        daemon
+            .answer("HTTP/1.1 422 Unprocessable\r\nContent-Length: 16\r\n\r\nbad label \"a b\"\n");
+        let err = put_pod(&api(&daemon), &pod(), &json!({})).unwrap_err();
+        assert_eq!(err.code(), 999);
+        assert!(
+            err.to_string()
+                .ends_with("refused pod prod/db-0: HTTP 422: bad label \"a b\""),
+            "{err}"
+        );
+        daemon.answer("HTTP/1.1 503 Busy\r\n\r\n");
+        let err = put_pod(&api(&daemon), &pod(), &json!({})).unwrap_err();
+        assert!(err.to_string().ends_with(": HTTP 503"), "{err}");
+        daemon.answer("garbage");
+        let err = put_pod(&api(&daemon), &pod(), &json!({})).unwrap_err();
+        assert!(
+            err.to_string().contains("unreadable HTTP response"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn put_to_an_absent_or_silent_daemon_is_try_again_later() {
+        let daemon = FakeDaemon::silent();
+        let err = put_pod(&api(&daemon), &pod(), &json!({})).unwrap_err();
+        assert_eq!(err.code(), 11);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("flanneld-rs daemon is not reachable at"),
+            "{msg}"
+        );
+        assert!(msg.contains("no answer within 500 ms"), "{msg}");
+
+        let tmp = tempfile::tempdir().unwrap();
+        let api = DaemonApi::new(tmp.path().join("flanneld-rs.sock"), Duration::from_secs(1));
+        let err = put_pod(&api, &pod(), &json!({})).unwrap_err();
+        assert_eq!(err.code(), 11);
+        assert!(
+            err.to_string().contains(&*api.socket().to_string_lossy()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn delete_outcomes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let gone = tmp.path().join("gone");
+        let daemon = FakeDaemon::start("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(
+            delete_pod(&api(&daemon), &pod(), "ctr1", &gone),
+            Removal::Done
+        );
+        assert!(daemon.requests()[0]
+            .starts_with("DELETE /v1/pods/prod/db-0?containerID=ctr1 HTTP/1.1\r\n"));
+        daemon.answer("HTTP/1.1 404 Not Found\r\n\r\n");
+        assert_eq!(
+            delete_pod(&api(&daemon), &pod(), "ctr1", &gone),
+            Removal::Done
+        );
+        daemon.answer("HTTP/1.1 400 Bad Request\r\n\r\nno");
+        assert!(matches!(
+            delete_pod(&api(&daemon), &pod(), "ctr1", &gone),
+            Removal::GaveUp(_)
+        ));
+        assert!(!gone.exists(), "nothing left for answers the daemon gave");
+
+        daemon.answer("HTTP/1.1 500 Oops\r\n\r\n");
+        let Removal::Tombstone(path) = delete_pod(&api(&daemon), &pod(), "ctr1", &gone) else {
+            panic!("5xx leaves a tombstone");
+        };
+        assert_eq!(path, gone.join("prod_db-0_ctr1"));
+        let content: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert_eq!(
+            content,
+            json!({"namespace": "prod", "name": "db-0", "containerID": "ctr1"})
+        );
+        assert_eq!(fs::metadata(&gone).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(fs::read_dir(&gone).unwrap().count(), 1, "no temp file left");
+    }
+
+    #[test]
+    fn tombstone_names_are_safe() {
+        let odd = PodId {
+            namespace: ".hidden".into(),
+            name: "a b:ä".into(),
+        };
+        assert_eq!(tombstone_name(&odd, "c.1"), "_hidden_a_b___c.1");
+        assert_eq!(tombstone_name(&pod(), "ctr1"), "prod_db-0_ctr1");
+    }
+
+    #[test]
+    fn unwritable_gone_dir_gives_up_without_failing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let blocker = tmp.path().join("file");
+        fs::write(&blocker, "").unwrap();
+        let api = DaemonApi::new(tmp.path().join("none.sock"), Duration::from_secs(1));
+        assert!(matches!(
+            delete_pod(&api, &pod(), "ctr1", &blocker.join("gone")),
+            Removal::GaveUp(_)
+        ));
+    }
+}
