@@ -49,9 +49,15 @@ pub fn lock_path(subnet_file: &Path) -> PathBuf {
     beside(subnet_file, ".lock")
 }
 
-/// `<subnet-file>.sock`: where the instance holding that file serves `flanneld-rs status`.
+/// `<directory of subnet-file>/flanneld-rs.sock` (`/run/flannel/flanneld-rs.sock` by default):
+/// where the instance holding that file serves `flanneld-rs status` and the node's pod API.
+/// The CNI plugin derives the same path from the same `subnetFile`.
 pub fn socket_path(subnet_file: &Path) -> PathBuf {
-    beside(subnet_file, ".sock")
+    let dir = match subnet_file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    dir.join("flanneld-rs.sock")
 }
 
 fn beside(subnet_file: &Path, suffix: &str) -> PathBuf {

@@ -8,7 +8,7 @@ use etcd_client::{EventType, WatchOptions};
 use tokio::sync::mpsc;
 
 use crate::lease::{Lease, SubnetKey};
-use crate::registry::{LeaseList, Registry, RegistryStats};
+use crate::registry::{LeaseList, Registry, RegistryError, RegistryStats};
 use crate::Backoff;
 
 /// A change to the set of leases in etcd. Our own lease is included; the daemon filters it.
@@ -70,7 +70,213 @@ const RELIST_MAX: Duration = Duration::from_secs(1);
 /// one after (re)connecting holds the whole difference from what was known before.
 pub fn spawn(registry: Registry) -> mpsc::Receiver<Vec<LeaseEvent>> {
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(run(registry, tx));
+    tokio::spawn(run(registry, Leases::default(), tx));
+    rx
+}
+
+/// What one followed prefix needs besides the list-and-watch machinery, which is shared:
+/// the leases (`Leases`) and the policy records (`Records`) go through the same resilience.
+pub trait Keyspace: Send + 'static {
+    /// What the receiver gets for one listing or one watch response.
+    type Batch: Send + 'static;
+    /// For logs: "lease", "policy record".
+    const WHAT: &'static str;
+    fn prefix(&self, registry: &Registry) -> String;
+    /// Lists the prefix: (store revision, cluster ID, the batch holding what changed since the
+    /// last listing or watch event), or the error.
+    fn list(
+        &mut self,
+        registry: &Registry,
+    ) -> impl std::future::Future<Output = Result<(i64, u64, Option<Self::Batch>), RegistryError>> + Send;
+    /// The batch for one watch response (`None`: nothing worth sending).
+    fn apply(
+        &mut self,
+        registry: &Registry,
+        resp: &etcd_client::WatchResponse,
+    ) -> Option<Self::Batch>;
+}
+
+/// Subnet leases, parsed, as `LeaseEvent`s.
+#[derive(Default)]
+pub struct Leases(Known);
+
+impl Keyspace for Leases {
+    type Batch = Vec<LeaseEvent>;
+    const WHAT: &'static str = "lease";
+
+    fn prefix(&self, registry: &Registry) -> String {
+        registry.subnets_prefix()
+    }
+
+    async fn list(
+        &mut self,
+        registry: &Registry,
+    ) -> Result<(i64, u64, Option<Self::Batch>), RegistryError> {
+        let list = registry.list_leases().await?;
+        for bad in &list.malformed {
+            tracing::error!("skipping malformed lease: {bad}");
+        }
+        let events = self.0.resync(&list);
+        Ok((
+            list.revision,
+            list.cluster_id,
+            (!events.is_empty()).then_some(events),
+        ))
+    }
+
+    fn apply(
+        &mut self,
+        registry: &Registry,
+        resp: &etcd_client::WatchResponse,
+    ) -> Option<Self::Batch> {
+        let mut batch = Vec::new();
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let key = String::from_utf8_lossy(kv.key());
+            let event = match ev.event_type() {
+                EventType::Put => match Lease::parse(registry.prefix(), &key, kv.value()) {
+                    None => None,
+                    Some(Ok(lease)) => self.0.put(lease),
+                    Some(Err(e)) => {
+                        RegistryStats::bump(&registry.stats.malformed_leases);
+                        tracing::error!(
+                            "skipping malformed lease (keeping what we had for it): {e}"
+                        );
+                        None
+                    }
+                },
+                EventType::Delete => match SubnetKey::from_key(registry.prefix(), &key) {
+                    Some(Ok(subnet)) => self.0.remove(&subnet),
+                    _ => None,
+                },
+            };
+            batch.extend(event);
+        }
+        (!batch.is_empty()).then_some(batch)
+    }
+}
+
+/// A raw key change under a followed prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RawEvent {
+    Put {
+        key: String,
+        value: Vec<u8>,
+        revision: i64,
+    },
+    Delete {
+        key: String,
+        revision: i64,
+    },
+}
+
+/// What `Records` sends: the changes, and the store revision they bring us up to. Sent also
+/// with no changes (watch progress), so a receiver knows how current it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawBatch {
+    pub events: Vec<RawEvent>,
+    pub revision: i64,
+}
+
+/// Any prefix, unparsed: the receiver checks the values (policy records).
+pub struct Records {
+    prefix: String,
+    known: HashMap<String, (Vec<u8>, i64)>,
+}
+
+impl Records {
+    pub fn new(prefix: String) -> Self {
+        Records {
+            prefix,
+            known: HashMap::new(),
+        }
+    }
+}
+
+impl Keyspace for Records {
+    type Batch = RawBatch;
+    const WHAT: &'static str = "policy record";
+
+    fn prefix(&self, _: &Registry) -> String {
+        self.prefix.clone()
+    }
+
+    async fn list(
+        &mut self,
+        registry: &Registry,
+    ) -> Result<(i64, u64, Option<Self::Batch>), RegistryError> {
+        let list = registry.get_prefix(&self.prefix).await?;
+        let fresh: HashMap<&str, &crate::registry::RawKv> =
+            list.kvs.iter().map(|kv| (kv.key.as_str(), kv)).collect();
+        let mut events: Vec<RawEvent> = self
+            .known
+            .keys()
+            .filter(|k| !fresh.contains_key(k.as_str()))
+            .map(|k| RawEvent::Delete {
+                key: k.clone(),
+                revision: list.revision,
+            })
+            .collect();
+        self.known.retain(|k, _| fresh.contains_key(k.as_str()));
+        for kv in &list.kvs {
+            let same = self
+                .known
+                .get(&kv.key)
+                .is_some_and(|(v, r)| *v == kv.value && *r == kv.mod_revision);
+            if !same {
+                self.known
+                    .insert(kv.key.clone(), (kv.value.clone(), kv.mod_revision));
+                events.push(RawEvent::Put {
+                    key: kv.key.clone(),
+                    value: kv.value.clone(),
+                    revision: kv.mod_revision,
+                });
+            }
+        }
+        Ok((
+            list.revision,
+            list.cluster_id,
+            Some(RawBatch {
+                events,
+                revision: list.revision,
+            }),
+        ))
+    }
+
+    fn apply(&mut self, _: &Registry, resp: &etcd_client::WatchResponse) -> Option<Self::Batch> {
+        let mut events = Vec::new();
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            match ev.event_type() {
+                EventType::Put => {
+                    self.known
+                        .insert(key.clone(), (kv.value().to_vec(), kv.mod_revision()));
+                    events.push(RawEvent::Put {
+                        key,
+                        value: kv.value().to_vec(),
+                        revision: kv.mod_revision(),
+                    });
+                }
+                EventType::Delete => {
+                    if self.known.remove(&key).is_some() {
+                        events.push(RawEvent::Delete {
+                            key,
+                            revision: kv.mod_revision(),
+                        });
+                    }
+                }
+            }
+        }
+        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+        Some(RawBatch { events, revision })
+    }
+}
+
+/// Follows a raw prefix (policy records) with the leases' resilience.
+pub fn spawn_records(registry: Registry, prefix: String) -> mpsc::Receiver<RawBatch> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(run(registry, Records::new(prefix), tx));
     rx
 }
 
@@ -105,41 +311,39 @@ impl Seen {
     }
 }
 
-async fn run(registry: Registry, tx: mpsc::Sender<Vec<LeaseEvent>>) {
-    let mut known = Known::default();
+async fn run<K: Keyspace>(registry: Registry, mut keys: K, tx: mpsc::Sender<K::Batch>) {
     let mut seen = Seen::default();
     let mut backoff = Backoff::new(RELIST_MIN, RELIST_MAX);
     loop {
-        let list = match registry.list_leases().await {
+        let (revision, cluster_id, batch) = match keys.list(&registry).await {
             Ok(list) => list,
             Err(e) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(
                     retry_in_ms = delay.as_millis() as u64,
-                    "listing leases failed: {e}"
+                    "listing {}s failed: {e}",
+                    K::WHAT
                 );
                 tokio::time::sleep(delay).await;
                 continue;
             }
         };
-        if let Some(why) = seen.update(list.cluster_id, list.revision) {
+        if let Some(why) = seen.update(cluster_id, revision) {
             RegistryStats::bump(&registry.stats.etcd_resets);
-            tracing::warn!("{why}; every lease is taken from the new listing");
+            tracing::warn!("{why}; every {} is taken from the new listing", K::WHAT);
         }
-        for bad in &list.malformed {
-            tracing::error!("skipping malformed lease: {bad}");
-        }
-        let events = known.resync(&list);
-        if !events.is_empty() && tx.send(events).await.is_err() {
-            return;
+        if let Some(batch) = batch {
+            if tx.send(batch).await.is_err() {
+                return;
+            }
         }
         let mut watch = Follow {
             registry: &registry,
-            known: &mut known,
+            keys: &mut keys,
             tx: &tx,
             backoff: &mut backoff,
-            cluster_id: list.cluster_id,
-            listed_revision: list.revision,
+            cluster_id,
+            listed_revision: revision,
         };
         match watch.follow().await {
             Ok(()) => return, // the receiver is gone: the daemon is shutting down
@@ -148,7 +352,8 @@ async fn run(registry: Registry, tx: mpsc::Sender<Vec<LeaseEvent>>) {
                 let delay = backoff.next_delay();
                 tracing::warn!(
                     retry_in_ms = delay.as_millis() as u64,
-                    "lease watch interrupted ({why}); listing again"
+                    "{} watch interrupted ({why}); listing again",
+                    K::WHAT
                 );
                 tokio::time::sleep(delay).await;
             }
@@ -157,23 +362,23 @@ async fn run(registry: Registry, tx: mpsc::Sender<Vec<LeaseEvent>>) {
 }
 
 /// One watch stream, from the revision after a listing until it breaks.
-struct Follow<'a> {
+struct Follow<'a, K: Keyspace> {
     registry: &'a Registry,
-    known: &'a mut Known,
-    tx: &'a mpsc::Sender<Vec<LeaseEvent>>,
+    keys: &'a mut K,
+    tx: &'a mpsc::Sender<K::Batch>,
     backoff: &'a mut Backoff,
     cluster_id: u64,
     listed_revision: i64,
 }
 
-impl Follow<'_> {
+impl<K: Keyspace> Follow<'_, K> {
     /// Applies watch events until the stream breaks or goes quiet past the progress deadline
     /// (`Err` with the reason), or the receiver is gone (`Ok`).
     async fn follow(&mut self) -> Result<(), String> {
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(self.listed_revision + 1);
-        let prefix = self.registry.subnets_prefix();
+        let prefix = self.keys.prefix(self.registry);
         let mut client = self.registry.client();
         let start = client.watch(prefix.as_str(), Some(opts));
         let stream = match tokio::time::timeout(START_TIMEOUT, start).await {
@@ -228,9 +433,10 @@ impl Follow<'_> {
                 return Err(format!("watch canceled: {}", resp.cancel_reason()));
             }
             self.backoff.reset();
-            let batch = self.apply(&resp);
-            if !batch.is_empty() && self.tx.send(batch).await.is_err() {
-                return Ok(());
+            if let Some(batch) = self.keys.apply(self.registry, &resp) {
+                if self.tx.send(batch).await.is_err() {
+                    return Ok(());
+                }
             }
         }
     }
@@ -256,34 +462,6 @@ impl Follow<'_> {
             ));
         }
         Ok(())
-    }
-
-    fn apply(&mut self, resp: &etcd_client::WatchResponse) -> Vec<LeaseEvent> {
-        let registry = self.registry;
-        let mut batch = Vec::new();
-        for ev in resp.events() {
-            let Some(kv) = ev.kv() else { continue };
-            let key = String::from_utf8_lossy(kv.key());
-            let event = match ev.event_type() {
-                EventType::Put => match Lease::parse(registry.prefix(), &key, kv.value()) {
-                    None => None,
-                    Some(Ok(lease)) => self.known.put(lease),
-                    Some(Err(e)) => {
-                        RegistryStats::bump(&registry.stats.malformed_leases);
-                        tracing::error!(
-                            "skipping malformed lease (keeping what we had for it): {e}"
-                        );
-                        None
-                    }
-                },
-                EventType::Delete => match SubnetKey::from_key(registry.prefix(), &key) {
-                    Some(Ok(subnet)) => self.known.remove(&subnet),
-                    _ => None,
-                },
-            };
-            batch.extend(event);
-        }
-        batch
     }
 }
 

@@ -72,7 +72,8 @@ pub fn add(
             reason,
         })?;
         let record = pod::record(&pod, &args.container_id, &labels, &ips);
-        handover::put_pod(&api, &pod, &record)?;
+        let pending = handover::pending_dir(&conf.subnet_file);
+        handover::put_pod(&api, &pod, &args.container_id, &record, &pending)?;
         Ok(out)
     });
     // A record the daemon stored but could not confirm (a timeout) is not taken back here:
@@ -107,6 +108,11 @@ pub fn del(
     match PodId::from_env(env, &args.container_id) {
         Ok(pod) => {
             let gone = handover::gone_dir(&conf.subnet_file);
+            handover::drop_pending(
+                &handover::pending_dir(&conf.subnet_file),
+                &pod,
+                &args.container_id,
+            );
             handover::delete_pod(&daemon_api(conf, opts), &pod, &args.container_id, &gone);
         }
         // ADD refuses such a pod, so the daemon has no record of it.

@@ -22,12 +22,53 @@ pub fn gone_dir(subnet_file: &Path) -> PathBuf {
 }
 
 /// `PUT /v1/pods/<ns>/<name>` with the record; success is any 2xx.
-pub fn put_pod(api: &DaemonApi, pod: &PodId, record: &Value) -> Result<(), CniError> {
+/// Where ADD leaves a record when no daemon listens on the socket, for the daemon to publish
+/// when it starts (and DEL removes it if the pod goes first).
+pub const PENDING_DIR_NAME: &str = "flanneld-rs-pending";
+
+pub fn pending_dir(subnet_file: &Path) -> PathBuf {
+    state_dir(subnet_file).join(PENDING_DIR_NAME)
+}
+
+/// Hands the record over. When nothing listens on the socket (no file, or connection refused:
+/// the daemon is restarting, or this node still runs Go Flannel, which has no socket) the
+/// record is left under `pending` and ADD goes on: the network must not wait on policy, and
+/// the daemon publishes it when it starts. A daemon that answers but refuses, or does not
+/// answer in time, fails ADD.
+pub fn put_pod(
+    api: &DaemonApi,
+    pod: &PodId,
+    container_id: &str,
+    record: &Value,
+    pending: &Path,
+) -> Result<(), CniError> {
     let body = serde_json::to_vec(record).map_err(|e| refused(api, pod, e.to_string()))?;
     match api.request("PUT", &pod.api_path(), Some(&body)) {
         Ok(r) if r.is_success() => Ok(()),
         Ok(r) => Err(refused(api, pod, status_text(&r))),
         Err(e @ ApiError::BadResponse(_)) => Err(refused(api, pod, e.to_string())),
+        Err(ApiError::Unreachable(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            let name = tombstone_name(pod, container_id);
+            write_atomic(pending, &name, &body).map_err(|w| CniError::DaemonUnreachable {
+                socket: api.socket().to_path_buf(),
+                reason: format!(
+                    "{e}; and leaving the record under {}: {w}",
+                    pending.display()
+                ),
+            })?;
+            eprintln!(
+                "flannel: warning: no flanneld-rs daemon at {} ({e}): pod {pod}'s record left \
+                 in {} for it to publish when it starts",
+                api.socket().display(),
+                pending.join(&name).display()
+            );
+            Ok(())
+        }
         Err(e) => Err(CniError::DaemonUnreachable {
             socket: api.socket().to_path_buf(),
             reason: e.to_string(),
@@ -49,6 +90,11 @@ pub enum Removal {
 
 /// `DELETE /v1/pods/<ns>/<name>?containerID=<id>`; never fails. Anything but `Done` is
 /// reported with a one-line warning on stderr.
+/// Drops a record ADD left pending (the daemon never published it).
+pub fn drop_pending(pending: &Path, pod: &PodId, container_id: &str) {
+    let _ = std::fs::remove_file(pending.join(tombstone_name(pod, container_id)));
+}
+
 pub fn delete_pod(api: &DaemonApi, pod: &PodId, container_id: &str, gone: &Path) -> Removal {
     let target = format!(
         "{}?containerID={}",
@@ -155,13 +201,27 @@ mod tests {
     #[test]
     fn put_success_and_refusals() {
         let daemon = FakeDaemon::start("HTTP/1.1 204 No Content\r\n\r\n");
-        put_pod(&api(&daemon), &pod(), &json!({"kind": "Pod"})).unwrap();
+        put_pod(
+            &api(&daemon),
+            &pod(),
+            "c1",
+            &json!({"kind": "Pod"}),
+            Path::new("/nonexistent"),
+        )
+        .unwrap();
         assert!(daemon.requests()[0].starts_with("PUT /v1/pods/prod/db-0 HTTP/1.1\r\n"));
         assert!(daemon.requests()[0].ends_with("\r\n\r\n{\"kind\":\"Pod\"}"));
 
         daemon
             .answer("HTTP/1.1 422 Unprocessable\r\nContent-Length: 16\r\n\r\nbad label \"a b\"\n");
-        let err = put_pod(&api(&daemon), &pod(), &json!({})).unwrap_err();
+        let err = put_pod(
+            &api(&daemon),
+            &pod(),
+            "c1",
+            &json!({}),
+            Path::new("/nonexistent"),
+        )
+        .unwrap_err();
         assert_eq!(err.code(), 999);
         assert!(
             err.to_string()
@@ -169,10 +229,24 @@ mod tests {
             "{err}"
         );
         daemon.answer("HTTP/1.1 503 Busy\r\n\r\n");
-        let err = put_pod(&api(&daemon), &pod(), &json!({})).unwrap_err();
+        let err = put_pod(
+            &api(&daemon),
+            &pod(),
+            "c1",
+            &json!({}),
+            Path::new("/nonexistent"),
+        )
+        .unwrap_err();
         assert!(err.to_string().ends_with(": HTTP 503"), "{err}");
         daemon.answer("garbage");
-        let err = put_pod(&api(&daemon), &pod(), &json!({})).unwrap_err();
+        let err = put_pod(
+            &api(&daemon),
+            &pod(),
+            "c1",
+            &json!({}),
+            Path::new("/nonexistent"),
+        )
+        .unwrap_err();
         assert!(
             err.to_string().contains("unreadable HTTP response"),
             "{err}"
@@ -182,7 +256,14 @@ mod tests {
     #[test]
     fn put_to_an_absent_or_silent_daemon_is_try_again_later() {
         let daemon = FakeDaemon::silent();
-        let err = put_pod(&api(&daemon), &pod(), &json!({})).unwrap_err();
+        let err = put_pod(
+            &api(&daemon),
+            &pod(),
+            "c1",
+            &json!({}),
+            Path::new("/nonexistent"),
+        )
+        .unwrap_err();
         assert_eq!(err.code(), 11);
         let msg = err.to_string();
         assert!(
@@ -190,15 +271,18 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("no answer within 500 ms"), "{msg}");
+    }
 
+    #[test]
+    fn put_with_no_daemon_leaves_the_record_pending() {
         let tmp = tempfile::tempdir().unwrap();
         let api = DaemonApi::new(tmp.path().join("flanneld-rs.sock"), Duration::from_secs(1));
-        let err = put_pod(&api, &pod(), &json!({})).unwrap_err();
-        assert_eq!(err.code(), 11);
-        assert!(
-            err.to_string().contains(&*api.socket().to_string_lossy()),
-            "{err}"
-        );
+        let pending = tmp.path().join("pending");
+        put_pod(&api, &pod(), "c1", &json!({"kind": "Pod"}), &pending).unwrap();
+        let left = fs::read_to_string(pending.join("prod_db-0_c1")).unwrap();
+        assert_eq!(left, "{\"kind\":\"Pod\"}");
+        drop_pending(&pending, &pod(), "c1");
+        assert!(!pending.join("prod_db-0_c1").exists());
     }
 
     #[test]

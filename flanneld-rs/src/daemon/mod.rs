@@ -202,6 +202,15 @@ pub async fn run(flags: Flags) -> Result<()> {
         masquerade: flags.ip_masq,
         forward_rules: flags.iptables_forward_rules,
     });
+    // NetworkPolicy for our pods: follows `<prefix>/policy/` and answers the CNI plugin.
+    let policy = crate::policy::Policy::start(
+        registry.clone(),
+        &own.key,
+        node.public_ip.into(),
+        flags.subnet_lease_ttl,
+        &flags.subnet_file,
+    );
+    let _ = status.policy.set(policy);
     let renewer = Renewer::spawn(&registry, held, flags.renew_margin(), status.clone());
 
     let health = start_health(&flags, backend.as_ref(), status.clone());

@@ -15,9 +15,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::extract::State;
+use axum::extract::{Path as UrlPath, Query};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -124,6 +125,9 @@ fn router(served: Arc<Served>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(scrape))
         .route("/status", get(status_report))
+        .route("/v1/pods/{ns}/{name}", put(put_pod).delete(delete_pod))
+        .route("/v1/policy/status", get(policy_status))
+        .route("/v1/policy/explain", get(policy_explain))
         .fallback(not_found)
         .with_state(served)
 }
@@ -142,6 +146,9 @@ async fn readyz(State(served): State<Arc<Served>>) -> (StatusCode, String) {
 }
 
 async fn scrape(State(served): State<Arc<Served>>, headers: HeaderMap) -> impl IntoResponse {
+    if let Some(p) = policy(&served) {
+        p.refresh_counters().await;
+    }
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -157,6 +164,37 @@ async fn status_report(State(served): State<Arc<Served>>) -> axum::response::Res
         Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     }
+}
+
+fn policy(served: &Served) -> Option<Arc<crate::policy::Policy>> {
+    served.status.policy.get().cloned()
+}
+
+async fn put_pod(
+    State(served): State<Arc<Served>>,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    crate::policy::api::put_pod(policy(&served), ns, name, &body).await
+}
+
+async fn delete_pod(
+    State(served): State<Arc<Served>>,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> axum::response::Response {
+    crate::policy::api::delete_pod(policy(&served), ns, name, query).await
+}
+
+async fn policy_status(State(served): State<Arc<Served>>) -> axum::response::Response {
+    crate::policy::api::status(policy(&served)).await
+}
+
+async fn policy_explain(
+    State(served): State<Arc<Served>>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> axum::response::Response {
+    crate::policy::api::explain(policy(&served), query).await
 }
 
 async fn not_found() -> (StatusCode, &'static str) {

@@ -342,8 +342,73 @@ impl Collector for StatusCollector {
                     .map(|r| (r.to_string(), ConstCounter::new(d.drops(*r)))),
             )?;
         }
+        if let Some(p) = s.policy.get() {
+            encode_policy(&mut f, &p.stats)?;
+        }
         Ok(())
     }
+}
+
+/// NetworkPolicy: drops by direction, refused records, and what programming costs.
+fn encode_policy(f: &mut Family<'_, '_>, p: &crate::policy::PolicyStats) -> fmt::Result {
+    f.labelled(
+        "flanneld_policy_denied_packets",
+        "Packets dropped by NetworkPolicy on this node, by direction (new connections only).",
+        MetricType::Counter,
+        "direction",
+        [
+            ("ingress".to_string(), ConstCounter::new(load(&p.denied_in))),
+            ("egress".to_string(), ConstCounter::new(load(&p.denied_out))),
+        ]
+        .into_iter(),
+    )?;
+    f.labelled(
+        "flanneld_policy_isolated_pods",
+        "Addresses of this node's pods isolated by a policy, by direction.",
+        MetricType::Gauge,
+        "direction",
+        [
+            (
+                "ingress".to_string(),
+                ConstGauge::new(load(&p.isolated_in) as i64),
+            ),
+            (
+                "egress".to_string(),
+                ConstGauge::new(load(&p.isolated_out) as i64),
+            ),
+        ]
+        .into_iter(),
+    )?;
+    f.counter(
+        "flanneld_policy_rejected_objects",
+        "Policy, namespace and pod records refused (bad JSON, key mismatch, invalid spec).",
+        load(&p.rejected),
+    )?;
+    f.counter(
+        "flanneld_policy_programs",
+        "Times the policy table was brought up to date.",
+        load(&p.programs),
+    )?;
+    f.gauge(
+        "flanneld_policy_programming_seconds_sum",
+        "Time spent bringing the table up to date, in all, from each change's arrival to nft's return.",
+        load(&p.programming_us) as f64 / 1e6,
+    )?;
+    f.gauge(
+        "flanneld_policy_last_programming_seconds",
+        "How long the last update took, from its arrival to its rules being in force.",
+        load(&p.last_programming_us) as f64 / 1e6,
+    )?;
+    f.counter(
+        "flanneld_policy_nft_operations",
+        "Rules, set elements, map entries, sets and chains written to the kernel.",
+        load(&p.operations),
+    )?;
+    f.counter(
+        "flanneld_policy_failures",
+        "nft runs that failed (the table is then written whole).",
+        load(&p.failures),
+    )
 }
 
 #[cfg(test)]

@@ -47,6 +47,8 @@ pub struct Status {
     /// Per-peer path health, as the prober last saw it.
     probes: Mutex<Vec<PeerView>>,
     pub health: HealthCounters,
+    /// NetworkPolicy, once this node holds a lease.
+    pub policy: std::sync::OnceLock<Arc<crate::policy::Policy>>,
 }
 
 /// The prober's own traffic.

@@ -1,0 +1,159 @@
+//! The control loop: policy records in (batches from the watch), checked objects into the
+//! world, the world compiled for our pods, and only the difference from what the kernel holds
+//! written to it. Bursts are taken whole: every batch already queued is applied before one
+//! compile, so a thousand writes cost one transaction, not a thousand.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
+
+use netpol::object::{self, ObjectKey};
+use netpol::{compile, nft, World};
+use subnet_manager::watch::{RawBatch, RawEvent};
+use tokio::sync::mpsc;
+
+use super::{kernel, Policy};
+
+/// After a failed `nft` run the whole table is written again after this pause.
+const RETRY: Duration = Duration::from_secs(1);
+
+pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
+    let mut world = World::new();
+    let mut bridge_hooks = false;
+    let mut pending_retry = false;
+    loop {
+        let first = if pending_retry {
+            match tokio::time::timeout(RETRY, records.recv()).await {
+                Ok(Some(b)) => Some(b),
+                Ok(None) => return,
+                Err(_) => None,
+            }
+        } else {
+            match records.recv().await {
+                Some(b) => Some(b),
+                None => return,
+            }
+        };
+        let started = Instant::now();
+        let mut revision = policy.revision();
+        let mut batches: Vec<RawBatch> = first.into_iter().collect();
+        while let Ok(more) = records.try_recv() {
+            batches.push(more);
+        }
+        let mut changed = pending_retry;
+        for batch in batches {
+            revision = revision.max(batch.revision);
+            for ev in batch.events {
+                changed |= apply(&policy, &mut world, ev);
+            }
+        }
+        if changed {
+            let rules = compile::compile(&world, &policy.local);
+            if !rules.is_empty() && !bridge_hooks {
+                kernel::enable_bridge_hooks();
+                bridge_hooks = true;
+            }
+            let script = {
+                let installed = policy
+                    .installed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                match installed.as_ref() {
+                    Some(old) => nft::diff(old, &rules),
+                    None => nft::full(&rules),
+                }
+            };
+            match kernel::apply(&script.text).await {
+                Ok(()) => {
+                    pending_retry = false;
+                    let s = &policy.stats;
+                    s.operations
+                        .fetch_add(script.operations as u64, Ordering::Relaxed);
+                    s.isolated_in.store(
+                        rules.isolated(netpol::world::Direction::Ingress) as u64,
+                        Ordering::Relaxed,
+                    );
+                    s.isolated_out.store(
+                        rules.isolated(netpol::world::Direction::Egress) as u64,
+                        Ordering::Relaxed,
+                    );
+                    *policy
+                        .installed
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(rules);
+                    if script.operations > 0 {
+                        tracing::debug!(
+                            operations = script.operations,
+                            revision,
+                            "policy rules updated"
+                        );
+                    }
+                }
+                Err(e) => {
+                    policy.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        "programming the policy table: {e:#}; writing it whole in {} s",
+                        RETRY.as_secs()
+                    );
+                    *policy
+                        .installed
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = None;
+                    pending_retry = true;
+                    continue;
+                }
+            }
+            *policy.world.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(world.clone());
+            let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let s = &policy.stats;
+            s.programs.fetch_add(1, Ordering::Relaxed);
+            s.programming_us.fetch_add(us, Ordering::Relaxed);
+            s.last_programming_us.store(us, Ordering::Relaxed);
+        }
+        policy.revision.store(revision, Ordering::Relaxed);
+        policy.programmed.send_replace(revision);
+    }
+}
+
+/// Applies one record change; returns whether the world changed.
+fn apply(policy: &Policy, world: &mut World, ev: RawEvent) -> bool {
+    let (key, value, revision) = match ev {
+        RawEvent::Put {
+            key,
+            value,
+            revision,
+        } => (key, Some(value), revision),
+        RawEvent::Delete { key, revision } => (key, None, revision),
+    };
+    let Some(rel) = key.strip_prefix(&policy.prefix) else {
+        return false;
+    };
+    let Some(okey) = ObjectKey::parse(rel) else {
+        return false; // not a kind we read
+    };
+    let mut rejected = policy
+        .rejected
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    match value {
+        None => {
+            rejected.remove(rel);
+            world.apply(&okey, None, revision);
+        }
+        Some(v) => match object::parse(&okey, &v) {
+            Ok(obj) => {
+                rejected.remove(rel);
+                world.apply(&okey, Some(obj), revision);
+            }
+            Err(why) => {
+                // As an API server refuses an invalid update, the version we had (if any)
+                // stays in force; the others are untouched either way.
+                policy.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(key = %key, revision, "policy record rejected (keeping what we had for it): {why}");
+                rejected.insert(rel.to_string(), why.to_string());
+                return false;
+            }
+        },
+    }
+    true
+}

@@ -1,0 +1,147 @@
+//! NetworkPolicy on this node: the records under `<prefix>/policy/` are followed with the
+//! leases' list-and-watch (`subnet_manager::watch::spawn_records`), checked and compiled by the
+//! pure `netpol` crate, and installed with `nft -f` (`engine`); our own pods' records are
+//! published for the CNI plugin (`pods`); `api` answers the plugin and `policy explain` over
+//! the node's Unix socket.
+
+pub mod api;
+mod engine;
+mod kernel;
+mod pods;
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use netpol::compile::Ruleset;
+use netpol::World;
+use subnet_manager::lease::SubnetKey;
+use subnet_manager::registry::Registry;
+use tokio::sync::watch;
+
+pub use pods::{CONTAINER_ANNOTATION, OWNER_ANNOTATION};
+
+/// Counters for metrics and `GET /v1/policy/status`.
+#[derive(Default)]
+pub struct PolicyStats {
+    /// Records refused (bad JSON, key mismatch, invalid spec), since start.
+    pub rejected: AtomicU64,
+    /// Times the kernel was programmed, and the time it took in all (µs), from the batch's
+    /// arrival to `nft` returning.
+    pub programs: AtomicU64,
+    pub programming_us: AtomicU64,
+    pub last_programming_us: AtomicU64,
+    /// nft operations (rules, elements, map entries, sets, chains) applied.
+    pub operations: AtomicU64,
+    /// `nft` runs that failed (retried as a whole-table write).
+    pub failures: AtomicU64,
+    /// Packets dropped by policy, from the table's counters at the last read.
+    pub denied_in: AtomicU64,
+    pub denied_out: AtomicU64,
+    /// Local pods isolated now.
+    pub isolated_in: AtomicU64,
+    pub isolated_out: AtomicU64,
+}
+
+/// What the handlers and the engine share.
+pub struct Policy {
+    registry: Registry,
+    /// `<prefix>/policy/`.
+    prefix: String,
+    /// Our lease's subnets: pods in them are ours to isolate and to publish.
+    local: Vec<IpNet>,
+    /// Our lease's key as Flannel writes it (`10.244.1.0-24`): the owner annotation.
+    node: String,
+    host_ip: IpAddr,
+    /// The world last compiled into the kernel, for `explain`.
+    world: Mutex<Arc<World>>,
+    /// Rejected records now, key → reason (for status).
+    rejected: Mutex<std::collections::BTreeMap<String, String>>,
+    /// The etcd revision whose policy state is in force in the kernel.
+    programmed: watch::Sender<i64>,
+    revision: AtomicI64,
+    pub stats: PolicyStats,
+    /// Our pod records' etcd grant (0 until granted).
+    grant: AtomicI64,
+    grant_ttl: Duration,
+    state_dir: std::path::PathBuf,
+    installed: Mutex<Option<Ruleset>>,
+}
+
+impl Policy {
+    /// Starts following the policy records and programming the kernel for `key`'s pods.
+    pub fn start(
+        registry: Registry,
+        key: &SubnetKey,
+        host_ip: IpAddr,
+        grant_ttl: Duration,
+        subnet_file: &std::path::Path,
+    ) -> Arc<Policy> {
+        let mut local: Vec<IpNet> = Vec::new();
+        local.extend(key.ipv4.map(IpNet::V4));
+        local.extend(key.ipv6.map(IpNet::V6));
+        let (programmed, _) = watch::channel(0);
+        let policy = Arc::new(Policy {
+            prefix: format!("{}/policy/", registry.prefix()),
+            registry,
+            local,
+            node: key.to_string(),
+            host_ip,
+            world: Mutex::new(Arc::new(World::new())),
+            rejected: Mutex::default(),
+            programmed,
+            revision: AtomicI64::new(0),
+            stats: PolicyStats::default(),
+            grant: AtomicI64::new(0),
+            grant_ttl,
+            state_dir: crate::single::socket_path(subnet_file)
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default(),
+            installed: Mutex::new(None),
+        });
+        let records =
+            subnet_manager::watch::spawn_records(policy.registry.clone(), policy.prefix.clone());
+        tokio::spawn(engine::run(policy.clone(), records));
+        tokio::spawn(pods::upkeep(policy.clone()));
+        policy
+    }
+
+    /// The revision in force; wait on `programmed()` for a later one.
+    pub fn revision(&self) -> i64 {
+        self.revision.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the state at `revision` (or later) is in force; false on timeout.
+    pub async fn wait_programmed(&self, revision: i64, timeout: Duration) -> bool {
+        let mut rx = self.programmed.subscribe();
+        let in_force = tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        in_force
+    }
+
+    pub fn world(&self) -> Arc<World> {
+        self.world
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn rejected(&self) -> std::collections::BTreeMap<String, String> {
+        self.rejected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reads the drop counters from the kernel into `stats` (at scrape time).
+    pub async fn refresh_counters(&self) {
+        if let Some((i, o)) = kernel::denied_counters().await {
+            self.stats.denied_in.store(i, Ordering::Relaxed);
+            self.stats.denied_out.store(o, Ordering::Relaxed);
+        }
+    }
+}
