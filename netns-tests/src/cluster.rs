@@ -77,6 +77,58 @@ pub struct Pod {
     pub ipv6: Option<String>,
 }
 
+/// A container port of a pod (Kubernetes `v1.ContainerPort`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerPort {
+    pub name: String,
+    pub container_port: u16,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+}
+
+/// What a runtime knows of a Kubernetes pod when it calls CNI: its namespace and name (for
+/// `CNI_ARGS`), its labels and its container ports (for the network config's `args.cni`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodSpec {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub ports: Vec<ContainerPort>,
+}
+
+impl PodSpec {
+    /// `IgnoreUnknown=1;K8S_POD_NAMESPACE=<ns>;K8S_POD_NAME=<name>`, as containerd and CRI-O
+    /// pass them (without `IgnoreUnknown=1` the reference plugins, e.g. the bridge delegate,
+    /// refuse the K8S_* arguments).
+    pub fn cni_args(&self) -> String {
+        format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+            self.namespace, self.name
+        )
+    }
+
+    /// The network config's `args`: `{"cni":{"labels":[{"key","value"}],"ports":[...]}}`.
+    pub fn conf_args(&self) -> serde_json::Value {
+        let labels: Vec<_> = self
+            .labels
+            .iter()
+            .map(|(k, v)| serde_json::json!({"key": k, "value": v}))
+            .collect();
+        let ports: Vec<_> = self
+            .ports
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name,
+                    "containerPort": p.container_port,
+                    "protocol": p.protocol,
+                })
+            })
+            .collect();
+        serde_json::json!({"cni": {"labels": labels, "ports": ports}})
+    }
+}
+
 pub struct Cluster {
     pub prefix: String,
     pub underlay: String,
@@ -370,6 +422,20 @@ impl Cluster {
 
     /// Calls the CNI plugin in node `i` the way a container runtime does.
     pub fn cni(&self, i: usize, command: &str, pod_ns: &str, container_id: &str) -> Result<String> {
+        self.cni_with(i, command, pod_ns, container_id, None)
+    }
+
+    /// Like `cni`, for a pod with Kubernetes identity: `CNI_ARGS` carries
+    /// `K8S_POD_NAMESPACE`/`K8S_POD_NAME` and the network config `args.cni.labels` and
+    /// `args.cni.ports`, as kubelet and the runtime pass them.
+    pub fn cni_with(
+        &self,
+        i: usize,
+        command: &str,
+        pod_ns: &str,
+        container_id: &str,
+        spec: Option<&PodSpec>,
+    ) -> Result<String> {
         let node = &self.nodes[i];
         let plugin = binary("flannel")?;
         let cni_path = format!("{}:/usr/lib/cni", bin_dir()?.display());
@@ -380,6 +446,7 @@ impl Cluster {
             .arg(format!("CNI_NETNS=/var/run/netns/{pod_ns}"))
             .arg("CNI_IFNAME=eth0")
             .arg(format!("CNI_PATH={cni_path}"))
+            .args(spec.map(|s| format!("CNI_ARGS={}", s.cni_args())))
             .arg(plugin)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -387,7 +454,13 @@ impl Cluster {
             .spawn()
             .context("running the CNI plugin")?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(self.cni_conf(node).as_bytes())?;
+            let mut conf = self.cni_conf(node);
+            if let Some(spec) = spec {
+                let mut json: serde_json::Value = serde_json::from_str(&conf)?;
+                json["args"] = spec.conf_args();
+                conf = json.to_string();
+            }
+            stdin.write_all(conf.as_bytes())?;
         }
         let out = child.wait_with_output()?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -403,11 +476,27 @@ impl Cluster {
 
     /// Creates a pod namespace on node `i` and attaches it with CNI ADD.
     pub fn add_pod(&mut self, i: usize) -> Result<Pod> {
+        self.add_pod_inner(i, None)
+    }
+
+    /// Like `add_pod`, for a pod with a Kubernetes namespace, name, labels and ports (see
+    /// `cni_with`). The pod's network namespace is named as `add_pod` names it.
+    pub fn add_pod_with(&mut self, i: usize, spec: &PodSpec) -> Result<Pod> {
+        self.add_pod_inner(i, Some(spec))
+    }
+
+    /// CNI DEL for a pod made by `add_pod_with`, with the same arguments.
+    pub fn del_pod_with(&self, pod: &Pod, spec: &PodSpec) -> Result<()> {
+        self.cni_with(pod.node, "DEL", &pod.ns, &pod.container_id, Some(spec))
+            .map(drop)
+    }
+
+    fn add_pod_inner(&mut self, i: usize, spec: Option<&PodSpec>) -> Result<Pod> {
         self.nodes[i].pods += 1;
         let ns = format!("{}p{}", self.nodes[i].ns, self.nodes[i].pods);
         self.add_netns(&ns)?;
         let container_id = format!("{}-{}", self.prefix, ns);
-        let result = self.cni(i, "ADD", &ns, &container_id)?;
+        let result = self.cni_with(i, "ADD", &ns, &container_id, spec)?;
         let json: serde_json::Value = serde_json::from_str(&result)
             .with_context(|| format!("CNI result is not JSON: {result}"))?;
         let addrs: Vec<String> = json["ips"]

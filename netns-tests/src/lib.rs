@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod etcd;
 pub mod etcd_cluster;
 pub mod goflannel;
+pub mod netpol;
 pub mod proc;
 pub mod traffic;
 pub mod wg;

@@ -11,6 +11,7 @@ mod health;
 mod host_gw;
 mod ipmasq;
 mod mixed;
+mod netpol;
 mod registry;
 mod scale;
 mod services;
