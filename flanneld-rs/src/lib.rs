@@ -4,6 +4,7 @@ pub mod daemon;
 pub mod flags;
 pub mod health;
 mod iface;
+pub mod policy_cli;
 pub mod single;
 pub mod status;
 pub mod traffic;
