@@ -17,13 +17,15 @@ use clap::{ArgAction, Parser, Subcommand};
     about = "Flannel-compatible overlay network daemon (etcd mode)"
 )]
 pub struct Flags {
-    /// [flanneld-rs] Without a command the daemon runs; `status` asks a running one.
+    /// [flanneld-rs] Without a command the daemon runs; `status` asks a running one; `policy`
+    /// manages NetworkPolicy records in etcd (the `--etcd-*` flags go before or after it).
     #[command(subcommand)]
     pub command: Option<Command>,
 
     /// Comma-separated list of etcd endpoints.
     #[arg(
         long,
+        global = true,
         env = "FLANNELD_ETCD_ENDPOINTS",
         value_delimiter = ',',
         default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379"
@@ -33,29 +35,30 @@ pub struct Flags {
     /// etcd prefix under which the config and subnet leases live.
     #[arg(
         long,
+        global = true,
         env = "FLANNELD_ETCD_PREFIX",
         default_value = "/coreos.com/network"
     )]
     pub etcd_prefix: String,
 
     /// SSL key file used to secure etcd communication.
-    #[arg(long, env = "FLANNELD_ETCD_KEYFILE")]
+    #[arg(long, global = true, env = "FLANNELD_ETCD_KEYFILE")]
     pub etcd_keyfile: Option<String>,
 
     /// SSL certification file used to secure etcd communication.
-    #[arg(long, env = "FLANNELD_ETCD_CERTFILE")]
+    #[arg(long, global = true, env = "FLANNELD_ETCD_CERTFILE")]
     pub etcd_certfile: Option<String>,
 
     /// SSL Certificate Authority file used to secure etcd communication.
-    #[arg(long, env = "FLANNELD_ETCD_CAFILE")]
+    #[arg(long, global = true, env = "FLANNELD_ETCD_CAFILE")]
     pub etcd_cafile: Option<String>,
 
     /// Username for BasicAuth to etcd.
-    #[arg(long, env = "FLANNELD_ETCD_USERNAME")]
+    #[arg(long, global = true, env = "FLANNELD_ETCD_USERNAME")]
     pub etcd_username: Option<String>,
 
     /// Password for BasicAuth to etcd.
-    #[arg(long, env = "FLANNELD_ETCD_PASSWORD")]
+    #[arg(long, global = true, env = "FLANNELD_ETCD_PASSWORD")]
     pub etcd_password: Option<String>,
 
     /// Interface (name or IP address) to use for inter-host communication. May be repeated;
@@ -213,6 +216,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// [flanneld-rs] NetworkPolicy, Namespace and Pod records in etcd, kubectl-style: apply,
+    /// get, delete; and `explain`, which asks the running daemon why traffic is allowed.
+    Policy(crate::policy_cli::PolicyArgs),
 }
 
 impl Flags {
@@ -292,13 +298,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     use std::sync::Mutex;
 
-    /// Parsing reads `FLANNELD_*` variables: tests that set some hold this while they do.
-    static ENV: Mutex<()> = Mutex::new(());
+    /// Parsing reads `FLANNELD_*` variables: tests that set some hold this while they do
+    /// (and so do other modules' tests that parse flags).
+    pub(crate) static ENV: Mutex<()> = Mutex::new(());
 
     fn try_parse(args: &[&str]) -> Result<Flags, clap::Error> {
         let mut all = vec!["flanneld-rs".to_string()];

@@ -5,6 +5,7 @@ pub mod flags;
 pub mod health;
 mod iface;
 pub mod policy;
+pub mod policy_cli;
 pub mod single;
 pub mod status;
 pub mod traffic;

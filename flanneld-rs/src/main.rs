@@ -1,7 +1,7 @@
 //! The flanneld-rs daemon binary: flags, logging, runtime; the rest lives in `daemon`.
 
 use flanneld_rs::flags::{Command, Flags};
-use flanneld_rs::{daemon, single, status};
+use flanneld_rs::{daemon, policy_cli, single, status};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
@@ -9,6 +9,9 @@ fn main() -> std::process::ExitCode {
     if let Some(Command::Status { subnet_file, json }) = &flags.command {
         let socket = single::socket_path(subnet_file);
         return std::process::ExitCode::from(status::client::run(&socket, *json));
+    }
+    if let Some(Command::Policy(args)) = &flags.command {
+        return std::process::ExitCode::from(policy_cli::run(&flags, args));
     }
     if let Err(why) = flags.check() {
         eprintln!("flanneld-rs: {why}");

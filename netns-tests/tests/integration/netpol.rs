@@ -32,28 +32,24 @@ fn conformance(config: &str) -> Result<()> {
 }
 
 #[test]
-#[ignore = "needs the policy daemon (lands with #15)"]
 fn netpol_conformance_host_gw() -> Result<()> {
     require_root!();
     conformance(HOST_GW)
 }
 
 #[test]
-#[ignore = "needs the policy daemon (lands with #15)"]
 fn netpol_conformance_vxlan() -> Result<()> {
     require_root!();
     conformance(VXLAN)
 }
 
 #[test]
-#[ignore = "needs the policy daemon (lands with #15)"]
 fn netpol_conformance_udp() -> Result<()> {
     require_root!();
     conformance(UDP)
 }
 
 #[test]
-#[ignore = "needs the policy daemon (lands with #15)"]
 fn netpol_conformance_wireguard() -> Result<()> {
     require_root!();
     if netns_tests::must_skip(netns_tests::wg::missing())? {
@@ -95,7 +91,6 @@ fn netpol_world_without_policies_is_open() -> Result<()> {
 /// deleted whose address a new pod with other labels gets: each in force on every node
 /// before the next probe, while a client keeps opening connections.
 #[test]
-#[ignore = "needs the policy daemon (lands with #15)"]
 fn netpol_updates_while_traffic_flows() -> Result<()> {
     require_root!();
     let mut w = World::build(HOST_GW, &[])?;
@@ -230,7 +225,6 @@ fn validate(w: &World, port: u16, r: &Reachability) -> Result<()> {
 /// rejected on its own (each would isolate x/b if taken), the valid policy beside them
 /// (isolating x/a) still in force.
 #[test]
-#[ignore = "needs the policy daemon (lands with #15)"]
 fn netpol_bad_objects_are_rejected_alone() -> Result<()> {
     require_root!();
     let w = World::build(HOST_GW, &[])?;
