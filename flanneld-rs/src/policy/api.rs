@@ -120,17 +120,12 @@ pub async fn explain(policy: Option<Arc<Policy>>, query: HashMap<String, String>
     let Some(policy) = policy else {
         return not_ready();
     };
-    let ip = |k: &str| -> Result<IpAddr, Response> {
-        query.get(k).and_then(|v| v.parse().ok()).ok_or_else(|| {
-            text(
-                StatusCode::BAD_REQUEST,
-                format!("{k}: an IP address is needed"),
-            )
-        })
-    };
-    let (src, dst) = match (ip("src"), ip("dst")) {
-        (Ok(s), Ok(d)) => (s, d),
-        (Err(r), _) | (_, Err(r)) => return r,
+    let ip = |k: &str| -> Option<IpAddr> { query.get(k).and_then(|v| v.parse().ok()) };
+    let (Some(src), Some(dst)) = (ip("src"), ip("dst")) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "src and dst: IP addresses are needed",
+        );
     };
     let Some(port) = query.get("port").and_then(|p| p.parse::<u16>().ok()) else {
         return text(StatusCode::BAD_REQUEST, "port: a number 0-65535 is needed");

@@ -359,8 +359,7 @@ fn encode_policy(f: &mut Family<'_, '_>, p: &crate::policy::PolicyStats) -> fmt:
         [
             ("ingress".to_string(), ConstCounter::new(load(&p.denied_in))),
             ("egress".to_string(), ConstCounter::new(load(&p.denied_out))),
-        ]
-        .into_iter(),
+        ],
     )?;
     f.labelled(
         "flanneld_policy_isolated_pods",
@@ -376,8 +375,7 @@ fn encode_policy(f: &mut Family<'_, '_>, p: &crate::policy::PolicyStats) -> fmt:
                 "egress".to_string(),
                 ConstGauge::new(load(&p.isolated_out) as i64),
             ),
-        ]
-        .into_iter(),
+        ],
     )?;
     f.counter(
         "flanneld_policy_rejected_objects",

@@ -183,11 +183,16 @@ impl World {
     /// A three-node cluster with `config` (e.g. `{"Network":"10.244.0.0/16","Backend":
     /// {"Type":"vxlan"}}`), flanneld-rs started on each node with `daemon_extra`, and the
     /// model's namespaces, pods and servers.
+    /// The daemons run with `--ip-masq`, as Flannel's manifests start them: without it the
+    /// CNI config asks the bridge plugin to masquerade, which hides pod addresses between
+    /// nodes (Flannel's behaviour, kept), and no policy can tell one pod from another.
     pub fn build(config: &str, daemon_extra: &[&str]) -> Result<World> {
         let mut c = Cluster::new(3)?;
         c.put_config(config)?;
+        let mut args = vec!["--ip-masq"];
+        args.extend_from_slice(daemon_extra);
         for i in 0..3 {
-            c.start_daemon(i, daemon_extra)?;
+            c.start_daemon(i, &args)?;
             c.wait_subnet_env(i, Duration::from_secs(20))?;
         }
         World::populate(c)

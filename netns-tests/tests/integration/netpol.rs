@@ -26,7 +26,11 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 /// Builds the world once and runs every upstream case in sequence.
 fn conformance(config: &str) -> Result<()> {
     let w = World::build(config, &[])?;
-    let cases = cases::all_cases(&w.case_env()?);
+    let mut cases = cases::all_cases(&w.case_env()?);
+    // NETPOL_CASE=<text>: only the cases whose name holds it (for debugging one).
+    if let Ok(only) = std::env::var("NETPOL_CASE") {
+        cases.retain(|c| c.name.contains(&only));
+    }
     let outcomes = w.run_cases(&cases);
     world::report(&outcomes)
 }
