@@ -132,7 +132,10 @@ fn run(seconds: u32, changes: usize) -> Result<()> {
     let rev = b.load(1000, 500)?;
     b.wait_all(rev, Duration::from_secs(60))?;
     let initial = t.elapsed();
-    eprintln!("1,000 pods and 500 policies in force on 3 nodes in {:.2} s", initial.as_secs_f64());
+    eprintln!(
+        "1,000 pods and 500 policies in force on 3 nodes in {:.2} s",
+        initial.as_secs_f64()
+    );
     let (big_p50, big_p99, big_ops) = b.latency(changes)?;
     eprintln!("loaded: p50 {big_p50:.1} ms, p99 {big_p99:.1} ms, {big_ops:.1} nft ops/change");
     let tcp = b.tcp(seconds)?;
@@ -163,7 +166,15 @@ impl Bench {
         let out = run_in(
             &self.client.ns,
             "iperf3",
-            &["-J", "-c", &self.server.ip, "-t", &seconds.to_string(), "-O", "1"],
+            &[
+                "-J",
+                "-c",
+                &self.server.ip,
+                "-t",
+                &seconds.to_string(),
+                "-O",
+                "1",
+            ],
         )?;
         let j: serde_json::Value = serde_json::from_str(&out)?;
         Ok(j["end"]["sum_received"]["bits_per_second"]
@@ -259,7 +270,11 @@ impl Bench {
             puts.push((format!("pods/{ns}/p{i}"), v));
         }
         for i in 0..policies {
-            let ns = if i % 100 == 0 { "bench".to_string() } else { format!("ns{}", i % 50) };
+            let ns = if i % 100 == 0 {
+                "bench".to_string()
+            } else {
+                format!("ns{}", i % 50)
+            };
             let v = json!({"metadata":{"name":format!("pol{i}"),"namespace":ns},
                   "spec":{"podSelector":{"matchLabels":{"app":
                       if ns == "bench" { "server".to_string() } else { format!("app{}", i % 20) }}},
@@ -288,7 +303,10 @@ impl Bench {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("loader panicked"))))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("loader panicked")))
+                })
                 .collect()
         });
         let mut rev = 0;
