@@ -16,10 +16,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use netns_tests::cluster::{ContainerPort, Pod, PodSpec};
+use netns_tests::cluster::{Cluster, ContainerPort, Pod, PodSpec};
 use netns_tests::netpol::world::{http_get_unix, revision_of};
-use netns_tests::proc::Daemon;
-use netns_tests::{run_in, Cluster};
+use netns_tests::proc::{run_in, Daemon};
 use serde_json::json;
 
 const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
