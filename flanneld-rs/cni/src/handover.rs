@@ -45,6 +45,10 @@ pub fn put_pod(
     let body = serde_json::to_vec(record).map_err(|e| refused(api, pod, e.to_string()))?;
     match api.request("PUT", &pod.api_path(), Some(&body)) {
         Ok(r) if r.is_success() => Ok(()),
+        // The daemon cannot publish now (etcd away): it will from the pending directory.
+        Ok(r) if r.status >= 500 => {
+            leave_pending(api, pod, container_id, &body, pending, &status_text(&r))
+        }
         Ok(r) => Err(refused(api, pod, status_text(&r))),
         Err(e @ ApiError::BadResponse(_)) => Err(refused(api, pod, e.to_string())),
         Err(ApiError::Unreachable(e))
@@ -53,27 +57,38 @@ pub fn put_pod(
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
-            let name = tombstone_name(pod, container_id);
-            write_atomic(pending, &name, &body).map_err(|w| CniError::DaemonUnreachable {
-                socket: api.socket().to_path_buf(),
-                reason: format!(
-                    "{e}; and leaving the record under {}: {w}",
-                    pending.display()
-                ),
-            })?;
-            eprintln!(
-                "flannel: warning: no flanneld-rs daemon at {} ({e}): pod {pod}'s record left \
-                 in {} for it to publish when it starts",
-                api.socket().display(),
-                pending.join(&name).display()
-            );
-            Ok(())
+            leave_pending(api, pod, container_id, &body, pending, &e.to_string())
         }
         Err(e) => Err(CniError::DaemonUnreachable {
             socket: api.socket().to_path_buf(),
             reason: e.to_string(),
         }),
     }
+}
+
+fn leave_pending(
+    api: &DaemonApi,
+    pod: &PodId,
+    container_id: &str,
+    body: &[u8],
+    pending: &Path,
+    e: &str,
+) -> Result<(), CniError> {
+    let name = tombstone_name(pod, container_id);
+    write_atomic(pending, &name, body).map_err(|w| CniError::DaemonUnreachable {
+        socket: api.socket().to_path_buf(),
+        reason: format!(
+            "{e}; and leaving the record under {}: {w}",
+            pending.display()
+        ),
+    })?;
+    eprintln!(
+        "flannel: warning: no flanneld-rs daemon at {} ({e}): pod {pod}'s record left \
+                 in {} for it to publish when it starts",
+        api.socket().display(),
+        pending.join(&name).display()
+    );
+    Ok(())
 }
 
 /// What became of a DELETE.
@@ -228,16 +243,6 @@ mod tests {
                 .ends_with("refused pod prod/db-0: HTTP 422: bad label \"a b\""),
             "{err}"
         );
-        daemon.answer("HTTP/1.1 503 Busy\r\n\r\n");
-        let err = put_pod(
-            &api(&daemon),
-            &pod(),
-            "c1",
-            &json!({}),
-            Path::new("/nonexistent"),
-        )
-        .unwrap_err();
-        assert!(err.to_string().ends_with(": HTTP 503"), "{err}");
         daemon.answer("garbage");
         let err = put_pod(
             &api(&daemon),

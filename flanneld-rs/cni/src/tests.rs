@@ -675,18 +675,12 @@ fn add_without_k8s_args_names_the_pod_after_the_container() {
 #[test]
 fn failed_hand_over_undoes_the_delegate() {
     let refused = "HTTP/1.1 400 Bad Request\r\nContent-Length: 19\r\n\r\nlabel key invalid\r\n";
-    let cases: [(&str, Option<&str>, u64, &str); 3] = [
+    let cases: [(&str, Option<&str>, u64, &str); 2] = [
         (
             "refused",
             Some(refused),
             999,
             "refused pod prod/db-0: HTTP 400: label key invalid",
-        ),
-        (
-            "unavailable",
-            Some("HTTP/1.1 503 Busy\r\n\r\n"),
-            999,
-            "HTTP 503",
         ),
         (
             "silent",

@@ -89,6 +89,16 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
                         );
                     }
                 }
+                // Nothing to enforce: a node without nft (or with a table it cannot remove)
+                // still answers its pods, which are not isolated anyway.
+                Err(e) if rules.is_empty() => {
+                    tracing::debug!("no policy table to remove: {e:#}");
+                    *policy
+                        .installed
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(rules);
+                    pending_retry = false;
+                }
                 Err(e) => {
                     policy.stats.failures.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(
