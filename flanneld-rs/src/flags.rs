@@ -222,6 +222,19 @@ pub enum Command {
 }
 
 impl Flags {
+    /// How to reach etcd: the daemon and `flanneld-rs policy` read the same flags.
+    pub fn etcd_options(&self) -> subnet_manager::registry::EtcdOptions {
+        subnet_manager::registry::EtcdOptions {
+            endpoints: self.etcd_endpoints.clone(),
+            prefix: self.etcd_prefix.clone(),
+            username: self.etcd_username.clone(),
+            password: self.etcd_password.clone(),
+            cafile: self.etcd_cafile.clone(),
+            certfile: self.etcd_certfile.clone(),
+            keyfile: self.etcd_keyfile.clone(),
+        }
+    }
+
     /// Parses the process arguments. Go's flag package also accepts a single dash before long
     /// names (`-etcd-endpoints=…`), which Flannel's manifests use, so we accept it too.
     pub fn from_args() -> Self {

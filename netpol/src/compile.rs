@@ -17,7 +17,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::object::{Peer, Pod, Policy, PortRef, Protocol, Rule};
+use crate::object::{Peer, Pod, Policy, PortRef, Rule};
 use crate::world::{Direction, World};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -403,13 +403,6 @@ fn render(ranges: Vec<(u128, u128)>, v6: bool) -> BTreeSet<String> {
             }
         })
         .collect()
-}
-
-/// The protocol names nft accepts for a port set element, for readers of `explain`.
-pub fn protocol_of(number: u8) -> Option<Protocol> {
-    [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
-        .into_iter()
-        .find(|p| p.number() == number)
 }
 
 #[cfg(test)]

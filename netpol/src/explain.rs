@@ -4,12 +4,12 @@
 
 use std::net::IpAddr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::object::{Peer, Pod, Policy, PortRef, Protocol, Rule};
 use crate::world::{Direction, World};
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Explanation {
     pub allowed: bool,
     /// `namespace/name` of the pod holding each address, if a record names one.
@@ -20,7 +20,7 @@ pub struct Explanation {
 }
 
 /// One direction's verdict: the sender's egress or the receiver's ingress.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Side {
     pub allowed: bool,
     /// Policies selecting the pod for this direction (`namespace/name`); none: not isolated.

@@ -34,10 +34,6 @@ impl Selector {
         Selector::default()
     }
 
-    pub fn is_everything(&self) -> bool {
-        self.requirements.is_empty()
-    }
-
     pub fn parse(raw: &wire::LabelSelector, field: &str) -> Result<Self, Invalid> {
         let mut requirements = Vec::new();
         for (key, value) in raw.match_labels.iter().flatten() {

@@ -83,8 +83,8 @@ fn leave_pending(
         ),
     })?;
     eprintln!(
-        "flannel: warning: no flanneld-rs daemon at {} ({e}): pod {pod}'s record left \
-                 in {} for it to publish when it starts",
+        "flannel: warning: the flanneld-rs daemon at {} cannot take pod {pod}'s record now \
+         ({e}): left in {} for it to publish",
         api.socket().display(),
         pending.join(&name).display()
     );
@@ -242,6 +242,15 @@ mod tests {
             err.to_string()
                 .ends_with("refused pod prod/db-0: HTTP 422: bad label \"a b\""),
             "{err}"
+        );
+        // A daemon that cannot publish now (etcd away) gets the record from the pending
+        // directory later; ADD goes on.
+        daemon.answer("HTTP/1.1 503 Busy\r\n\r\n");
+        let tmp = tempfile::tempdir().unwrap();
+        put_pod(&api(&daemon), &pod(), "c1", &json!({}), tmp.path()).unwrap();
+        assert_eq!(
+            fs::read_to_string(tmp.path().join("prod_db-0_c1")).unwrap(),
+            "{}"
         );
         daemon.answer("garbage");
         let err = put_pod(

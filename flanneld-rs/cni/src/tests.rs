@@ -718,6 +718,17 @@ fn failed_hand_over_undoes_the_delegate() {
 fn add_without_a_daemon_leaves_the_record_pending() {
     let node = Node::new();
     node.delegate("fake", &format!("echo '{RESULT}'"));
+    // A daemon that cannot publish (503: etcd away) is no daemon for the pod's sake.
+    node.daemon.answer("HTTP/1.1 503 Busy\r\n\r\n");
+    let r = node.run_with(node.pod_env("ADD"), &node.conf(json!({})));
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    assert_eq!(
+        fs::read_dir(node.p("flanneld-rs-pending")).unwrap().count(),
+        1
+    );
+    let r = node.run_with(node.pod_env("DEL"), &node.conf(json!({})));
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    // And with no socket at all.
     fs::remove_file(node.p("flanneld-rs.sock")).unwrap();
     let r = node.run_with(node.pod_env("ADD"), &node.conf(json!({})));
     assert_eq!(r.exit_code, 0, "{r:?}");

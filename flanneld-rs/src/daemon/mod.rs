@@ -17,7 +17,7 @@ use subnet_manager::alloc::Identity;
 use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::{Lease, LeaseAttrs, SubnetKey};
 use subnet_manager::lifecycle::{self, LeaseLost, LeaseRequest};
-use subnet_manager::registry::{EtcdOptions, HeldLease, Registry, RegistryError};
+use subnet_manager::registry::{HeldLease, Registry, RegistryError};
 use subnet_manager::subnet_env::SubnetEnv;
 use subnet_manager::Backoff;
 use tokio::signal::unix::{signal, SignalKind};
@@ -119,7 +119,7 @@ pub async fn run(flags: Flags) -> Result<()> {
     {
         tracing::warn!("flanneld-rs status will not answer: {e:#}");
     }
-    let etcd = etcd_options(&flags);
+    let etcd = flags.etcd_options();
     // Unreachable etcd or a refused login is retried; bad TLS files are fatal (a restart with
     // the same flags cannot fix them).
     let connect = retry("connecting to etcd", &mut shutdown, || async {
@@ -176,6 +176,16 @@ pub async fn run(flags: Flags) -> Result<()> {
     else {
         return Ok(());
     };
+    // NetworkPolicy for our pods: follows `<prefix>/policy/` and answers the CNI plugin, which
+    // may call as soon as subnet.env exists, so it starts first.
+    let policy = crate::policy::Policy::start(
+        registry.clone(),
+        &held.key,
+        node.public_ip.into(),
+        flags.subnet_lease_ttl,
+        &flags.subnet_file,
+    );
+    let _ = status.policy.set(policy);
     let own = start_lease(&flags, &req.config, backend.as_mut(), &held).await?;
     // After subnet.env, as Flannel does: the rules need our lease's subnet. A masquerade that
     // cannot be installed is fatal; forward rules that cannot are retried by the upkeep.
@@ -202,15 +212,6 @@ pub async fn run(flags: Flags) -> Result<()> {
         masquerade: flags.ip_masq,
         forward_rules: flags.iptables_forward_rules,
     });
-    // NetworkPolicy for our pods: follows `<prefix>/policy/` and answers the CNI plugin.
-    let policy = crate::policy::Policy::start(
-        registry.clone(),
-        &own.key,
-        node.public_ip.into(),
-        flags.subnet_lease_ttl,
-        &flags.subnet_file,
-    );
-    let _ = status.policy.set(policy);
     let renewer = Renewer::spawn(&registry, held, flags.renew_margin(), status.clone());
 
     let health = start_health(&flags, backend.as_ref(), status.clone());
@@ -361,18 +362,6 @@ fn lease_attrs(node: &NodeInfo, backend: &dyn Backend) -> LeaseAttrs {
         backend_type: data.backend_type,
         backend_data: data.backend_data,
         backend_v6_data: data.backend_v6_data,
-    }
-}
-
-fn etcd_options(flags: &Flags) -> EtcdOptions {
-    EtcdOptions {
-        endpoints: flags.etcd_endpoints.clone(),
-        prefix: flags.etcd_prefix.clone(),
-        username: flags.etcd_username.clone(),
-        password: flags.etcd_password.clone(),
-        cafile: flags.etcd_cafile.clone(),
-        certfile: flags.etcd_certfile.clone(),
-        keyfile: flags.etcd_keyfile.clone(),
     }
 }
 

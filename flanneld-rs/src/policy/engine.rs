@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
+use netpol::compile::Ruleset;
 use netpol::object::{self, ObjectKey};
 use netpol::{compile, nft, World};
 use subnet_manager::watch::{RawBatch, RawEvent};
@@ -19,6 +20,9 @@ const RETRY: Duration = Duration::from_secs(1);
 
 pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
     let mut world = World::new();
+    // What the kernel holds; None: unknown (at start, after a failed run), so the next
+    // update writes the table whole.
+    let mut installed: Option<Ruleset> = None;
     let mut bridge_hooks = false;
     let mut pending_retry = false;
     loop {
@@ -53,15 +57,9 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
                 kernel::enable_bridge_hooks();
                 bridge_hooks = true;
             }
-            let script = {
-                let installed = policy
-                    .installed
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                match installed.as_ref() {
-                    Some(old) => nft::diff(old, &rules),
-                    None => nft::full(&rules),
-                }
+            let script = match &installed {
+                Some(old) => nft::diff(old, &rules),
+                None => nft::full(&rules),
             };
             match kernel::apply(&script.text).await {
                 Ok(()) => {
@@ -77,10 +75,7 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
                         rules.isolated(netpol::world::Direction::Egress) as u64,
                         Ordering::Relaxed,
                     );
-                    *policy
-                        .installed
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner) = Some(rules);
+                    installed = Some(rules);
                     if script.operations > 0 {
                         tracing::debug!(
                             operations = script.operations,
@@ -93,10 +88,7 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
                 // still answers its pods, which are not isolated anyway.
                 Err(e) if rules.is_empty() => {
                     tracing::debug!("no policy table to remove: {e:#}");
-                    *policy
-                        .installed
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner) = Some(rules);
+                    installed = Some(rules);
                     pending_retry = false;
                 }
                 Err(e) => {
@@ -105,10 +97,7 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
                         "programming the policy table: {e:#}; writing it whole in {} s",
                         RETRY.as_secs()
                     );
-                    *policy
-                        .installed
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner) = None;
+                    installed = None;
                     pending_retry = true;
                     continue;
                 }
@@ -120,7 +109,6 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
             s.programming_us.fetch_add(us, Ordering::Relaxed);
             s.last_programming_us.store(us, Ordering::Relaxed);
         }
-        policy.revision.store(revision, Ordering::Relaxed);
         policy.programmed.send_replace(revision);
     }
 }

@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use netpol::compile::Ruleset;
 use netpol::World;
 use subnet_manager::lease::SubnetKey;
 use subnet_manager::registry::Registry;
@@ -61,13 +60,11 @@ pub struct Policy {
     rejected: Mutex<std::collections::BTreeMap<String, String>>,
     /// The etcd revision whose policy state is in force in the kernel.
     programmed: watch::Sender<i64>,
-    revision: AtomicI64,
     pub stats: PolicyStats,
     /// Our pod records' etcd grant (0 until granted).
     grant: AtomicI64,
     grant_ttl: Duration,
     state_dir: std::path::PathBuf,
-    installed: Mutex<Option<Ruleset>>,
 }
 
 impl Policy {
@@ -92,7 +89,6 @@ impl Policy {
             world: Mutex::new(Arc::new(World::new())),
             rejected: Mutex::default(),
             programmed,
-            revision: AtomicI64::new(0),
             stats: PolicyStats::default(),
             grant: AtomicI64::new(0),
             grant_ttl,
@@ -100,7 +96,6 @@ impl Policy {
                 .parent()
                 .map(std::path::Path::to_path_buf)
                 .unwrap_or_default(),
-            installed: Mutex::new(None),
         });
         let records =
             subnet_manager::watch::spawn_records(policy.registry.clone(), policy.prefix.clone());
@@ -111,7 +106,7 @@ impl Policy {
 
     /// The revision in force; wait on `programmed()` for a later one.
     pub fn revision(&self) -> i64 {
-        self.revision.load(Ordering::Relaxed)
+        *self.programmed.borrow()
     }
 
     /// Waits until the state at `revision` (or later) is in force; false on timeout.

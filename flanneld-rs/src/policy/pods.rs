@@ -161,12 +161,7 @@ impl Policy {
 
     /// Publishes the records the plugin left while no daemon listened.
     async fn sweep_pending(&self) {
-        let dir = self.state_dir.join(PENDING_DIR);
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
+        for path in files_in(&self.state_dir.join(PENDING_DIR)) {
             let Ok(body) = std::fs::read(&path) else {
                 continue;
             };
@@ -202,12 +197,7 @@ impl Policy {
 
     /// Applies the plugin's tombstones: deletions it could not hand over.
     async fn sweep_tombstones(&self) {
-        let dir = self.state_dir.join(GONE_DIR);
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
+        for path in files_in(&self.state_dir.join(GONE_DIR)) {
             match self.tombstone(&path).await {
                 Ok(()) => {
                     let _ = std::fs::remove_file(&path);
@@ -238,6 +228,13 @@ impl Policy {
         }
         Ok(())
     }
+}
+
+/// The files the plugin left in `dir` (none when it does not exist).
+fn files_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
 }
 
 /// Grants, re-adopts and keeps alive our records' etcd grant; sweeps tombstones.

@@ -2,38 +2,14 @@
 //! beside its subnet file, `GET /v1/policy/explain`) and prints its `netpol::explain::Explanation`
 //! for people, or as received (`-o json`). Exit 0 allowed, 1 denied, 2 could not ask.
 
-use std::io::{Read, Write};
 use std::net::IpAddr;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use netpol::explain::Explanation;
 use netpol::object::Protocol;
-use serde::Deserialize;
 
-/// The daemon's answer: `netpol::explain::Explanation` as it serializes.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-pub struct Explanation {
-    pub allowed: bool,
-    #[serde(default)]
-    pub source_pod: Option<String>,
-    #[serde(default)]
-    pub destination_pod: Option<String>,
-    pub egress: Side,
-    pub ingress: Side,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-pub struct Side {
-    pub allowed: bool,
-    #[serde(default)]
-    pub policies: Vec<String>,
-    #[serde(default)]
-    pub matched: Option<String>,
-    #[serde(default)]
-    pub reason: String,
-}
+use crate::status::client::get;
 
 /// The question, checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,86 +67,6 @@ pub fn parse_port(s: &str) -> Result<(u16, Protocol)> {
     Ok((port, protocol))
 }
 
-/// An HTTP response: the status code and the body (chunked bodies decoded).
-pub fn parse_response(reply: &[u8]) -> Result<(u16, Vec<u8>)> {
-    let split = reply
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("the daemon's reply has no body")?;
-    let head = String::from_utf8_lossy(&reply[..split]);
-    let mut body = reply[split + 4..].to_vec();
-    let mut lines = head.lines();
-    let status_line = lines.next().unwrap_or_default();
-    let code: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("the daemon's reply starts {status_line:?}, not HTTP"))?;
-    let mut chunked = false;
-    let mut length = None;
-    for line in lines {
-        if let Some((name, value)) = line.split_once(':') {
-            let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
-            if name == "transfer-encoding" && value.to_ascii_lowercase().contains("chunked") {
-                chunked = true;
-            } else if name == "content-length" {
-                length = value.parse::<usize>().ok();
-            }
-        }
-    }
-    if chunked {
-        body = dechunk(&body)?;
-    } else if let Some(n) = length {
-        body.truncate(n);
-    }
-    Ok((code, body))
-}
-
-fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = rest
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .context("the daemon's chunked reply is cut short")?;
-        let size_text = String::from_utf8_lossy(&rest[..eol]);
-        let size_hex = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_hex, 16)
-            .with_context(|| format!("bad chunk size {size_hex:?} in the daemon's reply"))?;
-        rest = &rest[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        let chunk = rest
-            .get(..size)
-            .context("the daemon's chunked reply is cut short")?;
-        out.extend_from_slice(chunk);
-        rest = rest.get(size + 2..).unwrap_or_default();
-    }
-}
-
-/// Sends `GET path` to the daemon's socket; the status code and body.
-pub fn fetch(socket: &Path, path: &str) -> Result<(u16, Vec<u8>)> {
-    let mut conn = UnixStream::connect(socket).with_context(|| {
-        format!(
-            "connecting to {} (is flanneld-rs running with this --subnet-file?)",
-            socket.display()
-        )
-    })?;
-    conn.set_read_timeout(Some(Duration::from_secs(15)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(15)))?;
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nHost: flanneld-rs\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
-    )
-    .with_context(|| format!("asking {}", socket.display()))?;
-    let mut reply = Vec::new();
-    conn.take(16 << 20)
-        .read_to_end(&mut reply)
-        .with_context(|| format!("reading the answer from {}", socket.display()))?;
-    parse_response(&reply)
-}
-
 /// The answer for people: `allowed` or `denied` on the first line, then each side.
 pub fn render(q: &Query, e: &Explanation) -> String {
     let who = |ip: IpAddr, pod: &Option<String>| match pod {
@@ -204,7 +100,7 @@ pub fn render(q: &Query, e: &Explanation) -> String {
 
 /// What `run` does, returning the exit code; errors are "could not ask" (2).
 fn ask(socket: &Path, q: &Query, json: bool) -> Result<u8> {
-    let (code, body) = fetch(socket, &q.path())?;
+    let (code, body) = get(socket, &q.path())?;
     let text = String::from_utf8_lossy(&body);
     if code != 200 {
         bail!("the daemon answered {code}: {}", text.trim());
@@ -260,19 +156,6 @@ mod tests {
         assert!(e.to_string().starts_with("SRC \"pod-a\""), "{e}");
     }
 
-    #[test]
-    fn responses_plain_and_chunked() {
-        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}trailing";
-        assert_eq!(parse_response(plain).expect("r"), (200, b"{}".to_vec()));
-        let chunked =
-            b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbad \r\n3\r\nsrc\r\n0\r\n\r\n";
-        assert_eq!(
-            parse_response(chunked).expect("r"),
-            (400, b"bad src".to_vec())
-        );
-        assert!(parse_response(b"garbage").is_err());
-    }
-
     /// What netpol serializes is what we read, and how it reads.
     #[test]
     fn renders_netpol_explanations() {
@@ -314,7 +197,7 @@ mod tests {
         let allowed = Explanation {
             allowed: true,
             source_pod: None,
-            egress: Side {
+            egress: netpol::explain::Side {
                 allowed: true,
                 policies: vec!["x/p".into()],
                 matched: Some("x/p egress[0]".into()),

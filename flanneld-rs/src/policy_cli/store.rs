@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use netpol::ObjectKey;
-use subnet_manager::registry::{EtcdOptions, Registry};
+use subnet_manager::registry::Registry;
 
 use crate::flags::Flags;
 
@@ -22,15 +22,7 @@ pub struct Raw {
 
 impl Store {
     pub async fn connect(flags: &Flags) -> Result<Store> {
-        let opts = EtcdOptions {
-            endpoints: flags.etcd_endpoints.clone(),
-            prefix: flags.etcd_prefix.clone(),
-            username: flags.etcd_username.clone(),
-            password: flags.etcd_password.clone(),
-            cafile: flags.etcd_cafile.clone(),
-            certfile: flags.etcd_certfile.clone(),
-            keyfile: flags.etcd_keyfile.clone(),
-        };
+        let opts = flags.etcd_options();
         let endpoints = opts.endpoints.join(",");
         let registry = Registry::connect(&opts)
             .await
