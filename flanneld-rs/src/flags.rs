@@ -209,7 +209,7 @@ pub enum Command {
     /// Show the running daemon's lease, devices, peers and environment checks (exit 1 when
     /// something needs attention, 2 when the daemon cannot be asked).
     Status {
-        /// The daemon's --subnet-file: its status socket is `<subnet-file>.sock`.
+        /// The daemon's --subnet-file: its socket is `<directory of subnet-file>/flanneld-rs.sock`.
         #[arg(long, default_value = "/run/flannel/subnet.env")]
         subnet_file: PathBuf,
         /// Print the report as JSON, for scripts.

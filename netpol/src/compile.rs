@@ -32,9 +32,9 @@ pub enum SetKind {
     Addr6ProtoPort,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Set {
-    pub kind: Option<SetKind>,
+    pub kind: SetKind,
     pub elements: BTreeSet<String>,
 }
 
@@ -247,7 +247,7 @@ fn policy_rules(
             out.sets.insert(
                 ports_set.clone(),
                 Set {
-                    kind: Some(SetKind::ProtoPort),
+                    kind: SetKind::ProtoPort,
                     elements: numeric.clone(),
                 },
             );
@@ -269,7 +269,7 @@ fn policy_rules(
                     out.sets.insert(
                         set.clone(),
                         Set {
-                            kind: Some(addr_kind),
+                            kind: addr_kind,
                             elements: elems.clone(),
                         },
                     );
@@ -295,7 +295,7 @@ fn policy_rules(
                 out.sets.insert(
                     set.clone(),
                     Set {
-                        kind: Some(named_kind),
+                        kind: named_kind,
                         elements: named[fam].clone(),
                     },
                 );

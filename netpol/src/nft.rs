@@ -103,8 +103,11 @@ fn base_chains(s: &mut String) {
 }
 
 fn add_set(s: &mut String, name: &str, set: &Set) -> usize {
-    let kind = set.kind.unwrap_or(SetKind::Addr4);
-    let _ = writeln!(s, "add set inet {TABLE} {name} {{ {} }}", set_type(kind));
+    let _ = writeln!(
+        s,
+        "add set inet {TABLE} {name} {{ {} }}",
+        set_type(set.kind)
+    );
     1 + add_elements(s, name, set.elements.iter())
 }
 

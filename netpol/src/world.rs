@@ -35,7 +35,7 @@ pub struct World {
     pods: BTreeMap<Name, (Pod, i64)>,
     /// Each address belongs to the newest record that claims it: a pod deleted without its
     /// record being removed yet never steals the address of the pod that reused it.
-    owner: HashMap<IpAddr, Name>,
+    owner: HashMap<IpAddr, (Name, i64)>,
 }
 
 impl World {
@@ -59,33 +59,47 @@ impl World {
                 self.namespaces.remove(name);
             }
             (ObjectKey::Pod { namespace, name }, Some(Object::Pod(p))) => {
-                self.pods
-                    .insert((namespace.clone(), name.clone()), (p, revision));
-                self.reindex();
+                let key = (namespace.clone(), name.clone());
+                let ips = p.ips.clone();
+                let old = self.pods.insert(key.clone(), (p, revision));
+                for ip in old.iter().flat_map(|(o, _)| &o.ips) {
+                    if !ips.contains(ip) {
+                        self.recompute(*ip);
+                    }
+                }
+                for ip in ips {
+                    let ours = self
+                        .owner
+                        .get(&ip)
+                        .is_none_or(|(n, r)| *n == key || revision > *r);
+                    if ours {
+                        self.owner.insert(ip, (key.clone(), revision));
+                    }
+                }
             }
             (ObjectKey::Pod { namespace, name }, _) => {
-                if self
-                    .pods
-                    .remove(&(namespace.clone(), name.clone()))
-                    .is_some()
-                {
-                    self.reindex();
+                if let Some((old, _)) = self.pods.remove(&(namespace.clone(), name.clone())) {
+                    for ip in old.ips {
+                        self.recompute(ip);
+                    }
                 }
             }
         }
     }
 
-    fn reindex(&mut self) {
-        let mut owner: HashMap<IpAddr, (Name, i64)> = HashMap::new();
-        for (name, (pod, rev)) in &self.pods {
-            for ip in &pod.ips {
-                let newer = owner.get(ip).is_none_or(|(_, r)| rev > r);
-                if newer {
-                    owner.insert(*ip, (name.clone(), *rev));
-                }
-            }
-        }
-        self.owner = owner.into_iter().map(|(ip, (n, _))| (ip, n)).collect();
+    /// Who holds `ip` now: the newest record claiming it. Only called for addresses a record
+    /// stopped claiming, so a pod's usual put costs its own addresses, not a scan.
+    fn recompute(&mut self, ip: IpAddr) {
+        let newest = self
+            .pods
+            .iter()
+            .filter(|(_, (p, _))| p.ips.contains(&ip))
+            .max_by_key(|(_, (_, rev))| *rev)
+            .map(|(n, (_, rev))| (n.clone(), *rev));
+        match newest {
+            Some(o) => self.owner.insert(ip, o),
+            None => self.owner.remove(&ip),
+        };
     }
 
     pub fn policy_count(&self) -> usize {
@@ -119,14 +133,14 @@ impl World {
         pod.ips.iter().copied().filter(move |ip| {
             self.owner
                 .get(ip)
-                .is_some_and(|(ns, n)| *ns == pod.namespace && *n == pod.name)
+                .is_some_and(|((ns, n), _)| *ns == pod.namespace && *n == pod.name)
         })
     }
 
     pub fn pod_at(&self, ip: IpAddr) -> Option<&Pod> {
         self.owner
             .get(&ip)
-            .and_then(|n| self.pods.get(n))
+            .and_then(|(n, _)| self.pods.get(n))
             .map(|(p, _)| p)
     }
 
@@ -206,6 +220,32 @@ pub(crate) mod tests {
         assert_eq!(w.pod_at(ip).map(|p| p.name.as_str()), Some("new"));
         let old = w.pod("x", "old").expect("old");
         assert_eq!(w.addresses(old).count(), 0);
+    }
+
+    #[test]
+    fn addresses_follow_records_as_they_change() {
+        let mut w = world(&[
+            ("pods/x/old", pod_json("x", "old", "10.244.1.5", "{}")),
+            ("pods/x/new", pod_json("x", "new", "10.244.1.5", "{}")),
+        ]);
+        let ip: IpAddr = "10.244.1.5".parse().expect("ip");
+        let key = |n: &str| ObjectKey::parse(&format!("pods/x/{n}")).expect("key");
+        // The newer pod moves to another address: the old record holds this one again.
+        let moved = parse(
+            &key("new"),
+            pod_json("x", "new", "10.244.1.6", "{}").as_bytes(),
+        )
+        .expect("pod");
+        w.apply(&key("new"), Some(moved), 10);
+        assert_eq!(w.pod_at(ip).map(|p| p.name.as_str()), Some("old"));
+        // Deleting the last claimant frees the address.
+        w.apply(&key("old"), None, 11);
+        assert!(w.pod_at(ip).is_none());
+        assert_eq!(
+            w.pod_at("10.244.1.6".parse().expect("ip"))
+                .map(|p| p.name.as_str()),
+            Some("new")
+        );
     }
 
     #[test]
