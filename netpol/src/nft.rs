@@ -155,6 +155,11 @@ fn add_map_entries<'a>(
 /// The commands that turn the installed `old` into `new`. When either is empty the whole
 /// table is written or removed.
 pub fn diff(old: &Ruleset, new: &Ruleset) -> Script {
+    if old.is_empty() && new.is_empty() {
+        // No table before, none now: nothing to run (a node without isolated pods never
+        // calls nft, whatever changes elsewhere in the cluster).
+        return Script::default();
+    }
     if old.is_empty() || new.is_empty() {
         return full(new);
     }
@@ -284,6 +289,12 @@ mod tests {
             "add element inet flanneld-rs-policy pol_x_allow_in_0_peers4 { 10.244.2.2 }\n"
         );
         assert!(diff(&a, &a).text.is_empty());
+    }
+
+    #[test]
+    fn nothing_to_nothing_runs_nothing() {
+        let d = diff(&Ruleset::default(), &Ruleset::default());
+        assert_eq!(d, Script::default());
     }
 
     #[test]
