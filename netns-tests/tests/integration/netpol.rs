@@ -268,3 +268,113 @@ fn netpol_bad_objects_are_rejected_alone() -> Result<()> {
     validate(&w, 80, &r).context("valid policy in force, bad ones rejected")?;
     Ok(())
 }
+
+/// Waits until nodes `nodes` have etcd revision `rev` in force (their policy status).
+fn wait_in_force(c: &netns_tests::cluster::Cluster, nodes: &[usize], rev: i64) -> Result<()> {
+    netns_tests::wait_until("policy in force", Duration::from_secs(5), || {
+        nodes.iter().all(|&i| {
+            let sock = c.nodes[i].dir.join("flanneld-rs.sock");
+            world::http_get_unix(&sock, "/v1/policy/status", Duration::from_secs(1))
+                .ok()
+                .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+                .and_then(|v| v["revision"].as_i64())
+                .is_some_and(|r| r >= rev)
+        })
+    })
+    .map(drop)
+}
+
+/// A mixed cluster: nodes 1 and 2 ours, node 3 Go Flannel v0.20.2 (vxlan). Go Flannel reads
+/// none of the policy keys and publishes no pod records, so its pods are no pod peers of ours
+/// until a record names them (any tool may write one); an ipBlock covers them either way. What
+/// our nodes enforce on the Go node's traffic is checked against a pod of ours beside it.
+#[test]
+fn netpol_mixed_with_go_flannel() -> Result<()> {
+    require_root!();
+    if netns_tests::must_skip(netns_tests::goflannel::missing())? {
+        return Ok(());
+    }
+    let mut c = netns_tests::cluster::Cluster::new(3)?;
+    c.put_config(VXLAN)?;
+    for i in 0..2 {
+        c.start_daemon(i, &["--ip-masq"])?;
+        c.wait_subnet_env(i, Duration::from_secs(20))?;
+    }
+    c.start_go_flannel(2, &["--ip-masq"])?;
+    c.wait_subnet_env(2, Duration::from_secs(30))?;
+    let server = c.add_pod_with(0, &model_spec("shop", "db", false))?;
+    let ours = c.add_pod_with(1, &model_spec("shop", "web", false))?;
+    // Made by our plugin on the Go node: no daemon takes the record, which stays pending.
+    let go = c.add_pod_with(2, &model_spec("shop", "web-go", false))?;
+    let agent = netns_tests::binary("netpol-agent")?;
+    let _server = netns_tests::proc::Daemon::spawn(
+        "agent",
+        Some(&server.ns),
+        &agent,
+        &["serve".into(), "--ports".into(), "80".into()],
+        &[],
+        &c.dir.path().join("agent.log"),
+    )?;
+    let reaches = |from: &netns_tests::cluster::Pod| -> Result<bool> {
+        let target = format!("{}:80/tcp", server.ip);
+        let out = netns_tests::proc::run_in(
+            &from.ns,
+            &agent.to_string_lossy(),
+            &["probe", "--timeout-ms", "700", &target],
+        )?;
+        Ok(out.trim().ends_with(" ok"))
+    };
+    netns_tests::wait_until(
+        "the mixed mesh to carry TCP",
+        Duration::from_secs(15),
+        || reaches(&ours).unwrap_or(false) && reaches(&go).unwrap_or(false),
+    )?;
+    let etcd = c.etcd()?;
+    let put = |key: &str, v: serde_json::Value| -> Result<i64> {
+        let out = etcd.ctl(&[
+            "put",
+            "-w",
+            "json",
+            &format!("/coreos.com/network/policy/{key}"),
+            &v.to_string(),
+        ])?;
+        world::revision_of(&out)
+    };
+    // 1. db admits pods labelled pod=web / pod=web-go: only ours has a record.
+    let rev = put(
+        "networkpolicies/shop/db",
+        serde_json::json!({"metadata":{"name":"db","namespace":"shop"},
+            "spec":{"podSelector":{"matchLabels":{"pod":"db"}},
+                    "ingress":[{"from":[{"podSelector":{"matchExpressions":[
+                        {"key":"pod","operator":"In","values":["web","web-go"]}]}}]}]}}),
+    )?;
+    wait_in_force(&c, &[0, 1], rev)?;
+    ensure!(reaches(&ours)?, "our web pod must reach db");
+    ensure!(
+        !reaches(&go)?,
+        "the Go node's pod has no record: it is no pod peer"
+    );
+    // 2. A record written by a tool makes it one.
+    let rev = put(
+        "pods/shop/web-go",
+        serde_json::json!({"metadata":{"name":"web-go","namespace":"shop","labels":{"pod":"web-go"}},
+                           "status":{"podIP": go.ip}}),
+    )?;
+    wait_in_force(&c, &[0, 1], rev)?;
+    ensure!(
+        reaches(&go)?,
+        "with its record, the Go node's pod reaches db"
+    );
+    // 3. An ipBlock of the Go node's subnet only: the Go pod in, ours out.
+    let go_subnet = c.lease_subnet(2)?;
+    let rev = put(
+        "networkpolicies/shop/db",
+        serde_json::json!({"metadata":{"name":"db","namespace":"shop"},
+            "spec":{"podSelector":{"matchLabels":{"pod":"db"}},
+                    "ingress":[{"from":[{"ipBlock":{"cidr": go_subnet}}]}]}}),
+    )?;
+    wait_in_force(&c, &[0, 1], rev)?;
+    ensure!(reaches(&go)?, "the Go node's subnet is admitted");
+    ensure!(!reaches(&ours)?, "our pod is outside the ipBlock");
+    Ok(())
+}
