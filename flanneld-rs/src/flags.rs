@@ -184,6 +184,21 @@ pub struct Flags {
     #[arg(long, env = "WIREGUARD_KEY_FILE")]
     pub wg_key_file: Option<PathBuf>,
 
+    /// [flanneld-rs] TUN queues of the udp and wireguard datapaths, each with its own sender
+    /// and receiver thread and socket; flows are spread over them by hash, so one flow never
+    /// crosses queues. 0: one per core this process may run on (CPU affinity and quota).
+    #[arg(long, env = "FLANNELD_DATAPATH_QUEUES", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=encap::Datapath::MAX_QUEUES as i64))]
+    pub datapath_queues: u16,
+
+    /// [flanneld-rs] After handling traffic, the udp and wireguard packet threads poll for
+    /// this many microseconds before they sleep (0: never poll; at most 100000). Polling
+    /// saves the wake-up a sleeping thread costs each packet (most of the userspace path's
+    /// round-trip time) and spends CPU time while traffic is sparse.
+    #[arg(long, env = "FLANNELD_BUSY_POLL_US", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub busy_poll_us: u32,
+
     /// [flanneld-rs] UDP port of the per-peer health probes, sent and answered on every
     /// address (0 turns probing and answering off).
     #[arg(long, env = "FLANNELD_HEALTH_PORT", default_value_t = 8286)]
@@ -255,6 +270,14 @@ impl Flags {
 
     pub fn renew_margin(&self) -> Duration {
         Duration::from_secs(self.subnet_lease_renew_margin.saturating_mul(60))
+    }
+
+    /// How the userspace datapath uses the cores: `--datapath-queues`, `--busy-poll-us`.
+    pub fn datapath(&self) -> encap::Datapath {
+        encap::Datapath {
+            queues: std::num::NonZeroUsize::new(usize::from(self.datapath_queues)),
+            busy_poll: Duration::from_micros(u64::from(self.busy_poll_us)),
+        }
     }
 
     /// The wireguard backend's key file: `--wg-key-file`, else `wgkey` beside the subnet file

@@ -86,6 +86,7 @@ pub async fn choose(netlink: &Netlink, flags: &Flags) -> Result<NodeInfo> {
         public_ipv6,
         // Not the interface's business: the daemon sets it from the flags.
         wg_key_file: None,
+        datapath: encap::Datapath::default(),
     })
 }
 

@@ -49,6 +49,36 @@ pub struct NodeInfo {
     pub public_ipv6: Option<Ipv6Addr>,
     /// The wireguard backend's private key file (`None`: Flannel's `/run/flannel/wgkey`).
     pub wg_key_file: Option<std::path::PathBuf>,
+    /// How the userspace datapath (udp, wireguard) uses the machine's cores.
+    pub datapath: Datapath,
+}
+
+/// How the userspace datapath (udp, wireguard) uses the machine: how many TUN queues (one
+/// sender and one receiver thread each) it runs, and how long an active thread keeps polling
+/// before it sleeps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Datapath {
+    /// TUN queues; `None`: one per core this process may run on.
+    pub queues: Option<std::num::NonZeroUsize>,
+    /// After handling traffic, a packet thread polls without sleeping (yielding the CPU
+    /// between tries) for this long before it blocks. Zero: never. A sleeping thread costs a
+    /// wake-up per packet that finds it asleep (tens of µs on a virtual machine), which is
+    /// most of the userspace path's round-trip time; polling spends CPU time to save it.
+    pub busy_poll: std::time::Duration,
+}
+
+impl Datapath {
+    /// Most TUN queues a device may have (the kernel's `MAX_TAP_QUEUES`).
+    pub const MAX_QUEUES: usize = 256;
+
+    /// The queue count to open: the configured one, else the cores available to this
+    /// process (its CPU affinity and cgroup quota), within the kernel's limit.
+    pub fn queue_count(&self) -> usize {
+        let cores = || std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.queues
+            .map_or_else(cores, |n| n.get())
+            .clamp(1, Self::MAX_QUEUES)
+    }
 }
 
 #[cfg(test)]
@@ -65,6 +95,7 @@ impl NodeInfo {
             public_ip: Ipv4Addr::new(172, 30, 0, 11),
             public_ipv6: ipv6.then_some(Ipv6Addr::new(0xfd00, 0x30, 0, 0, 0, 0, 0, 0x11)),
             wg_key_file: None,
+            datapath: Datapath::default(),
         }
     }
 }

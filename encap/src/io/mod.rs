@@ -15,6 +15,7 @@
 
 mod addr;
 mod recv;
+mod steer;
 mod sys;
 mod tun;
 mod udp;
@@ -30,6 +31,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use recv::{Datagrams, RecvBatch, RecvMsg};
+pub use steer::{bind_consecutive, steer_by_source_port};
 pub use tun::{open_tun, Offload, TunQueue, TUN_READ_BUF_LEN, VNET_HDR_LEN};
 pub use udp::{
     BufferSizes, Listen, UdpSock, DEFAULT_SOCKET_BUFFER, GSO_MAX_SEGMENTS, SEND_BATCH_MAX,

@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use libc::{c_int, c_uint};
 
 use super::addr::{RawAddr, RAW_ADDR_LEN};
-use super::sys::{cvt, retry};
+use super::sys::{cvt, retry, Timeout, NO_WAIT};
 use super::udp::{CmsgBuf, UdpSock};
 
 /// Most messages per `recvmmsg`: the headers for that many live on the stack (5 KiB).
@@ -265,6 +265,15 @@ impl UdpSock {
     /// The wait is a `poll`, not recvmmsg's own timeout, which is only checked between
     /// datagrams and so cannot end an idle wait.
     pub fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        self.recv_batch_within(batch, &self.timeout)
+    }
+
+    /// [`recv_batch`](Self::recv_batch) without waiting: `WouldBlock` when nothing is queued.
+    pub fn try_recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        self.recv_batch_within(batch, &NO_WAIT)
+    }
+
+    fn recv_batch_within(&self, batch: &mut RecvBatch, timeout: &Timeout) -> io::Result<usize> {
         batch.filled = 0;
         let count = batch.capacity().min(MAX_COUNT);
         let slot_len = batch.slot_len;
@@ -295,7 +304,7 @@ impl UdpSock {
         }
         let fd = self.as_raw_fd();
         let hdr_ptr = hdrs.as_mut_ptr();
-        let n = retry(fd, libc::POLLIN, &self.timeout, || {
+        let n = retry(fd, libc::POLLIN, timeout, || {
             // SAFETY: the first `count` headers point at `count` iovecs on this stack frame and
             // at slots, names and cmsg space of `batch` (all in bounds: `count` is at most the
             // batch's capacity), which stays exclusively borrowed until recvmmsg returns.

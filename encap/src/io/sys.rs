@@ -46,6 +46,9 @@ impl Timeout {
     }
 }
 
+/// A timeout that never waits: the call returns `WouldBlock` at once when there is nothing.
+pub(crate) static NO_WAIT: Timeout = Timeout(AtomicI32::new(0));
+
 fn to_ms(t: Option<Duration>) -> c_int {
     match t {
         None => -1,

@@ -16,7 +16,7 @@ use std::time::Duration;
 use libc::{c_char, c_int, c_short, c_ulong};
 use tracing::debug;
 
-use super::sys::{cvt, cvt_size, retry, Timeout};
+use super::sys::{cvt, cvt_size, retry, Timeout, NO_WAIT};
 use super::{SetupError, DEFAULT_TIMEOUT};
 
 /// Size of `struct virtio_net_hdr` that starts every read and write.
@@ -218,8 +218,17 @@ impl TunQueue {
     /// 64 KiB with TSO (size `buf` as [`TUN_READ_BUF_LEN`]; the kernel truncates silently).
     /// Returns `TimedOut` when nothing came within the timeout.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_within(buf, &self.timeout)
+    }
+
+    /// [`read`](Self::read) without waiting: `WouldBlock` when no packet is queued.
+    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_within(buf, &NO_WAIT)
+    }
+
+    fn read_within(&self, buf: &mut [u8], timeout: &Timeout) -> io::Result<usize> {
         let fd = self.fd.as_raw_fd();
-        retry(fd, libc::POLLIN, &self.timeout, || {
+        retry(fd, libc::POLLIN, timeout, || {
             // SAFETY: `buf` is valid for writes of `buf.len()` bytes during the call.
             cvt_size(unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) })
         })

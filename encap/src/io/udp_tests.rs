@@ -315,3 +315,44 @@ fn dual_stack_socket_speaks_plain_ipv4_to_its_caller() {
     }
     assert_eq!(got, want);
 }
+
+#[test]
+fn steering_by_source_port_pairs_consecutive_ports_with_sockets() {
+    // A reuseport group of 3 listening sockets, steered by source port.
+    let first = UdpSock::bind("127.0.0.1:0".parse().unwrap(), true).unwrap();
+    let at = first.local_addr();
+    let group = [
+        first,
+        UdpSock::bind(at, true).unwrap(),
+        UdpSock::bind(at, true).unwrap(),
+    ];
+    steer_by_source_port(&group[0], group.len()).unwrap();
+    // Six senders on consecutive ports, the first a multiple of 6: sender i lands on socket
+    // i % 3, every time.
+    let senders = bind_consecutive("127.0.0.1".parse().unwrap(), 6).unwrap();
+    let base = senders[0].local_addr().port();
+    assert_eq!(base % 6, 0);
+    for (i, s) in senders.iter().enumerate() {
+        assert_eq!(usize::from(s.local_addr().port() - base), i);
+        for _ in 0..4 {
+            s.send_gso(at, &[i as u8; 10], 0).unwrap();
+        }
+    }
+    let mut batch = RecvBatch::new(16, 64);
+    for (k, r) in group.iter().enumerate() {
+        let mut got = 0;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while got < 8 && Instant::now() < deadline {
+            let Ok(n) = r.recv_batch(&mut batch) else {
+                continue;
+            };
+            for i in 0..n {
+                let m = batch.msg(i).unwrap();
+                assert_eq!(usize::from(m.source().port()) % 3, k, "socket {k}");
+                assert_eq!(usize::from(m.data()[0]) % 3, k);
+                got += 1;
+            }
+        }
+        assert_eq!(got, 8, "socket {k} gets its two senders' datagrams");
+    }
+}

@@ -135,6 +135,7 @@ pub async fn run(flags: Flags) -> Result<()> {
     let netlink = Netlink::open().context("opening netlink")?;
     let mut node = NodeInfo {
         wg_key_file: flags.wg_key_path(),
+        datapath: flags.datapath(),
         ..iface::choose(&netlink, &flags).await?
     };
 

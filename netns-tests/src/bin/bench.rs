@@ -1,9 +1,12 @@
 //! The benchmark: one run builds the same 2-node namespace cluster for each datapath and
-//! measures pod-to-pod TCP (1 and 4 streams), 64-byte UDP packet rate, median ping RTT and the
-//! daemons' CPU time per GB, each also as a ratio to kernel VXLAN (wired by hand exactly as
-//! Flannel wires it) and to plain routing measured in the same run.
+//! measures pod-to-pod TCP (1 and 4 parallel streams, or the counts `--streams` lists) with the
+//! daemons' CPU time per GB moved, 64-byte UDP packet rate and median ping RTT, each also as a
+//! ratio to kernel VXLAN (wired by hand exactly as Flannel wires it) and to plain routing
+//! measured in the same run.
 //!
-//! `bench [--seconds N] [--modes a,b,…] [--write BENCHMARKS.md]` (root; release build).
+//! `bench [--seconds N] [--modes a,b,…] [--streams 1,4,8] [--write BENCHMARKS.md]` (root;
+//! release build). Modes `udp-poll` and `wireguard-poll` run our daemons with
+//! `--busy-poll-us 10000`.
 //! Modes `routing-v6`, `vxlan-v6` and `wireguard-v6` run the same measurements between the
 //! pods' IPv6 addresses on a dual-stack cluster (IPv6 underlay); their ratios are to the IPv4
 //! kernel VXLAN and routing rows of the same run.
@@ -19,6 +22,8 @@ use netns_tests::proc::{run, run_in, Daemon};
 struct Args {
     seconds: u32,
     modes: Vec<String>,
+    /// Parallel TCP stream counts, one measurement each.
+    streams: Vec<u32>,
     write: Option<String>,
     /// Record the daemons with `perf` during the single-stream run; reports go here.
     profile: Option<String>,
@@ -30,6 +35,7 @@ fn parse_args() -> Result<Args> {
         modes: ["routing", "kernel-vxlan", "udp"]
             .map(String::from)
             .to_vec(),
+        streams: vec![1, 4],
         write: None,
         profile: None,
     };
@@ -45,6 +51,21 @@ fn parse_args() -> Result<Args> {
                     .map(String::from)
                     .collect()
             }
+            "--streams" => {
+                a.streams = it
+                    .next()
+                    .context("--streams 1,4,8")?
+                    .split(',')
+                    .map(|n| {
+                        n.trim()
+                            .parse::<u32>()
+                            .context("--streams takes counts like 1,4,8")
+                    })
+                    .collect::<Result<_>>()?;
+                if a.streams.is_empty() || a.streams.contains(&0) {
+                    bail!("--streams takes counts of at least 1, like 1,4,8");
+                }
+            }
             "--write" => a.write = Some(it.next().context("--write FILE")?),
             "--profile" => a.profile = Some(it.next().context("--profile DIR")?),
             other => bail!("unknown argument {other:?}"),
@@ -56,12 +77,25 @@ fn parse_args() -> Result<Args> {
 /// One datapath's figures.
 #[derive(Default, Clone)]
 struct Row {
-    tcp1_gbps: f64,
-    tcp4_gbps: f64,
+    /// One entry per stream count, in `--streams` order.
+    tcp: Vec<Tcp>,
     udp64_kpps: f64,
     rtt_us: f64,
-    cpu_s_per_gb: Option<f64>,
     note: String,
+}
+
+/// TCP with some number of parallel streams.
+#[derive(Default, Clone, Copy)]
+struct Tcp {
+    gbps: f64,
+    /// The daemons' user + system CPU seconds per GB received (none without daemons).
+    cpu_s_per_gb: Option<f64>,
+}
+
+impl Row {
+    fn gbps(&self, i: usize) -> f64 {
+        self.tcp.get(i).map_or(0.0, |t| t.gbps)
+    }
 }
 
 fn main() -> Result<()> {
@@ -72,11 +106,19 @@ fn main() -> Result<()> {
     let mut rows: BTreeMap<usize, (String, Row)> = BTreeMap::new();
     for (i, mode) in args.modes.iter().enumerate() {
         eprintln!("== {mode}");
-        match measure(mode, args.seconds, args.profile.as_deref()) {
+        match measure(mode, &args) {
             Ok(row) => {
+                let tcp: Vec<String> = args
+                    .streams
+                    .iter()
+                    .zip(&row.tcp)
+                    .map(|(n, t)| format!("tcp×{n} {:.2} Gbit/s", t.gbps))
+                    .collect();
                 eprintln!(
-                    "   tcp1 {:.2} Gbit/s, tcp4 {:.2}, udp64 {:.0} kpps, rtt {:.0} us",
-                    row.tcp1_gbps, row.tcp4_gbps, row.udp64_kpps, row.rtt_us
+                    "   {}, udp64 {:.0} kpps, rtt {:.0} us",
+                    tcp.join(", "),
+                    row.udp64_kpps,
+                    row.rtt_us
                 );
                 rows.insert(i, (mode.clone(), row));
             }
@@ -90,7 +132,7 @@ fn main() -> Result<()> {
             }
         }
     }
-    let table = render(&rows, args.seconds);
+    let table = render(&rows, &args);
     println!("{table}");
     if let Some(path) = args.write {
         write_benchmarks(&path, &table)?;
@@ -109,8 +151,12 @@ fn dual_stack_config(backend: &str) -> String {
     )
 }
 
+/// Our daemons' flags in the `-poll` modes.
+const POLL_FLAGS: &[&str] = &["--busy-poll-us", "10000"];
+
 /// Builds the cluster for `mode`, with one pod per node, and measures it.
-fn measure(mode: &str, seconds: u32, profile: Option<&str>) -> Result<Row> {
+fn measure(mode: &str, args: &Args) -> Result<Row> {
+    let (seconds, profile) = (args.seconds, args.profile.as_deref());
     let v6 = mode.ends_with("-v6");
     let mut c = if v6 {
         Cluster::new_dual_stack(2)?
@@ -118,13 +164,18 @@ fn measure(mode: &str, seconds: u32, profile: Option<&str>) -> Result<Row> {
         Cluster::new(2)?
     };
     match mode {
-        "routing" => start_ours(&mut c, &config("host-gw"))?,
+        "routing" => start_ours(&mut c, &config("host-gw"), &[])?,
         "kernel-vxlan" => wire_kernel_vxlan(&c)?,
-        "udp" | "vxlan" | "wireguard" => start_ours(&mut c, &config(mode))?,
-        "routing-v6" => start_ours(&mut c, &dual_stack_config("host-gw"))?,
-        "vxlan-v6" | "wireguard-v6" => {
-            start_ours(&mut c, &dual_stack_config(mode.trim_end_matches("-v6")))?
+        "udp" | "vxlan" | "wireguard" => start_ours(&mut c, &config(mode), &[])?,
+        "udp-poll" | "wireguard-poll" => {
+            start_ours(&mut c, &config(mode.trim_end_matches("-poll")), POLL_FLAGS)?
         }
+        "routing-v6" => start_ours(&mut c, &dual_stack_config("host-gw"), &[])?,
+        "vxlan-v6" | "wireguard-v6" => start_ours(
+            &mut c,
+            &dual_stack_config(mode.trim_end_matches("-v6")),
+            &[],
+        )?,
         "go-udp" | "go-vxlan" => start_go(&mut c, mode.trim_start_matches("go-"))?,
         "wireguard-go" => start_wireguard_go(&mut c)?,
         other => bail!("unknown mode {other:?}"),
@@ -149,21 +200,24 @@ fn measure(mode: &str, seconds: u32, profile: Option<&str>) -> Result<Row> {
 
     let mut row = Row::default();
     let _server = iperf_server(&c, &b, &dst)?;
-    let cpu_before = cpu_seconds(&daemons);
-    let perf = match profile {
-        Some(dir) if !daemons.is_empty() => Some(start_perf(dir, mode, &daemons, seconds)?),
-        _ => None,
-    };
-    let (gbps, bytes) = iperf_tcp(&a, &dst, 1, seconds)?;
-    if let Some((mut p, dir)) = perf {
-        let _ = p.stop(Duration::from_secs(30));
-        report_perf(&dir, mode);
+    for (i, &streams) in args.streams.iter().enumerate() {
+        let cpu_before = cpu_seconds(&daemons);
+        // The profile covers the first stream count's run.
+        let perf = match profile {
+            Some(dir) if i == 0 && !daemons.is_empty() => {
+                Some(start_perf(dir, mode, &daemons, seconds)?)
+            }
+            _ => None,
+        };
+        let (gbps, bytes) = iperf_tcp(&a, &dst, streams, seconds)?;
+        if let Some((mut p, dir)) = perf {
+            let _ = p.stop(Duration::from_secs(30));
+            report_perf(&dir, mode);
+        }
+        let cpu_s_per_gb = (!daemons.is_empty() && bytes > 0.0)
+            .then(|| (cpu_seconds(&daemons) - cpu_before) / (bytes / 1e9));
+        row.tcp.push(Tcp { gbps, cpu_s_per_gb });
     }
-    row.tcp1_gbps = gbps;
-    if !daemons.is_empty() && bytes > 0.0 {
-        row.cpu_s_per_gb = Some((cpu_seconds(&daemons) - cpu_before) / (bytes / 1e9));
-    }
-    row.tcp4_gbps = iperf_tcp(&a, &dst, 4, seconds)?.0;
     row.udp64_kpps = iperf_udp64(&a, &dst, seconds)?;
     row.rtt_us = median_rtt_us(&a, &dst)?;
     Ok(row)
@@ -282,10 +336,10 @@ fn start_wireguard_go(c: &mut Cluster) -> Result<()> {
     Ok(())
 }
 
-fn start_ours(c: &mut Cluster, config: &str) -> Result<()> {
+fn start_ours(c: &mut Cluster, config: &str, flags: &[&str]) -> Result<()> {
     c.put_config(config)?;
     for i in 0..c.nodes.len() {
-        c.start_daemon(i, &[])?;
+        c.start_daemon(i, flags)?;
         c.wait_subnet_env(i, Duration::from_secs(20))?;
     }
     // Let each daemon learn the other's lease.
@@ -480,7 +534,7 @@ fn cpu_seconds(pids: &[u32]) -> f64 {
         .sum()
 }
 
-fn render(rows: &BTreeMap<usize, (String, Row)>, seconds: u32) -> String {
+fn render(rows: &BTreeMap<usize, (String, Row)>, args: &Args) -> String {
     let base = |name: &str| {
         rows.values()
             .find(|(m, _)| m == name)
@@ -493,37 +547,65 @@ fn render(rows: &BTreeMap<usize, (String, Row)>, seconds: u32) -> String {
         Some(b) if b > 0.0 && v > 0.0 => format!(" ({:.2}×)", v / b),
         _ => String::new(),
     };
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "| datapath | TCP 1 stream Gbit/s (× VXLAN) | × routing | × Go Flannel udp | TCP 4 streams Gbit/s (× VXLAN) | UDP 64 B kpps (× VXLAN) | median RTT µs (× VXLAN) | daemon CPU s/GB | note |"
+    let first = args.streams.first().copied().unwrap_or(1);
+    let mut head = String::from("| datapath |");
+    for n in &args.streams {
+        let _ = write!(
+            head,
+            " TCP {n} {} Gbit/s (× VXLAN) · CPU s/GB |",
+            plural(*n)
+        );
+    }
+    let _ = write!(
+        head,
+        " {first} {}: × routing | × Go Flannel udp | UDP 64 B kpps (× VXLAN) | median RTT µs (× VXLAN) | note |",
+        plural(first)
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    let mut s = String::new();
+    let _ = writeln!(s, "{head}");
+    let _ = writeln!(s, "|---|{}", "---|".repeat(args.streams.len() + 5));
     for (mode, r) in rows.values() {
+        let mut line = format!("| {} |", label(mode));
+        for (i, t) in r.tcp.iter().enumerate() {
+            let _ = write!(
+                line,
+                " {:.2}{} · {} |",
+                t.gbps,
+                ratio(t.gbps, vx.as_ref().map(|v| v.gbps(i))),
+                t.cpu_s_per_gb
+                    .map_or("–".to_string(), |c| format!("{c:.2}")),
+            );
+        }
+        // A failed mode has no TCP figures: keep the columns lined up.
+        for _ in r.tcp.len()..args.streams.len() {
+            line.push_str(" |");
+        }
         let _ = writeln!(
             s,
-            "| {} | {:.2}{} | {} | {} | {:.2}{} | {:.0}{} | {:.0}{} | {} | {} |",
-            label(mode),
-            r.tcp1_gbps,
-            ratio(r.tcp1_gbps, vx.as_ref().map(|v| v.tcp1_gbps)),
-            bare(ratio(r.tcp1_gbps, rt.as_ref().map(|v| v.tcp1_gbps))),
-            bare(ratio(r.tcp1_gbps, go_udp.as_ref().map(|v| v.tcp1_gbps))),
-            r.tcp4_gbps,
-            ratio(r.tcp4_gbps, vx.as_ref().map(|v| v.tcp4_gbps)),
+            "{line} {} | {} | {:.0}{} | {:.0}{} | {} |",
+            bare(ratio(r.gbps(0), rt.as_ref().map(|v| v.gbps(0)))),
+            bare(ratio(r.gbps(0), go_udp.as_ref().map(|v| v.gbps(0)))),
             r.udp64_kpps,
             ratio(r.udp64_kpps, vx.as_ref().map(|v| v.udp64_kpps)),
             r.rtt_us,
             ratio(r.rtt_us, vx.as_ref().map(|v| v.rtt_us)),
-            r.cpu_s_per_gb
-                .map_or("–".to_string(), |c| format!("{c:.2}")),
             r.note,
         );
     }
     let _ = writeln!(
         s,
-        "\n{seconds} s per iperf3 run; 2 nodes in network namespaces on one machine, one pod each."
+        "\n{} s per iperf3 run; 2 nodes in network namespaces on one machine, one pod each. CPU s/GB: the daemons' user + system time per GB received (– without daemons).",
+        args.seconds
     );
     s
+}
+
+fn plural(n: u32) -> &'static str {
+    if n == 1 {
+        "stream"
+    } else {
+        "streams"
+    }
 }
 
 /// " (1.23×)" -> "1.23×"
@@ -536,6 +618,8 @@ fn label(mode: &str) -> &str {
         "routing" => "plain routing (our host-gw)",
         "kernel-vxlan" => "kernel VXLAN, wired by hand as Flannel does",
         "udp" => "flanneld-rs udp",
+        "udp-poll" => "flanneld-rs udp, --busy-poll-us 10000",
+        "wireguard-poll" => "flanneld-rs wireguard, --busy-poll-us 10000",
         "vxlan" => "flanneld-rs vxlan",
         "wireguard" => "flanneld-rs wireguard (userspace, boringtun)",
         "wireguard-go" => "wireguard-go 0.0.20220316, configured by hand",

@@ -60,8 +60,13 @@ impl<T> Queue<T> {
     }
 }
 
-fn timed_out() -> io::Error {
-    io::ErrorKind::TimedOut.into()
+/// What a call that found nothing returns: `TimedOut` after a wait, `WouldBlock` without.
+fn nothing(wait: Duration) -> io::Error {
+    if wait.is_zero() {
+        io::ErrorKind::WouldBlock.into()
+    } else {
+        io::ErrorKind::TimedOut.into()
+    }
 }
 
 /// A TUN queue whose "pods" are the test.
@@ -83,14 +88,24 @@ impl FakeTun {
     }
 }
 
-impl TunIo for FakeTun {
-    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(pkt) = self.from_pods.take(1, WAIT).pop() else {
-            return Err(timed_out());
+impl FakeTun {
+    fn read_within(&self, buf: &mut [u8], wait: Duration) -> io::Result<usize> {
+        let Some(pkt) = self.from_pods.take(1, wait).pop() else {
+            return Err(nothing(wait));
         };
         let n = pkt.len().min(buf.len());
         buf[..n].copy_from_slice(&pkt[..n]);
         Ok(n)
+    }
+}
+
+impl TunIo for FakeTun {
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_within(buf, WAIT)
+    }
+
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_within(buf, Duration::ZERO)
     }
 
     fn write(&self, pkt: &[u8]) -> io::Result<usize> {
@@ -169,13 +184,23 @@ impl FakeUdp {
     }
 }
 
-impl UdpIo for FakeUdp {
-    fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
-        let msgs = self.inbox.take(batch.capacity(), WAIT);
+impl FakeUdp {
+    fn recv_within(&self, batch: &mut RecvBatch, wait: Duration) -> io::Result<usize> {
+        let msgs = self.inbox.take(batch.capacity(), wait);
         if msgs.is_empty() {
-            return Err(timed_out());
+            return Err(nothing(wait));
         }
         Ok(batch.fill(msgs.iter().map(|(src, d, gro)| (*src, &d[..], *gro))))
+    }
+}
+
+impl UdpIo for FakeUdp {
+    fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        self.recv_within(batch, WAIT)
+    }
+
+    fn try_recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        self.recv_within(batch, Duration::ZERO)
     }
 
     fn send_gso(&self, to: SocketAddr, data: &[u8], seg_len: u16) -> io::Result<usize> {

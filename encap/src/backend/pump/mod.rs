@@ -16,6 +16,7 @@ mod addressing;
 #[cfg(test)]
 pub(crate) mod fake;
 mod outbox;
+mod poll;
 mod ports;
 mod rx;
 mod sender;
@@ -31,8 +32,11 @@ use std::thread::JoinHandle;
 use arc_swap::ArcSwap;
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use super::BackendError;
-use crate::io::{open_tun, Listen, Offload, RecvMsg, UdpSock, DEFAULT_SOCKET_BUFFER};
+use super::{BackendError, Datapath};
+use crate::io::{
+    bind_consecutive, open_tun, steer_by_source_port, Listen, Offload, RecvMsg, TunQueue, UdpSock,
+    DEFAULT_SOCKET_BUFFER,
+};
 use crate::stats::{DropReason, Stats, Tally};
 pub(crate) use addressing::{Addressing, Family};
 pub(crate) use outbox::{Outbox, Transmit};
@@ -74,6 +78,8 @@ pub(crate) struct DeviceState {
     pub stats: Arc<Stats>,
     /// The TUN MTU: the largest inner packet we send.
     pub mtu: usize,
+    /// Queue count and polling, fixed when the pump starts.
+    pub datapath: Datapath,
 }
 
 impl DeviceState {
@@ -87,7 +93,14 @@ impl DeviceState {
             own: ArcSwap::from_pointee(OwnSubnets::default()),
             stats,
             mtu,
+            datapath: Datapath::default(),
         }
+    }
+
+    /// The same device with the operator's datapath settings.
+    pub fn with_datapath(mut self, datapath: Datapath) -> Self {
+        self.datapath = datapath;
+        self
     }
 
     pub fn own(&self) -> OwnSubnets {
@@ -116,6 +129,16 @@ pub(crate) trait Codec: Send + Sync + 'static {
 
     /// Whether forwarding decrements the inner TTL (Flannel's udp backend acts as a router hop).
     const DECREMENT_TTL: bool;
+
+    /// Whether each queue sends from its own port (one of a run of consecutive ports) while the
+    /// listening sockets are picked by source port, so that one peer's flows spread over the
+    /// receiving threads (see `crate::io::steer_by_source_port`). Only for protocols whose
+    /// peers do not answer to the port our packets come from.
+    const SEND_FROM_QUEUE_PORTS: bool;
+
+    /// Whether what `receive` delivers is already known intact, so that GRO need not verify
+    /// inner TCP checksums before merging segments (see [`crate::wire::Gro::trusting`]).
+    const DELIVERS_INTACT: bool;
 
     fn tx_scratch(&self) -> Self::TxScratch;
     fn rx_scratch(&self) -> Self::RxScratch;
@@ -160,13 +183,10 @@ pub(crate) struct Pump<U: UdpIo = UdpSock> {
     sender: Arc<UdpSender<U>>,
 }
 
-/// How many TUN queues (and thread pairs) to run: one per core we may use; this machine kind
-/// has two.
-pub(crate) const QUEUES: usize = 2;
-
 impl Pump {
-    /// Opens `device` with [`QUEUES`] queues and offloads, binds one socket per queue where
-    /// `listen` says and starts the threads, named `<name>-tx<i>`/`<name>-rx<i>`.
+    /// Opens `device` with as many queues as [`Datapath::queue_count`] says (one per core by
+    /// default) and offloads, binds one socket per queue where `listen` says and starts the
+    /// threads, named `<name>-tx<i>`/`<name>-rx<i>`.
     pub fn start<C: Codec>(
         name: &str,
         device: &str,
@@ -174,30 +194,39 @@ impl Pump {
         codec: Arc<C>,
         state: Arc<DeviceState>,
     ) -> Result<Pump, BackendError> {
-        let queues = open_tun(device, QUEUES, true)
+        let datapath = state.datapath;
+        let count = datapath.queue_count();
+        let queues = open_tun(device, count, true)
             .map_err(|e| io_error(format!("opening TUN {device}"), e))?;
         let offload: Offload = queues.first().map(|q| q.offload()).unwrap_or_default();
         let mut ports = Vec::with_capacity(queues.len());
         let mut gro = false;
-        for q in queues {
+        for tun in queues {
             let sock = UdpSock::listen(listen, true)
                 .map_err(|e| io_error(format!("binding UDP {listen}"), e))?;
             sock.grow_buffers(DEFAULT_SOCKET_BUFFER);
             gro = sock.enable_gro();
-            ports.push((q, sock));
+            ports.push(Port {
+                tun,
+                sock,
+                send: None,
+            });
         }
+        let spread = C::SEND_FROM_QUEUE_PORTS && count > 1 && own_send_ports(listen, &mut ports);
         let stats = state.stats.clone();
         let pump = Pump::run(name, codec, state, ports)?;
         stats.set_offloads(
             device,
             format!(
-                "tun offload {offload:?}, udp gso {}, udp gro {gro}",
+                "tun offload {offload:?}, udp gso {}, udp gro {gro}, queues {count}, spread by source port {spread}",
                 pump.sender.gso()
             ),
         );
         tracing::info!(
             %listen,
-            queues = QUEUES,
+            queues = count,
+            busy_poll_us = datapath.busy_poll.as_micros() as u64,
+            spread_by_source_port = spread,
             "{name} datapath running: tun offload {offload:?}, udp gso {}, udp gro {gro}",
             pump.sender.gso()
         );
@@ -205,20 +234,69 @@ impl Pump {
     }
 }
 
+/// Gives each queue a socket of its own to send from, on consecutive ports, and makes the
+/// listening group pick sockets by source port. False (and nothing changed) if either is
+/// refused: then everything is sent from the listening port, as before.
+fn own_send_ports(listen: Listen, ports: &mut [Port<TunQueue, UdpSock>]) -> bool {
+    let ip = match listen {
+        Listen::At(addr) => addr.ip(),
+        Listen::DualStack(_) => return false,
+    };
+    let send = match bind_consecutive(ip, ports.len()) {
+        Ok(send) => send,
+        Err(e) => {
+            tracing::warn!("no send ports of its own per queue ({e}): sending from {listen}");
+            return false;
+        }
+    };
+    if let Some(first) = ports.first() {
+        if let Err(e) = steer_by_source_port(&first.sock, ports.len()) {
+            tracing::warn!(
+                "the kernel refused steering by source port ({e}): sending from {listen}"
+            );
+            return false;
+        }
+    }
+    for (port, sock) in ports.iter_mut().zip(send) {
+        sock.grow_buffers(DEFAULT_SOCKET_BUFFER);
+        port.send = Some(sock);
+    }
+    true
+}
+
+/// One queue's I/O: its TUN queue, the socket it listens on and, if separate, the socket it
+/// sends from.
+pub(crate) struct Port<T, U> {
+    pub tun: T,
+    pub sock: U,
+    pub send: Option<U>,
+}
+
+impl<T, U> From<(T, U)> for Port<T, U> {
+    fn from((tun, sock): (T, U)) -> Self {
+        Port {
+            tun,
+            sock,
+            send: None,
+        }
+    }
+}
+
 impl<U: UdpIo> Pump<U> {
-    /// Starts a sender and a receiver thread for each (TUN queue, socket) pair.
+    /// Starts a sender and a receiver thread for each queue.
     pub fn run<C: Codec, T: TunIo>(
         name: &str,
         codec: Arc<C>,
         state: Arc<DeviceState>,
-        ports: Vec<(T, U)>,
+        ports: Vec<Port<T, U>>,
     ) -> Result<Pump<U>, BackendError> {
         // On an early return, the threads started so far are stopped and joined.
         let mut threads = Threads::default();
         let mut first = None;
-        for (i, (tun, sock)) in ports.into_iter().enumerate() {
-            let (tun, sock) = (Arc::new(tun), Arc::new(sock));
-            let sender = Arc::new(UdpSender::new(sock.clone()));
+        for (i, port) in ports.into_iter().enumerate() {
+            let (tun, sock) = (Arc::new(port.tun), Arc::new(port.sock));
+            let send = port.send.map_or_else(|| sock.clone(), Arc::new);
+            let sender = Arc::new(UdpSender::new(send));
             first.get_or_insert_with(|| sender.clone());
             let (tx_codec, tx_tun, tx_sender, tx_state) =
                 (codec.clone(), tun.clone(), sender.clone(), state.clone());

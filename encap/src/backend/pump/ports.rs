@@ -13,6 +13,8 @@ use crate::io::{RecvBatch, TunQueue, UdpSock};
 /// One TUN queue: reads and writes one packet with its virtio-net header in front.
 pub(crate) trait TunIo: Send + Sync + 'static {
     fn read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// [`read`](Self::read) without waiting: `WouldBlock` when no packet is queued.
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
     fn write(&self, pkt: &[u8]) -> io::Result<usize>;
     /// The device name, for logs.
     fn name(&self) -> &str;
@@ -22,6 +24,8 @@ pub(crate) trait TunIo: Send + Sync + 'static {
 pub(crate) trait UdpIo: Send + Sync + 'static {
     /// Fills `batch` with up to its capacity of messages; how many it got.
     fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize>;
+    /// [`recv_batch`](Self::recv_batch) without waiting: `WouldBlock` when nothing is queued.
+    fn try_recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize>;
     /// Sends `data` to `to` as datagrams of `seg_len` bytes (UDP GSO), or as one datagram when
     /// `seg_len` is 0 or the data fits one segment.
     fn send_gso(&self, to: SocketAddr, data: &[u8], seg_len: u16) -> io::Result<usize>;
@@ -36,6 +40,10 @@ impl TunIo for TunQueue {
         TunQueue::read(self, buf)
     }
 
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        TunQueue::try_read(self, buf)
+    }
+
     fn write(&self, pkt: &[u8]) -> io::Result<usize> {
         TunQueue::write(self, pkt)
     }
@@ -48,6 +56,10 @@ impl TunIo for TunQueue {
 impl UdpIo for UdpSock {
     fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
         UdpSock::recv_batch(self, batch)
+    }
+
+    fn try_recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        UdpSock::try_recv_batch(self, batch)
     }
 
     fn send_gso(&self, to: SocketAddr, data: &[u8], seg_len: u16) -> io::Result<usize> {
@@ -69,6 +81,10 @@ impl<T: TunIo> TunIo for std::sync::Arc<T> {
         (**self).read(buf)
     }
 
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (**self).try_read(buf)
+    }
+
     fn write(&self, pkt: &[u8]) -> io::Result<usize> {
         (**self).write(pkt)
     }
@@ -82,6 +98,10 @@ impl<T: TunIo> TunIo for std::sync::Arc<T> {
 impl<U: UdpIo> UdpIo for std::sync::Arc<U> {
     fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
         (**self).recv_batch(batch)
+    }
+
+    fn try_recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        (**self).try_recv_batch(batch)
     }
 
     fn send_gso(&self, to: SocketAddr, data: &[u8], seg_len: u16) -> io::Result<usize> {

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use super::poll::Poller;
 use super::{Codec, DeviceState, Outbox, OwnSubnets, TunIo, UdpIo, UdpSender};
 use crate::io::{is_timeout, RecvBatch};
 use crate::stats::{DropReason, Tally};
@@ -25,13 +26,24 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
 ) {
     let mut batch = RecvBatch::new(BATCH, 65_535);
     let mut gro = Gro::new(GRO_PACKETS, VNET_HDR_LEN + 65_535);
+    if C::DELIVERS_INTACT {
+        gro = gro.trusting();
+    }
     let mut scratch = codec.rx_scratch();
     let mut replies = Outbox::new();
     let mut tally = Tally::default();
     let mut reported = false;
     let mut batches = 0u32;
+    let mut poller = Poller::new(state.datapath.busy_poll);
     while !stop.load(Ordering::Relaxed) {
-        let n = match sock.recv_batch(&mut batch) {
+        let got = poller.next(|wait| {
+            if wait {
+                sock.recv_batch(&mut batch)
+            } else {
+                sock.try_recv_batch(&mut batch)
+            }
+        });
+        let n = match got {
             Ok(n) => n,
             Err(e) if is_timeout(&e) => {
                 tally.flush_rx(&state.stats);

@@ -26,6 +26,8 @@ impl Codec for Plain {
     type TxScratch = ();
     type RxScratch = ();
     const DECREMENT_TTL: bool = true;
+    const DELIVERS_INTACT: bool = false;
+    const SEND_FROM_QUEUE_PORTS: bool = false;
 
     fn tx_scratch(&self) {}
     fn rx_scratch(&self) {}
@@ -92,7 +94,7 @@ fn node(net: &Arc<FakeNet>, own: u8, peer: u8) -> Node {
         "test",
         codec.clone(),
         state.clone(),
-        vec![(tun.clone(), sock.clone())],
+        vec![(tun.clone(), sock.clone()).into()],
     )
     .expect("pump");
     Node {

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use super::poll::Poller;
 use super::{Codec, DeviceState, Outbox, TunIo, UdpIo, UdpSender};
 use crate::io::{is_timeout, TUN_READ_BUF_LEN};
 use crate::stats::{DropReason, Tally};
@@ -31,8 +32,16 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
     let mut tally = Tally::default();
     let mut reads = 0u32;
     let mut reported = false;
+    let mut poller = Poller::new(state.datapath.busy_poll);
     while !stop.load(Ordering::Relaxed) {
-        let n = match tun.read(&mut rbuf) {
+        let got = poller.next(|wait| {
+            if wait {
+                tun.read(&mut rbuf)
+            } else {
+                tun.try_read(&mut rbuf)
+            }
+        });
+        let n = match got {
             Ok(n) => n,
             Err(e) if is_timeout(&e) => {
                 tally.flush_tx(&state.stats);

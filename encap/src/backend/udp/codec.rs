@@ -22,6 +22,14 @@ impl Codec for UdpCodec {
 
     const DECREMENT_TTL: bool = true;
 
+    // The outer UDP checksum covers the whole inner packet and the kernel verified it before
+    // recvmmsg returned it (Flannel's senders, Go or ours, always set it).
+    const DELIVERS_INTACT: bool = true;
+
+    // Flannel's udp peers (Go's too) send to the configured port whatever port a datagram
+    // came from, and check only the sender's address.
+    const SEND_FROM_QUEUE_PORTS: bool = true;
+
     fn tx_scratch(&self) {}
     fn rx_scratch(&self) {}
 

@@ -65,7 +65,7 @@ impl Udp {
             node: node.clone(),
             network: network.clone(),
             port,
-            state: Arc::new(DeviceState::new(mtu)),
+            state: Arc::new(DeviceState::new(mtu).with_datapath(node.datapath)),
             table: Arc::new(SharedPeers::from_pointee(PeerTable::default())),
             peers: HashMap::new(),
             pump: None,

@@ -261,6 +261,13 @@ impl Codec for WgCodec {
     // when it routed the packet into flannel-wg.
     const DECREMENT_TTL: bool = false;
 
+    // Every delivered packet passed its Poly1305 tag.
+    const DELIVERS_INTACT: bool = true;
+
+    // A WireGuard peer answers to where our packets come from (roaming): send from the port
+    // we listen on.
+    const SEND_FROM_QUEUE_PORTS: bool = false;
+
     fn tx_scratch(&self) -> TxScratch {
         // Segments of a 64 KiB super-packet fill at most 2 x 64 KiB (see the pump), plus
         // 32 bytes per segment (at most one per 41 bytes) and one handshake initiation.

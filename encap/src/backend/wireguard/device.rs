@@ -18,7 +18,7 @@ use super::keys::StaticKeys;
 use super::lease::DevicePeer;
 use super::peers::{WgPeer, WgTable, INDEX_BITS};
 use crate::backend::pump::{Addressing, DeviceState, Family, Outbox, Pump};
-use crate::backend::BackendError;
+use crate::backend::{BackendError, Datapath};
 use crate::netlink::Netlink;
 use crate::stats::{Stats, Tally};
 
@@ -51,11 +51,12 @@ impl WgDevice {
         mtu: usize,
         stats: Arc<Stats>,
         seed: u32,
+        datapath: Datapath,
     ) -> Self {
         WgDevice {
             spec,
             codec: Arc::new(WgCodec::new(keys)),
-            state: Arc::new(DeviceState::with_stats(mtu, stats)),
+            state: Arc::new(DeviceState::with_stats(mtu, stats).with_datapath(datapath)),
             psk: cfg.psk,
             keepalive: cfg.keepalive,
             leases: HashMap::new(),

@@ -94,7 +94,7 @@ impl WireGuard {
                     public: keys.public,
                 };
                 let seed = u32::from_le_bytes([s[0], s[1], s[2], 0]);
-                WgDevice::new(spec, keys, &cfg, mtu, stats.clone(), seed)
+                WgDevice::new(spec, keys, &cfg, mtu, stats.clone(), seed, node.datapath)
             })
             .collect();
         Ok(WireGuard {

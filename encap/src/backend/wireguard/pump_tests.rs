@@ -55,8 +55,13 @@ fn node(net: &Arc<FakeNet>, n: u8) -> Node {
         v4: Some(v4),
         v6: Some(v6),
     });
-    let pump =
-        Pump::run("t", codec.clone(), state.clone(), vec![(tun.clone(), sock)]).expect("pump");
+    let pump = Pump::run(
+        "t",
+        codec.clone(),
+        state.clone(),
+        vec![(tun.clone(), sock).into()],
+    )
+    .expect("pump");
     Node {
         tun,
         state,

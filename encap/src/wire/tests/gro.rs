@@ -226,6 +226,24 @@ fn wire_gro_corrupt_segment_stays_alone() {
 }
 
 #[test]
+fn wire_gro_trusting_skips_only_the_tcp_checksum() {
+    let base = TcpSpec::v6();
+    let mut pkts: Vec<_> = (0..4).map(|i| seg(&base, i, 1000).build()).collect();
+    pkts[2][60] ^= 1;
+    // The caller vouches for the bytes: the segment merges, and the kernel gets a correct
+    // checksum to finish (NEEDS_CSUM) over what was received.
+    let mut gro = Gro::new(16, MAX).trusting();
+    let out = run(&mut gro, &pkts);
+    assert_eq!(segs_of(&out), [4]);
+    assert_kernel_accepts(&out[0].0, &out[0].1);
+    // IPv4 header checksums are still checked.
+    let b4 = TcpSpec::v4();
+    let mut pkts: Vec<_> = (0..3).map(|i| seg(&b4, i, 1000).build()).collect();
+    pkts[1][10] ^= 1;
+    assert_eq!(segs_of(&run(&mut gro, &pkts)), [1, 1, 1]);
+}
+
+#[test]
 fn wire_gro_interleaved_flows_and_passthrough_keep_order() {
     let a = TcpSpec::v4();
     let b = TcpSpec::v4().ports(40001, 5201);
