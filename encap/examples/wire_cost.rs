@@ -56,7 +56,7 @@ fn main() {
     });
     let mut verifying = Gro::new(64, VNET_HDR_LEN + 65_535);
     let mut trusting = Gro::new(64, VNET_HDR_LEN + 65_535).trusting();
-    let mut merge = |gro: &mut Gro| {
+    let merge = |gro: &mut Gro| {
         per_unit(count, || {
             for w in &wire {
                 let _ = gro.push(black_box(w));
@@ -72,11 +72,23 @@ fn main() {
     println!("| work | ns per segment | GB/s |");
     println!("|---|---|---|");
     for (what, ns) in [
-        ("memcpy of the payload (what each kernel crossing costs at least)", copy),
+        (
+            "memcpy of the payload (what each kernel crossing costs at least)",
+            copy,
+        ),
         ("Internet checksum over one segment", sum),
-        ("segment: cut a TSO super-packet (copy, headers, full TCP checksum)", cut),
-        ("GRO: merge segments back, verifying each TCP checksum", gro_v),
-        ("GRO: merge segments back, trusting (outer checksum or AEAD)", gro_t),
+        (
+            "segment: cut a TSO super-packet (copy, headers, full TCP checksum)",
+            cut,
+        ),
+        (
+            "GRO: merge segments back, verifying each TCP checksum",
+            gro_v,
+        ),
+        (
+            "GRO: merge segments back, trusting (outer checksum or AEAD)",
+            gro_t,
+        ),
     ] {
         println!("| {what} | {ns:.0} | {:.1} |", MSS as f64 / ns);
     }

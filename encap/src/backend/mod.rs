@@ -71,13 +71,21 @@ impl Datapath {
     /// Most TUN queues a device may have (the kernel's `MAX_TAP_QUEUES`).
     pub const MAX_QUEUES: usize = 256;
 
-    /// The queue count to open: the configured one, else the cores available to this
-    /// process (its CPU affinity and cgroup quota), within the kernel's limit.
+    /// Most queues chosen without being asked: each queue holds about 5 MiB of packet buffers
+    /// under load and two 7 MiB socket buffers, more than one node's peers can keep busy
+    /// beyond this many cores.
+    pub const DEFAULT_MAX_QUEUES: usize = 16;
+
+    /// The queue count to open: the configured one (up to the kernel's limit), else one per
+    /// core available to this process (its CPU affinity and cgroup quota), up to
+    /// [`DEFAULT_MAX_QUEUES`](Self::DEFAULT_MAX_QUEUES).
     pub fn queue_count(&self) -> usize {
-        let cores = || std::thread::available_parallelism().map_or(1, |n| n.get());
-        self.queues
-            .map_or_else(cores, |n| n.get())
-            .clamp(1, Self::MAX_QUEUES)
+        match self.queues {
+            Some(n) => n.get().min(Self::MAX_QUEUES),
+            None => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(Self::DEFAULT_MAX_QUEUES),
+        }
     }
 }
 
@@ -261,6 +269,21 @@ mod tests {
     use subnet_manager::lease::{LeaseAttrs, SubnetKey};
 
     const CONFIG: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fc00:44::/48","Backend":{"Type":"vxlan"}}"#;
+
+    #[test]
+    fn queues_follow_the_cores_unless_told() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let auto = Datapath::default().queue_count();
+        assert_eq!(auto, cores.min(Datapath::DEFAULT_MAX_QUEUES));
+        let told = |n: usize| Datapath {
+            queues: std::num::NonZeroUsize::new(n),
+            ..Datapath::default()
+        };
+        assert_eq!(told(7).queue_count(), 7);
+        assert_eq!(told(64).queue_count(), 64);
+        assert_eq!(told(1000).queue_count(), Datapath::MAX_QUEUES);
+        assert_eq!(told(0).queue_count(), auto);
+    }
 
     fn vxlan_lease(n: u8, mac: &str, mac6: &str) -> Lease {
         let json = format!(
