@@ -4,8 +4,10 @@
 //! ratio to kernel VXLAN (wired by hand exactly as Flannel wires it) and to plain routing
 //! measured in the same run.
 //!
-//! `bench [--seconds N] [--modes a,b,…] [--streams 1,4,8] [--write BENCHMARKS.md]` (root;
-//! release build). Modes `udp-poll` and `wireguard-poll` run our daemons with
+//! `bench [--seconds N] [--modes a,b,…] [--streams 1,4,8] [--rounds N] [--write BENCHMARKS.md]`
+//! (root; release build). With `--rounds N` every mode is measured once per round, rounds one
+//! after another, and each figure is the median: a shared machine's slow spells then touch all
+//! modes alike. Modes `udp-poll` and `wireguard-poll` run our daemons with
 //! `--busy-poll-us 10000`.
 //! Modes `routing-v6`, `vxlan-v6` and `wireguard-v6` run the same measurements between the
 //! pods' IPv6 addresses on a dual-stack cluster (IPv6 underlay); their ratios are to the IPv4
@@ -24,6 +26,8 @@ struct Args {
     modes: Vec<String>,
     /// Parallel TCP stream counts, one measurement each.
     streams: Vec<u32>,
+    /// Rounds over all modes; figures are medians.
+    rounds: u32,
     write: Option<String>,
     /// Record the daemons with `perf` during the single-stream run; reports go here.
     profile: Option<String>,
@@ -36,6 +40,7 @@ fn parse_args() -> Result<Args> {
             .map(String::from)
             .to_vec(),
         streams: vec![1, 4],
+        rounds: 1,
         write: None,
         profile: None,
     };
@@ -64,6 +69,12 @@ fn parse_args() -> Result<Args> {
                     .collect::<Result<_>>()?;
                 if a.streams.is_empty() || a.streams.contains(&0) {
                     bail!("--streams takes counts of at least 1, like 1,4,8");
+                }
+            }
+            "--rounds" => {
+                a.rounds = it.next().context("--rounds N")?.parse()?;
+                if a.rounds == 0 {
+                    bail!("--rounds takes at least 1");
                 }
             }
             "--write" => a.write = Some(it.next().context("--write FILE")?),
@@ -98,40 +109,84 @@ impl Row {
     }
 }
 
+/// Each figure's median over the rounds that measured it; a failed round leaves its note.
+fn median_row(rows: &[Row]) -> Row {
+    let ok: Vec<&Row> = rows.iter().filter(|r| !r.tcp.is_empty()).collect();
+    let streams = ok.iter().map(|r| r.tcp.len()).min().unwrap_or(0);
+    let tcp = (0..streams)
+        .map(|i| Tcp {
+            gbps: median(ok.iter().map(|r| r.tcp[i].gbps)).unwrap_or(0.0),
+            cpu_s_per_gb: median(ok.iter().filter_map(|r| r.tcp[i].cpu_s_per_gb)),
+        })
+        .collect();
+    let mut notes: Vec<&str> = rows
+        .iter()
+        .map(|r| r.note.as_str())
+        .filter(|n| !n.is_empty())
+        .collect();
+    notes.dedup();
+    Row {
+        tcp,
+        udp64_kpps: median(ok.iter().map(|r| r.udp64_kpps)).unwrap_or(0.0),
+        rtt_us: median(ok.iter().map(|r| r.rtt_us)).unwrap_or(0.0),
+        note: notes.join("; "),
+    }
+}
+
+/// The median (the mean of the middle two for an even count); none of nothing.
+fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
 fn main() -> Result<()> {
     let args = parse_args()?;
     if !netns_tests::is_root() {
         bail!("the benchmark builds network namespaces: run it as root");
     }
-    let mut rows: BTreeMap<usize, (String, Row)> = BTreeMap::new();
-    for (i, mode) in args.modes.iter().enumerate() {
-        eprintln!("== {mode}");
-        match measure(mode, &args) {
-            Ok(row) => {
-                let tcp: Vec<String> = args
-                    .streams
-                    .iter()
-                    .zip(&row.tcp)
-                    .map(|(n, t)| format!("tcp×{n} {:.2} Gbit/s", t.gbps))
-                    .collect();
-                eprintln!(
-                    "   {}, udp64 {:.0} kpps, rtt {:.0} us",
-                    tcp.join(", "),
-                    row.udp64_kpps,
-                    row.rtt_us
-                );
-                rows.insert(i, (mode.clone(), row));
-            }
-            Err(e) => {
-                eprintln!("   failed: {e:#}");
-                let row = Row {
-                    note: format!("failed: {e}"),
-                    ..Row::default()
-                };
-                rows.insert(i, (mode.clone(), row));
-            }
+    // Every round measures every mode once, so a slow spell of a shared machine touches all
+    // modes alike; each figure is then the median over the rounds.
+    let mut runs: BTreeMap<usize, Vec<Row>> = BTreeMap::new();
+    for round in 1..=args.rounds {
+        for (i, mode) in args.modes.iter().enumerate() {
+            eprintln!("== {mode} (round {round}/{})", args.rounds);
+            let row = match measure(mode, &args) {
+                Ok(row) => {
+                    let tcp: Vec<String> = args
+                        .streams
+                        .iter()
+                        .zip(&row.tcp)
+                        .map(|(n, t)| format!("tcp×{n} {:.2} Gbit/s", t.gbps))
+                        .collect();
+                    eprintln!(
+                        "   {}, udp64 {:.0} kpps, rtt {:.0} us",
+                        tcp.join(", "),
+                        row.udp64_kpps,
+                        row.rtt_us
+                    );
+                    row
+                }
+                Err(e) => {
+                    eprintln!("   failed: {e:#}");
+                    Row {
+                        note: format!("failed: {e}"),
+                        ..Row::default()
+                    }
+                }
+            };
+            runs.entry(i).or_default().push(row);
         }
     }
+    let rows: BTreeMap<usize, (String, Row)> = runs
+        .into_iter()
+        .filter_map(|(i, rs)| Some((i, (args.modes.get(i)?.clone(), median_row(&rs)))))
+        .collect();
     let table = render(&rows, &args);
     println!("{table}");
     if let Some(path) = args.write {
@@ -594,8 +649,8 @@ fn render(rows: &BTreeMap<usize, (String, Row)>, args: &Args) -> String {
     }
     let _ = writeln!(
         s,
-        "\n{} s per iperf3 run; 2 nodes in network namespaces on one machine, one pod each. CPU s/GB: the daemons' user + system time per GB received (– without daemons).",
-        args.seconds
+        "\n{} s per iperf3 run, median of {} round(s); 2 nodes in network namespaces on one machine, one pod each. CPU s/GB: the daemons' user + system time per GB received (– without daemons).",
+        args.seconds, args.rounds
     );
     s
 }

@@ -147,6 +147,9 @@ pub(crate) trait Codec: Send + Sync + 'static {
     /// ICMP net unreachable (ICMPv6 no route).
     fn route(&self, dst: IpAddr) -> Option<Self::Route>;
 
+    /// Whether two routes lead to the same peer, so that packets for them may share a run.
+    fn same_route(&self, a: &Self::Route, b: &Self::Route) -> bool;
+
     /// Turns complete inner packets into datagrams: `segs` holds them back to back, each
     /// `seg_len` bytes but the last, all for `route`. Returns the run to send (`None`: nothing
     /// to send yet, e.g. queued behind a handshake); messages to send before it go to `out`.

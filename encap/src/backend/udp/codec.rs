@@ -33,6 +33,10 @@ impl Codec for UdpCodec {
     fn tx_scratch(&self) {}
     fn rx_scratch(&self) {}
 
+    fn same_route(&self, a: &SocketAddr, b: &SocketAddr) -> bool {
+        a == b
+    }
+
     fn route(&self, dst: IpAddr) -> Option<SocketAddr> {
         self.peers.load().route(dst).map(|p| p.endpoint)
     }

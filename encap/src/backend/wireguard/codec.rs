@@ -286,6 +286,10 @@ impl Codec for WgCodec {
         }
     }
 
+    fn same_route(&self, a: &Arc<WgPeer>, b: &Arc<WgPeer>) -> bool {
+        Arc::ptr_eq(a, b)
+    }
+
     fn route(&self, dst: IpAddr) -> Option<Arc<WgPeer>> {
         self.table.load().route(dst).map(|f| f.peer.clone())
     }
