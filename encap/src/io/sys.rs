@@ -84,6 +84,17 @@ pub(crate) fn retry<T>(
     }
 }
 
+/// Waits until `fd` reports one of `events` (or an error condition), up to the timeout: then
+/// `TimedOut`, or `WouldBlock` for a zero timeout.
+pub(crate) fn wait_ready(fd: RawFd, events: libc::c_short, timeout: &Timeout) -> io::Result<()> {
+    let ms = timeout.ms();
+    match wait(fd, events, ms)? {
+        true => Ok(()),
+        false if ms == 0 => Err(io::ErrorKind::WouldBlock.into()),
+        false => Err(io::ErrorKind::TimedOut.into()),
+    }
+}
+
 /// Waits until `fd` reports one of `events` (or an error condition); false on timeout.
 fn wait(fd: RawFd, events: libc::c_short, ms: c_int) -> io::Result<bool> {
     let mut pfd = libc::pollfd {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use libc::{c_char, c_int, c_short, c_ulong};
 use tracing::debug;
 
-use super::sys::{cvt, cvt_size, retry, Timeout, NO_WAIT};
+use super::sys::{cvt, cvt_size, retry, wait_ready, Timeout, NO_WAIT};
 use super::{SetupError, DEFAULT_TIMEOUT};
 
 /// Size of `struct virtio_net_hdr` that starts every read and write.
@@ -224,6 +224,17 @@ impl TunQueue {
     /// [`read`](Self::read) without waiting: `WouldBlock` when no packet is queued.
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.read_within(buf, &NO_WAIT)
+    }
+
+    /// Waits (up to the timeout, then `TimedOut`) until a packet can be read, without reading
+    /// it. An error condition of the device counts as readable: the read then reports it.
+    pub fn wait_readable(&self) -> io::Result<()> {
+        wait_ready(self.fd.as_raw_fd(), libc::POLLIN, &self.timeout)
+    }
+
+    /// Whether a packet can be read now: `WouldBlock` if not.
+    pub fn readable_now(&self) -> io::Result<()> {
+        wait_ready(self.fd.as_raw_fd(), libc::POLLIN, &NO_WAIT)
     }
 
     fn read_within(&self, buf: &mut [u8], timeout: &Timeout) -> io::Result<usize> {

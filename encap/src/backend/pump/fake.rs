@@ -41,6 +41,23 @@ impl<T> Queue<T> {
         self.ready.notify_all();
     }
 
+    /// Waits up to `wait` until there is an item, leaving it there.
+    fn wait_nonempty(&self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        let mut items = self.lock();
+        while items.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            items = match self.ready.wait_timeout(items, left) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        true
+    }
+
     /// Waits up to `wait` for at least one item, then takes up to `max`.
     fn take(&self, max: usize, wait: Duration) -> Vec<T> {
         let deadline = Instant::now() + wait;
@@ -100,12 +117,22 @@ impl FakeTun {
 }
 
 impl TunIo for FakeTun {
-    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read_within(buf, WAIT)
-    }
-
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.read_within(buf, Duration::ZERO)
+    }
+
+    fn wait_readable(&self) -> io::Result<()> {
+        match self.from_pods.wait_nonempty(WAIT) {
+            true => Ok(()),
+            false => Err(nothing(WAIT)),
+        }
+    }
+
+    fn readable_now(&self) -> io::Result<()> {
+        match self.from_pods.wait_nonempty(Duration::ZERO) {
+            true => Ok(()),
+            false => Err(nothing(Duration::ZERO)),
+        }
     }
 
     fn write(&self, pkt: &[u8]) -> io::Result<usize> {

@@ -121,7 +121,7 @@ impl DeviceState {
 /// lock is held.
 pub(crate) trait Codec: Send + Sync + 'static {
     /// Where a routed packet goes (udp: the peer's endpoint; wireguard: the peer itself).
-    type Route;
+    type Route: Send;
     /// Per sender thread buffers, allocated once.
     type TxScratch: Send;
     /// Per receiver thread buffers, allocated once.
@@ -301,14 +301,32 @@ impl<U: UdpIo> Pump<U> {
             let send = port.send.map_or_else(|| sock.clone(), Arc::new);
             let sender = Arc::new(UdpSender::new(send));
             first.get_or_insert_with(|| sender.clone());
-            let (tx_codec, tx_tun, tx_sender, tx_state) =
-                (codec.clone(), tun.clone(), sender.clone(), state.clone());
+            let turn = Arc::new(tx::TxTurn::new(&*codec));
+            let (tx_codec, tx_tun, tx_sender, tx_state, tx_turn) = (
+                codec.clone(),
+                tun.clone(),
+                sender.clone(),
+                state.clone(),
+                turn.clone(),
+            );
             threads.spawn(format!("{name}-tx{i}"), move |stop| {
-                tx::run(&*tx_codec, &*tx_tun, &tx_sender, &tx_state, stop)
+                let ctx = tx::Ctx {
+                    codec: &*tx_codec,
+                    tun: &*tx_tun,
+                    sender: &tx_sender,
+                    state: &tx_state,
+                };
+                tx::run(&ctx, &tx_turn, stop)
             })?;
             let (rx_codec, rx_state) = (codec.clone(), state.clone());
             threads.spawn(format!("{name}-rx{i}"), move |stop| {
-                rx::run(&*rx_codec, &*tun, &*sock, &sender, &rx_state, stop)
+                let ctx = tx::Ctx {
+                    codec: &*rx_codec,
+                    tun: &*tun,
+                    sender: &sender,
+                    state: &rx_state,
+                };
+                rx::run(&ctx, &*sock, &turn, stop)
             })?;
         }
         let sender = first.ok_or_else(|| io_error(format!("starting {name}"), "no TUN queues"))?;

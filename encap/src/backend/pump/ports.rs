@@ -12,9 +12,12 @@ use crate::io::{RecvBatch, TunQueue, UdpSock};
 
 /// One TUN queue: reads and writes one packet with its virtio-net header in front.
 pub(crate) trait TunIo: Send + Sync + 'static {
-    fn read(&self, buf: &mut [u8]) -> io::Result<usize>;
-    /// [`read`](Self::read) without waiting: `WouldBlock` when no packet is queued.
+    /// Reads one packet without waiting: `WouldBlock` when none is queued.
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Waits (up to a short timeout) until a packet is queued, without taking it.
+    fn wait_readable(&self) -> io::Result<()>;
+    /// Whether a packet is queued now: `WouldBlock` if not.
+    fn readable_now(&self) -> io::Result<()>;
     fn write(&self, pkt: &[u8]) -> io::Result<usize>;
     /// The device name, for logs.
     fn name(&self) -> &str;
@@ -36,12 +39,16 @@ pub(crate) trait UdpIo: Send + Sync + 'static {
 }
 
 impl TunIo for TunQueue {
-    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        TunQueue::read(self, buf)
-    }
-
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         TunQueue::try_read(self, buf)
+    }
+
+    fn wait_readable(&self) -> io::Result<()> {
+        TunQueue::wait_readable(self)
+    }
+
+    fn readable_now(&self) -> io::Result<()> {
+        TunQueue::readable_now(self)
     }
 
     fn write(&self, pkt: &[u8]) -> io::Result<usize> {
@@ -77,12 +84,16 @@ impl UdpIo for UdpSock {
 
 /// A shared TUN queue (a test keeps a handle on its fake).
 impl<T: TunIo> TunIo for std::sync::Arc<T> {
-    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        (**self).read(buf)
-    }
-
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         (**self).try_read(buf)
+    }
+
+    fn wait_readable(&self) -> io::Result<()> {
+        (**self).wait_readable()
+    }
+
+    fn readable_now(&self) -> io::Result<()> {
+        (**self).readable_now()
     }
 
     fn write(&self, pkt: &[u8]) -> io::Result<usize> {

@@ -1,12 +1,14 @@
 //! Network -> pod: receive datagrams in batches (`recvmmsg`, UDP GRO), let the codec open them
 //! and vet their senders, drop what is not for our subnet, merge TCP segments into
-//! super-packets and write them to the TUN.
+//! super-packets and write them to the TUN; then send what the pods answered at once, when the
+//! queue's sender thread is not already sending (see `tx::TxTurn`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::poll::Poller;
-use super::{Codec, DeviceState, Outbox, OwnSubnets, TunIo, UdpIo, UdpSender};
+use super::tx::{Ctx, TxTurn};
+use super::{Codec, Outbox, OwnSubnets, TunIo, UdpIo};
 use crate::io::{is_timeout, RecvBatch};
 use crate::stats::{DropReason, Tally};
 use crate::wire::{ip, Gro, VNET_HDR_LEN};
@@ -17,13 +19,17 @@ const BATCH: usize = 16;
 const GRO_PACKETS: usize = 64;
 
 pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
-    codec: &C,
-    tun: &T,
+    ctx: &Ctx<'_, C, T, U>,
     sock: &U,
-    sender: &UdpSender<U>,
-    state: &DeviceState,
+    turn: &TxTurn<C::TxScratch, C::Route>,
     stop: &AtomicBool,
 ) {
+    let Ctx {
+        codec,
+        tun,
+        sender,
+        state,
+    } = *ctx;
     let mut batch = RecvBatch::new(BATCH, 65_535);
     let mut gro = Gro::new(GRO_PACKETS, VNET_HDR_LEN + 65_535);
     if C::DELIVERS_INTACT {
@@ -32,6 +38,8 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
     let mut scratch = codec.rx_scratch();
     let mut replies = Outbox::new();
     let mut tally = Tally::default();
+    // What this thread sends on the queue's behalf (see `TxTurn`), counted as sent.
+    let mut tx_tally = Tally::default();
     let mut reported = false;
     let mut batches = 0u32;
     let mut poller = Poller::new(state.datapath.busy_poll);
@@ -47,6 +55,7 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
             Ok(n) => n,
             Err(e) if is_timeout(&e) => {
                 tally.flush_rx(&state.stats);
+                tx_tally.flush_tx(&state.stats);
                 continue;
             }
             Err(e) => {
@@ -76,12 +85,22 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
             );
             sender.flush(&mut replies, &mut tally);
         }
+        let wrote = !gro.is_empty();
         flush(tun, &mut gro, &mut tally);
+        // What the pods answered to what we just wrote is queued in our TUN queue now: send
+        // it from here unless the sender thread is already at it.
+        if wrote {
+            if let Some(mut side) = turn.try_lock() {
+                // A read error is the sender thread's to report.
+                let _ = ctx.drain(&mut side, &mut tx_tally);
+            }
+        }
         // Counters reach the shared stats every 1024 packets, and every 64 batches however
         // many packets they delivered: a flood of dropped datagrams must show while it lasts.
         batches += 1;
         if tally.packets >= 1024 || batches >= 64 {
             tally.flush_rx(&state.stats);
+            tx_tally.flush_tx(&state.stats);
             batches = 0;
         }
     }

@@ -312,3 +312,40 @@ fn dropping_the_pump_stops_and_joins_its_threads() {
     assert_eq!(Arc::strong_count(&codec), 1, "every packet thread ended");
     assert!(rx.try_recv().is_ok(), "the extra thread ended too");
 }
+
+/// What the receiver thread does after writing to the TUN (pods' answers are queued by then):
+/// with the queue's turn, everything queued leaves at once, in order, and an empty queue is
+/// not an error.
+#[test]
+fn the_turn_holder_sends_what_is_queued_in_order() {
+    let net = Arc::new(FakeNet::default());
+    let b = node(&net, 2, 1);
+    let a_addr = SocketAddr::from(([172, 30, 0, 1], 8285));
+    let sock = Arc::new(net.bind(a_addr));
+    let tun = FakeTun::default();
+    let state = DeviceState::new(MTU);
+    let codec = Plain {
+        subnet: "10.244.2.0/24".parse().expect("net"),
+        peer: b.sock.local_addr(),
+    };
+    let sender = super::UdpSender::new(sock.clone());
+    let ctx = super::tx::Ctx {
+        codec: &codec,
+        tun: &tun,
+        sender: &sender,
+        state: &state,
+    };
+    let turn = super::tx::TxTurn::new(&codec);
+    let mut tally = Tally::default();
+    let mut side = turn.try_lock().expect("nobody holds it");
+    assert_eq!(ctx.drain(&mut side, &mut tally).expect("empty"), 0);
+    for i in 0..3u8 {
+        tun.inject(from_pod(&udp_packet([10, 244, 1, 5], [10, 244, 2, i], 100)));
+    }
+    assert_eq!(ctx.drain(&mut side, &mut tally).expect("drain"), 3);
+    assert!(turn.try_lock().is_none(), "held while in use");
+    let got = delivered(&b.tun, 3, Duration::from_secs(3));
+    let dsts: Vec<u8> = got.iter().map(|p| p[19]).collect();
+    assert_eq!(dsts, [0, 1, 2], "all, in order");
+    assert_eq!(sock.gso_sends.load(Ordering::Relaxed), 1, "one send");
+}

@@ -8,9 +8,14 @@
 //! in one GSO send instead of one `sendmsg` each, and crosses the kernel's stack once. A
 //! super-packet's segments are sent as soon as they are cut. Nothing waits for packets that are
 //! not there yet, so a lone packet goes out as soon as it was read.
+//!
+//! Either of a queue's two threads may do this, one at a time (see [`TxTurn`]): the sender
+//! thread when the queue becomes readable, the receiver thread right after it wrote to the TUN.
 
+use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::poll::Poller;
@@ -19,86 +24,108 @@ use crate::io::{is_timeout, TUN_READ_BUF_LEN};
 use crate::stats::{DropReason, Tally};
 use crate::wire::{ip, segment, Segments, VnetHdr, WireError, VNET_HDR_LEN};
 
-/// Flush counters into the shared stats every this many reads (and on idle).
+/// Flush counters into the shared stats every this many batches (and on idle).
 const FLUSH_EVERY: u32 = 64;
 
 /// Most TUN reads that feed one batch of sends.
 const DRAIN: usize = 64;
 
+/// One queue's sending side: its buffers, and with them the right to read the TUN queue and
+/// send. The sender thread takes it when the queue is readable. The receiver thread takes it,
+/// when free, right after writing to the TUN, because what it wrote often makes the pod answer
+/// at once into this queue (TCP ACKs, replies: the kernel steers a flow's packets to the queue
+/// that last wrote it): sending those from the thread that is awake saves waking the sender,
+/// one wake-up on every round trip. One holder at a time reads and sends, so a flow's packets
+/// leave in the order they were read.
+pub(super) struct TxTurn<S, R> {
+    side: Mutex<TxSide<S, R>>,
+}
+
+/// What the holder of a queue's turn works with.
+pub(super) struct TxSide<S, R> {
+    /// One TUN read.
+    rbuf: Vec<u8>,
+    bufs: TxBufs<S, R>,
+}
+
+impl<S, R> TxTurn<S, R> {
+    pub fn new<C: Codec<TxScratch = S, Route = R>>(codec: &C) -> Self {
+        TxTurn {
+            side: Mutex::new(TxSide {
+                rbuf: vec![0u8; TUN_READ_BUF_LEN],
+                bufs: TxBufs {
+                    // Segments of one 64 KiB super-packet plus their repeated headers, or of
+                    // many small packets.
+                    segs: vec![0u8; 2 * TUN_READ_BUF_LEN],
+                    scratch: codec.tx_scratch(),
+                    control: Outbox::new(),
+                    run: None,
+                },
+            }),
+        }
+    }
+
+    /// Waits for the turn. A holder that panicked left only buffers behind, which are
+    /// overwritten before use: a poisoned lock is taken as it is.
+    fn lock(&self) -> MutexGuard<'_, TxSide<S, R>> {
+        self.side.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The turn if nobody holds it.
+    pub fn try_lock(&self) -> Option<MutexGuard<'_, TxSide<S, R>>> {
+        match self.side.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
+/// The sender thread: waits until the TUN queue has packets, then takes the turn and sends
+/// what is queued.
 pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
-    codec: &C,
-    tun: &T,
-    sender: &UdpSender<U>,
-    state: &DeviceState,
+    ctx: &Ctx<'_, C, T, U>,
+    turn: &TxTurn<C::TxScratch, C::Route>,
     stop: &AtomicBool,
 ) {
-    let mut rbuf = vec![0u8; TUN_READ_BUF_LEN];
-    let mut bufs = TxBufs {
-        // Segments of one 64 KiB super-packet plus their repeated headers, or of many small
-        // packets.
-        segs: vec![0u8; 2 * TUN_READ_BUF_LEN],
-        scratch: codec.tx_scratch(),
-        control: Outbox::new(),
-        run: None,
-    };
     let mut tally = Tally::default();
-    let mut reads = 0u32;
+    let mut batches = 0u32;
     let mut reported = false;
-    let mut poller = Poller::new(state.datapath.busy_poll);
-    let ctx = Ctx {
-        codec,
-        tun,
-        sender,
-        state,
-    };
+    let mut poller = Poller::new(ctx.state.datapath.busy_poll);
     while !stop.load(Ordering::Relaxed) {
-        let got = poller.next(|wait| {
+        let ready = poller.next(|wait| {
             if wait {
-                tun.read(&mut rbuf)
+                ctx.tun.wait_readable()
             } else {
-                tun.try_read(&mut rbuf)
+                ctx.tun.readable_now()
             }
         });
-        let n = match got {
-            Ok(n) => n,
+        let failed = match ready {
+            Ok(()) => ctx.drain(&mut turn.lock(), &mut tally).err(),
             Err(e) if is_timeout(&e) => {
-                tally.flush_tx(&state.stats);
+                tally.flush_tx(&ctx.state.stats);
                 continue;
             }
-            Err(e) => {
-                if !reported {
-                    tracing::error!("reading from TUN {} failed: {e}", tun.name());
-                    reported = true;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
+            Err(e) => Some(e),
         };
-        tally.syscalls += 1;
-        if let Some(pkt) = rbuf.get_mut(..n) {
-            ctx.stage(pkt, &mut bufs, &mut tally);
-        }
-        // Whatever else is queued already joins this batch.
-        for _ in 1..DRAIN {
-            let Ok(n) = tun.try_read(&mut rbuf) else {
-                break;
-            };
-            tally.syscalls += 1;
-            if let Some(pkt) = rbuf.get_mut(..n) {
-                ctx.stage(pkt, &mut bufs, &mut tally);
+        if let Some(e) = failed {
+            if !reported {
+                tracing::error!("reading from TUN {} failed: {e}", ctx.tun.name());
+                reported = true;
             }
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
         }
-        ctx.send(&mut bufs, &mut tally);
-        reads += 1;
-        if reads >= FLUSH_EVERY {
-            reads = 0;
-            tally.flush_tx(&state.stats);
+        batches += 1;
+        if batches >= FLUSH_EVERY {
+            batches = 0;
+            tally.flush_tx(&ctx.state.stats);
         }
     }
 }
 
 /// A sender thread's buffers, allocated once.
-struct TxBufs<S, R> {
+pub(super) struct TxBufs<S, R> {
     segs: Vec<u8>,
     scratch: S,
     /// Messages the codec sends before a run (a handshake initiation).
@@ -128,15 +155,51 @@ impl<R> Run<R> {
     }
 }
 
-/// What every step of a sender thread uses.
-struct Ctx<'a, C, T, U> {
-    codec: &'a C,
-    tun: &'a T,
-    sender: &'a UdpSender<U>,
-    state: &'a DeviceState,
+/// What sending on one queue uses, from either of its threads.
+pub(super) struct Ctx<'a, C, T, U> {
+    pub codec: &'a C,
+    pub tun: &'a T,
+    pub sender: &'a UdpSender<U>,
+    pub state: &'a DeviceState,
 }
 
 impl<C: Codec, T: TunIo, U: UdpIo> Ctx<'_, C, T, U> {
+    /// Reads what the TUN queue holds (up to [`DRAIN`] packets, without waiting) and sends it.
+    /// Returns how many packets were read, or the read error other than "nothing queued" that
+    /// stopped it with nothing read.
+    pub fn drain(
+        &self,
+        side: &mut TxSide<C::TxScratch, C::Route>,
+        tally: &mut Tally,
+    ) -> io::Result<usize> {
+        let TxSide { rbuf, bufs } = side;
+        let mut read = 0;
+        let mut failed = None;
+        for _ in 0..DRAIN {
+            match self.tun.try_read(rbuf) {
+                Ok(n) => {
+                    read += 1;
+                    tally.syscalls += 1;
+                    if let Some(pkt) = rbuf.get_mut(..n) {
+                        self.stage(pkt, bufs, tally);
+                    }
+                }
+                Err(e) => {
+                    tally.syscalls += 1;
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        failed = Some(e);
+                    }
+                    break;
+                }
+            }
+        }
+        self.send(bufs, tally);
+        match failed {
+            Some(e) if read == 0 => Err(e),
+            _ => Ok(read),
+        }
+    }
+
     /// Routes one read and adds its segments to the run (sending the run first when they
     /// cannot join it).
     fn stage(&self, buf: &mut [u8], bufs: &mut TxBufs<C::TxScratch, C::Route>, tally: &mut Tally) {
