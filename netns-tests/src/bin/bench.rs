@@ -710,10 +710,11 @@ fn write_benchmarks(path: &str, table: &str) -> Result<()> {
             args.push(a);
         }
     }
-    // Hand-written analysis below a "## Notes" heading survives a re-run.
+    // Everything from the first "## " heading on (other benchmarks' sections, the notes) is
+    // written by hand or by other tools and survives a re-run.
     let notes = std::fs::read_to_string(path)
         .ok()
-        .and_then(|old| old.find("\n## Notes").map(|i| old[i..].to_string()))
+        .and_then(|old| old.find("\n## ").map(|i| old[i..].to_string()))
         .unwrap_or_default();
     let text = format!(
         "# Benchmarks\n\nMade by `sudo ./scripts/bench.sh {}` (release build), on {cores} cores, {cpu}, kernel {}.\n\n{table}{notes}",
