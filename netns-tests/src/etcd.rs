@@ -11,6 +11,10 @@ use tempfile::TempDir;
 use crate::proc::{self, Daemon};
 use crate::wait_until;
 
+/// The etcd server, found on the PATH: Debian's `etcd-server` puts it in /usr/bin, and the
+/// benchmark bundle for machines without packages (`scripts/bench-bundle.sh`) puts its own first.
+pub const ETCD: &str = "etcd";
+
 pub struct Etcd {
     /// `http://IP:PORT` (`https://` with TLS), for the daemons' `--etcd-endpoints`.
     pub endpoint: String,
@@ -219,7 +223,7 @@ impl Etcd {
         let daemon = Daemon::spawn(
             "etcd",
             ns,
-            Path::new("/usr/bin/etcd"),
+            Path::new(ETCD),
             &args,
             &[],
             &workdir.join("etcd.log"),
@@ -264,7 +268,7 @@ impl Etcd {
         self.daemon = Daemon::spawn(
             "etcd",
             self.ns.as_deref(),
-            Path::new("/usr/bin/etcd"),
+            Path::new(ETCD),
             &self.args,
             &[],
             &self.workdir.join("etcd.log"),

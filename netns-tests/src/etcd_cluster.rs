@@ -51,7 +51,7 @@ impl EtcdMembers {
             members.push(Some(Daemon::spawn(
                 &format!("etcd-m{i}"),
                 Some(ns),
-                Path::new("/usr/bin/etcd"),
+                Path::new(crate::etcd::ETCD),
                 &args,
                 &[],
                 &log,

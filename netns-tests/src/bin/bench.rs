@@ -502,7 +502,7 @@ fn iperf_server(c: &Cluster, on: &Pod, addr: &str) -> Result<Daemon> {
     let d = Daemon::spawn(
         "iperf3-server",
         Some(&on.ns),
-        std::path::Path::new("/usr/bin/iperf3"),
+        std::path::Path::new("iperf3"),
         &["-s".to_string(), "-B".to_string(), addr.to_string()],
         &[],
         &log,

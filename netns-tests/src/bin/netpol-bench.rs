@@ -123,7 +123,7 @@ fn run(seconds: u32, changes: usize) -> Result<()> {
     let iperf = Daemon::spawn(
         "iperf3",
         Some(&server.ns),
-        std::path::Path::new("/usr/bin/iperf3"),
+        std::path::Path::new("iperf3"),
         &["-s".into()],
         &[],
         &c.dir.path().join("iperf.log"),
