@@ -154,10 +154,12 @@ pub fn drops_total(ns: &str, port: u16, reasons: &[&str]) -> f64 {
         .sum()
 }
 
-/// Waits up to 5 s for [`drops_total`] to reach `want` and hold still for 200 ms, instead of a
+/// Waits up to 5 s for [`drops_total`] to reach `want` and hold still for 300 ms, instead of a
 /// fixed sleep before reading counters: datagrams still in socket buffers are counted as the
-/// daemon reads them, and its receive threads publish their counts in batches. Returns the
-/// last value; the caller asserts on it, so a shortfall says by how much.
+/// daemon reads them, and its receive threads publish their counts in batches, at the latest
+/// when a read times out (200 ms) after the last one: holding still for longer than that means
+/// nothing is held back. Returns the last value; the caller asserts on it, so a shortfall says
+/// by how much.
 pub fn wait_for_drops(ns: &str, port: u16, reasons: &[&str], want: f64) -> f64 {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let mut last = f64::NAN;
@@ -167,7 +169,7 @@ pub fn wait_for_drops(ns: &str, port: u16, reasons: &[&str], want: f64) -> f64 {
             return now;
         }
         last = now;
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::thread::sleep(std::time::Duration::from_millis(300));
     }
 }
 

@@ -15,6 +15,7 @@
 mod addressing;
 #[cfg(test)]
 pub(crate) mod fake;
+mod flush;
 mod outbox;
 mod poll;
 mod ports;

@@ -6,6 +6,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use super::flush::FlushDue;
 use super::poll::Poller;
 use super::tx::{Ctx, TxTurn};
 use super::{Codec, Outbox, OwnSubnets, TunIo, UdpIo};
@@ -41,7 +42,7 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
     // What this thread sends on the queue's behalf (see `TxTurn`), counted as sent.
     let mut tx_tally = Tally::default();
     let mut reported = false;
-    let mut batches = 0u32;
+    let mut flush_due = FlushDue::new();
     let mut poller = Poller::new(state.datapath.busy_poll);
     while !stop.load(Ordering::Relaxed) {
         let got = poller.next(|wait| {
@@ -95,13 +96,10 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
                 let _ = ctx.drain(&mut side, &mut tx_tally);
             }
         }
-        // Counters reach the shared stats every 1024 packets, and every 64 batches however
-        // many packets they delivered: a flood of dropped datagrams must show while it lasts.
-        batches += 1;
-        if tally.packets >= 1024 || batches >= 64 {
+        // Counted drops too: a flood of dropped datagrams must show while it lasts.
+        if flush_due.after_batch(tally.packets.max(tx_tally.packets)) {
             tally.flush_rx(&state.stats);
             tx_tally.flush_tx(&state.stats);
-            batches = 0;
         }
     }
 }

@@ -18,14 +18,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use super::flush::FlushDue;
 use super::poll::Poller;
 use super::{Codec, DeviceState, Outbox, TunIo, UdpIo, UdpSender};
 use crate::io::{is_timeout, TUN_READ_BUF_LEN};
 use crate::stats::{DropReason, Tally};
 use crate::wire::{ip, segment, Segments, VnetHdr, WireError, VNET_HDR_LEN};
-
-/// Flush counters into the shared stats every this many batches (and on idle).
-const FLUSH_EVERY: u32 = 64;
 
 /// Most TUN reads that feed one batch of sends.
 const DRAIN: usize = 64;
@@ -89,7 +87,7 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
     stop: &AtomicBool,
 ) {
     let mut tally = Tally::default();
-    let mut batches = 0u32;
+    let mut flush_due = FlushDue::new();
     let mut reported = false;
     let mut poller = Poller::new(ctx.state.datapath.busy_poll);
     while !stop.load(Ordering::Relaxed) {
@@ -116,9 +114,7 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
             std::thread::sleep(Duration::from_millis(10));
             continue;
         }
-        batches += 1;
-        if batches >= FLUSH_EVERY {
-            batches = 0;
+        if flush_due.after_batch(tally.packets) {
             tally.flush_tx(&ctx.state.stats);
         }
     }
