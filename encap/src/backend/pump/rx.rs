@@ -19,6 +19,15 @@ const BATCH: usize = 16;
 /// Super-packets the coalescer holds before it must be flushed to the TUN.
 const GRO_PACKETS: usize = 64;
 
+/// Answers are sent from here only after batches of at most this many bytes: request and
+/// response traffic, whose round trips the saved wake-up shortens. After bulk data the answers
+/// (ACKs) are left to the sender thread, which runs beside this one, the transfer's bottleneck.
+const ANSWER_AFTER_BYTES: u64 = 4096;
+
+/// After a try that found no answer queued (one-way traffic), this many batches pass before
+/// the next: a futile try costs a syscall.
+const FUTILE_BACKOFF: u32 = 16;
+
 pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
     ctx: &Ctx<'_, C, T, U>,
     sock: &U,
@@ -43,6 +52,8 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
     let mut tx_tally = Tally::default();
     let mut reported = false;
     let mut flush_due = FlushDue::new();
+    // Batches to let pass before trying again to send answers from here.
+    let mut backoff = 0u32;
     let mut poller = Poller::new(state.datapath.busy_poll);
     while !stop.load(Ordering::Relaxed) {
         let got = poller.next(|wait| {
@@ -69,6 +80,7 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
             }
         };
         tally.syscalls += 1;
+        let bytes_before = tally.bytes;
         let own = state.own();
         for i in 0..n {
             let Some(msg) = batch.msg(i) else { continue };
@@ -89,11 +101,17 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
         let wrote = !gro.is_empty();
         flush(tun, &mut gro, &mut tally);
         // What the pods answered to what we just wrote is queued in our TUN queue now: send
-        // it from here unless the sender thread is already at it.
-        if wrote {
-            if let Some(mut side) = turn.try_lock() {
+        // it from here, saving the sender thread's wake-up on the round trip, unless the
+        // sender thread is already at it.
+        let delivered = tally.bytes.saturating_sub(bytes_before);
+        if wrote && delivered <= ANSWER_AFTER_BYTES {
+            if backoff > 0 {
+                backoff -= 1;
+            } else if let Some(mut side) = turn.try_lock() {
                 // A read error is the sender thread's to report.
-                let _ = ctx.drain(&mut side, &mut tx_tally);
+                if let Ok(0) = ctx.drain(&mut side, &mut tx_tally) {
+                    backoff = FUTILE_BACKOFF;
+                }
             }
         }
         // Counted drops too: a flood of dropped datagrams must show while it lasts.

@@ -10,7 +10,8 @@
 //! not there yet, so a lone packet goes out as soon as it was read.
 //!
 //! Either of a queue's two threads may do this, one at a time (see [`TxTurn`]): the sender
-//! thread when the queue becomes readable, the receiver thread right after it wrote to the TUN.
+//! thread when the queue becomes readable, the receiver thread right after it wrote a small
+//! batch to the TUN (see `rx.rs`).
 
 use std::io;
 use std::net::IpAddr;
@@ -30,7 +31,7 @@ const DRAIN: usize = 64;
 
 /// One queue's sending side: its buffers, and with them the right to read the TUN queue and
 /// send. The sender thread takes it when the queue is readable. The receiver thread takes it,
-/// when free, right after writing to the TUN, because what it wrote often makes the pod answer
+/// when free, right after writing a small batch to the TUN, because what it wrote often makes the pod answer
 /// at once into this queue (TCP ACKs, replies: the kernel steers a flow's packets to the queue
 /// that last wrote it): sending those from the thread that is awake saves waking the sender,
 /// one wake-up on every round trip. One holder at a time reads and sends, so a flow's packets
