@@ -34,8 +34,8 @@ const DRAIN: usize = 64;
 /// when free, right after writing a small batch to the TUN, because what it wrote often makes
 /// the pod answer at once into this queue (TCP ACKs, replies: the kernel steers a flow's
 /// packets to the queue that last wrote it): sending those from the thread that is awake saves
-/// waking the sender, one wake-up on every round trip. One holder at a time reads and sends, so a flow's packets
-/// leave in the order they were read.
+/// waking the sender, one wake-up on every round trip. One holder at a time reads and sends,
+/// so a flow's packets leave in the order they were read.
 pub(super) struct TxTurn<S, R> {
     side: Mutex<TxSide<S, R>>,
 }
