@@ -41,37 +41,29 @@ impl<T> Queue<T> {
         self.ready.notify_all();
     }
 
-    /// Waits up to `wait` until there is an item, leaving it there.
-    fn wait_nonempty(&self, wait: Duration) -> bool {
+    /// Waits up to `wait` until there is an item: the items, locked, or `None` if there are
+    /// none.
+    fn nonempty(&self, wait: Duration) -> Option<MutexGuard<'_, VecDeque<T>>> {
         let deadline = Instant::now() + wait;
         let mut items = self.lock();
         while items.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return false;
+                return None;
             }
             items = match self.ready.wait_timeout(items, left) {
                 Ok((g, _)) => g,
                 Err(e) => e.into_inner().0,
             };
         }
-        true
+        Some(items)
     }
 
     /// Waits up to `wait` for at least one item, then takes up to `max`.
     fn take(&self, max: usize, wait: Duration) -> Vec<T> {
-        let deadline = Instant::now() + wait;
-        let mut items = self.lock();
-        while items.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Vec::new();
-            }
-            items = match self.ready.wait_timeout(items, left) {
-                Ok((g, _)) => g,
-                Err(e) => e.into_inner().0,
-            };
-        }
+        let Some(mut items) = self.nonempty(wait) else {
+            return Vec::new();
+        };
         let n = max.min(items.len());
         items.drain(..n).collect()
     }
@@ -91,9 +83,20 @@ fn nothing(wait: Duration) -> io::Error {
 pub(crate) struct FakeTun {
     from_pods: Queue<Vec<u8>>,
     to_pods: Queue<Vec<u8>>,
+    /// The pods' answer to a written packet, queued before the write returns, as the kernel
+    /// does when the pod's stack answers in the softirq the write ran (ICMP echo, TCP ACKs).
+    answer: Mutex<Option<Answer>>,
 }
 
+type Answer = Box<dyn Fn(&[u8]) -> Option<Vec<u8>> + Send>;
+
 impl FakeTun {
+    /// From now on every written packet (header first) gets `answer`'s packet, if any, queued
+    /// from the pods before the write returns.
+    pub fn answer_with(&self, answer: impl Fn(&[u8]) -> Option<Vec<u8>> + Send + 'static) {
+        *self.answer.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(answer));
+    }
+
     /// A pod sends `pkt` (virtio-net header first) into the device.
     pub fn inject(&self, pkt: Vec<u8>) {
         self.from_pods.push(pkt);
@@ -106,6 +109,13 @@ impl FakeTun {
 }
 
 impl FakeTun {
+    fn readable_within(&self, wait: Duration) -> io::Result<()> {
+        match self.from_pods.nonempty(wait) {
+            Some(_) => Ok(()),
+            None => Err(nothing(wait)),
+        }
+    }
+
     fn read_within(&self, buf: &mut [u8], wait: Duration) -> io::Result<usize> {
         let Some(pkt) = self.from_pods.take(1, wait).pop() else {
             return Err(nothing(wait));
@@ -122,21 +132,19 @@ impl TunIo for FakeTun {
     }
 
     fn wait_readable(&self) -> io::Result<()> {
-        match self.from_pods.wait_nonempty(WAIT) {
-            true => Ok(()),
-            false => Err(nothing(WAIT)),
-        }
+        self.readable_within(WAIT)
     }
 
     fn readable_now(&self) -> io::Result<()> {
-        match self.from_pods.wait_nonempty(Duration::ZERO) {
-            true => Ok(()),
-            false => Err(nothing(Duration::ZERO)),
-        }
+        self.readable_within(Duration::ZERO)
     }
 
     fn write(&self, pkt: &[u8]) -> io::Result<usize> {
         self.to_pods.push(pkt.to_vec());
+        let answer = self.answer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(reply) = answer.as_ref().and_then(|f| f(pkt)) {
+            self.from_pods.push(reply);
+        }
         Ok(pkt.len())
     }
 

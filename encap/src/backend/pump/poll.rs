@@ -50,10 +50,18 @@ impl Poller {
 
     /// Opens the window again after a call that got something.
     fn noted<T>(&mut self, got: io::Result<T>) -> io::Result<T> {
-        if got.is_ok() && !self.window.is_zero() {
-            self.until = Some(Instant::now() + self.window);
+        if got.is_ok() {
+            self.active();
         }
         got
+    }
+
+    /// Opens the window again: the thread found work without asking through [`next`](Self::next)
+    /// (it read again at once after a read that got something).
+    pub fn active(&mut self) {
+        if !self.window.is_zero() {
+            self.until = Some(Instant::now() + self.window);
+        }
     }
 }
 
@@ -106,6 +114,20 @@ mod tests {
         });
         assert_eq!(second.ok(), Some(5));
         assert_eq!(waited, [true, false, false, false, false, false]);
+    }
+
+    #[test]
+    fn work_found_outside_next_opens_the_window_too() {
+        let mut p = Poller::new(Duration::from_secs(5));
+        p.active();
+        let mut op = scripted(&[2]);
+        let mut waited = Vec::new();
+        let got = p.next(|w| {
+            waited.push(w);
+            op(w)
+        });
+        assert_eq!(got.ok(), Some(2));
+        assert_eq!(waited, [false, false, false], "polled, never waited");
     }
 
     #[test]

@@ -98,13 +98,12 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
             );
             sender.flush(&mut replies, &mut tally);
         }
-        let wrote = !gro.is_empty();
         flush(tun, &mut gro, &mut tally);
         // What the pods answered to what we just wrote is queued in our TUN queue now: send
         // it from here, saving the sender thread's wake-up on the round trip, unless the
         // sender thread is already at it.
         let delivered = tally.bytes.saturating_sub(bytes_before);
-        if wrote && delivered <= ANSWER_AFTER_BYTES {
+        if (1..=ANSWER_AFTER_BYTES).contains(&delivered) {
             if backoff > 0 {
                 backoff -= 1;
             } else if let Some(mut side) = turn.try_lock() {

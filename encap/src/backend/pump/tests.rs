@@ -349,3 +349,49 @@ fn the_turn_holder_sends_what_is_queued_in_order() {
     assert_eq!(dsts, [0, 1, 2], "all, in order");
     assert_eq!(sock.gso_sends.load(Ordering::Relaxed), 1, "one send");
 }
+
+/// The receiver thread alone (no sender thread to fall back on): what the pod answers to a
+/// small packet it delivered, queued before its write returned, leaves from the receiver.
+#[test]
+fn the_receiver_sends_what_the_pod_answered_at_once() {
+    let net = Arc::new(FakeNet::default());
+    let a = node(&net, 1, 2);
+    let b_addr = SocketAddr::from(([172, 30, 0, 2], 8285));
+    let sock = Arc::new(net.bind(b_addr));
+    let tun = FakeTun::default();
+    // The pod echoes: the same packet back, addresses swapped (checksums stay right).
+    tun.answer_with(|written| {
+        let mut pkt = written.get(VNET_HDR_LEN..)?.to_vec();
+        let (src, dst) = (pkt[12..16].to_vec(), pkt[16..20].to_vec());
+        pkt[12..16].copy_from_slice(&dst);
+        pkt[16..20].copy_from_slice(&src);
+        Some(from_pod(&pkt))
+    });
+    let state = DeviceState::new(MTU);
+    state.set_own(OwnSubnets {
+        v4: Some("10.244.2.0/24".parse().expect("net")),
+        v6: None,
+    });
+    let codec = Plain {
+        subnet: "10.244.1.0/24".parse().expect("net"),
+        peer: a.sock.local_addr(),
+    };
+    let sender = super::UdpSender::new(sock.clone());
+    let ctx = super::tx::Ctx {
+        codec: &codec,
+        tun: &tun,
+        sender: &sender,
+        state: &state,
+    };
+    let turn = super::tx::TxTurn::new(&codec);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| super::rx::run(&ctx, &*sock, &turn, &stop));
+        let ping = udp_packet([10, 244, 1, 5], [10, 244, 2, 7], 100);
+        a.tun.inject(from_pod(&ping));
+        let got = delivered(&a.tun, 1, Duration::from_secs(3));
+        stop.store(true, Ordering::Relaxed);
+        assert_eq!(got.len(), 1, "the answer came back");
+        assert_eq!(&got[0][12..16], &[10, 244, 2, 7], "from the pod");
+    });
+}

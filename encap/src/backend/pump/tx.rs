@@ -91,16 +91,32 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
     let mut flush_due = FlushDue::new();
     let mut reported = false;
     let mut poller = Poller::new(ctx.state.datapath.busy_poll);
+    // After a drain that read packets more are likely queued: drain again at once, one read
+    // per packet as while busy before, and ask whether the queue is readable (a `poll`) only
+    // once a drain found it empty.
+    let mut busy = false;
     while !stop.load(Ordering::Relaxed) {
-        let ready = poller.next(|wait| {
-            if wait {
-                ctx.tun.wait_readable()
-            } else {
-                ctx.tun.readable_now()
-            }
-        });
+        let ready = match busy {
+            true => Ok(()),
+            false => poller.next(|wait| {
+                if wait {
+                    ctx.tun.wait_readable()
+                } else {
+                    ctx.tun.readable_now()
+                }
+            }),
+        };
         let failed = match ready {
-            Ok(()) => ctx.drain(&mut turn.lock(), &mut tally).err(),
+            Ok(()) => match ctx.drain(&mut turn.lock(), &mut tally) {
+                Ok(read) => {
+                    busy = read > 0;
+                    if busy {
+                        poller.active();
+                    }
+                    None
+                }
+                Err(e) => Some(e),
+            },
             Err(e) if is_timeout(&e) => {
                 tally.flush_tx(&ctx.state.stats);
                 continue;
@@ -108,6 +124,7 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
             Err(e) => Some(e),
         };
         if let Some(e) = failed {
+            busy = false;
             if !reported {
                 tracing::error!("reading from TUN {} failed: {e}", ctx.tun.name());
                 reported = true;
