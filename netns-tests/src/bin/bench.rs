@@ -676,7 +676,7 @@ fn label(mode: &str) -> &str {
         "udp-poll" => "flanneld-rs udp, --busy-poll-us 10000",
         "wireguard-poll" => "flanneld-rs wireguard, --busy-poll-us 10000",
         "vxlan" => "flanneld-rs vxlan",
-        "wireguard" => "flanneld-rs wireguard (userspace, boringtun)",
+        "wireguard" => "flanneld-rs wireguard (userspace)",
         "wireguard-go" => "wireguard-go 0.0.20220316, configured by hand",
         "go-udp" => "Go Flannel v0.20.2 udp",
         "go-vxlan" => "Go Flannel v0.20.2 vxlan",

@@ -138,7 +138,7 @@ fn thousand_peers(backend: &str) -> Result<()> {
     );
     // flanneld_peers is now published after the backend programmed every peer (it used to be
     // published before, so this read came before wireguard's 1,000 sessions existed): each
-    // WireGuard peer holds a boringtun session, about 11 KiB.
+    // WireGuard peer holds its handshake keys and, once used, sessions with a replay window.
     let limit_mib = if backend == "wireguard" { 48 } else { 30 };
     ensure!(
         rss <= limit_mib * 1024,

@@ -1,112 +1,85 @@
-//! WireGuard as a pump codec, with boringtun's noise state machine doing the protocol.
+//! WireGuard as a pump codec: our handshake (`handshake`), sessions (`session`) and timers
+//! (`peers`), with boringtun's rate limiter vetting handshake messages.
 //!
-//! Sans-I/O, like boringtun's `noise` itself: the codec holds no socket. What must be sent comes
-//! back to the pump as a [`Transmit`] or in an [`Outbox`], and the pump sends it after the codec
-//! returned, so never under a peer's lock.
+//! Sans-I/O: the codec holds no socket. What must be sent comes back to the pump as a
+//! [`Transmit`] or in an [`Outbox`], and the pump sends it after the codec returned.
 //!
-//! Send: the pump hands over one super-packet's segments; under the peer's lock each is sealed
-//! (`Tunn::encapsulate`: 16-byte header, ChaCha20-Poly1305, 16-byte tag) into one buffer at a
-//! fixed stride, returned as one run so that it leaves in one UDP GSO send.
+//! Send: the pump hands over one super-packet's segments. Under the peer's lock, briefly, we
+//! take the session and reserve one counter per segment; then, lock released, each segment is
+//! copied into one buffer at a fixed stride and sealed there in place (16-byte header,
+//! ChaCha20-Poly1305, 16-byte tag), returned as one run so that it leaves in one UDP GSO send.
+//! Every queue's sender thread seals its own runs at once; counters interleave between them,
+//! which the receiver's replay window takes (it holds 8,128 counters), and each flow, kept to
+//! one queue, stays in order.
 //!
-//! Receive: a message from `recvmmsg` holds one sender's datagrams (UDP GRO merged them); data
-//! messages are opened under the lock of the peer their receiver index names, into one buffer,
-//! and handed to the pump (GRO, TUN) after the lock is released; handshake replies go to the
-//! outbox. A packet is accepted only if it authenticates for a current peer, is not a replay
-//! (boringtun's counter window), and its inner source lies in that peer's AllowedIPs.
-//! Handshake messages pass the shared rate limiter (mac1 check, cookie replies under load)
-//! before any Diffie-Hellman is spent on them.
+//! Receive: a message from `recvmmsg` holds one sender's datagrams (UDP GRO merged them). Each
+//! data message is copied into one buffer and opened there in place with the session its
+//! receiver index names, outside any lock, then handed to the pump (GRO, TUN). A packet is
+//! accepted only if it authenticates, is not a replay, and its inner source lies in that
+//! peer's AllowedIPs. Handshake messages pass the shared rate limiter (mac1 check, cookie
+//! replies under load) before any Diffie-Hellman is spent on them.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::noise::{Packet, TunnResult};
 
+use super::handshake::{
+    self, get_u32, Local, COOKIE_REPLY, COOKIE_REPLY_LEN, INIT, INIT_LEN, RESPONSE, RESPONSE_LEN,
+};
 use super::keys::StaticKeys;
-use super::peers::{PeerState, WgPeer, WgTable};
+use super::peers::{Due, PeerState, WgPeer, WgTable};
+use super::session::{OpenError, Session, DATA, DATA_HEADER, TAG_LEN};
 use crate::backend::pump::{Codec, Outbox, Transmit};
 use crate::io::RecvMsg;
 use crate::stats::{DropReason, Tally};
 
-const HANDSHAKE_INIT: u32 = 1;
-const HANDSHAKE_RESP: u32 = 2;
-const COOKIE_REPLY: u32 = 3;
-const DATA: u32 = 4;
-const HANDSHAKE_INIT_LEN: usize = 148;
-const HANDSHAKE_RESP_LEN: usize = 92;
-const COOKIE_REPLY_LEN: usize = 64;
 /// Data message: type, receiver index, counter (16 bytes), then the sealed packet and its tag.
-pub(super) const DATA_OVERHEAD: usize = 32;
-/// Room for any control message boringtun writes (the largest is a handshake initiation), and
-/// for a queued packet it seals when a handshake completes (up to a TUN MTU).
-const CTL_BUF_LEN: usize = 65_536 + 256;
-/// Packets boringtun may have queued while a handshake ran (its MAX_QUEUE_DEPTH is 256).
-const MAX_DRAIN: usize = 300;
-/// How long packets waiting for a session wait before we send another initiation.
-const RETRY_INIT: Duration = Duration::from_secs(1);
-/// Handshake messages per second before the rate limiter demands cookies. Each handshake
-/// passes the shared limiter twice (our check, then the `Tunn`'s own with the same limiter),
-/// so this is twice wireguard-go's/boringtun's 100 per second.
-pub(super) const HANDSHAKE_RATE_LIMIT: u64 = 200;
+pub(super) const DATA_OVERHEAD: usize = DATA_HEADER + TAG_LEN;
+/// Handshake messages per second before the rate limiter demands cookies (wireguard-go's and
+/// boringtun's figure).
+pub(super) const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
 pub(super) struct WgCodec {
     pub table: ArcSwap<WgTable>,
-    keys: StaticKeys,
+    pub local: Local,
     pub limiter: Arc<RateLimiter>,
 }
 
 pub(super) struct TxScratch {
     /// Sealed datagrams back to back, `seg_len + 32` apart.
     sealed: Vec<u8>,
-    /// Where boringtun writes a handshake initiation (then copied to the outbox).
-    ctl: Vec<u8>,
 }
 
 pub(super) struct RxScratch {
-    /// Opened packets of the message being processed.
+    /// Opened packets of the message being processed (each at its data message's offset + 16).
     plain: Vec<u8>,
     used: usize,
     /// (offset, length) in `plain` of each packet to deliver.
     pkts: Vec<(usize, usize)>,
-    /// Where boringtun writes handshake replies and released packets (then copied to the
-    /// outbox).
+    /// Where the rate limiter writes a cookie reply.
     ctl: Vec<u8>,
 }
 
 /// Most packets one message can hold: 64 KiB of the smallest data messages (32 bytes).
 const MAX_PKTS: usize = 65_536 / DATA_OVERHEAD;
 
-/// The message type, checked like boringtun does (the three reserved bytes must be zero).
-fn message_type(d: &[u8]) -> Option<u32> {
+/// The message type, checked like WireGuard does (the three reserved bytes must be zero).
+fn message_type(d: &[u8]) -> Option<u8> {
     let t = u32::from_le_bytes(d.get(..4)?.try_into().ok()?);
+    let t = u8::try_from(t).ok()?;
     let ok = match t {
-        HANDSHAKE_INIT => d.len() == HANDSHAKE_INIT_LEN,
-        HANDSHAKE_RESP => d.len() == HANDSHAKE_RESP_LEN,
+        INIT => d.len() == INIT_LEN,
+        RESPONSE => d.len() == RESPONSE_LEN,
         COOKIE_REPLY => d.len() == COOKIE_REPLY_LEN,
         DATA => d.len() >= DATA_OVERHEAD,
         _ => false,
     };
     ok.then_some(t)
-}
-
-/// The receiver index of a data message or cookie reply (bytes 4..8).
-fn receiver_index(d: &[u8]) -> Option<u32> {
-    Some(u32::from_le_bytes(d.get(4..8)?.try_into().ok()?))
-}
-
-/// Releases packets boringtun queued while a handshake ran (it seals each when asked with an
-/// empty datagram) into the outbox.
-fn drain(tunn: &mut Tunn, to: SocketAddr, buf: &mut [u8], out: &mut Outbox) {
-    for _ in 0..MAX_DRAIN {
-        match tunn.decapsulate(None, &[], buf) {
-            TunnResult::WriteToNetwork(p) => out.push_packet(to, p),
-            _ => break,
-        }
-    }
 }
 
 /// A data message from `src` authenticated: WireGuard then sends to where it came from.
@@ -122,42 +95,104 @@ fn roam(peer: &WgPeer, endpoint: &mut SocketAddr, src: SocketAddr) {
     }
 }
 
+/// The inner packet's source and its length by its own header (WireGuard pads to 16 bytes:
+/// the padding goes). `None`: not an IP packet that fits.
+fn inner_packet(p: &[u8]) -> Option<(IpAddr, usize)> {
+    match p.first()? >> 4 {
+        4 if p.len() >= 20 => {
+            let len = usize::from(u16::from_be_bytes([p[2], p[3]]));
+            let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
+            (20..=p.len()).contains(&len).then_some((src.into(), len))
+        }
+        6 if p.len() >= 40 => {
+            let len = 40 + usize::from(u16::from_be_bytes([p[4], p[5]]));
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&p[8..24]);
+            (len <= p.len()).then_some((Ipv6Addr::from(a).into(), len))
+        }
+        _ => None,
+    }
+}
+
+/// Spreads handshake retries (WireGuard adds up to a third of a second).
+fn jitter(peer: &WgPeer) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mix = u64::from(peer.index).wrapping_mul(0x9e37_79b9) ^ u64::from(nanos);
+    Duration::from_millis(mix % 334)
+}
+
+/// Seals `pkts` (each a whole packet) with `s`, each into the outbox as its own datagram.
+fn seal_each<'a>(
+    s: &Session,
+    pkts: impl Iterator<Item = &'a [u8]>,
+    to: SocketAddr,
+    out: &mut Outbox,
+) {
+    let mut buf = Vec::new();
+    for p in pkts {
+        let Some(counter) = s.reserve(1) else { return };
+        buf.clear();
+        buf.resize(p.len() + DATA_OVERHEAD, 0);
+        buf[DATA_HEADER..DATA_HEADER + p.len()].copy_from_slice(p);
+        s.seal(counter, &mut buf);
+        out.push_packet(to, &buf);
+    }
+}
+
 impl WgCodec {
     pub fn new(keys: StaticKeys) -> Self {
         let limiter = Arc::new(RateLimiter::new(&keys.public, HANDSHAKE_RATE_LIMIT));
         WgCodec {
             table: ArcSwap::from_pointee(WgTable::default()),
-            keys,
+            local: Local::new(keys.secret),
             limiter,
         }
     }
 
-    pub fn keys(&self) -> &StaticKeys {
-        &self.keys
+    /// Sends an initiation to the peer (into `out`; the timer's count as sent packets, as
+    /// its keepalives do, those prompted by traffic as control messages).
+    fn initiate(&self, peer: &WgPeer, st: &mut PeerState, now: Instant, out: &mut Outbox) {
+        let mut msg = [0u8; INIT_LEN];
+        if st.initiate(&self.local, peer, now, &mut msg).is_some() {
+            out.push_control(st.endpoint, &msg);
+        }
+    }
+
+    fn initiate_on_timer(&self, peer: &WgPeer, st: &mut PeerState, now: Instant, out: &mut Outbox) {
+        let mut msg = [0u8; INIT_LEN];
+        if st.initiate(&self.local, peer, now, &mut msg).is_some() {
+            out.push_packet(st.endpoint, &msg);
+        }
     }
 
     /// Timers of every peer (handshake retries, rekeying, keepalives, session expiry), due
     /// sends (into `out`), and the rate limiter's per-second reset. Called every 100-250 ms.
-    pub fn tick(&self, buf: &mut [u8], out: &mut Outbox) {
+    pub fn tick(&self, out: &mut Outbox) {
         self.limiter.reset_count();
+        let now = Instant::now();
         let table = self.table.load();
         for peer in table.peers() {
-            let mut guard = peer.lock();
-            let st = &mut *guard;
-            let to = st.endpoint;
-            let Some(tunn) = st.tunn.get() else { continue };
+            let mut st = peer.lock();
             let due = if peer.greet.swap(false, Ordering::Relaxed) {
-                st.last_init = Some(Instant::now());
-                tunn.format_handshake_initiation(buf, false)
+                Due::Initiate
             } else {
-                // Besides sends, update_timers only reports ConnectionExpired: boringtun
-                // dropped the sessions and the next packet to this peer starts over.
-                tunn.update_timers(buf)
+                st.timers(now, jitter(peer), peer.keepalive)
             };
-            if let TunnResult::WriteToNetwork(p) = due {
-                out.push_packet(to, p);
+            match due {
+                Due::Initiate => self.initiate_on_timer(peer, &mut st, now, out),
+                Due::Keepalive => {
+                    if let Some(s) = st.sending(now) {
+                        seal_each(&s, std::iter::once(&[][..]), st.endpoint, out);
+                        st.last_sent = Some(now);
+                        st.unacked_since = None;
+                    } else if st.pending.is_none() {
+                        self.initiate_on_timer(peer, &mut st, now, out);
+                    }
+                }
+                Due::Nothing => {}
             }
-            drain(tunn, to, buf, out);
         }
     }
 
@@ -168,79 +203,204 @@ impl WgCodec {
         table: &WgTable,
         d: &[u8],
         src: SocketAddr,
-        buf: &mut [u8],
+        sc: &mut RxScratch,
         out: &mut Outbox,
         tally: &mut Tally,
     ) {
-        let cookie_reply = message_type(d) == Some(COOKIE_REPLY);
-        let found = if cookie_reply {
-            receiver_index(d).and_then(|i| table.by_receiver(i))
-        } else {
-            match self.limiter.verify_packet(Some(src.ip()), d, buf) {
-                Ok(Packet::HandshakeInit(init)) => {
-                    // Which peer is it? The initiator's static key, decrypted with ours.
-                    parse_handshake_anon(&self.keys.secret, &self.keys.public, &init)
-                        .ok()
-                        .and_then(|half| table.by_key(&half.peer_static_public))
+        let now = Instant::now();
+        match message_type(d) {
+            Some(COOKIE_REPLY) => self.cookie_reply(table, d, now, tally),
+            Some(kind) => match self.limiter.verify_packet(Some(src.ip()), d, &mut sc.ctl) {
+                Ok(Packet::HandshakeInit(_)) if kind == INIT => {
+                    self.initiation(table, d, src, now, out, tally)
                 }
-                Ok(Packet::HandshakeResponse(resp)) => table.by_receiver(resp.receiver_idx),
-                Ok(_) => None,
+                Ok(Packet::HandshakeResponse(_)) if kind == RESPONSE => {
+                    self.response(table, d, src, now, out, tally)
+                }
                 Err(TunnResult::WriteToNetwork(cookie)) => {
                     // Under load: prove your address first (WireGuard's cookie reply). The
                     // message itself is dropped unread.
                     out.push_control(src, cookie);
-                    return tally.count_drop(DropReason::UnknownSender);
+                    tally.count_drop(DropReason::UnknownSender);
                 }
-                Err(_) => None,
-            }
+                _ => tally.count_drop(DropReason::UnknownSender),
+            },
+            None => tally.count_drop(DropReason::Malformed),
+        }
+    }
+
+    fn initiation(
+        &self,
+        table: &WgTable,
+        d: &[u8],
+        src: SocketAddr,
+        now: Instant,
+        out: &mut Outbox,
+        tally: &mut Tally,
+    ) {
+        let Ok(msg) = <&[u8; INIT_LEN]>::try_from(d) else {
+            return tally.count_drop(DropReason::Malformed);
         };
-        let Some(found) = found else {
+        // Which peer is it? The initiator's static key, decrypted with ours.
+        let Ok(opened) = handshake::open_init(&self.local, msg) else {
+            return tally.count_drop(DropReason::UnknownSender);
+        };
+        let Some(found) = table.by_key(&opened.peer_static) else {
+            return tally.count_drop(DropReason::UnknownSender);
+        };
+        let peer = found.peer;
+        let Ok(init) = opened.finish(&peer.remote) else {
+            return tally.count_drop(DropReason::NotAuthentic);
+        };
+        let mut st = peer.lock();
+        // A replayed initiation (not newer than the last) or a flood of them: authentic bytes,
+        // but answering would reset the session for nothing.
+        let flood = st
+            .last_init_received
+            .is_some_and(|t| now.saturating_duration_since(t) < super::peers::INIT_FLOOD);
+        if init.timestamp <= st.last_timestamp || flood {
+            return tally.count_drop(DropReason::NotAuthentic);
+        }
+        let Ok(key) = super::keys::random_key() else {
+            return tally.count_drop(DropReason::IoError);
+        };
+        let index = st.responder_index(peer.index);
+        let cookie = st.cookie.map(|(c, _)| c);
+        let mut resp = [0u8; RESPONSE_LEN];
+        let ephemeral = boringtun::x25519::StaticSecret::from(key);
+        let Ok(keys) = handshake::respond(
+            &peer.remote,
+            &init,
+            index,
+            ephemeral,
+            cookie.as_ref(),
+            &mut resp,
+        ) else {
+            return tally.count_drop(DropReason::NotAuthentic);
+        };
+        if st.established(&keys, now).is_none() {
+            return tally.count_drop(DropReason::IoError);
+        }
+        st.last_timestamp = init.timestamp;
+        st.last_init_received = Some(now);
+        st.heard(false, now);
+        roam(peer, &mut st.endpoint, src);
+        st.last_sent = Some(now);
+        out.push_control(src, &resp);
+    }
+
+    fn response(
+        &self,
+        table: &WgTable,
+        d: &[u8],
+        src: SocketAddr,
+        now: Instant,
+        out: &mut Outbox,
+        tally: &mut Tally,
+    ) {
+        let Ok(msg) = <&[u8; RESPONSE_LEN]>::try_from(d) else {
+            return tally.count_drop(DropReason::Malformed);
+        };
+        let receiver = get_u32(msg, 8);
+        let Some(found) = table.by_receiver(receiver) else {
+            return tally.count_drop(DropReason::UnknownSender);
+        };
+        let peer = found.peer;
+        let mut st = peer.lock();
+        let keys = match st
+            .pending
+            .as_ref()
+            .filter(|p| p.sent.local_index == receiver)
+        {
+            Some(p) => handshake::consume_response(&self.local, &peer.remote, &p.sent, msg),
+            None => return tally.count_drop(DropReason::NotAuthentic),
+        };
+        let Ok(keys) = keys else {
+            return tally.count_drop(DropReason::NotAuthentic);
+        };
+        let Some(s) = st.established(&keys, now) else {
+            return tally.count_drop(DropReason::IoError);
+        };
+        st.heard(false, now);
+        roam(peer, &mut st.endpoint, src);
+        // What waited for the session goes now; with nothing waiting, a keepalive confirms the
+        // keys to the responder (it may not send before it hears from us on them).
+        let staged = std::mem::take(&mut st.staged);
+        if staged.is_empty() {
+            seal_each(&s, std::iter::once(&[][..]), st.endpoint, out);
+        } else {
+            seal_each(&s, staged.iter().map(Vec::as_slice), st.endpoint, out);
+        }
+        st.sent_data(now);
+    }
+
+    fn cookie_reply(&self, table: &WgTable, d: &[u8], now: Instant, tally: &mut Tally) {
+        let Ok(msg) = <&[u8; COOKIE_REPLY_LEN]>::try_from(d) else {
+            return tally.count_drop(DropReason::Malformed);
+        };
+        let receiver = get_u32(msg, 4);
+        let Some(found) = table.by_receiver(receiver) else {
             return tally.count_drop(DropReason::UnknownSender);
         };
         let mut st = found.peer.lock();
-        let st = &mut *st;
-        let Some(tunn) = st.tunn.get() else { return };
-        let authentic = match tunn.decapsulate(Some(src.ip()), d, buf) {
-            TunnResult::WriteToNetwork(reply) => {
-                out.push_control(src, reply);
-                true
-            }
-            TunnResult::Done => true,
-            TunnResult::Err(_) => {
-                tally.count_drop(DropReason::NotAuthentic);
-                false
-            }
-            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => false,
+        let cookie = match st
+            .pending
+            .as_ref()
+            .filter(|p| p.sent.local_index == receiver)
+        {
+            Some(p) => handshake::open_cookie(&found.peer.remote, &p.sent.mac1, msg),
+            None => return tally.count_drop(DropReason::NotAuthentic),
         };
-        // A cookie reply proves nothing about where the peer is; handshakes do.
-        if authentic && !cookie_reply {
-            roam(found.peer, &mut st.endpoint, src);
+        match cookie {
+            // It proves nothing about where the peer is: no roaming. The retry (on the timer)
+            // carries mac2.
+            Ok(c) => st.cookie = Some((c, now)),
+            Err(_) => tally.count_drop(DropReason::NotAuthentic),
         }
-        drain(tunn, st.endpoint, buf, out);
     }
 }
 
-/// The peer whose lock is held while a message's data datagrams are opened.
+/// The session a run of data messages is opened with, and what they showed.
 struct Held<'a> {
     slot: usize,
     peer: &'a Arc<WgPeer>,
-    st: std::sync::MutexGuard<'a, PeerState>,
+    session: Arc<Session>,
+    unconfirmed: bool,
     authentic: bool,
+    data: bool,
 }
 
-/// Releases the lock (moving the endpoint if the peer roamed), then delivers what was opened.
+/// Records what the held session's messages showed (under the peer's lock, once per run),
+/// then delivers what was opened.
 fn release<F>(
     held: &mut Option<Held<'_>>,
     sc: &mut RxScratch,
     src: SocketAddr,
+    out: &mut Outbox,
     tally: &mut Tally,
     deliver: &mut F,
 ) where
     F: FnMut(&[u8], &mut Tally),
 {
-    if let Some(mut h) = held.take() {
+    if let Some(h) = held.take() {
         if h.authentic {
-            roam(h.peer, &mut h.st.endpoint, src);
+            let now = Instant::now();
+            let mut st = h.peer.lock();
+            roam(h.peer, &mut st.endpoint, src);
+            if h.unconfirmed {
+                // We answered its handshake; what waited for a session goes with it now.
+                let staged = st.confirm(h.session.local_index);
+                if !staged.is_empty() {
+                    seal_each(
+                        &h.session,
+                        staged.iter().map(Vec::as_slice),
+                        st.endpoint,
+                        out,
+                    );
+                    st.sent_data(now);
+                }
+            }
+            st.heard(h.data, now);
         }
     }
     for &(off, len) in &sc.pkts {
@@ -270,19 +430,18 @@ impl Codec for WgCodec {
 
     fn tx_scratch(&self) -> TxScratch {
         // Segments of a 64 KiB super-packet fill at most 2 x 64 KiB (see the pump), plus
-        // 32 bytes per segment (at most one per 41 bytes) and one handshake initiation.
+        // 32 bytes per segment (at most one per 41 bytes).
         TxScratch {
             sealed: vec![0; 4 * crate::io::TUN_READ_BUF_LEN],
-            ctl: vec![0; HANDSHAKE_INIT_LEN],
         }
     }
 
     fn rx_scratch(&self) -> RxScratch {
         RxScratch {
-            plain: vec![0; 65_536],
+            plain: vec![0; 65_536 + DATA_OVERHEAD],
             used: 0,
             pkts: Vec::with_capacity(MAX_PKTS),
-            ctl: vec![0; CTL_BUF_LEN],
+            ctl: vec![0; 256],
         }
     }
 
@@ -303,65 +462,46 @@ impl Codec for WgCodec {
         out: &mut Outbox,
         tally: &mut Tally,
     ) -> Result<Option<Transmit<'a>>, DropReason> {
-        let mut sealed_len = 0;
-        let mut initiated = false;
-        let to = {
-            let mut guard = peer.lock();
-            let st = &mut *guard;
-            let to = st.endpoint;
-            let Some(tunn) = st.tunn.get() else {
-                return Err(DropReason::NoRoute);
+        let seg_len = seg_len.max(1);
+        let count = segs.len().div_ceil(seg_len);
+        let now = Instant::now();
+        let (to, session, first) = {
+            let mut st = peer.lock();
+            let reserved = st
+                .sending(now)
+                .and_then(|s| Some((s.reserve(count as u64)?, s)));
+            let Some((first, s)) = reserved else {
+                // No session yet (or it is spent): the packets wait for a handshake.
+                for seg in segs.chunks(seg_len) {
+                    // Beyond MAX_STAGED the oldest goes: no route (yet) for it.
+                    if !st.stage(seg) {
+                        tally.count_drop(DropReason::NoRoute);
+                    }
+                }
+                if st.retry_due(now) {
+                    self.initiate(&peer, &mut st, now, out);
+                }
+                return Ok(None);
             };
-            let mut queued = false;
-            for seg in segs.chunks(seg_len.max(1)) {
-                // boringtun panics on a short buffer: make sure, though the size rules it out.
-                let Some(dst) = sc
-                    .sealed
-                    .get_mut(sealed_len..)
-                    .filter(|b| b.len() >= (seg.len() + DATA_OVERHEAD).max(HANDSHAKE_INIT_LEN))
-                else {
-                    tally.count_drop(DropReason::Malformed);
-                    continue;
-                };
-                match tunn.encapsulate(seg, dst) {
-                    TunnResult::WriteToNetwork(out)
-                        if out.len() == seg.len() + DATA_OVERHEAD
-                            && message_type(out) == Some(DATA) =>
-                    {
-                        sealed_len += out.len();
-                    }
-                    // No session yet: boringtun queued the packet and asks us to send a
-                    // handshake initiation (once; later packets queue silently).
-                    TunnResult::WriteToNetwork(init) => {
-                        queued = true;
-                        initiated = true;
-                        out.push_control(to, init);
-                    }
-                    TunnResult::Done => queued = true,
-                    TunnResult::Err(_) => tally.count_drop(DropReason::IoError),
-                    TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {}
-                }
+            if st.rekey_due(&s, now) {
+                self.initiate(&peer, &mut st, now, out);
             }
-            if queued {
-                // Packets wait for a session. boringtun retries an unanswered initiation only
-                // after 5 s (REKEY_TIMEOUT); with traffic waiting, one lost initiation (say our
-                // greeting, sent before the peer knew us) should not stall it that long.
-                let now = Instant::now();
-                if !initiated && st.last_init.is_none_or(|t| now - t >= RETRY_INIT) {
-                    if let TunnResult::WriteToNetwork(init) =
-                        tunn.format_handshake_initiation(&mut sc.ctl, true)
-                    {
-                        out.push_control(to, init);
-                        initiated = true;
-                    }
-                }
-                if initiated {
-                    st.last_init = Some(now);
-                }
-            }
-            to
+            st.sent_data(now);
+            (st.endpoint, s, first)
         };
-        // Empty when everything was queued behind a handshake.
+        // Lock released: seal in place, at a fixed stride, in counter order.
+        let stride = seg_len + DATA_OVERHEAD;
+        let mut sealed_len = 0;
+        for (i, seg) in segs.chunks(seg_len).enumerate() {
+            let len = seg.len() + DATA_OVERHEAD;
+            let Some(msg) = sc.sealed.get_mut(sealed_len..sealed_len + len) else {
+                tally.count_drop(DropReason::Malformed);
+                continue;
+            };
+            msg[DATA_HEADER..DATA_HEADER + seg.len()].copy_from_slice(seg);
+            session.seal(first + i as u64, msg);
+            sealed_len += len.min(stride);
+        }
         Ok(sc
             .sealed
             .get(..sealed_len)
@@ -369,7 +509,7 @@ impl Codec for WgCodec {
             .map(|data| Transmit {
                 to,
                 data,
-                seg_len: seg_len + DATA_OVERHEAD,
+                seg_len: stride,
             }))
     }
 
@@ -392,69 +532,72 @@ impl Codec for WgCodec {
                 continue;
             };
             if kind != DATA {
-                release(&mut held, sc, src, tally, &mut deliver);
-                self.control(&table, d, src, &mut sc.ctl, out, tally);
+                release(&mut held, sc, src, out, tally, &mut deliver);
+                self.control(&table, d, src, sc, out, tally);
                 continue;
             }
-            let Some(found) = receiver_index(d).and_then(|i| table.by_receiver(i)) else {
+            let index = get_u32(d, 4);
+            let Some(found) = table.by_receiver(index) else {
                 tally.count_drop(DropReason::UnknownSender);
                 continue;
             };
             let room = sc.plain.len().saturating_sub(sc.used);
-            if held.as_ref().is_some_and(|h| h.slot != found.slot)
-                || room < d.len()
-                || sc.pkts.len() == sc.pkts.capacity()
-            {
-                release(&mut held, sc, src, tally, &mut deliver);
+            let same = held
+                .as_ref()
+                .is_some_and(|h| h.slot == found.slot && h.session.local_index == index);
+            if !same || room < d.len() || sc.pkts.len() == sc.pkts.capacity() {
+                release(&mut held, sc, src, out, tally, &mut deliver);
+                // The session the index names: current, previous, or the one we answered.
+                let Some((session, unconfirmed)) = found.peer.lock().by_index(index) else {
+                    // A session we no longer have (expired, replaced, or never ours).
+                    tally.count_drop(DropReason::NotAuthentic);
+                    continue;
+                };
+                held = Some(Held {
+                    slot: found.slot,
+                    peer: found.peer,
+                    session,
+                    unconfirmed,
+                    authentic: false,
+                    data: false,
+                });
             }
-            let h = held.get_or_insert_with(|| Held {
-                slot: found.slot,
-                peer: found.peer,
-                st: found.peer.lock(),
-                authentic: false,
-            });
-            let Some(tunn) = h.st.tunn.get() else {
-                continue;
-            };
+            let Some(h) = held.as_mut() else { continue };
             // `release` emptied the buffer if this datagram did not fit: it always fits now
-            // (a message is at most 64 KiB and opening only shrinks it).
-            let Some(dst) = sc.plain.get_mut(sc.used..).filter(|b| b.len() >= d.len()) else {
+            // (a message is at most 64 KiB).
+            let at = sc.used;
+            let Some(buf) = sc.plain.get_mut(at..at + d.len()) else {
                 tally.count_drop(DropReason::Malformed);
                 continue;
             };
-            let opened = match tunn.decapsulate(Some(src.ip()), d, dst) {
-                TunnResult::WriteToTunnelV4(p, inner_src) => Some((p.len(), inner_src.into())),
-                TunnResult::WriteToTunnelV6(p, inner_src) => Some((p.len(), inner_src.into())),
-                // A keepalive.
-                TunnResult::Done => {
-                    h.authentic = true;
-                    None
-                }
-                TunnResult::WriteToNetwork(p) => {
-                    out.push_control(src, p);
-                    None
-                }
-                // Not sealed with this peer's current keys (forged, corrupted, wrong key, stale
-                // session: InvalidAeadTag, NoCurrentSession, WrongIndex) or a replay
-                // (DuplicateCounter, InvalidCounter: already seen, or behind the counter
-                // window): not from the peer as far as we can tell.
-                TunnResult::Err(_) => {
+            buf.copy_from_slice(d);
+            let len = match h.session.open(buf) {
+                Ok(len) => len,
+                // Not sealed with this session's keys (forged, corrupted, wrong key) or a
+                // replay (already seen, or behind the counter window).
+                Err(OpenError::NotAuthentic | OpenError::Replayed) => {
                     tally.count_drop(DropReason::NotAuthentic);
-                    None
+                    continue;
                 }
             };
-            if let Some((len, inner_src)) = opened {
-                // Authentic; WireGuard's cryptokey routing then asks whether this peer may send
-                // from that address (a subnet of its lease, of the packet's own family).
-                h.authentic = true;
-                if table.allows(h.slot, inner_src) {
-                    sc.pkts.push((sc.used, len));
-                    sc.used += len;
-                } else {
-                    tally.count_drop(DropReason::SpoofedSource);
+            h.authentic = true;
+            if len == 0 {
+                // A keepalive.
+                continue;
+            }
+            h.data = true;
+            let plain = &buf[DATA_HEADER..DATA_HEADER + len];
+            // WireGuard's cryptokey routing then asks whether this peer may send from that
+            // address (a subnet of its lease, of the packet's own family).
+            match inner_packet(plain) {
+                Some((inner_src, len)) if table.allows(h.slot, inner_src) => {
+                    sc.pkts.push((at + DATA_HEADER, len));
+                    sc.used = at + d.len();
                 }
+                Some(_) => tally.count_drop(DropReason::SpoofedSource),
+                None => tally.count_drop(DropReason::Malformed),
             }
         }
-        release(&mut held, sc, src, tally, &mut deliver);
+        release(&mut held, sc, src, out, tally, &mut deliver);
     }
 }

@@ -92,7 +92,7 @@ fn node(lan: &Lan, net: u8) -> Node {
     }
 }
 
-/// A peer of `local` for `remote`'s key, with a fresh `Tunn` and `endpoint`: what the
+/// A peer of `local` for `remote`'s key, with no session yet and `endpoint`: what the
 /// backend builds for a lease (shared with `pump_tests`).
 pub(super) fn peer_of(
     local: &WgCodec,
@@ -100,18 +100,12 @@ pub(super) fn peer_of(
     index: u32,
     endpoint: SocketAddr,
 ) -> Arc<WgPeer> {
-    let tunn = Tunn::new(
-        local.keys().secret.clone(),
-        remote.keys().public,
-        None,
-        None,
-        index,
-        Some(local.limiter.clone()),
-    );
     Arc::new(WgPeer::new(
+        &local.local,
         index,
-        *remote.keys().public.as_bytes(),
-        tunn,
+        *remote.local.public(),
+        None,
+        None,
         endpoint,
     ))
 }
@@ -253,6 +247,62 @@ fn handshake_then_batches_both_ways() {
 }
 
 #[test]
+fn packets_waiting_on_both_sides_all_arrive() {
+    // Both nodes send before they can: b after answering a's initiation, so its packet waits
+    // until a's first data message confirms the keys b answered with (then goes on them).
+    let (mut a, mut b) = pair();
+    let to_b = packet(pod(1, 5), pod(2, 7), 100, 1);
+    let to_a = packet(pod(2, 7), pod(1, 5), 120, 2);
+    send(&mut a, 2, std::slice::from_ref(&to_b)).expect("staged");
+    let mut got_b = poll(&mut b);
+    send(&mut b, 1, std::slice::from_ref(&to_a)).expect("staged");
+    let mut got_a = Vec::new();
+    for _ in 0..6 {
+        got_b.extend(poll(&mut b));
+        got_a.extend(poll(&mut a));
+    }
+    assert_eq!(got_b, vec![to_b]);
+    assert_eq!(got_a, vec![to_a]);
+    for n in [&a, &b] {
+        assert_eq!(n.tally.drops.iter().sum::<u64>(), 0, "{:?}", n.tally.drops);
+    }
+    // Both keep talking on whatever sessions won.
+    let more = vec![packet(pod(1, 5), pod(2, 7), 1400, 3); 3];
+    send(&mut a, 2, &more).expect("sent");
+    assert_eq!(poll(&mut b), more);
+}
+
+#[test]
+fn padded_packets_lose_their_padding() {
+    // wireguard-go and the kernel pad what they seal to 16 bytes: the IP header says how long
+    // the packet really is.
+    let (mut a, mut b) = pair();
+    handshake(&mut a, &mut b);
+    let pkt = packet(pod(1, 5), pod(2, 7), 61, 4);
+    let mut padded = pkt.clone();
+    padded.resize(64, 0);
+    let peer = a.codec.table.load().peers()[0].clone();
+    let s = peer
+        .lock()
+        .sending(std::time::Instant::now())
+        .expect("session");
+    let mut msg = vec![0u8; padded.len() + DATA_OVERHEAD];
+    msg[16..16 + padded.len()].copy_from_slice(&padded);
+    s.seal(s.reserve(1).expect("counter"), &mut msg);
+    b.lan.post(a.addr, b.addr, &msg, None);
+    assert_eq!(poll(&mut b), vec![pkt]);
+    // A header claiming more than was sealed is malformed.
+    let mut short = packet(pod(1, 5), pod(2, 7), 100, 5);
+    short.truncate(80);
+    let mut msg = vec![0u8; short.len() + DATA_OVERHEAD];
+    msg[16..16 + short.len()].copy_from_slice(&short);
+    s.seal(s.reserve(1).expect("counter"), &mut msg);
+    b.lan.post(a.addr, b.addr, &msg, None);
+    assert!(poll(&mut b).is_empty());
+    assert_eq!(drops(&b, DropReason::Malformed), 1);
+}
+
+#[test]
 fn replays_and_spoofed_sources_are_dropped() {
     let (mut a, mut b) = pair();
     handshake(&mut a, &mut b);
@@ -358,7 +408,7 @@ fn handshake_flood_gets_cookie_replies() {
     let flooder = SocketAddr::from(([198, 51, 100, 8], 40000));
     let mut tunn = Tunn::new(
         StaticSecret::from(random_key().expect("random")),
-        b.codec.keys().public,
+        PublicKey::from(*b.codec.local.public()),
         None,
         None,
         1,
@@ -393,9 +443,8 @@ fn handshake_flood_gets_cookie_replies() {
         // Only the limiter's reset is wanted from this tick, not b's greeting handshake.
         p.greet.store(false, std::sync::atomic::Ordering::Relaxed);
     }
-    let mut tick_buf = vec![0u8; 70_000];
     let mut due = Outbox::new();
-    b.codec.tick(&mut tick_buf, &mut due);
+    b.codec.tick(&mut due);
     assert!(due.is_empty(), "no session, no greeting: nothing due");
     handshake(&mut a, &mut b);
 }
@@ -403,16 +452,15 @@ fn handshake_flood_gets_cookie_replies() {
 #[test]
 fn greeting_is_due_at_the_first_tick() {
     let (a, b) = pair();
-    let mut tick_buf = vec![0u8; 70_000];
     let mut due = Outbox::new();
-    a.codec.tick(&mut tick_buf, &mut due);
+    a.codec.tick(&mut due);
     let sent: Vec<_> = due
         .iter()
         .map(|d| (d.to, d.data.len(), d.counted))
         .collect();
     assert_eq!(sent, [(b.addr, 148, true)], "one handshake initiation to b");
     due.clear();
-    a.codec.tick(&mut tick_buf, &mut due);
+    a.codec.tick(&mut due);
     assert!(due.is_empty(), "greeted once");
 }
 

@@ -7,8 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use boringtun::noise::Tunn;
-use boringtun::x25519::PublicKey;
 use ipnet::IpNet;
 use subnet_manager::lease::SubnetKey;
 
@@ -101,7 +99,7 @@ impl WgDevice {
         }
     }
 
-    /// Makes the peers match the leases: new keys get a fresh `Tunn`, gone keys are dropped
+    /// Makes the peers match the leases: new keys get a fresh peer, gone keys are dropped
     /// (their keys wiped once the packet threads let go), endpoints follow lease changes; then
     /// the packet threads get the new table.
     fn sync_peers(&mut self, changed: &[DevicePeer]) {
@@ -125,16 +123,15 @@ impl WgDevice {
                 .find(|l| l.public_key == *key)
                 .map_or(lease.endpoint, |l| l.endpoint);
             let index = self.alloc_index();
-            let tunn = Tunn::new(
-                self.codec.keys().secret.clone(),
-                PublicKey::from(*key),
+            let peer = WgPeer::new(
+                &self.codec.local,
+                index,
+                *key,
                 self.psk,
                 self.keepalive,
-                index,
-                Some(self.codec.limiter.clone()),
+                endpoint,
             );
-            self.peers
-                .insert(*key, Arc::new(WgPeer::new(index, *key, tunn, endpoint)));
+            self.peers.insert(*key, Arc::new(peer));
         }
         // A lease that moved its endpoint moves the peer, even if it had roamed meanwhile.
         for l in changed {
@@ -211,12 +208,11 @@ impl WgDevice {
         pump.spawn(
             format!("{}-timers", self.spec.threads),
             move |stop: &AtomicBool| {
-                let mut buf = vec![0u8; 65_536 + 256];
                 let mut due = Outbox::new();
                 let mut tally = Tally::default();
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(TIMER_TICK);
-                    codec.tick(&mut buf, &mut due);
+                    codec.tick(&mut due);
                     sender.flush(&mut due, &mut tally);
                     tally.flush_tx(&state.stats);
                 }

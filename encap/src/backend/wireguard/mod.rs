@@ -1,7 +1,9 @@
 //! wireguard: Flannel's wireguard backend without the kernel module. The WireGuard protocol runs
-//! in userspace (boringtun's noise state machine) on the same batched TUN/UDP pump as the udp
-//! backend, so it speaks standard WireGuard to Flannel's kernel backend, wireguard-go or `wg`
-//! peers, and is fast.
+//! in userspace on the same batched TUN/UDP pump as the udp backend, so it speaks standard
+//! WireGuard to Flannel's kernel backend, wireguard-go or `wg` peers, and is fast: our own
+//! handshake (`handshake`, Noise IKpsk2), sessions (`session`: counters reserved per run,
+//! sealed and opened in place on every core at once) and timers (`peers`), with boringtun's
+//! rate limiter in front of handshakes (and its `Tunn` as the third-party peer of the tests).
 //!
 //! Like Flannel v0.28.9: TUN devices holding the lease's network address with the Network's
 //! prefix per family (one route for the whole Network, and IPv6Network, into the device),
@@ -18,12 +20,19 @@ mod codec;
 #[cfg(test)]
 mod codec_tests;
 mod config;
+mod crypto;
 mod device;
+#[cfg(any(test, fuzzing))]
+pub mod fuzzing;
+mod handshake;
+#[cfg(test)]
+mod handshake_tests;
 mod keys;
 mod lease;
 mod peers;
 #[cfg(test)]
 mod pump_tests;
+mod session;
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv6Addr;
@@ -417,7 +426,7 @@ mod tests {
         assert_eq!(t[0].1, KEY2);
         assert!(
             old.upgrade().is_none(),
-            "the removed peer (and its Tunn) is freed"
+            "the removed peer (and its sessions) is freed"
         );
 
         // Leases we must not take as peers.
@@ -600,99 +609,5 @@ mod tests {
             let err = peer(&lease(json), 51820).expect_err(json);
             assert!(err.contains(want), "{json}: {err}");
         }
-    }
-}
-
-/// The receive path as a fuzz target: arbitrary datagrams from a peer's address and from a
-/// stranger's, fed to a codec that knows one peer. Only built by `cargo fuzz` (`cfg(fuzzing)`).
-#[cfg(fuzzing)]
-pub mod fuzzing {
-    use std::cell::RefCell;
-    use std::net::SocketAddr;
-    use std::sync::Arc;
-
-    use boringtun::noise::Tunn;
-    use boringtun::x25519::{PublicKey, StaticSecret};
-
-    use super::codec::{RxScratch, WgCodec};
-    use super::keys::StaticKeys;
-    use super::peers::{WgPeer, WgTable};
-    use crate::backend::pump::{Codec, Outbox};
-    use crate::io::RecvMsg;
-    use crate::stats::Tally;
-
-    struct State {
-        codec: WgCodec,
-        rx: RxScratch,
-        replies: Outbox,
-        peer_addr: SocketAddr,
-    }
-
-    fn keys(seed: u8) -> StaticKeys {
-        let secret = StaticSecret::from([seed; 32]);
-        let public = PublicKey::from(&secret);
-        StaticKeys { secret, public }
-    }
-
-    fn state() -> Option<State> {
-        let (ours, theirs) = (keys(1), keys(2));
-        let peer_addr: SocketAddr = "127.0.0.1:9".parse().ok()?;
-        let codec = WgCodec::new(ours);
-        let tunn = Tunn::new(
-            codec.keys().secret.clone(),
-            theirs.public,
-            None,
-            None,
-            1 << 8,
-            Some(codec.limiter.clone()),
-        );
-        let peer = Arc::new(WgPeer::new(
-            1 << 8,
-            *theirs.public.as_bytes(),
-            tunn,
-            peer_addr,
-        ));
-        let table = WgTable::new(vec![(peer, vec!["10.244.2.0/24".parse().ok()?])]);
-        codec.table.store(Arc::new(table));
-        let rx = codec.rx_scratch();
-        Some(State {
-            codec,
-            rx,
-            replies: Outbox::new(),
-            peer_addr,
-        })
-    }
-
-    thread_local! {
-        static STATE: RefCell<Option<State>> = RefCell::new(state());
-    }
-
-    /// Feeds `data` as one message (the first byte picks the sender and a GRO segment size).
-    pub fn receive(data: &[u8]) {
-        let Some((&sel, data)) = data.split_first() else {
-            return;
-        };
-        STATE.with(|st| {
-            let mut st = st.borrow_mut();
-            let Some(st) = st.as_mut() else { return };
-            let stranger = SocketAddr::from(([127, 0, 0, 2], 51820));
-            let src = if sel & 1 == 0 { st.peer_addr } else { stranger };
-            let gro = (sel & 2 != 0).then_some(u16::from(sel >> 2).max(1) * 8);
-            let msg = RecvMsg::from_parts(data, src, gro);
-            let mut tally = Tally::default();
-            st.codec
-                .receive(&mut st.rx, &msg, &mut st.replies, &mut tally, |pkt, _| {
-                    assert!(!pkt.is_empty());
-                });
-            // What a pump would send goes to one of the two senders, never elsewhere.
-            for d in st.replies.iter() {
-                assert!(
-                    d.to == stranger || d.to == st.peer_addr,
-                    "reply to {}",
-                    d.to
-                );
-            }
-            st.replies.clear();
-        });
     }
 }

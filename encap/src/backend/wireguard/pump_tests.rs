@@ -117,7 +117,7 @@ fn ipv6_super_packet_round_trip_over_an_ipv6_underlay() {
     spec.src = "fc00:44:0:1::5".parse().expect("ip");
     spec.dst = "fc00:44:0:2::7".parse().expect("ip");
     let (hdr, pkt) = spec.build_gso(1000);
-    // The first one waits for the handshake (boringtun queues it); the second rides the session.
+    // The first one waits for the handshake (the peer stages it); the second rides the session.
     a.tun.inject(from_pod(&hdr, &pkt));
     a.tun.inject(from_pod(&hdr, &pkt));
     let (got, writes) = tcp_payload(&b.tun, 2 * payload.len());
