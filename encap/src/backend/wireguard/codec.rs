@@ -48,7 +48,14 @@ pub(super) struct WgCodec {
     pub table: ArcSwap<WgTable>,
     pub local: Local,
     pub limiter: Arc<RateLimiter>,
+    /// Threads that help a receiver thread open a large message (many-core machines only).
+    open_pool: Option<rayon_core::ThreadPool>,
 }
+
+/// A message holding at least this many data messages is opened on the pool too.
+const PARALLEL_MIN: usize = 16;
+/// Data messages per job on the pool (the receiver thread opens the first job's itself).
+const PER_JOB: usize = 8;
 
 pub(super) struct TxScratch {
     /// Sealed datagrams back to back, `seg_len + 32` apart.
@@ -148,7 +155,29 @@ impl WgCodec {
             table: ArcSwap::from_pointee(WgTable::default()),
             local: Local::new(keys.secret),
             limiter,
+            open_pool: None,
         }
+    }
+
+    /// Lets `threads` threads (named `<name>-open<i>`) help open large messages: all of one
+    /// peer's datagrams reach one socket (WireGuard answers to the port it hears from, so
+    /// queues cannot send from ports of their own), hence one receiver thread, which alone
+    /// would open a peer's traffic on one core. 0: none. A pool that cannot start is logged
+    /// and done without.
+    pub fn with_open_threads(mut self, threads: usize, name: &str) -> Self {
+        if threads == 0 {
+            return self;
+        }
+        let name = name.to_owned();
+        match rayon_core::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(move |i| format!("{name}-open{i}"))
+            .build()
+        {
+            Ok(pool) => self.open_pool = Some(pool),
+            Err(e) => tracing::warn!("no threads to help open WireGuard messages: {e}"),
+        }
+        self
     }
 
     /// Sends an initiation to the peer (into `out`; the timer's count as sent packets, as
@@ -412,6 +441,125 @@ fn release<F>(
     sc.used = 0;
 }
 
+/// Opens `work` (each a data message copied to its place) with `session`, leaving the replay
+/// window to the caller.
+fn open_all(session: &Session, work: &mut [Opening<'_>]) {
+    for w in work {
+        w.result = session.open_unchecked(w.buf);
+    }
+}
+
+/// One data message of a message opened in parallel: where it is in the scratch buffer.
+struct Opening<'a> {
+    at: usize,
+    buf: &'a mut [u8],
+    result: Result<(u64, usize), OpenError>,
+}
+
+impl WgCodec {
+    /// The receive path for a large message of one session's data messages only (what UDP
+    /// GRO makes of bulk traffic): copied into place, opened in jobs of PER_JOB on the pool
+    /// and on this thread at once, then checked in order (replay window, AllowedIPs) and
+    /// delivered in order. `false`: not such a message (or no pool), nothing done.
+    #[allow(clippy::too_many_arguments)]
+    fn receive_parallel<F>(
+        &self,
+        sc: &mut RxScratch,
+        msg: &RecvMsg<'_>,
+        table: &WgTable,
+        out: &mut Outbox,
+        tally: &mut Tally,
+        deliver: &mut F,
+    ) -> bool
+    where
+        F: FnMut(&[u8], &mut Tally),
+    {
+        let Some(pool) = &self.open_pool else {
+            return false;
+        };
+        let (mut count, mut total, mut index) = (0, 0, None);
+        for d in msg.datagrams() {
+            if message_type(d) != Some(DATA) || *index.get_or_insert(get_u32(d, 4)) != get_u32(d, 4)
+            {
+                return false;
+            }
+            count += 1;
+            total += d.len();
+        }
+        let Some(index) = index else { return false };
+        if count < PARALLEL_MIN || total > sc.plain.len() || count > sc.pkts.capacity() {
+            return false;
+        }
+        // Unknown or stale indexes take the one-by-one path, which counts them.
+        let Some(found) = table.by_receiver(index) else {
+            return false;
+        };
+        let Some((session, unconfirmed)) = found.peer.lock().by_index(index) else {
+            return false;
+        };
+        let mut work = Vec::with_capacity(count);
+        let mut rest = &mut sc.plain[..total];
+        let mut at = 0;
+        for d in msg.datagrams() {
+            let (buf, r) = std::mem::take(&mut rest).split_at_mut(d.len());
+            rest = r;
+            buf.copy_from_slice(d);
+            work.push(Opening {
+                at,
+                buf,
+                result: Err(OpenError::NotAuthentic),
+            });
+            at += d.len();
+        }
+        pool.in_place_scope(|scope| {
+            let mut jobs = work.chunks_mut(PER_JOB);
+            let mine = jobs.next();
+            for job in jobs {
+                let session = &session;
+                scope.spawn(move |_| open_all(session, job));
+            }
+            if let Some(job) = mine {
+                open_all(&session, job);
+            }
+        });
+        let (mut authentic, mut data) = (false, false);
+        for w in &work {
+            let Ok((counter, len)) = w.result else {
+                tally.count_drop(DropReason::NotAuthentic);
+                continue;
+            };
+            if !session.accept(counter) {
+                tally.count_drop(DropReason::NotAuthentic);
+                continue;
+            }
+            authentic = true;
+            if len == 0 {
+                continue;
+            }
+            data = true;
+            match inner_packet(&w.buf[DATA_HEADER..DATA_HEADER + len]) {
+                Some((inner_src, len)) if table.allows(found.slot, inner_src) => {
+                    sc.pkts.push((w.at + DATA_HEADER, len));
+                }
+                Some(_) => tally.count_drop(DropReason::SpoofedSource),
+                None => tally.count_drop(DropReason::Malformed),
+            }
+        }
+        drop(work);
+        sc.used = total;
+        let mut held = Some(Held {
+            slot: found.slot,
+            peer: found.peer,
+            session,
+            unconfirmed,
+            authentic,
+            data,
+        });
+        release(&mut held, sc, msg.source(), out, tally, deliver);
+        true
+    }
+}
+
 impl Codec for WgCodec {
     type Route = Arc<WgPeer>;
     type TxScratch = TxScratch;
@@ -525,6 +673,9 @@ impl Codec for WgCodec {
     {
         let src = msg.source();
         let table = self.table.load();
+        if self.receive_parallel(sc, msg, &table, out, tally, &mut deliver) {
+            return;
+        }
         let mut held: Option<Held<'_>> = None;
         for d in msg.datagrams() {
             let Some(kind) = message_type(d) else {

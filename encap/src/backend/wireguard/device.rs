@@ -23,6 +23,15 @@ use crate::stats::{Stats, Tally};
 /// How often peer timers run: well under WireGuard's shortest timer (REKEY_TIMEOUT, 5 s).
 const TIMER_TICK: Duration = Duration::from_millis(100);
 
+/// Threads that help open large messages: none below 4 queues (the receiver threads and the
+/// pods already share those cores), then one per two queues, up to 8.
+fn open_threads(datapath: &Datapath) -> usize {
+    match datapath.queue_count() {
+        q if q < 4 => 0,
+        q => (q / 2).min(8),
+    }
+}
+
 pub(super) struct WgDevice {
     pub spec: DeviceSpec,
     pub codec: Arc<WgCodec>,
@@ -51,9 +60,10 @@ impl WgDevice {
         seed: u32,
         datapath: Datapath,
     ) -> Self {
+        let codec = WgCodec::new(keys).with_open_threads(open_threads(&datapath), spec.threads);
         WgDevice {
             spec,
-            codec: Arc::new(WgCodec::new(keys)),
+            codec: Arc::new(codec),
             state: Arc::new(DeviceState::with_stats(mtu, stats).with_datapath(datapath)),
             psk: cfg.psk,
             keepalive: cfg.keepalive,

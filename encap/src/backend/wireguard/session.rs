@@ -86,6 +86,18 @@ impl Session {
 
     /// Opens a data message in place; on success the plaintext is `msg[16..16 + len]`.
     pub fn open(&self, msg: &mut [u8]) -> Result<usize, OpenError> {
+        let (counter, len) = self.open_unchecked(msg)?;
+        if self.accept(counter) {
+            Ok(len)
+        } else {
+            Err(OpenError::Replayed)
+        }
+    }
+
+    /// Authenticates and decrypts a data message in place, leaving the replay window alone:
+    /// returns its counter and the plaintext's length. The plaintext may be used only once
+    /// [`accept`](Self::accept) took the counter (threads opening at once do that after).
+    pub fn open_unchecked(&self, msg: &mut [u8]) -> Result<(u64, usize), OpenError> {
         if msg.len() < DATA_HEADER + TAG_LEN {
             return Err(OpenError::NotAuthentic);
         }
@@ -98,17 +110,16 @@ impl Session {
             .open_in_place(nonce(counter), Aad::empty(), &mut msg[DATA_HEADER..])
             .map_err(|_| OpenError::NotAuthentic)?
             .len();
-        // Only an authentic counter may move the window.
-        let fresh = self
-            .replay
+        Ok((counter, len))
+    }
+
+    /// Whether an authentic counter is fresh (and from now on seen). Only authentic counters
+    /// may move the window.
+    pub fn accept(&self, counter: u64) -> bool {
+        self.replay
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .accept(counter);
-        if fresh {
-            Ok(len)
-        } else {
-            Err(OpenError::Replayed)
-        }
+            .accept(counter)
     }
 }
 
