@@ -216,6 +216,9 @@ impl WgCodec {
                         seal_each(&s, std::iter::once(&[][..]), st.endpoint, out);
                         st.last_sent = Some(now);
                         st.unacked_since = None;
+                        if st.rekey_due(&s, now) {
+                            self.initiate_on_timer(peer, &mut st, now, out);
+                        }
                     } else if st.pending.is_none() {
                         self.initiate_on_timer(peer, &mut st, now, out);
                     }
@@ -281,23 +284,29 @@ impl WgCodec {
         let Ok(init) = opened.finish(&peer.remote) else {
             return tally.count_drop(DropReason::NotAuthentic);
         };
-        let mut st = peer.lock();
         // A replayed initiation (not newer than the last) or a flood of them: authentic bytes,
         // but answering would reset the session for nothing.
-        let flood = st
-            .last_init_received
-            .is_some_and(|t| now.saturating_duration_since(t) < super::peers::INIT_FLOOD);
-        if init.timestamp <= st.last_timestamp || flood {
-            return tally.count_drop(DropReason::NotAuthentic);
-        }
+        let fresh = |st: &PeerState| {
+            init.timestamp > st.last_timestamp
+                && st
+                    .last_init_received
+                    .is_none_or(|t| now.saturating_duration_since(t) >= super::peers::INIT_FLOOD)
+        };
+        let (index, cookie) = {
+            let mut st = peer.lock();
+            if !fresh(&st) {
+                return tally.count_drop(DropReason::NotAuthentic);
+            }
+            (st.responder_index(peer.index), st.fresh_cookie(now))
+        };
         let Ok(key) = super::keys::random_key() else {
             return tally.count_drop(DropReason::IoError);
         };
-        let index = st.responder_index(peer.index);
-        let cookie = st.cookie.map(|(c, _)| c);
+        // The Diffie-Hellman work happens outside the peer's lock, which the packet threads
+        // take for every batch.
         let mut resp = [0u8; RESPONSE_LEN];
         let ephemeral = boringtun::x25519::StaticSecret::from(key);
-        let Ok(keys) = handshake::respond(
+        let Ok((keys, mac1)) = handshake::respond(
             &peer.remote,
             &init,
             index,
@@ -307,9 +316,15 @@ impl WgCodec {
         ) else {
             return tally.count_drop(DropReason::NotAuthentic);
         };
+        let mut st = peer.lock();
+        // Another thread may have taken a newer initiation meanwhile.
+        if !fresh(&st) {
+            return tally.count_drop(DropReason::NotAuthentic);
+        }
         if st.established(&keys, now).is_none() {
             return tally.count_drop(DropReason::IoError);
         }
+        st.answered = Some((index, mac1));
         st.last_timestamp = init.timestamp;
         st.last_init_received = Some(now);
         st.heard(false, now);
@@ -335,18 +350,29 @@ impl WgCodec {
             return tally.count_drop(DropReason::UnknownSender);
         };
         let peer = found.peer;
-        let mut st = peer.lock();
-        let keys = match st
+        // The handshake it answers, if still ours; checked outside the lock (anyone can send
+        // a response with a valid mac1 and a guessed index: two Diffie-Hellmans each).
+        let Some(sent) = peer
+            .lock()
             .pending
             .as_ref()
             .filter(|p| p.sent.local_index == receiver)
-        {
-            Some(p) => handshake::consume_response(&self.local, &peer.remote, &p.sent, msg),
-            None => return tally.count_drop(DropReason::NotAuthentic),
-        };
-        let Ok(keys) = keys else {
+            .map(|p| p.sent.clone())
+        else {
             return tally.count_drop(DropReason::NotAuthentic);
         };
+        let Ok(keys) = handshake::consume_response(&self.local, &peer.remote, &sent, msg) else {
+            return tally.count_drop(DropReason::NotAuthentic);
+        };
+        let mut st = peer.lock();
+        if !st
+            .pending
+            .as_ref()
+            .is_some_and(|p| Arc::ptr_eq(&p.sent, &sent))
+        {
+            // Answered twice, or a newer initiation replaced it meanwhile.
+            return tally.count_drop(DropReason::NotAuthentic);
+        }
         let Some(s) = st.established(&keys, now) else {
             return tally.count_drop(DropReason::IoError);
         };
@@ -356,11 +382,14 @@ impl WgCodec {
         // keys to the responder (it may not send before it hears from us on them).
         let staged = std::mem::take(&mut st.staged);
         if staged.is_empty() {
+            // A keepalive is not data: the peer owes no answer to it.
             seal_each(&s, std::iter::once(&[][..]), st.endpoint, out);
+            st.last_sent = Some(now);
+            st.unacked_since = None;
         } else {
             seal_each(&s, staged.iter().map(Vec::as_slice), st.endpoint, out);
+            st.sent_data(now);
         }
-        st.sent_data(now);
     }
 
     fn cookie_reply(&self, table: &WgTable, d: &[u8], now: Instant, tally: &mut Tally) {
@@ -372,14 +401,13 @@ impl WgCodec {
             return tally.count_drop(DropReason::UnknownSender);
         };
         let mut st = found.peer.lock();
-        let cookie = match st
-            .pending
-            .as_ref()
-            .filter(|p| p.sent.local_index == receiver)
-        {
-            Some(p) => handshake::open_cookie(&found.peer.remote, &p.sent.mac1, msg),
-            None => return tally.count_drop(DropReason::NotAuthentic),
+        // A reply to our initiation or to our response: sealed with the mac1 that carried.
+        let mac1 = match (&st.pending, st.answered) {
+            (Some(p), _) if p.sent.local_index == receiver => p.sent.mac1,
+            (_, Some((index, mac1))) if index == receiver => mac1,
+            _ => return tally.count_drop(DropReason::NotAuthentic),
         };
+        let cookie = handshake::open_cookie(&found.peer.remote, &mac1, msg);
         match cookie {
             // It proves nothing about where the peer is: no roaming. The retry (on the timer)
             // carries mac2.
@@ -494,7 +522,7 @@ impl WgCodec {
         let Some(found) = table.by_receiver(index) else {
             return false;
         };
-        let Some((session, unconfirmed)) = found.peer.lock().by_index(index) else {
+        let Some((session, unconfirmed)) = found.peer.lock().by_index(index, Instant::now()) else {
             return false;
         };
         let mut work = Vec::with_capacity(count);
@@ -699,7 +727,9 @@ impl Codec for WgCodec {
             if !same || room < d.len() || sc.pkts.len() == sc.pkts.capacity() {
                 release(&mut held, sc, src, out, tally, &mut deliver);
                 // The session the index names: current, previous, or the one we answered.
-                let Some((session, unconfirmed)) = found.peer.lock().by_index(index) else {
+                let Some((session, unconfirmed)) =
+                    found.peer.lock().by_index(index, Instant::now())
+                else {
                     // A session we no longer have (expired, replaced, or never ours).
                     tally.count_drop(DropReason::NotAuthentic);
                     continue;

@@ -273,6 +273,46 @@ fn packets_waiting_on_both_sides_all_arrive() {
 }
 
 #[test]
+fn crossing_initiations_leave_each_side_sending_on_its_own() {
+    // Both initiate at once and both answer. Each must end up sending on the session it
+    // initiated (the initiator alone rekeys on age); the answered one only opens what came.
+    let (mut a, mut b) = pair();
+    let to_b = packet(pod(1, 5), pod(2, 7), 100, 1);
+    let to_a = packet(pod(2, 7), pod(1, 5), 100, 2);
+    send(&mut a, 2, std::slice::from_ref(&to_b)).expect("staged");
+    send(&mut b, 1, std::slice::from_ref(&to_a)).expect("staged");
+    let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+    for _ in 0..4 {
+        got_b.extend(poll(&mut b));
+        got_a.extend(poll(&mut a));
+    }
+    assert_eq!((got_a, got_b), (vec![to_a], vec![to_b]));
+    for n in [&a, &b] {
+        let peer = n.codec.table.load().peers()[0].clone();
+        let st = peer.lock();
+        assert!(
+            st.current.as_ref().is_some_and(|s| s.initiator),
+            "node {}",
+            n.net
+        );
+        assert!(st.next.is_none(), "node {}", n.net);
+    }
+    // Traffic both ways still flows, and confirms nothing over the initiated sessions.
+    for _ in 0..3 {
+        let p = packet(pod(1, 5), pod(2, 7), 500, 3);
+        send(&mut a, 2, std::slice::from_ref(&p)).expect("sent");
+        assert_eq!(poll(&mut b), vec![p]);
+        let q = packet(pod(2, 7), pod(1, 5), 500, 4);
+        send(&mut b, 1, std::slice::from_ref(&q)).expect("sent");
+        assert_eq!(poll(&mut a), vec![q]);
+    }
+    for n in [&a, &b] {
+        let peer = n.codec.table.load().peers()[0].clone();
+        assert!(peer.lock().current.as_ref().is_some_and(|s| s.initiator));
+    }
+}
+
+#[test]
 fn padded_packets_lose_their_padding() {
     // wireguard-go and the kernel pad what they seal to 16 bytes: the IP header says how long
     // the packet really is.

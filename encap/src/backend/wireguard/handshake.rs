@@ -9,7 +9,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use boringtun::x25519::{PublicKey, StaticSecret};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::crypto::{
     self, hash, kdf, mac, NotAuthentic, CONSTRUCTION, IDENTIFIER, LABEL_COOKIE, LABEL_MAC1,
@@ -86,7 +86,7 @@ impl Remote {
     pub fn new(local: &Local, public: [u8; 32], psk: Option<[u8; 32]>) -> Self {
         let public = PublicKey::from(public);
         Remote {
-            static_static: dh(&local.secret, &public).ok(),
+            static_static: dh(&local.secret, &public).ok().map(|ss| *ss),
             psk: psk.unwrap_or([0; 32]),
             mac1_key: hash(&[LABEL_MAC1, public.as_bytes()]),
             cookie_key: hash(&[LABEL_COOKIE, public.as_bytes()]),
@@ -164,8 +164,8 @@ pub(super) struct InitReceived {
     pub timestamp: [u8; 12],
 }
 
-fn dh(secret: &StaticSecret, public: &PublicKey) -> Result<[u8; 32], HandshakeError> {
-    let shared = secret.diffie_hellman(public).to_bytes();
+fn dh(secret: &StaticSecret, public: &PublicKey) -> Result<Zeroizing<[u8; 32]>, HandshakeError> {
+    let shared = Zeroizing::new(secret.diffie_hellman(public).to_bytes());
     // WireGuard refuses all-zero results (a low-order public key); not secret-dependent timing
     // that matters: the result is thrown away when zero.
     if shared.iter().fold(0u8, |a, b| a | b) == 0 {
@@ -213,7 +213,10 @@ pub(super) fn initiate(
     cookie: Option<&[u8; 16]>,
     msg: &mut [u8; INIT_LEN],
 ) -> Result<InitSent, HandshakeError> {
-    let ss = remote.static_static.ok_or(HandshakeError::WeakKey)?;
+    let ss = remote
+        .static_static
+        .as_ref()
+        .ok_or(HandshakeError::WeakKey)?;
     let e_pub = PublicKey::from(&ephemeral);
     msg.fill(0);
     msg[0] = INIT;
@@ -221,16 +224,17 @@ pub(super) fn initiate(
     msg[8..40].copy_from_slice(e_pub.as_bytes());
     let [mut chain] = kdf::<1>(&local.chain0, e_pub.as_bytes());
     let mut h = hash(&[&remote.hash_as_initiator, e_pub.as_bytes()]);
-    let [c, mut k] = kdf::<2>(&chain, &dh(&ephemeral, &remote.public)?);
+    let [c, mut k] = kdf::<2>(&chain, &*dh(&ephemeral, &remote.public)?);
     chain = c;
     msg[40..72].copy_from_slice(local.public.as_bytes());
     crypto::seal(&k, 0, &h, &mut msg[40..88]);
     h = hash(&[&h, &msg[40..88]]);
-    let [c, k2] = kdf::<2>(&chain, &ss);
+    let [c, mut k2] = kdf::<2>(&chain, ss);
     chain = c;
     k.zeroize();
     msg[88..100].copy_from_slice(&timestamp);
     crypto::seal(&k2, 0, &h, &mut msg[88..116]);
+    k2.zeroize();
     h = hash(&[&h, &msg[88..116]]);
     let mac1 = put_macs(msg, &remote.mac1_key, cookie);
     Ok(InitSent {
@@ -249,7 +253,7 @@ pub(super) fn open_init(local: &Local, msg: &[u8; INIT_LEN]) -> Result<InitOpene
     ephemeral.copy_from_slice(&msg[8..40]);
     let [chain] = kdf::<1>(&local.chain0, &ephemeral);
     let h = hash(&[&local.hash_as_responder, &ephemeral]);
-    let [chain, mut k] = kdf::<2>(&chain, &dh(&local.secret, &PublicKey::from(ephemeral))?);
+    let [chain, mut k] = kdf::<2>(&chain, &*dh(&local.secret, &PublicKey::from(ephemeral))?);
     let mut field = [0u8; 48];
     field.copy_from_slice(&msg[40..88]);
     let opened = crypto::open(&k, 0, &h, &mut field);
@@ -272,8 +276,11 @@ pub(super) fn open_init(local: &Local, msg: &[u8; INIT_LEN]) -> Result<InitOpene
 impl InitOpened {
     /// Opens the timestamp with the static-static secret of the peer the sender claimed to be.
     pub fn finish(mut self, remote: &Remote) -> Result<InitReceived, HandshakeError> {
-        let ss = remote.static_static.ok_or(HandshakeError::WeakKey)?;
-        let [chain, mut k] = kdf::<2>(&self.chain, &ss);
+        let ss = remote
+            .static_static
+            .as_ref()
+            .ok_or(HandshakeError::WeakKey)?;
+        let [chain, mut k] = kdf::<2>(&self.chain, ss);
         let mut field = self.timestamp_sealed;
         let opened = crypto::open(&k, 0, &self.hash, &mut field);
         k.zeroize();
@@ -290,7 +297,8 @@ impl InitOpened {
 }
 
 /// Answers an initiation from `remote` with a response in `msg`; the keys are ours to use once
-/// the initiator's first data message confirms them.
+/// the initiator's first data message confirms them. Also returns the response's mac1 (a
+/// cookie reply to it is sealed with it).
 pub(super) fn respond(
     remote: &Remote,
     init: &InitReceived,
@@ -298,7 +306,7 @@ pub(super) fn respond(
     ephemeral: StaticSecret,
     cookie: Option<&[u8; 16]>,
     msg: &mut [u8; RESPONSE_LEN],
-) -> Result<Keys, HandshakeError> {
+) -> Result<(Keys, [u8; 16]), HandshakeError> {
     let o = &init.opened;
     let e_pub = PublicKey::from(&ephemeral);
     msg.fill(0);
@@ -308,21 +316,24 @@ pub(super) fn respond(
     msg[12..44].copy_from_slice(e_pub.as_bytes());
     let [chain] = kdf::<1>(&o.chain, e_pub.as_bytes());
     let h = hash(&[&o.hash, e_pub.as_bytes()]);
-    let [chain] = kdf::<1>(&chain, &dh(&ephemeral, &PublicKey::from(o.ephemeral))?);
-    let [chain] = kdf::<1>(&chain, &dh(&ephemeral, &remote.public)?);
-    let [chain, tau, mut k] = kdf::<3>(&chain, &remote.psk);
+    let [chain] = kdf::<1>(&chain, &*dh(&ephemeral, &PublicKey::from(o.ephemeral))?);
+    let [chain] = kdf::<1>(&chain, &*dh(&ephemeral, &remote.public)?);
+    let [mut chain, mut tau, mut k] = kdf::<3>(&chain, &remote.psk);
     let h = hash(&[&h, &tau]);
     crypto::seal(&k, 0, &h, &mut msg[44..60]);
-    k.zeroize();
-    put_macs(msg, &remote.mac1_key, cookie);
+    let mac1 = put_macs(msg, &remote.mac1_key, cookie);
     let [recv, send] = kdf::<2>(&chain, &[]);
-    Ok(Keys {
+    for secret in [&mut chain, &mut tau, &mut k] {
+        secret.zeroize();
+    }
+    let keys = Keys {
         send,
         recv,
         local_index,
         remote_index: o.remote_index,
         initiator: false,
-    })
+    };
+    Ok((keys, mac1))
 }
 
 /// Completes the handshake we started with `sent` from the responder's answer.
@@ -337,16 +348,18 @@ pub(super) fn consume_response(
     let e_r_pub = PublicKey::from(e_r);
     let [chain] = kdf::<1>(&sent.chain, &e_r);
     let h = hash(&[&sent.hash, &e_r]);
-    let [chain] = kdf::<1>(&chain, &dh(&sent.ephemeral, &e_r_pub)?);
-    let [chain] = kdf::<1>(&chain, &dh(&local.secret, &e_r_pub)?);
-    let [chain, tau, mut k] = kdf::<3>(&chain, &remote.psk);
+    let [chain] = kdf::<1>(&chain, &*dh(&sent.ephemeral, &e_r_pub)?);
+    let [chain] = kdf::<1>(&chain, &*dh(&local.secret, &e_r_pub)?);
+    let [mut chain, mut tau, mut k] = kdf::<3>(&chain, &remote.psk);
     let h = hash(&[&h, &tau]);
     let mut empty = [0u8; 16];
     empty.copy_from_slice(&msg[44..60]);
     let opened = crypto::open(&k, 0, &h, &mut empty);
-    k.zeroize();
-    opened?;
     let [send, recv] = kdf::<2>(&chain, &[]);
+    for secret in [&mut chain, &mut tau, &mut k] {
+        secret.zeroize();
+    }
+    opened?;
     Ok(Keys {
         send,
         recv,

@@ -131,7 +131,7 @@ fn they_initiate(psk: Option<[u8; 32]>) {
     assert_eq!(&opened.peer_static, PublicKey::from(&theirs).as_bytes());
     let received = opened.finish(&remote).expect("timestamp");
     let mut resp = [0u8; RESPONSE_LEN];
-    let keys =
+    let (keys, _) =
         respond(&remote, &received, 0x0a0b_0c0d, secret(), None, &mut resp).expect("respond");
     assert!(!keys.initiator);
     let s = Session::new(&keys, Instant::now()).expect("session");
@@ -271,4 +271,38 @@ fn a_responder_under_load_gets_our_cookie_back() {
         _ => panic!("mac2 was not accepted"),
     };
     assert!(consume_response(&local, &remote, &sent, &resp).is_ok());
+}
+
+#[test]
+fn a_cookie_reply_to_our_response_opens() {
+    // The initiator is under load when our response arrives: its rate limiter answers with a
+    // cookie sealed to the response's mac1, which `respond` returned.
+    let (ours, theirs) = (secret(), secret());
+    let local = Local::new(ours.clone());
+    let remote = Remote::new(&local, *PublicKey::from(&theirs).as_bytes(), None);
+    let mut tunn = Tunn::new(
+        theirs.clone(),
+        PublicKey::from(&ours),
+        None,
+        None,
+        7 << 8,
+        None,
+    );
+    let mut buf = vec![0u8; 2048];
+    let init: [u8; INIT_LEN] = match tunn.format_handshake_initiation(&mut buf, false) {
+        TunnResult::WriteToNetwork(m) => m.try_into().expect("an initiation"),
+        _ => panic!("no initiation"),
+    };
+    let received = open_init(&local, &init)
+        .and_then(|o| o.finish(&remote))
+        .expect("opens");
+    let mut resp = [0u8; RESPONSE_LEN];
+    let (_, mac1) = respond(&remote, &received, 3, secret(), None, &mut resp).expect("respond");
+    let limiter = RateLimiter::new(&PublicKey::from(&theirs), 0);
+    let reply: [u8; COOKIE_REPLY_LEN] =
+        match limiter.verify_packet(Some(IpAddr::from([192, 0, 2, 1])), &resp, &mut buf) {
+            Err(TunnResult::WriteToNetwork(r)) => r.try_into().expect("a cookie reply"),
+            _ => panic!("no cookie reply"),
+        };
+    assert!(open_cookie(&remote, &mac1, &reply).is_ok());
 }

@@ -1,11 +1,13 @@
 //! WireGuard peers as the packet threads see them: each peer's protocol state (sessions,
 //! handshake in flight, timers, where it is) behind its own lock, taken briefly once per batch
-//! and never across crypto or a syscall, and an immutable table, swapped atomically by the
-//! control plane, that finds a peer by inner destination (AllowedIPs), by the receiver index in
-//! a message, or by public key.
+//! and never across a syscall, and an immutable table, swapped atomically by the control plane,
+//! that finds a peer by inner destination (AllowedIPs), by the receiver index in a message, or
+//! by public key.
 //!
 //! The lock guards decisions, not packets: a batch clones the session it needs and seals or
-//! opens outside, so every queue's threads work on one peer at once.
+//! opens outside, so every queue's threads work on one peer at once. Handshake messages that
+//! arrive are worked out outside it too (anyone can make us try a response); the one piece of
+//! public-key work under it is building our own initiation, once per handshake.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -54,7 +56,8 @@ pub(super) struct WgPeer {
 
 /// A handshake we initiated and wait to hear back on.
 pub(super) struct Pending {
-    pub sent: InitSent,
+    /// Shared so that a response is checked against it outside the peer's lock.
+    pub sent: Arc<InitSent>,
     /// When the first initiation of this attempt went out (REKEY_ATTEMPT_TIME runs from it).
     pub started: Instant,
     pub last_sent: Instant,
@@ -78,6 +81,8 @@ pub(super) struct PeerState {
     pub pending: Option<Pending>,
     /// The latest cookie the peer sent us (under load it wants mac2), and when.
     pub cookie: Option<([u8; 16], Instant)>,
+    /// The index and mac1 of our latest response: a cookie reply may come back to it.
+    pub answered: Option<(u32, [u8; 16])>,
     /// The greatest initiation timestamp accepted from the peer (replays must be newer).
     pub last_timestamp: [u8; 12],
     pub last_init_received: Option<Instant>,
@@ -126,6 +131,7 @@ impl WgPeer {
                 next: None,
                 pending: None,
                 cookie: None,
+                answered: None,
                 last_timestamp: [0; 12],
                 last_init_received: None,
                 staged: VecDeque::new(),
@@ -158,11 +164,17 @@ impl PeerState {
             .cloned()
     }
 
-    /// The session a data message's receiver index names, and whether it is the unconfirmed
-    /// `next` one.
-    pub fn by_index(&self, local_index: u32) -> Option<(Arc<Session>, bool)> {
-        let hit =
-            |s: &Option<Arc<Session>>| s.as_ref().filter(|s| s.local_index == local_index).cloned();
+    /// The session a data message's receiver index names (if not expired), and whether it is
+    /// the unconfirmed `next` one.
+    pub fn by_index(&self, local_index: u32, now: Instant) -> Option<(Arc<Session>, bool)> {
+        let hit = |s: &Option<Arc<Session>>| {
+            s.as_ref()
+                .filter(|s| {
+                    s.local_index == local_index
+                        && now.saturating_duration_since(s.born) < REJECT_AFTER_TIME
+                })
+                .cloned()
+        };
         if let Some(s) = hit(&self.current).or_else(|| hit(&self.previous)) {
             return Some((s, false));
         }
@@ -209,6 +221,36 @@ impl PeerState {
         !dropped
     }
 
+    /// The cookie the peer last sent, while still good (WireGuard keeps one 120 s).
+    pub fn fresh_cookie(&self, now: Instant) -> Option<[u8; 16]> {
+        self.cookie
+            .filter(|(_, at)| now.saturating_duration_since(*at) < REKEY_AFTER_TIME)
+            .map(|(c, _)| c)
+    }
+
+    /// A session index for this peer that none of its sessions or handshakes holds.
+    fn fresh_index(&mut self, peer_index: u32) -> u32 {
+        let held = |i: u32| {
+            [&self.current, &self.previous, &self.next]
+                .iter()
+                .any(|s| s.as_ref().is_some_and(|s| s.local_index == i))
+                || self
+                    .pending
+                    .as_ref()
+                    .is_some_and(|p| p.sent.local_index == i)
+                || self.answered.is_some_and(|(a, _)| a == i)
+        };
+        let mut index = 0;
+        for _ in 0..=u8::MAX {
+            self.next_session = self.next_session.wrapping_add(1);
+            index = peer_index << 8 | u32::from(self.next_session);
+            if !held(index) {
+                break;
+            }
+        }
+        index
+    }
+
     /// Builds an initiation into `msg` and remembers it. `None` when no randomness or the
     /// peer's key is unusable (a low order point: no handshake can ever succeed).
     pub fn initiate(
@@ -219,15 +261,18 @@ impl PeerState {
         msg: &mut [u8; INIT_LEN],
     ) -> Option<()> {
         let ephemeral = StaticSecret::from(random_key().ok()?);
-        self.next_session = self.next_session.wrapping_add(1);
-        let index = peer.index << 8 | u32::from(self.next_session);
-        let cookie = self
-            .cookie
-            .as_ref()
-            .filter(|(_, at)| now.saturating_duration_since(*at) < REKEY_AFTER_TIME)
-            .map(|(c, _)| c);
+        let index = self.fresh_index(peer.index);
+        let cookie = self.fresh_cookie(now);
         let stamp = handshake::tai64n(SystemTime::now());
-        let sent = handshake::initiate(local, &peer.remote, index, ephemeral, stamp, cookie, msg)
+        let sent = handshake::initiate(
+            local,
+            &peer.remote,
+            index,
+            ephemeral,
+            stamp,
+            cookie.as_ref(),
+            msg,
+        )
             .map_err(|e| tracing::warn!(peer = %super::keys::encode_key(&peer.public_key), "WireGuard handshake: {e}"))
             .ok()?;
         let started = match &self.pending {
@@ -235,7 +280,7 @@ impl PeerState {
             None => now,
         };
         self.pending = Some(Pending {
-            sent,
+            sent: Arc::new(sent),
             started,
             last_sent: now,
         });
@@ -246,8 +291,7 @@ impl PeerState {
 
     /// Allocates the index of a session we answer as responder.
     pub fn responder_index(&mut self, peer_index: u32) -> u32 {
-        self.next_session = self.next_session.wrapping_add(1);
-        peer_index << 8 | u32::from(self.next_session)
+        self.fresh_index(peer_index)
     }
 
     /// A handshake completed: `keys` become a session (ours to send with at once if we
@@ -256,10 +300,17 @@ impl PeerState {
         let s = Arc::new(Session::new(keys, now)?);
         if keys.initiator {
             self.pending = None;
-            self.previous = self.current.take();
+            // As wireguard-go: a session we answered meanwhile (crossing initiations) is kept
+            // only to open what the peer already sent with it, so that its first packet does
+            // not later confirm it over the one we initiated (which alone rekeys on time).
+            self.previous = match self.next.take() {
+                Some(answered) => Some(answered),
+                None => self.current.take(),
+            };
             self.current = Some(s.clone());
         } else {
             self.next = Some(s.clone());
+            self.previous = None;
         }
         Some(s)
     }
@@ -325,7 +376,18 @@ impl PeerState {
             }
         }
         if self.current.is_none() {
-            return Due::Nothing;
+            // A persistent keepalive with no session to carry it starts one (the peer may be
+            // behind NAT and reachable only through what we send).
+            let keepalive_due = keepalive.is_some_and(|k| {
+                let every = Duration::from_secs(u64::from(k));
+                self.last_sent
+                    .is_none_or(|t| now.saturating_duration_since(t) >= every)
+            });
+            return if keepalive_due && self.pending.is_none() {
+                Due::Initiate
+            } else {
+                Due::Nothing
+            };
         }
         if self
             .unacked_since
@@ -538,10 +600,14 @@ mod tests {
             st.sending(t0).is_none(),
             "an unconfirmed session does not send"
         );
-        assert!(matches!(st.by_index(0x103), Some((_, true))));
+        assert!(matches!(st.by_index(0x103, t0), Some((_, true))));
         st.confirm(0x103);
         assert!(st.sending(t0).is_some() && st.next.is_none());
-        assert!(matches!(st.by_index(0x103), Some((_, false))));
+        assert!(matches!(st.by_index(0x103, t0), Some((_, false))));
+        assert!(
+            st.by_index(0x103, t0 + REJECT_AFTER_TIME).is_none(),
+            "expired"
+        );
         st.sent_data(t0);
         st.heard(false, t0);
         let every = Some(25);
@@ -553,6 +619,12 @@ mod tests {
             st.timers(t0 + Duration::from_secs(25), Duration::ZERO, every),
             Due::Keepalive
         );
+        // Once the session has aged out, a due keepalive starts a handshake instead (a peer
+        // behind NAT hears from us only this way); without persistent keepalive, nothing.
+        let late = t0 + REJECT_AFTER_TIME;
+        assert_eq!(st.timers(late, Duration::ZERO, None), Due::Nothing);
+        assert!(st.current.is_none());
+        assert_eq!(st.timers(late, Duration::ZERO, every), Due::Initiate);
     }
 
     #[test]

@@ -57,8 +57,12 @@ impl Session {
     /// Reserves `n` consecutive counters, the first returned; `None` once the session may not
     /// send that many more.
     pub fn reserve(&self, n: u64) -> Option<u64> {
-        let first = self.next_counter.fetch_add(n, Ordering::Relaxed);
-        (first.checked_add(n)? <= REJECT_AFTER_MESSAGES).then_some(first)
+        // Never past the limit, so the counter cannot wrap and a nonce come round again.
+        self.next_counter
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                c.checked_add(n).filter(|&e| e <= REJECT_AFTER_MESSAGES)
+            })
+            .ok()
     }
 
     /// How many counters were reserved so far.
