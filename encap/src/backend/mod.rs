@@ -8,6 +8,8 @@ mod udp;
 mod vxlan;
 mod wireguard;
 
+#[cfg(feature = "testutil")]
+pub use wireguard::cost as wireguard_cost;
 /// The WireGuard receive path for `cargo fuzz` (never in normal builds).
 #[cfg(fuzzing)]
 pub use wireguard::fuzzing as wireguard_fuzzing;

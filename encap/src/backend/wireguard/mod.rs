@@ -20,6 +20,8 @@ mod codec;
 #[cfg(test)]
 mod codec_tests;
 mod config;
+#[cfg(feature = "testutil")]
+pub mod cost;
 mod crypto;
 mod device;
 #[cfg(any(test, fuzzing))]
