@@ -148,6 +148,13 @@ fn seal_each<'a>(
     }
 }
 
+/// A keepalive (an empty data message) on `s`. Not data: the peer owes no answer to it.
+fn send_keepalive(s: &Session, st: &mut PeerState, now: Instant, out: &mut Outbox) {
+    seal_each(s, std::iter::once(&[][..]), st.endpoint, out);
+    st.last_sent = Some(now);
+    st.unacked_since = None;
+}
+
 impl WgCodec {
     pub fn new(keys: StaticKeys) -> Self {
         let limiter = Arc::new(RateLimiter::new(&keys.public, HANDSHAKE_RATE_LIMIT));
@@ -180,19 +187,23 @@ impl WgCodec {
         self
     }
 
-    /// Sends an initiation to the peer (into `out`; the timer's count as sent packets, as
-    /// its keepalives do, those prompted by traffic as control messages).
-    fn initiate(&self, peer: &WgPeer, st: &mut PeerState, now: Instant, out: &mut Outbox) {
+    /// Sends an initiation to the peer (into `out`): those the timer sends count as sent
+    /// packets, as its keepalives do; those prompted by traffic as control messages.
+    fn initiate(
+        &self,
+        peer: &WgPeer,
+        st: &mut PeerState,
+        now: Instant,
+        out: &mut Outbox,
+        on_timer: bool,
+    ) {
         let mut msg = [0u8; INIT_LEN];
         if st.initiate(&self.local, peer, now, &mut msg).is_some() {
-            out.push_control(st.endpoint, &msg);
-        }
-    }
-
-    fn initiate_on_timer(&self, peer: &WgPeer, st: &mut PeerState, now: Instant, out: &mut Outbox) {
-        let mut msg = [0u8; INIT_LEN];
-        if st.initiate(&self.local, peer, now, &mut msg).is_some() {
-            out.push_packet(st.endpoint, &msg);
+            if on_timer {
+                out.push_packet(st.endpoint, &msg);
+            } else {
+                out.push_control(st.endpoint, &msg);
+            }
         }
     }
 
@@ -210,17 +221,15 @@ impl WgCodec {
                 st.timers(now, jitter(peer), peer.keepalive)
             };
             match due {
-                Due::Initiate => self.initiate_on_timer(peer, &mut st, now, out),
+                Due::Initiate => self.initiate(peer, &mut st, now, out, true),
                 Due::Keepalive => {
                     if let Some(s) = st.sending(now) {
-                        seal_each(&s, std::iter::once(&[][..]), st.endpoint, out);
-                        st.last_sent = Some(now);
-                        st.unacked_since = None;
+                        send_keepalive(&s, &mut st, now, out);
                         if st.rekey_due(&s, now) {
-                            self.initiate_on_timer(peer, &mut st, now, out);
+                            self.initiate(peer, &mut st, now, out, true);
                         }
                     } else if st.pending.is_none() {
-                        self.initiate_on_timer(peer, &mut st, now, out);
+                        self.initiate(peer, &mut st, now, out, true);
                     }
                 }
                 Due::Nothing => {}
@@ -382,10 +391,7 @@ impl WgCodec {
         // keys to the responder (it may not send before it hears from us on them).
         let staged = std::mem::take(&mut st.staged);
         if staged.is_empty() {
-            // A keepalive is not data: the peer owes no answer to it.
-            seal_each(&s, std::iter::once(&[][..]), st.endpoint, out);
-            st.last_sent = Some(now);
-            st.unacked_since = None;
+            send_keepalive(&s, &mut st, now, out);
         } else {
             seal_each(&s, staged.iter().map(Vec::as_slice), st.endpoint, out);
             st.sent_data(now);
@@ -655,12 +661,12 @@ impl Codec for WgCodec {
                     }
                 }
                 if st.retry_due(now) {
-                    self.initiate(&peer, &mut st, now, out);
+                    self.initiate(&peer, &mut st, now, out, false);
                 }
                 return Ok(None);
             };
             if st.rekey_due(&s, now) {
-                self.initiate(&peer, &mut st, now, out);
+                self.initiate(&peer, &mut st, now, out, false);
             }
             st.sent_data(now);
             (st.endpoint, s, first)

@@ -36,6 +36,22 @@ fn ip_packet(fill: usize) -> Vec<u8> {
     p
 }
 
+/// Our static key, the peer's, our side of handshakes and the peer as we know it.
+fn sides(psk: Option<[u8; 32]>) -> (StaticSecret, StaticSecret, Local, Remote) {
+    let (ours, theirs) = (secret(), secret());
+    let local = Local::new(ours.clone());
+    let remote = Remote::new(&local, *PublicKey::from(&theirs).as_bytes(), psk);
+    (ours, theirs, local, remote)
+}
+
+/// An initiation from boringtun's side.
+fn initiation_of(tunn: &mut Tunn, buf: &mut [u8]) -> [u8; INIT_LEN] {
+    match tunn.format_handshake_initiation(buf, false) {
+        TunnResult::WriteToNetwork(m) => m.try_into().expect("an initiation"),
+        _ => panic!("no initiation"),
+    }
+}
+
 fn seal(s: &Session, pkt: &[u8]) -> Vec<u8> {
     let mut msg = vec![0u8; DATA_HEADER + pkt.len() + TAG_LEN];
     msg[DATA_HEADER..DATA_HEADER + pkt.len()].copy_from_slice(pkt);
@@ -75,9 +91,7 @@ fn data_flows(ours: &Session, tunn: &mut Tunn) {
 }
 
 fn we_initiate(psk: Option<[u8; 32]>) {
-    let (ours, theirs) = (secret(), secret());
-    let local = Local::new(ours.clone());
-    let remote = Remote::new(&local, *PublicKey::from(&theirs).as_bytes(), psk);
+    let (ours, theirs, local, remote) = sides(psk);
     let mut tunn = Tunn::new(theirs, PublicKey::from(&ours), psk, None, 7 << 8, None);
     let mut init = [0u8; INIT_LEN];
     let sent = initiate(
@@ -111,9 +125,7 @@ fn we_initiate(psk: Option<[u8; 32]>) {
 }
 
 fn they_initiate(psk: Option<[u8; 32]>) {
-    let (ours, theirs) = (secret(), secret());
-    let local = Local::new(ours.clone());
-    let remote = Remote::new(&local, *PublicKey::from(&theirs).as_bytes(), psk);
+    let (ours, theirs, local, remote) = sides(psk);
     let mut tunn = Tunn::new(
         theirs.clone(),
         PublicKey::from(&ours),
@@ -123,10 +135,7 @@ fn they_initiate(psk: Option<[u8; 32]>) {
         None,
     );
     let mut buf = vec![0u8; 2048];
-    let init: [u8; INIT_LEN] = match tunn.format_handshake_initiation(&mut buf, false) {
-        TunnResult::WriteToNetwork(m) => m.try_into().expect("an initiation"),
-        _ => panic!("no initiation"),
-    };
+    let init = initiation_of(&mut tunn, &mut buf);
     let opened = open_init(&local, &init).expect("opens");
     assert_eq!(&opened.peer_static, PublicKey::from(&theirs).as_bytes());
     let received = opened.finish(&remote).expect("timestamp");
@@ -194,15 +203,11 @@ fn a_wrong_preshared_key_fails() {
 
 #[test]
 fn tampered_or_foreign_initiations_fail() {
-    let (ours, theirs, stranger) = (secret(), secret(), secret());
-    let local = Local::new(ours.clone());
-    let remote = Remote::new(&local, *PublicKey::from(&theirs).as_bytes(), None);
+    let (ours, theirs, local, remote) = sides(None);
+    let stranger = secret();
     let mut tunn = Tunn::new(theirs, PublicKey::from(&ours), None, None, 7 << 8, None);
     let mut buf = vec![0u8; 2048];
-    let init: [u8; INIT_LEN] = match tunn.format_handshake_initiation(&mut buf, false) {
-        TunnResult::WriteToNetwork(m) => m.try_into().expect("an initiation"),
-        _ => panic!("no initiation"),
-    };
+    let init = initiation_of(&mut tunn, &mut buf);
     for at in [8, 40, 87, 88, 115] {
         let mut bad = init;
         bad[at] ^= 0x80;
@@ -222,9 +227,7 @@ fn tampered_or_foreign_initiations_fail() {
 
 #[test]
 fn a_responder_under_load_gets_our_cookie_back() {
-    let (ours, theirs) = (secret(), secret());
-    let local = Local::new(ours.clone());
-    let remote = Remote::new(&local, *PublicKey::from(&theirs).as_bytes(), None);
+    let (ours, theirs, local, remote) = sides(None);
     // A limit of 0: boringtun is always "under load" and wants mac2.
     let limiter = Arc::new(RateLimiter::new(&PublicKey::from(&theirs), 0));
     let mut tunn = Tunn::new(
@@ -277,9 +280,7 @@ fn a_responder_under_load_gets_our_cookie_back() {
 fn a_cookie_reply_to_our_response_opens() {
     // The initiator is under load when our response arrives: its rate limiter answers with a
     // cookie sealed to the response's mac1, which `respond` returned.
-    let (ours, theirs) = (secret(), secret());
-    let local = Local::new(ours.clone());
-    let remote = Remote::new(&local, *PublicKey::from(&theirs).as_bytes(), None);
+    let (ours, theirs, local, remote) = sides(None);
     let mut tunn = Tunn::new(
         theirs.clone(),
         PublicKey::from(&ours),
@@ -289,10 +290,7 @@ fn a_cookie_reply_to_our_response_opens() {
         None,
     );
     let mut buf = vec![0u8; 2048];
-    let init: [u8; INIT_LEN] = match tunn.format_handshake_initiation(&mut buf, false) {
-        TunnResult::WriteToNetwork(m) => m.try_into().expect("an initiation"),
-        _ => panic!("no initiation"),
-    };
+    let init = initiation_of(&mut tunn, &mut buf);
     let received = open_init(&local, &init)
         .and_then(|o| o.finish(&remote))
         .expect("opens");

@@ -15,7 +15,7 @@ use super::handshake::Keys;
 pub(super) const DATA: u8 = 4;
 /// Type, receiver index, counter.
 pub(super) const DATA_HEADER: usize = 16;
-pub(super) const TAG_LEN: usize = 16;
+pub(super) use super::crypto::TAG_LEN;
 /// After this many messages a session must not send (2^64 - 2^13 - 1).
 pub(super) const REJECT_AFTER_MESSAGES: u64 = u64::MAX - (1 << 13);
 /// After this many the initiator starts a new handshake.
