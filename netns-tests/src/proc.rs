@@ -41,6 +41,29 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .with_context(|| format!("no VmRSS for pid {pid}"))
 }
 
+/// CPU ticks (user + system) each thread of process `pid` whose name contains `part` used.
+pub fn thread_ticks(pid: u32, part: &str) -> Result<Vec<u64>> {
+    let mut ticks = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.contains(part) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat"))?;
+        // Fields after the parenthesised name: utime and stime are the 12th and 13th.
+        let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+        let f: Vec<u64> = after
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        ticks.push(f.iter().sum());
+    }
+    Ok(ticks)
+}
+
 /// Kills every process inside a namespace (leftovers of a dead run).
 pub fn kill_netns_pids(ns: &str) {
     if let Ok(pids) = run("ip", &["netns", "pids", ns]) {

@@ -81,38 +81,87 @@ pub fn hash_stream(conn: &mut impl Read) -> std::io::Result<(u64, u64)> {
 /// Sends `bytes` of pseudo-random data over TCP from namespace `from_ns` to `to_ip` (a listener
 /// in `to_ns`). Returns the hashes of what was sent and what was received.
 pub fn tcp_transfer(from_ns: &str, to_ns: &str, to_ip: &str, bytes: u64) -> Result<(u64, u64)> {
+    tcp_transfers(from_ns, to_ns, to_ip, 7777, 1, bytes)?
+        .pop()
+        .context("no stream")
+}
+
+/// `streams` such transfers at once, to one listener on `port`, each with its own content:
+/// (sent, received) hashes per stream, in the order the streams were opened.
+pub fn tcp_transfers(
+    from_ns: &str,
+    to_ns: &str,
+    to_ip: &str,
+    port: u16,
+    streams: usize,
+    bytes: u64,
+) -> Result<Vec<(u64, u64)>> {
     let ip: std::net::IpAddr = to_ip.parse().with_context(|| format!("address {to_ip}"))?;
-    let addr = SocketAddr::new(ip, 7777);
+    let addr = SocketAddr::new(ip, port);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let to_ns = to_ns.to_string();
+    // Threads spawned inside a namespace's thread stay in that namespace.
     let receiver = std::thread::spawn(move || {
         in_netns(&to_ns, move || {
             let listener = TcpListener::bind(addr).context("binding the receiver")?;
             let _ = ready_tx.send(());
-            let (mut conn, _) = listener.accept()?;
-            conn.set_read_timeout(Some(Duration::from_secs(60)))?;
-            Ok(hash_stream(&mut conn)?)
+            let mut readers = Vec::new();
+            for _ in 0..streams {
+                let (mut conn, _) = listener.accept()?;
+                conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+                // The sender's first 8 bytes say which stream this is (accept order is not
+                // connect order).
+                let mut id = [0u8; 8];
+                conn.read_exact(&mut id)?;
+                readers.push(std::thread::spawn(move || {
+                    hash_stream(&mut conn).map(|h| (u64::from_le_bytes(id), h))
+                }));
+            }
+            let mut got = Vec::new();
+            for r in readers {
+                got.push(r.join().map_err(|_| anyhow!("reader panicked"))??);
+            }
+            got.sort_unstable_by_key(|(id, _)| *id);
+            Ok(got)
         })
     });
     ready_rx
         .recv_timeout(Duration::from_secs(10))
         .context("receiver did not start")?;
     let sent = in_netns(from_ns, move || {
-        let mut conn =
-            TcpStream::connect_timeout(&addr, Duration::from_secs(10)).context("connecting")?;
-        Ok(send_stream(
-            &mut conn,
-            0x9E37_79B9_7F4A_7C15 ^ bytes,
-            bytes,
-        )?)
+        let writers: Vec<_> = (0..streams as u64)
+            .map(|id| {
+                std::thread::spawn(move || -> Result<u64> {
+                    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+                        .context("connecting")?;
+                    conn.write_all(&id.to_le_bytes())?;
+                    Ok(send_stream(
+                        &mut conn,
+                        0x9E37_79B9_7F4A_7C15 ^ bytes ^ id.rotate_left(32),
+                        bytes,
+                    )?)
+                })
+            })
+            .collect();
+        writers
+            .into_iter()
+            .map(|w| w.join().map_err(|_| anyhow!("sender panicked"))?)
+            .collect::<Result<Vec<u64>>>()
     })?;
-    let (received, total) = receiver
+    let received = receiver
         .join()
         .map_err(|_| anyhow!("receiver panicked"))??;
-    if total != bytes {
-        bail!("received {total} bytes of {bytes}");
+    let mut out = Vec::new();
+    for (id, sent) in sent.into_iter().enumerate() {
+        let Some(&(_, (hash, total))) = received.iter().find(|(r, _)| *r == id as u64) else {
+            bail!("stream {id} never arrived");
+        };
+        if total != bytes {
+            bail!("stream {id}: received {total} bytes of {bytes}");
+        }
+        out.push((sent, hash));
     }
-    Ok((sent, received))
+    Ok(out)
 }
 
 /// `GET path` on `127.0.0.1:port` inside `ns`; returns (status line, body).

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use netns_tests::cluster::{Cluster, Pod};
-use netns_tests::proc::run_in;
-use netns_tests::traffic::{http_get, in_netns, metric, tcp_transfer, TestRng};
+use netns_tests::proc::{run_in, thread_ticks};
+use netns_tests::traffic::{http_get, in_netns, metric, tcp_transfer, tcp_transfers, TestRng};
 
 use crate::require_root;
 
@@ -76,6 +76,52 @@ fn udp_mesh_transfers_and_mtu_edges() -> Result<()> {
         "n1 tx: {tx} packets in {calls} syscalls ({:.1} per syscall)",
         tx / calls.max(1.0)
     );
+    Ok(())
+}
+
+/// Eight queues on two cores: each queue sends from its own port, so one peer's flows spread
+/// over eight sender and eight receiver threads per node, far more threads than cores. Eight
+/// streams each way at once arrive whole (a flow split across queues would reorder), and
+/// more than one queue carried them.
+#[test]
+fn udp_eight_queues_keep_streams_whole() -> Result<()> {
+    require_root!();
+    let mut c = Cluster::new(2)?;
+    c.put_config(UDP)?;
+    for i in 0..2 {
+        c.start_daemon(
+            i,
+            &[&format!("--metrics-port={METRICS}"), "--datapath-queues=8"],
+        )?;
+        c.wait_subnet_env(i, Duration::from_secs(20))?;
+    }
+    let pods = (0..2).map(|i| c.add_pod(i)).collect::<Result<Vec<_>>>()?;
+    c.ping(&pods[0], &pods[1].ip, 2)?;
+    let pid = c.nodes[0]
+        .daemon
+        .as_ref()
+        .and_then(|d| d.pid())
+        .ok_or_else(|| anyhow::anyhow!("no daemon"))?;
+    let before = thread_ticks(pid, "-tx")?;
+    ensure!(before.len() == 8, "8 queues: 8 sender threads expected");
+    let each = 16u64 << 20;
+    let (a, b) = (pods[0].clone(), pods[1].clone());
+    let there = std::thread::spawn(move || tcp_transfers(&a.ns, &b.ns, &b.ip, 7801, 8, each));
+    let back = tcp_transfers(&pods[1].ns, &pods[0].ns, &pods[0].ip, 7802, 8, each)?;
+    let there = there
+        .join()
+        .map_err(|_| anyhow::anyhow!("transfer panicked"))??;
+    for (dir, hashes) in [("n1 -> n2", &there), ("n2 -> n1", &back)] {
+        for (i, (sent, received)) in hashes.iter().enumerate() {
+            ensure!(sent == received, "{dir} stream {i}: hash mismatch");
+        }
+    }
+    let busy = thread_ticks(pid, "-tx")?
+        .iter()
+        .zip(&before)
+        .filter(|(after, before)| after > before)
+        .count();
+    ensure!(busy >= 2, "n1's streams left through {busy} of 8 queues");
     Ok(())
 }
 

@@ -6,10 +6,12 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use netns_tests::cluster::{Cluster, Pod, ETCD_PREFIX};
-use netns_tests::proc::run_in;
-use netns_tests::traffic::{http_get, in_netns, metric, tcp_transfer, wait_for_drops, TestRng};
+use netns_tests::proc::{run_in, thread_ticks};
+use netns_tests::traffic::{
+    http_get, in_netns, metric, tcp_transfer, tcp_transfers, wait_for_drops, TestRng,
+};
 use netns_tests::wait_until;
 use netns_tests::wg::{
     self, capture_udp, handshake_flood, pod_reaches, send_datagrams, WgDevice, WgKeys,
@@ -220,6 +222,70 @@ fn wireguard_bad_key_files_are_refused() -> Result<()> {
         log.contains("does not hold a WireGuard private key"),
         "no clear error for a corrupt key file:\n{log}"
     );
+    Ok(())
+}
+
+/// Eight queues on two cores: each node's 16 packet threads and the 4 helpers that open for
+/// its receiver share the two cores with the pods, so sender threads are descheduled in the
+/// middle of runs and one peer's counters reach the wire interleaved from many threads: what
+/// many cores do, exaggerated. Eight streams each way at once arrive whole, the helpers did
+/// open, and the replay window (8,128 counters), which sees the interleaving, drops next to
+/// nothing.
+#[test]
+fn wireguard_eight_queues_keep_streams_whole() -> Result<()> {
+    require_root!();
+    let mut c = Cluster::new(2)?;
+    c.put_config(WG_CONFIG)?;
+    for i in 0..2 {
+        c.start_daemon(
+            i,
+            &[&format!("--metrics-port={METRICS}"), "--datapath-queues=8"],
+        )?;
+        c.wait_subnet_env(i, Duration::from_secs(20))?;
+    }
+    let pods = (0..2).map(|i| c.add_pod(i)).collect::<Result<Vec<_>>>()?;
+    c.ping(&pods[0], &pods[1].ip, 2)?;
+    let pid = |c: &Cluster, i: usize| {
+        c.nodes[i]
+            .daemon
+            .as_ref()
+            .and_then(|d| d.pid())
+            .context("no daemon")
+    };
+    let pid2 = pid(&c, 1)?;
+    ensure!(
+        thread_ticks(pid2, "-open")?.len() == 4,
+        "8 queues: 4 helper threads expected"
+    );
+    let before = thread_ticks(pid2, "-open")?.iter().sum::<u64>();
+
+    let each = 16u64 << 20;
+    let (a, b) = (pods[0].clone(), pods[1].clone());
+    let there = std::thread::spawn(move || tcp_transfers(&a.ns, &b.ns, &b.ip, 7801, 8, each));
+    let back = tcp_transfers(&pods[1].ns, &pods[0].ns, &pods[0].ip, 7802, 8, each)?;
+    let there = there.join().map_err(|_| anyhow!("transfer panicked"))??;
+    for (dir, hashes) in [("n1 -> n2", &there), ("n2 -> n1", &back)] {
+        for (i, (sent, received)) in hashes.iter().enumerate() {
+            ensure!(sent == received, "{dir} stream {i}: hash mismatch");
+        }
+    }
+
+    let after = thread_ticks(pid2, "-open")?.iter().sum::<u64>();
+    ensure!(after > before, "the helpers opened nothing");
+    for i in 0..2 {
+        let m = metrics(&c, i)?;
+        let rx = metric(&m, "flanneld_datapath_packets_total{direction=\"rx\"}").unwrap_or(0.0);
+        let dropped = drops(&m, "not_authentic");
+        eprintln!(
+            "n{}: {rx} packets received, {dropped} dropped as not authentic",
+            i + 1
+        );
+        ensure!(
+            dropped <= rx / 1000.0,
+            "n{}: {dropped} of {rx} packets dropped as replays or forgeries",
+            i + 1
+        );
+    }
     Ok(())
 }
 
