@@ -17,12 +17,13 @@
 //! receiver index names, outside any lock, then handed to the pump (GRO, TUN). A packet is
 //! accepted only if it authenticates, is not a replay, and its inner source lies in that
 //! peer's AllowedIPs. Handshake messages pass the shared rate limiter (mac1 check, cookie
-//! replies under load) before any Diffie-Hellman is spent on them.
+//! replies under load) and a per-source limit (`source_limit`) before any Diffie-Hellman is
+//! spent on them.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -34,6 +35,7 @@ use super::handshake::{
 use super::keys::StaticKeys;
 use super::peers::{Due, PeerState, WgPeer, WgTable};
 use super::session::{OpenError, Session, DATA, DATA_HEADER, TAG_LEN};
+use super::source_limit::SourceLimit;
 use crate::backend::pump::{Codec, Outbox, Transmit};
 use crate::io::RecvMsg;
 use crate::stats::{DropReason, Tally};
@@ -48,6 +50,8 @@ pub(super) struct WgCodec {
     pub table: ArcSwap<WgTable>,
     pub local: Local,
     pub limiter: Arc<RateLimiter>,
+    /// Handshake messages per source address, after the limiter.
+    sources: SourceLimit,
     /// Threads that help a receiver thread open a large message (many-core machines only).
     open_pool: Option<rayon_core::ThreadPool>,
 }
@@ -122,14 +126,6 @@ fn inner_packet(p: &[u8]) -> Option<(IpAddr, usize)> {
 }
 
 /// Spreads handshake retries (WireGuard adds up to a third of a second).
-fn jitter(peer: &WgPeer) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let mix = u64::from(peer.index).wrapping_mul(0x9e37_79b9) ^ u64::from(nanos);
-    Duration::from_millis(mix % 334)
-}
-
 /// Seals `pkts` (each a whole packet) with `s`, each into the outbox as its own datagram.
 fn seal_each<'a>(
     s: &Session,
@@ -143,8 +139,9 @@ fn seal_each<'a>(
         buf.clear();
         buf.resize(p.len() + DATA_OVERHEAD, 0);
         buf[DATA_HEADER..DATA_HEADER + p.len()].copy_from_slice(p);
-        s.seal(counter, &mut buf);
-        out.push_packet(to, &buf);
+        if s.seal(counter, &mut buf) {
+            out.push_packet(to, &buf);
+        }
     }
 }
 
@@ -162,6 +159,7 @@ impl WgCodec {
             table: ArcSwap::from_pointee(WgTable::default()),
             local: Local::new(keys.secret),
             limiter,
+            sources: SourceLimit::new(),
             open_pool: None,
         }
     }
@@ -218,7 +216,7 @@ impl WgCodec {
             let due = if peer.greet.swap(false, Ordering::Relaxed) {
                 Due::Initiate
             } else {
-                st.timers(now, jitter(peer), peer.keepalive)
+                st.timers(now, peer.keepalive)
             };
             match due {
                 Due::Initiate => self.initiate(peer, &mut st, now, out, true),
@@ -252,6 +250,10 @@ impl WgCodec {
         match message_type(d) {
             Some(COOKIE_REPLY) => self.cookie_reply(table, d, now, tally),
             Some(kind) => match self.limiter.verify_packet(Some(src.ip()), d, &mut sc.ctl) {
+                // Past mac1 (and mac2 under load), one address still gets only its share.
+                Ok(_) if !self.sources.allow(src.ip(), now) => {
+                    tally.count_drop(DropReason::UnknownSender)
+                }
                 Ok(Packet::HandshakeInit(_)) if kind == INIT => {
                     self.initiation(table, d, src, now, out, tally)
                 }
@@ -365,8 +367,7 @@ impl WgCodec {
             .lock()
             .pending
             .as_ref()
-            .filter(|p| p.sent.local_index == receiver)
-            .map(|p| p.sent.clone())
+            .and_then(|p| p.answers(receiver).cloned())
         else {
             return tally.count_drop(DropReason::NotAuthentic);
         };
@@ -377,7 +378,8 @@ impl WgCodec {
         if !st
             .pending
             .as_ref()
-            .is_some_and(|p| Arc::ptr_eq(&p.sent, &sent))
+            .and_then(|p| p.answers(receiver))
+            .is_some_and(|s| Arc::ptr_eq(s, &sent))
         {
             // Answered twice, or a newer initiation replaced it meanwhile.
             return tally.count_drop(DropReason::NotAuthentic);
@@ -408,9 +410,10 @@ impl WgCodec {
         };
         let mut st = found.peer.lock();
         // A reply to our initiation or to our response: sealed with the mac1 that carried.
-        let mac1 = match (&st.pending, st.answered) {
-            (Some(p), _) if p.sent.local_index == receiver => p.sent.mac1,
-            (_, Some((index, mac1))) if index == receiver => mac1,
+        let ours = st.pending.as_ref().and_then(|p| p.answers(receiver));
+        let mac1 = match (ours, st.answered) {
+            (Some(sent), _) => sent.mac1,
+            (None, Some((index, mac1))) if index == receiver => mac1,
             _ => return tally.count_drop(DropReason::NotAuthentic),
         };
         let cookie = handshake::open_cookie(&found.peer.remote, &mac1, msg);
@@ -681,7 +684,11 @@ impl Codec for WgCodec {
                 continue;
             };
             msg[DATA_HEADER..DATA_HEADER + seg.len()].copy_from_slice(seg);
-            session.seal(first + i as u64, msg);
+            if !session.seal(first + i as u64, msg) {
+                // Its place is taken by the next segment; its counter is simply never seen.
+                tally.count_drop(DropReason::Malformed);
+                continue;
+            }
             sealed_len += len.min(stride);
         }
         Ok(sc

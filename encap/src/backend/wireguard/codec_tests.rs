@@ -15,7 +15,7 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 
 use super::codec::{RxScratch, TxScratch, WgCodec, DATA_OVERHEAD, HANDSHAKE_RATE_LIMIT};
 use super::keys::{random_key, StaticKeys};
-use super::peers::{WgPeer, WgTable};
+use super::peers::{WgPeer, WgTable, RETRY_INIT};
 use crate::backend::pump::{Codec, Outbox, Transmit};
 use crate::io::RecvMsg;
 use crate::stats::{DropReason, Tally};
@@ -312,6 +312,70 @@ fn crossing_initiations_leave_each_side_sending_on_its_own() {
     }
 }
 
+/// Makes `n`'s waiting initiation to its first peer old enough for traffic to retry it.
+fn age_pending(n: &Node) {
+    let peer = n.codec.table.load().peers()[0].clone();
+    let mut st = peer.lock();
+    let p = st.pending.as_mut().expect("an initiation waits");
+    p.last_sent = p.last_sent.checked_sub(RETRY_INIT).expect("clock");
+}
+
+#[test]
+fn a_response_slower_than_the_retry_still_completes() {
+    // Packets waiting retry the initiation after RETRY_INIT; on a path slower than that, the
+    // answer to the first arrives after the second went out, and must still be taken (else no
+    // handshake completes while traffic keeps retrying).
+    let (mut a, mut b) = pair();
+    let first = packet(pod(1, 5), pod(2, 7), 100, 1);
+    send(&mut a, 2, std::slice::from_ref(&first)).expect("staged");
+    let init1 = a.lan.take(b.addr).expect("an initiation");
+    age_pending(&a);
+    let second = packet(pod(1, 5), pod(2, 7), 100, 2);
+    send(&mut a, 2, std::slice::from_ref(&second)).expect("staged");
+    let init2 = a.lan.take(b.addr).expect("a second initiation");
+    assert_ne!(init1.1, init2.1);
+    // The second is lost; b answers the first, and a takes that answer.
+    assert!(receive(&mut b, &init1).is_empty());
+    assert!(poll(&mut a).is_empty());
+    assert_eq!(poll(&mut b), vec![first, second]);
+    for n in [&a, &b] {
+        assert_eq!(n.tally.drops.iter().sum::<u64>(), 0, "{:?}", n.tally.drops);
+    }
+}
+
+#[test]
+fn replayed_flooded_and_excess_initiations_are_refused() {
+    let (mut a, mut b) = pair();
+    send(&mut a, 2, &[packet(pod(1, 5), pod(2, 7), 100, 1)]).expect("staged");
+    let init1 = a.lan.take(b.addr).expect("an initiation");
+    receive(&mut b, &init1);
+    assert_eq!(b.lan.waiting(a.addr), 1, "answered");
+    b.lan.take(a.addr);
+    // The same bytes again: authentic, but not newer than the last. Not answered.
+    receive(&mut b, &init1);
+    assert_eq!(drops(&b, DropReason::NotAuthentic), 1);
+    // A retry within INIT_FLOOD of the last one taken: not answered either.
+    age_pending(&a);
+    send(&mut a, 2, &[packet(pod(1, 5), pod(2, 7), 100, 2)]).expect("staged");
+    let init2 = a.lan.take(b.addr).expect("a retry");
+    {
+        let peer = b.codec.table.load().peers()[0].clone();
+        peer.lock().last_init_received = Some(std::time::Instant::now());
+    }
+    receive(&mut b, &init2);
+    assert_eq!(drops(&b, DropReason::NotAuthentic), 2);
+    assert_eq!(b.lan.waiting(a.addr), 0, "nothing answered");
+    // One address gets 5 handshake messages at once, then 20 a second: of 30 more copies
+    // 2 pass (and are refused as replays), the rest are turned away before any
+    // Diffie-Hellman (a slow run may refill a token or two meanwhile).
+    for _ in 0..30 {
+        receive(&mut b, &init1);
+    }
+    let limited = drops(&b, DropReason::UnknownSender);
+    assert!(limited >= 24, "{limited} of 30 turned away");
+    assert_eq!(drops(&b, DropReason::NotAuthentic) + limited, 2 + 30);
+}
+
 #[test]
 fn padded_packets_lose_their_padding() {
     // wireguard-go and the kernel pad what they seal to 16 bytes: the IP header says how long
@@ -328,7 +392,7 @@ fn padded_packets_lose_their_padding() {
         .expect("session");
     let mut msg = vec![0u8; padded.len() + DATA_OVERHEAD];
     msg[16..16 + padded.len()].copy_from_slice(&padded);
-    s.seal(s.reserve(1).expect("counter"), &mut msg);
+    assert!(s.seal(s.reserve(1).expect("counter"), &mut msg));
     b.lan.post(a.addr, b.addr, &msg, None);
     assert_eq!(poll(&mut b), vec![pkt]);
     // A header claiming more than was sealed is malformed.
@@ -336,7 +400,7 @@ fn padded_packets_lose_their_padding() {
     short.truncate(80);
     let mut msg = vec![0u8; short.len() + DATA_OVERHEAD];
     msg[16..16 + short.len()].copy_from_slice(&short);
-    s.seal(s.reserve(1).expect("counter"), &mut msg);
+    assert!(s.seal(s.reserve(1).expect("counter"), &mut msg));
     b.lan.post(a.addr, b.addr, &msg, None);
     assert!(poll(&mut b).is_empty());
     assert_eq!(drops(&b, DropReason::Malformed), 1);

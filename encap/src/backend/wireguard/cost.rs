@@ -40,7 +40,7 @@ pub fn seal_ns(threads: usize, segs: usize, seg_len: usize) -> Option<f64> {
                 for _ in 0..segs / 44 {
                     let Some(first) = s.reserve(44) else { return };
                     for (i, msg) in buf.chunks_mut(stride).enumerate() {
-                        s.seal(first + i as u64, msg);
+                        let _ = s.seal(first + i as u64, msg);
                     }
                 }
             });
@@ -59,7 +59,7 @@ pub fn open_ns(threads: usize, segs: usize, seg_len: usize) -> Option<f64> {
             let mut buf = vec![7u8; segs * stride];
             for msg in buf.chunks_mut(stride) {
                 if let Some(c) = tx.reserve(1) {
-                    tx.seal(c, msg);
+                    let _ = tx.seal(c, msg);
                 }
             }
             buf

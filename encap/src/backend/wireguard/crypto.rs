@@ -20,6 +20,10 @@ pub(super) const TAG_LEN: usize = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct NotAuthentic;
 
+/// Sealing failed (no room for the tag): nothing was made to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct SealFailed;
+
 pub(super) fn hash(parts: &[&[u8]]) -> [u8; 32] {
     let mut h = Blake2s256::new();
     for p in parts {
@@ -78,17 +82,23 @@ fn nonce(counter: u64) -> [u8; 12] {
     n
 }
 
-/// Seals `buf[..len - 16]` in place, writing the tag into its last 16 bytes.
-pub(super) fn seal(key: &[u8; 32], counter: u64, aad: &[u8], buf: &mut [u8]) {
+/// Seals `buf[..len - 16]` in place, writing the tag into its last 16 bytes. An error (a
+/// buffer without room for the tag) leaves nothing fit to send.
+pub(super) fn seal(
+    key: &[u8; 32],
+    counter: u64,
+    aad: &[u8],
+    buf: &mut [u8],
+) -> Result<(), SealFailed> {
     let cipher = ChaCha20Poly1305::new(key.into());
-    let split = buf.len().saturating_sub(TAG_LEN);
+    let split = buf.len().checked_sub(TAG_LEN).ok_or(SealFailed)?;
     let (text, tag_out) = buf.split_at_mut(split);
     let n = nonce(counter);
-    if let Ok(tag) =
-        cipher.encrypt_in_place_detached(Nonce::<ChaCha20Poly1305>::from_slice(&n), aad, text)
-    {
-        tag_out.copy_from_slice(&tag);
-    }
+    let tag = cipher
+        .encrypt_in_place_detached(Nonce::<ChaCha20Poly1305>::from_slice(&n), aad, text)
+        .map_err(|_| SealFailed)?;
+    tag_out.copy_from_slice(&tag);
+    Ok(())
 }
 
 /// Opens what [`seal`] made: on success `buf[..len - 16]` is the plaintext.
@@ -166,7 +176,7 @@ mod tests {
     fn seal_then_open_and_tampering_fails() {
         let key = [9u8; 32];
         let mut buf = *b"hello, world!!!!0123456789abcdef";
-        seal(&key, 5, b"ad", &mut buf);
+        seal(&key, 5, b"ad", &mut buf).expect("sealed");
         let mut copy = buf;
         assert!(open(&key, 5, b"ad", &mut copy).is_ok());
         assert_eq!(&copy[..16], b"hello, world!!!!");

@@ -156,7 +156,7 @@ pub fn receive(data: &[u8]) -> usize {
             };
             let mut msg = vec![0u8; data.len() + DATA_OVERHEAD];
             msg[DATA_HEADER..DATA_HEADER + data.len()].copy_from_slice(data);
-            s.seal(counter, &mut msg);
+            let _ = s.seal(counter, &mut msg);
             sealed = msg;
             &sealed[..]
         } else {

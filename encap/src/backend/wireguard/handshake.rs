@@ -12,7 +12,8 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::crypto::{
-    self, hash, kdf, mac, NotAuthentic, CONSTRUCTION, IDENTIFIER, LABEL_COOKIE, LABEL_MAC1,
+    self, hash, kdf, mac, NotAuthentic, SealFailed, CONSTRUCTION, IDENTIFIER, LABEL_COOKIE,
+    LABEL_MAC1,
 };
 
 pub(super) const INIT: u8 = 1;
@@ -28,6 +29,14 @@ pub(super) enum HandshakeError {
     NotAuthentic,
     #[error("a public key gives an all-zero Diffie-Hellman result (low order point)")]
     WeakKey,
+    #[error("sealing a field failed")]
+    Seal,
+}
+
+impl From<SealFailed> for HandshakeError {
+    fn from(_: SealFailed) -> Self {
+        HandshakeError::Seal
+    }
 }
 
 impl From<NotAuthentic> for HandshakeError {
@@ -184,12 +193,14 @@ pub(super) fn get_u32(buf: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b)
 }
 
-/// Now as TAI64N (big-endian seconds since 1970 + 2^62 + 10, then nanoseconds).
+/// Now as TAI64N (big-endian seconds since 1970 + 2^62 + 10, then nanoseconds), the
+/// nanoseconds cut to steps of 2^24 (16.8 ms) as wireguard-go does: the responder needs only
+/// an increasing stamp (initiations go at least a second apart), not our precise clock.
 pub(super) fn tai64n(now: SystemTime) -> [u8; 12] {
     let d = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let mut t = [0u8; 12];
     t[..8].copy_from_slice(&(0x4000_0000_0000_000a_u64 + d.as_secs()).to_be_bytes());
-    t[8..].copy_from_slice(&d.subsec_nanos().to_be_bytes());
+    t[8..].copy_from_slice(&(d.subsec_nanos() & !0x00ff_ffff).to_be_bytes());
     t
 }
 
@@ -227,14 +238,16 @@ pub(super) fn initiate(
     let [c, mut k] = kdf::<2>(&chain, &*dh(&ephemeral, &remote.public)?);
     chain = c;
     msg[40..72].copy_from_slice(local.public.as_bytes());
-    crypto::seal(&k, 0, &h, &mut msg[40..88]);
+    let sealed = crypto::seal(&k, 0, &h, &mut msg[40..88]);
+    k.zeroize();
+    sealed?;
     h = hash(&[&h, &msg[40..88]]);
     let [c, mut k2] = kdf::<2>(&chain, ss);
     chain = c;
-    k.zeroize();
     msg[88..100].copy_from_slice(&timestamp);
-    crypto::seal(&k2, 0, &h, &mut msg[88..116]);
+    let sealed = crypto::seal(&k2, 0, &h, &mut msg[88..116]);
     k2.zeroize();
+    sealed?;
     h = hash(&[&h, &msg[88..116]]);
     let mac1 = put_macs(msg, &remote.mac1_key, cookie);
     Ok(InitSent {
@@ -320,12 +333,16 @@ pub(super) fn respond(
     let [chain] = kdf::<1>(&chain, &*dh(&ephemeral, &remote.public)?);
     let [mut chain, mut tau, mut k] = kdf::<3>(&chain, &remote.psk);
     let h = hash(&[&h, &tau]);
-    crypto::seal(&k, 0, &h, &mut msg[44..60]);
+    let sealed = crypto::seal(&k, 0, &h, &mut msg[44..60]);
+    tau.zeroize();
+    k.zeroize();
+    if let Err(e) = sealed {
+        chain.zeroize();
+        return Err(e.into());
+    }
     let mac1 = put_macs(msg, &remote.mac1_key, cookie);
     let [recv, send] = kdf::<2>(&chain, &[]);
-    for secret in [&mut chain, &mut tau, &mut k] {
-        secret.zeroize();
-    }
+    chain.zeroize();
     let keys = Keys {
         send,
         recv,

@@ -55,7 +55,7 @@ fn initiation_of(tunn: &mut Tunn, buf: &mut [u8]) -> [u8; INIT_LEN] {
 fn seal(s: &Session, pkt: &[u8]) -> Vec<u8> {
     let mut msg = vec![0u8; DATA_HEADER + pkt.len() + TAG_LEN];
     msg[DATA_HEADER..DATA_HEADER + pkt.len()].copy_from_slice(pkt);
-    s.seal(s.reserve(1).expect("counter"), &mut msg);
+    assert!(s.seal(s.reserve(1).expect("counter"), &mut msg));
     msg
 }
 

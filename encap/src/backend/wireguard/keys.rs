@@ -35,6 +35,16 @@ pub(super) fn decode_key(s: &str) -> Option<[u8; 32]> {
     key
 }
 
+/// Whether `key` is a point of small order (the identity or one of the few points of order 2, 4
+/// or 8, in any of their encodings): Diffie-Hellman with it gives zero whatever the secret, so
+/// no handshake with it can complete (WireGuard refuses the zero result). Any secret shows it:
+/// x25519 clamps secrets to multiples of the cofactor 8, which sends exactly those points to
+/// zero.
+pub(super) fn is_low_order(key: &[u8; 32]) -> bool {
+    let probe = StaticSecret::from([0x5a; 32]);
+    probe.diffie_hellman(&PublicKey::from(*key)).to_bytes() == [0; 32]
+}
+
 pub(super) fn encode_key(key: &[u8; 32]) -> String {
     STANDARD.encode(key)
 }
@@ -190,6 +200,28 @@ pub(super) fn random_key() -> std::io::Result<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn low_order_keys_are_told_apart() {
+        // u = 0 (order 2... or the identity), u = 1 (order 4), and u = p = 2^255 - 19, a
+        // non-canonical encoding of 0.
+        let mut p = [0xff; 32];
+        p[0] = 0xed;
+        p[31] = 0x7f;
+        for low in [
+            [0u8; 32],
+            {
+                let mut one = [0u8; 32];
+                one[0] = 1;
+                one
+            },
+            p,
+        ] {
+            assert!(is_low_order(&low), "{low:?}");
+        }
+        let real = PublicKey::from(&StaticSecret::from([7; 32]));
+        assert!(!is_low_order(real.as_bytes()));
+    }
 
     #[test]
     fn generated_once_then_reused() {

@@ -41,6 +41,11 @@ fn wg_data(value: Option<&Value>, name: &str) -> Result<Option<WgData>, String> 
         .and_then(Value::as_str)
         .and_then(keys::decode_key)
         .ok_or_else(|| format!("{name}.PublicKey is not a base64 WireGuard key"))?;
+    if keys::is_low_order(&public_key) {
+        return Err(format!(
+            "{name}.PublicKey is a low-order point: no handshake can be made with it"
+        ));
+    }
     let port = match get("Port") {
         None => None,
         Some(v) => Some(
@@ -365,6 +370,10 @@ mod tests {
         let no_data =
             r#"{"PublicIP":"172.30.0.13","PublicIPv6":"fd00:30::13","BackendType":"wireguard"}"#;
         assert!(err(no_data).contains("no BackendData or BackendV6Data"));
+        // All zeros: base64 of a key, but a low-order point (the timer would retry its
+        // handshake for ever, logging each time).
+        let zero = r#"{"PublicIP":"172.30.0.13","PublicIPv6":"fd00:30::13","BackendType":"wireguard","BackendData":{"PublicKey":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}}"#;
+        assert!(err(zero).contains("BackendData.PublicKey is a low-order point"));
         // Only the key from BackendV6Data (an IPv6-only node): fine, on our ListenPort.
         let v6_only = lease(
             "0.0.0.0-0&fc00:44:0:7::-64",

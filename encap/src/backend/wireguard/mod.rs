@@ -35,6 +35,7 @@ mod peers;
 #[cfg(test)]
 mod pump_tests;
 mod session;
+mod source_limit;
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv6Addr;

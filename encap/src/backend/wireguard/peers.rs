@@ -58,9 +58,33 @@ pub(super) struct WgPeer {
 pub(super) struct Pending {
     /// Shared so that a response is checked against it outside the peer's lock.
     pub sent: Arc<InitSent>,
+    /// The initiation `sent` replaced, still answerable: traffic retries after RETRY_INIT, so
+    /// on a path slower than that the answer to one arrives after the next went out.
+    pub replaced: Option<Arc<InitSent>>,
     /// When the first initiation of this attempt went out (REKEY_ATTEMPT_TIME runs from it).
     pub started: Instant,
     pub last_sent: Instant,
+    /// Added to REKEY_TIMEOUT before the timer retries: drawn once per initiation, so that
+    /// nodes restarted together spread their retries.
+    pub jitter: Duration,
+}
+
+impl Pending {
+    /// The initiation of ours that a message to our index `receiver` answers.
+    pub fn answers(&self, receiver: u32) -> Option<&Arc<InitSent>> {
+        std::iter::once(&self.sent)
+            .chain(&self.replaced)
+            .find(|s| s.local_index == receiver)
+    }
+}
+
+/// Up to a third of a second (WireGuard's REKEY_TIMEOUT jitter), from the clock and the peer.
+fn jitter(peer_index: u32) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mix = u64::from(peer_index).wrapping_mul(0x9e37_79b9) ^ u64::from(nanos);
+    Duration::from_millis(mix % 334)
 }
 
 /// What the packet threads and the timer change.
@@ -196,11 +220,11 @@ impl PeerState {
         VecDeque::new()
     }
 
-    /// Whether the initiator of `s` should start a new handshake before the session ages out.
+    /// Whether sending on `s` calls for a new handshake: the initiator renews a session
+    /// before it ages out, either side one that has sent nearly all it may.
     pub fn rekey_due(&self, s: &Session, now: Instant) -> bool {
-        s.initiator
-            && self.pending.is_none()
-            && (now.saturating_duration_since(s.born) >= REKEY_AFTER_TIME
+        self.pending.is_none()
+            && ((s.initiator && now.saturating_duration_since(s.born) >= REKEY_AFTER_TIME)
                 || s.sent() >= super::session::REKEY_AFTER_MESSAGES)
     }
 
@@ -237,7 +261,7 @@ impl PeerState {
                 || self
                     .pending
                     .as_ref()
-                    .is_some_and(|p| p.sent.local_index == i)
+                    .is_some_and(|p| p.answers(i).is_some())
                 || self.answered.is_some_and(|(a, _)| a == i)
         };
         let mut index = 0;
@@ -275,14 +299,16 @@ impl PeerState {
         )
             .map_err(|e| tracing::warn!(peer = %super::keys::encode_key(&peer.public_key), "WireGuard handshake: {e}"))
             .ok()?;
-        let started = match &self.pending {
-            Some(p) => p.started,
-            None => now,
+        let (started, replaced) = match self.pending.take() {
+            Some(p) => (p.started, Some(p.sent)),
+            None => (now, None),
         };
         self.pending = Some(Pending {
             sent: Arc::new(sent),
+            replaced,
             started,
             last_sent: now,
+            jitter: jitter(peer.index),
         });
         self.last_sent = Some(now);
         self.unanswered_since = None;
@@ -335,7 +361,7 @@ impl PeerState {
     /// REKEY_ATTEMPT_TIME, received data is acknowledged within KEEPALIVE_TIMEOUT, unanswered
     /// data starts a new handshake, a session we initiated is renewed before it ages out, and
     /// a persistent keepalive goes out when due.
-    pub fn timers(&mut self, now: Instant, jitter: Duration, keepalive: Option<u16>) -> Due {
+    pub fn timers(&mut self, now: Instant, keepalive: Option<u16>) -> Due {
         let age =
             |s: &Option<Arc<Session>>| s.as_ref().map(|s| now.saturating_duration_since(s.born));
         for s in [&mut self.current, &mut self.previous, &mut self.next] {
@@ -352,7 +378,7 @@ impl PeerState {
                 self.staged.clear();
                 return Due::Nothing;
             }
-            if now.saturating_duration_since(p.last_sent) >= REKEY_TIMEOUT + jitter {
+            if now.saturating_duration_since(p.last_sent) >= REKEY_TIMEOUT + p.jitter {
                 return Due::Initiate;
             }
         } else if self.current.is_none() {
@@ -511,29 +537,26 @@ mod tests {
         let local = Local::new(StaticSecret::from([1u8; 32]));
         let mut st = p.lock();
         let t0 = Instant::now();
-        let no = Duration::ZERO;
         assert_eq!(
-            st.timers(t0, no, None),
+            st.timers(t0, None),
             Due::Nothing,
             "nothing to send, no session"
         );
         st.stage(b"pkt");
-        assert_eq!(st.timers(t0, no, None), Due::Initiate, "a packet waits");
+        assert_eq!(st.timers(t0, None), Due::Initiate, "a packet waits");
         let mut msg = [0u8; INIT_LEN];
         st.initiate(&local, &p, t0, &mut msg).expect("initiation");
         assert_eq!(msg[0], 1);
-        assert_eq!(
-            st.timers(t0 + Duration::from_secs(4), no, None),
-            Due::Nothing
-        );
+        assert_eq!(st.timers(t0 + Duration::from_secs(4), None), Due::Nothing);
         assert!(!st.retry_due(t0), "traffic retries after RETRY_INIT");
         assert!(st.retry_due(t0 + RETRY_INIT));
-        let jitter = Duration::from_millis(300);
-        assert_eq!(st.timers(t0 + REKEY_TIMEOUT, jitter, None), Due::Nothing);
-        assert_eq!(
-            st.timers(t0 + REKEY_TIMEOUT + jitter, jitter, None),
-            Due::Initiate
-        );
+        let jitter = st.pending.as_ref().map_or(Duration::MAX, |p| p.jitter);
+        assert!(jitter < Duration::from_millis(334));
+        if !jitter.is_zero() {
+            let early = t0 + REKEY_TIMEOUT + jitter - Duration::from_millis(1);
+            assert_eq!(st.timers(early, None), Due::Nothing);
+        }
+        assert_eq!(st.timers(t0 + REKEY_TIMEOUT + jitter, None), Due::Initiate);
         let later = t0 + Duration::from_secs(60);
         st.initiate(&local, &p, later, &mut msg).expect("retry");
         assert_eq!(
@@ -541,7 +564,7 @@ mod tests {
             Some(t0),
             "one attempt"
         );
-        assert_eq!(st.timers(t0 + REKEY_ATTEMPT_TIME, no, None), Due::Nothing);
+        assert_eq!(st.timers(t0 + REKEY_ATTEMPT_TIME, None), Due::Nothing);
         assert!(
             st.pending.is_none() && st.staged.is_empty(),
             "given up, packets dropped"
@@ -553,26 +576,22 @@ mod tests {
         let p = peer(1, 2);
         let mut st = p.lock();
         let t0 = Instant::now();
-        let no = Duration::ZERO;
         st.current = Some(session(0x101, true, t0));
         // Data in, nothing out for KEEPALIVE_TIMEOUT: a keepalive.
         st.heard(true, t0);
-        assert_eq!(
-            st.timers(t0 + Duration::from_secs(9), no, None),
-            Due::Nothing
-        );
-        assert_eq!(st.timers(t0 + KEEPALIVE_TIMEOUT, no, None), Due::Keepalive);
+        assert_eq!(st.timers(t0 + Duration::from_secs(9), None), Due::Nothing);
+        assert_eq!(st.timers(t0 + KEEPALIVE_TIMEOUT, None), Due::Keepalive);
         st.sent_data(t0 + KEEPALIVE_TIMEOUT);
         // Data out, nothing back for KEEPALIVE_TIMEOUT + REKEY_TIMEOUT: a new handshake.
         let quiet = t0 + KEEPALIVE_TIMEOUT + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT;
-        assert_eq!(st.timers(quiet, no, None), Due::Initiate);
+        assert_eq!(st.timers(quiet, None), Due::Initiate);
         st.heard(false, quiet);
-        assert_eq!(st.timers(quiet, no, None), Due::Nothing, "answered");
+        assert_eq!(st.timers(quiet, None), Due::Nothing, "answered");
         // The initiator renews an old session it still receives on.
         let old = t0 + REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT;
         st.heard(true, old);
         st.sent_data(old);
-        assert_eq!(st.timers(old, no, None), Due::Initiate);
+        assert_eq!(st.timers(old, None), Due::Initiate);
         let s = st.current.clone().expect("session");
         assert!(!st.rekey_due(&s, t0 + Duration::from_secs(119)));
         assert!(
@@ -586,7 +605,7 @@ mod tests {
         );
         // Sessions go at REJECT_AFTER_TIME.
         assert!(st.sending(t0 + REJECT_AFTER_TIME).is_none());
-        st.timers(t0 + REJECT_AFTER_TIME, no, None);
+        st.timers(t0 + REJECT_AFTER_TIME, None);
         assert!(st.current.is_none());
     }
 
@@ -611,20 +630,17 @@ mod tests {
         st.sent_data(t0);
         st.heard(false, t0);
         let every = Some(25);
+        assert_eq!(st.timers(t0 + Duration::from_secs(24), every), Due::Nothing);
         assert_eq!(
-            st.timers(t0 + Duration::from_secs(24), Duration::ZERO, every),
-            Due::Nothing
-        );
-        assert_eq!(
-            st.timers(t0 + Duration::from_secs(25), Duration::ZERO, every),
+            st.timers(t0 + Duration::from_secs(25), every),
             Due::Keepalive
         );
         // Once the session has aged out, a due keepalive starts a handshake instead (a peer
         // behind NAT hears from us only this way); without persistent keepalive, nothing.
         let late = t0 + REJECT_AFTER_TIME;
-        assert_eq!(st.timers(late, Duration::ZERO, None), Due::Nothing);
+        assert_eq!(st.timers(late, None), Due::Nothing);
         assert!(st.current.is_none());
-        assert_eq!(st.timers(late, Duration::ZERO, every), Due::Initiate);
+        assert_eq!(st.timers(late, every), Due::Initiate);
     }
 
     #[test]

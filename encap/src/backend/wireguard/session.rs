@@ -71,20 +71,26 @@ impl Session {
     }
 
     /// Seals the data message in `msg`: header (written here), payload, room for the tag.
-    pub fn seal(&self, counter: u64, msg: &mut [u8]) {
+    /// `false`: not sealed (no room for header and tag), and not to be sent.
+    #[must_use]
+    pub fn seal(&self, counter: u64, msg: &mut [u8]) -> bool {
         let Some(end) = msg.len().checked_sub(TAG_LEN).filter(|&e| e >= DATA_HEADER) else {
-            return;
+            return false;
         };
         msg[..4].copy_from_slice(&[DATA, 0, 0, 0]);
         msg[4..8].copy_from_slice(&self.remote_index.to_le_bytes());
         msg[8..16].copy_from_slice(&counter.to_le_bytes());
         let (body, tag_out) = msg.split_at_mut(end);
-        if let Ok(tag) = self.sealer.get().seal_in_place_separate_tag(
+        match self.sealer.get().seal_in_place_separate_tag(
             nonce(counter),
             Aad::empty(),
             &mut body[DATA_HEADER..],
         ) {
-            tag_out.copy_from_slice(tag.as_ref());
+            Ok(tag) => {
+                tag_out.copy_from_slice(tag.as_ref());
+                true
+            }
+            Err(_) => false,
         }
     }
 
@@ -243,7 +249,12 @@ mod tests {
         let mut msg = vec![0u8; DATA_HEADER + 5 + TAG_LEN];
         msg[DATA_HEADER..DATA_HEADER + 5].copy_from_slice(b"hello");
         let c = a.reserve(1).expect("counter");
-        a.seal(c, &mut msg);
+        assert!(a.seal(c, &mut msg));
+        let mut short = [0u8; DATA_HEADER + TAG_LEN - 1];
+        assert!(
+            !a.seal(c, &mut short),
+            "no room for header and tag: not sealed"
+        );
         assert_eq!(msg[0], DATA);
         assert_eq!(
             &msg[4..8],
