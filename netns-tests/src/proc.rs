@@ -41,27 +41,26 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .with_context(|| format!("no VmRSS for pid {pid}"))
 }
 
-/// CPU ticks (user + system) each thread of process `pid` whose name contains `part` used.
-pub fn thread_ticks(pid: u32, part: &str) -> Result<Vec<u64>> {
-    let mut ticks = Vec::new();
+/// Nanoseconds on a CPU of each thread of process `pid` whose name contains `part`, from
+/// the scheduler's own accounting (`schedstat`): exact, where the tick-sampled user and system
+/// times miss threads that run in bursts shorter than a tick.
+pub fn thread_cpu_ns(pid: u32, part: &str) -> Result<Vec<u64>> {
+    let mut ns = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let dir = task?.path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
         if !comm.contains(part) {
             continue;
         }
-        let stat = std::fs::read_to_string(dir.join("stat"))?;
-        // Fields after the parenthesised name: utime and stime are the 12th and 13th.
-        let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
-        let f: Vec<u64> = after
+        let stat = std::fs::read_to_string(dir.join("schedstat"))?;
+        let on_cpu = stat
             .split_whitespace()
-            .skip(11)
-            .take(2)
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        ticks.push(f.iter().sum());
+            .next()
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("{}: schedstat {stat:?}", dir.display()))?;
+        ns.push(on_cpu);
     }
-    Ok(ticks)
+    Ok(ns)
 }
 
 /// Kills every process inside a namespace (leftovers of a dead run).

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use netns_tests::cluster::{Cluster, Pod};
-use netns_tests::proc::{run_in, thread_ticks};
+use netns_tests::proc::{run_in, thread_cpu_ns};
 use netns_tests::traffic::{http_get, in_netns, metric, tcp_transfer, tcp_transfers, TestRng};
 
 use crate::require_root;
@@ -102,7 +102,7 @@ fn udp_eight_queues_keep_streams_whole() -> Result<()> {
         .as_ref()
         .and_then(|d| d.pid())
         .ok_or_else(|| anyhow::anyhow!("no daemon"))?;
-    let before = thread_ticks(pid, "-tx")?;
+    let before = thread_cpu_ns(pid, "-tx")?;
     ensure!(before.len() == 8, "8 queues: 8 sender threads expected");
     let each = 16u64 << 20;
     let (a, b) = (pods[0].clone(), pods[1].clone());
@@ -116,7 +116,7 @@ fn udp_eight_queues_keep_streams_whole() -> Result<()> {
             ensure!(sent == received, "{dir} stream {i}: hash mismatch");
         }
     }
-    let busy = thread_ticks(pid, "-tx")?
+    let busy = thread_cpu_ns(pid, "-tx")?
         .iter()
         .zip(&before)
         .filter(|(after, before)| after > before)

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use netns_tests::cluster::{Cluster, Pod, ETCD_PREFIX};
-use netns_tests::proc::{run_in, thread_ticks};
+use netns_tests::proc::{run_in, thread_cpu_ns};
 use netns_tests::traffic::{
     http_get, in_netns, metric, tcp_transfer, tcp_transfers, wait_for_drops, TestRng,
 };
@@ -254,10 +254,10 @@ fn wireguard_eight_queues_keep_streams_whole() -> Result<()> {
     };
     let pid2 = pid(&c, 1)?;
     ensure!(
-        thread_ticks(pid2, "-open")?.len() == 4,
+        thread_cpu_ns(pid2, "-open")?.len() == 4,
         "8 queues: 4 helper threads expected"
     );
-    let before = thread_ticks(pid2, "-open")?.iter().sum::<u64>();
+    let before = thread_cpu_ns(pid2, "-open")?.iter().sum::<u64>();
 
     let each = 16u64 << 20;
     let (a, b) = (pods[0].clone(), pods[1].clone());
@@ -270,8 +270,11 @@ fn wireguard_eight_queues_keep_streams_whole() -> Result<()> {
         }
     }
 
-    let after = thread_ticks(pid2, "-open")?.iter().sum::<u64>();
-    ensure!(after > before, "the helpers opened nothing");
+    let after = thread_cpu_ns(pid2, "-open")?.iter().sum::<u64>();
+    ensure!(
+        after > before,
+        "the helpers opened nothing ({before} -> {after} ns on a CPU)"
+    );
     for i in 0..2 {
         let m = metrics(&c, i)?;
         let rx = metric(&m, "flanneld_datapath_packets_total{direction=\"rx\"}").unwrap_or(0.0);
