@@ -10,7 +10,12 @@
 //! ChaCha20-Poly1305, 16-byte tag), returned as one run so that it leaves in one UDP GSO send.
 //! Every queue's sender thread seals its own runs at once; counters interleave between them,
 //! which the receiver's replay window takes (it holds 8,128 counters), and each flow, kept to
-//! one queue, stays in order.
+//! one queue, stays in order. The bound: a run that reaches the wire more than 8,128 counters
+//! after a later-reserved one (its thread descheduled between reserving and sending while the
+//! others send ~11 MB) is dropped as replays by the receiver, and peers with smaller windows
+//! (boringtun's 1,024) drop sooner. The kernel and wireguard-go avoid it with an ordered
+//! per-peer send queue; we accept the rare loss (the namespace test with eight queues on two
+//! cores saw none) rather than pass every packet through one queue.
 //!
 //! Receive: a message from `recvmmsg` holds one sender's datagrams (UDP GRO merged them). Each
 //! data message is copied into one buffer and opened there in place with the session its
@@ -58,7 +63,7 @@ pub(super) struct WgCodec {
 
 /// A message holding at least this many data messages is opened on the pool too.
 const PARALLEL_MIN: usize = 16;
-/// Data messages per job on the pool (the receiver thread opens the first job's itself).
+/// Data messages per job on the pool (the receiver thread claims jobs too).
 const PER_JOB: usize = 8;
 
 pub(super) struct TxScratch {
@@ -548,17 +553,23 @@ impl WgCodec {
             });
             at += d.len();
         }
-        pool.in_place_scope(|scope| {
-            let mut jobs = work.chunks_mut(PER_JOB);
-            let mine = jobs.next();
-            for job in jobs {
-                let session = &session;
-                scope.spawn(move |_| open_all(session, job));
-            }
-            if let Some(job) = mine {
+        // Jobs are claimed, by the helpers and by this thread alike, until none is left: this
+        // thread works rather than waits, and a helper slow to wake takes fewer.
+        let helpers = pool.current_num_threads().min(count.div_ceil(PER_JOB) - 1);
+        let jobs = std::sync::Mutex::new(work.chunks_mut(PER_JOB));
+        let claim = || jobs.lock().unwrap_or_else(|e| e.into_inner()).next();
+        let open_claimed = || {
+            while let Some(job) = claim() {
                 open_all(&session, job);
             }
+        };
+        pool.in_place_scope(|scope| {
+            for _ in 0..helpers {
+                scope.spawn(|_| open_claimed());
+            }
+            open_claimed();
         });
+        drop(jobs);
         let (mut authentic, mut data) = (false, false);
         for w in &work {
             let Ok((counter, len)) = w.result else {

@@ -3,6 +3,7 @@
 //! runs two of these with the same private key, as Flannel runs two kernel devices.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,6 +122,15 @@ impl WgDevice {
                 .extend(l.allowed.iter().copied());
         }
         self.peers.retain(|k, _| wanted.contains_key(k));
+        // Per key, the endpoint the changed leases name. Two leases with one key (a node
+        // between two subnets) name the lowest, so that repeated syncs agree.
+        let mut moved: HashMap<[u8; 32], SocketAddr> = HashMap::new();
+        for l in changed {
+            moved
+                .entry(l.public_key)
+                .and_modify(|e| *e = (*e).min(l.endpoint))
+                .or_insert(l.endpoint);
+        }
         for key in wanted.keys() {
             if self.peers.contains_key(key) {
                 continue;
@@ -128,10 +138,7 @@ impl WgDevice {
             let Some(lease) = self.leases.values().find(|l| l.public_key == *key) else {
                 continue;
             };
-            let endpoint = changed
-                .iter()
-                .find(|l| l.public_key == *key)
-                .map_or(lease.endpoint, |l| l.endpoint);
+            let endpoint = moved.get(key).copied().unwrap_or(lease.endpoint);
             let index = self.alloc_index();
             let peer = WgPeer::new(
                 &self.codec.local,
@@ -143,13 +150,17 @@ impl WgDevice {
             );
             self.peers.insert(*key, Arc::new(peer));
         }
-        // A lease that moved its endpoint moves the peer, even if it had roamed meanwhile.
-        for l in changed {
-            if let Some(peer) = self.peers.get(&l.public_key) {
+        // A lease that moved its endpoint moves the peer, even if it had roamed meanwhile;
+        // one that still names the configured endpoint leaves it (and any roaming) alone.
+        for (key, endpoint) in moved {
+            if let Some(peer) = self.peers.get(&key) {
                 let mut st = peer.lock();
-                if st.configured != l.endpoint {
-                    st.configured = l.endpoint;
-                    st.endpoint = l.endpoint;
+                let kept = changed
+                    .iter()
+                    .any(|l| l.public_key == key && l.endpoint == st.configured);
+                if !kept {
+                    st.configured = endpoint;
+                    st.endpoint = endpoint;
                 }
             }
         }

@@ -450,6 +450,33 @@ mod tests {
     const DUAL: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fc00:44::/48","Backend":{"Type":"wireguard"MODE}}"#;
 
     #[tokio::test]
+    async fn two_leases_with_one_key_keep_one_endpoint() {
+        // A node between two subnets holds two leases with one key. Every full sync passes
+        // both: the endpoint must not follow whichever came last (hash order), nor undo
+        // roaming each time.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut wg = backend(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#,
+            &dir,
+        );
+        let a = wg_lease("10.244.1.0-24", "172.30.0.13", KEY);
+        let b = wg_lease("10.244.2.0-24", "172.30.0.12", KEY);
+        let low: SocketAddr = "172.30.0.12:51820".parse().expect("addr");
+        for leases in [[a.clone(), b.clone()], [b.clone(), a.clone()]] {
+            for _ in 0..3 {
+                wg.reconcile(&leases).await.expect("reconcile");
+                assert_eq!(table(&wg)[0].2, low);
+            }
+        }
+        let roamed: SocketAddr = "192.0.2.1:4000".parse().expect("addr");
+        for p in wg.devices[0].peers.values() {
+            p.lock().endpoint = roamed;
+        }
+        wg.reconcile(&[a, b]).await.expect("reconcile");
+        assert_eq!(table(&wg)[0].2, roamed, "roaming kept");
+    }
+
+    #[tokio::test]
     async fn dual_stack_lease_data_and_devices_like_flannel() {
         for mode in ["", r#","Mode":"ipv6""#] {
             let dir = tempfile::tempdir().expect("tempdir");

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use crossbeam_utils::CachePadded;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 
 use super::handshake::Keys;
@@ -36,8 +37,11 @@ pub(super) struct Session {
     pub born: Instant,
     sealer: WipedKey,
     opener: WipedKey,
-    next_counter: AtomicU64,
-    replay: Mutex<Replay>,
+    /// Written by every sender thread, and the window by the receiver: each on cache lines of
+    /// its own, so that neither slows reads of the keys and indexes (the padding's alignment
+    /// also keeps the `Arc`'s reference counts off them).
+    next_counter: CachePadded<AtomicU64>,
+    replay: CachePadded<Mutex<Replay>>,
 }
 
 impl Session {
@@ -49,8 +53,8 @@ impl Session {
             born,
             sealer: WipedKey::new(&keys.send)?,
             opener: WipedKey::new(&keys.recv)?,
-            next_counter: AtomicU64::new(0),
-            replay: Mutex::new(Replay::default()),
+            next_counter: CachePadded::new(AtomicU64::new(0)),
+            replay: CachePadded::new(Mutex::new(Replay::default())),
         })
     }
 
