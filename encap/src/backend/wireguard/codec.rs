@@ -569,7 +569,6 @@ impl WgCodec {
             }
             open_claimed();
         });
-        drop(jobs);
         let (mut authentic, mut data) = (false, false);
         for w in &work {
             let Ok((counter, len)) = w.result else {
