@@ -18,6 +18,7 @@ use tempfile::TempDir;
 
 use crate::etcd::{Etcd, TlsFiles};
 use crate::proc::{self, run, run_in, Daemon};
+use crate::traffic::tcp_transfers;
 use crate::{bin_dir, binary, sweep, unique_prefix, wait_until};
 
 pub const UNDERLAY_GW: &str = "172.30.0.254";
@@ -526,6 +527,54 @@ impl Cluster {
     pub fn del_pod(&self, pod: &Pod) -> Result<()> {
         self.cni(pod.node, "DEL", &pod.ns, &pod.container_id)
             .map(drop)
+    }
+
+    /// `n` nodes with network `config`, each running our daemon with `extra` flags, one pod
+    /// each.
+    pub fn with_daemons(n: usize, config: &str, extra: &[&str]) -> Result<(Cluster, Vec<Pod>)> {
+        let mut c = Cluster::new(n)?;
+        c.put_config(config)?;
+        for i in 0..n {
+            c.start_daemon(i, extra)?;
+            c.wait_subnet_env(i, Duration::from_secs(20))?;
+        }
+        let pods = (0..n).map(|i| c.add_pod(i)).collect::<Result<Vec<_>>>()?;
+        Ok((c, pods))
+    }
+
+    /// The process id of node `i`'s daemon.
+    pub fn daemon_pid(&self, i: usize) -> Result<u32> {
+        self.nodes[i]
+            .daemon
+            .as_ref()
+            .and_then(|d| d.pid())
+            .with_context(|| format!("no daemon on n{}", i + 1))
+    }
+
+    /// `streams` TCP streams of `each` bytes from pod `a` to pod `b` and as many back, all at
+    /// once (listeners on `port` and `port + 1`); fails unless every stream arrived whole.
+    pub fn streams_both_ways(
+        &self,
+        a: &Pod,
+        b: &Pod,
+        port: u16,
+        streams: usize,
+        each: u64,
+    ) -> Result<()> {
+        let (from, to) = (a.clone(), b.clone());
+        let there = std::thread::spawn(move || {
+            tcp_transfers(&from.ns, &to.ns, &to.ip, port, streams, each)
+        });
+        let back = tcp_transfers(&b.ns, &a.ns, &a.ip, port + 1, streams, each)?;
+        let there = there.join().map_err(|_| anyhow!("transfer panicked"))??;
+        for (dir, hashes) in [("there", &there), ("back", &back)] {
+            for (i, (sent, received)) in hashes.iter().enumerate() {
+                if sent != received {
+                    bail!("{} -> {} ({dir}) stream {i}: hash mismatch", a.ns, b.ns);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Pings `dst` from a pod; Ok if all `count` replies came back.

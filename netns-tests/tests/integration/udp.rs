@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use netns_tests::cluster::{Cluster, Pod};
 use netns_tests::proc::{run_in, thread_cpu_ns};
-use netns_tests::traffic::{http_get, in_netns, metric, tcp_transfer, tcp_transfers, TestRng};
+use netns_tests::traffic::{http_get, in_netns, metric, tcp_transfer, TestRng};
 
 use crate::require_root;
 
@@ -15,14 +15,7 @@ const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
 const METRICS: u16 = 9101;
 
 fn udp_cluster(n: usize) -> Result<(Cluster, Vec<Pod>)> {
-    let mut c = Cluster::new(n)?;
-    c.put_config(UDP)?;
-    for i in 0..n {
-        c.start_daemon(i, &[&format!("--metrics-port={METRICS}")])?;
-        c.wait_subnet_env(i, Duration::from_secs(20))?;
-    }
-    let pods = (0..n).map(|i| c.add_pod(i)).collect::<Result<Vec<_>>>()?;
-    Ok((c, pods))
+    Cluster::with_daemons(n, UDP, &[&format!("--metrics-port={METRICS}")])
 }
 
 #[test]
@@ -86,36 +79,12 @@ fn udp_mesh_transfers_and_mtu_edges() -> Result<()> {
 #[test]
 fn udp_eight_queues_keep_streams_whole() -> Result<()> {
     require_root!();
-    let mut c = Cluster::new(2)?;
-    c.put_config(UDP)?;
-    for i in 0..2 {
-        c.start_daemon(
-            i,
-            &[&format!("--metrics-port={METRICS}"), "--datapath-queues=8"],
-        )?;
-        c.wait_subnet_env(i, Duration::from_secs(20))?;
-    }
-    let pods = (0..2).map(|i| c.add_pod(i)).collect::<Result<Vec<_>>>()?;
+    let (c, pods) = Cluster::with_daemons(2, UDP, &["--datapath-queues=8"])?;
     c.ping(&pods[0], &pods[1].ip, 2)?;
-    let pid = c.nodes[0]
-        .daemon
-        .as_ref()
-        .and_then(|d| d.pid())
-        .ok_or_else(|| anyhow::anyhow!("no daemon"))?;
+    let pid = c.daemon_pid(0)?;
     let before = thread_cpu_ns(pid, "-tx")?;
     ensure!(before.len() == 8, "8 queues: 8 sender threads expected");
-    let each = 16u64 << 20;
-    let (a, b) = (pods[0].clone(), pods[1].clone());
-    let there = std::thread::spawn(move || tcp_transfers(&a.ns, &b.ns, &b.ip, 7801, 8, each));
-    let back = tcp_transfers(&pods[1].ns, &pods[0].ns, &pods[0].ip, 7802, 8, each)?;
-    let there = there
-        .join()
-        .map_err(|_| anyhow::anyhow!("transfer panicked"))??;
-    for (dir, hashes) in [("n1 -> n2", &there), ("n2 -> n1", &back)] {
-        for (i, (sent, received)) in hashes.iter().enumerate() {
-            ensure!(sent == received, "{dir} stream {i}: hash mismatch");
-        }
-    }
+    c.streams_both_ways(&pods[0], &pods[1], 7801, 8, 16 << 20)?;
     let busy = thread_cpu_ns(pid, "-tx")?
         .iter()
         .zip(&before)

@@ -6,12 +6,10 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use netns_tests::cluster::{Cluster, Pod, ETCD_PREFIX};
 use netns_tests::proc::{run_in, thread_cpu_ns};
-use netns_tests::traffic::{
-    http_get, in_netns, metric, tcp_transfer, tcp_transfers, wait_for_drops, TestRng,
-};
+use netns_tests::traffic::{http_get, in_netns, metric, tcp_transfer, wait_for_drops, TestRng};
 use netns_tests::wait_until;
 use netns_tests::wg::{
     self, capture_udp, handshake_flood, pod_reaches, send_datagrams, WgDevice, WgKeys,
@@ -70,13 +68,7 @@ fn transfer(from: &Pod, to: &Pod, bytes: u64) -> Result<()> {
 
 /// `n` nodes running our wireguard backend, one pod each.
 fn wg_mesh(n: usize) -> Result<(Cluster, Vec<Pod>)> {
-    let mut c = Cluster::new(n)?;
-    c.put_config(WG_CONFIG)?;
-    for i in 0..n {
-        start_ours(&mut c, i)?;
-    }
-    let pods = (0..n).map(|i| c.add_pod(i)).collect::<Result<Vec<_>>>()?;
-    Ok((c, pods))
+    Cluster::with_daemons(n, WG_CONFIG, &[&format!("--metrics-port={METRICS}")])
 }
 
 /// The public key in node `i`'s lease.
@@ -234,42 +226,16 @@ fn wireguard_bad_key_files_are_refused() -> Result<()> {
 #[test]
 fn wireguard_eight_queues_keep_streams_whole() -> Result<()> {
     require_root!();
-    let mut c = Cluster::new(2)?;
-    c.put_config(WG_CONFIG)?;
-    for i in 0..2 {
-        c.start_daemon(
-            i,
-            &[&format!("--metrics-port={METRICS}"), "--datapath-queues=8"],
-        )?;
-        c.wait_subnet_env(i, Duration::from_secs(20))?;
-    }
-    let pods = (0..2).map(|i| c.add_pod(i)).collect::<Result<Vec<_>>>()?;
+    let metrics_port = format!("--metrics-port={METRICS}");
+    let (c, pods) = Cluster::with_daemons(2, WG_CONFIG, &[&metrics_port, "--datapath-queues=8"])?;
     c.ping(&pods[0], &pods[1].ip, 2)?;
-    let pid = |c: &Cluster, i: usize| {
-        c.nodes[i]
-            .daemon
-            .as_ref()
-            .and_then(|d| d.pid())
-            .context("no daemon")
-    };
-    let pid2 = pid(&c, 1)?;
+    let pid2 = c.daemon_pid(1)?;
     ensure!(
         thread_cpu_ns(pid2, "-open")?.len() == 4,
         "8 queues: 4 helper threads expected"
     );
     let before = thread_cpu_ns(pid2, "-open")?.iter().sum::<u64>();
-
-    let each = 16u64 << 20;
-    let (a, b) = (pods[0].clone(), pods[1].clone());
-    let there = std::thread::spawn(move || tcp_transfers(&a.ns, &b.ns, &b.ip, 7801, 8, each));
-    let back = tcp_transfers(&pods[1].ns, &pods[0].ns, &pods[0].ip, 7802, 8, each)?;
-    let there = there.join().map_err(|_| anyhow!("transfer panicked"))??;
-    for (dir, hashes) in [("n1 -> n2", &there), ("n2 -> n1", &back)] {
-        for (i, (sent, received)) in hashes.iter().enumerate() {
-            ensure!(sent == received, "{dir} stream {i}: hash mismatch");
-        }
-    }
-
+    c.streams_both_ways(&pods[0], &pods[1], 7801, 8, 16 << 20)?;
     let after = thread_cpu_ns(pid2, "-open")?.iter().sum::<u64>();
     ensure!(
         after > before,
