@@ -59,7 +59,12 @@ pub(super) struct WgCodec {
     sources: SourceLimit,
     /// Threads that help a receiver thread open a large message (many-core machines only).
     open_pool: Option<rayon_core::ThreadPool>,
+    /// The device's MTU: packets are padded up to it at most.
+    mtu: usize,
 }
+
+/// The MTU a codec pads up to until told its device's (Flannel's on a 1,500-byte underlay).
+const DEFAULT_MTU: usize = 1420;
 
 /// A message holding at least this many data messages is opened on the pool too.
 const PARALLEL_MIN: usize = 16;
@@ -79,6 +84,8 @@ pub(super) struct RxScratch {
     pkts: Vec<(usize, usize)>,
     /// Where the rate limiter writes a cookie reply.
     ctl: Vec<u8>,
+    /// The codec's MTU, for padding packets released from a handshake's queue.
+    mtu: usize,
 }
 
 /// Most packets one message can hold: 64 KiB of the smallest data messages (32 bytes).
@@ -131,10 +138,18 @@ fn inner_packet(p: &[u8]) -> Option<(IpAddr, usize)> {
 }
 
 /// Spreads handshake retries (WireGuard adds up to a third of a second).
+/// How long a packet of `len` bytes is once padded (whitepaper §5.4.6): to a multiple of 16,
+/// so that the exact lengths of packets do not show on the wire, but not beyond the device's
+/// MTU (a packet that long as it is stays as it is).
+pub(super) fn padded_len(len: usize, mtu: usize) -> usize {
+    len.next_multiple_of(16).min(mtu.max(len))
+}
+
 /// Seals `pkts` (each a whole packet) with `s`, each into the outbox as its own datagram.
 fn seal_each<'a>(
     s: &Session,
     pkts: impl Iterator<Item = &'a [u8]>,
+    mtu: usize,
     to: SocketAddr,
     out: &mut Outbox,
 ) {
@@ -142,7 +157,7 @@ fn seal_each<'a>(
     for p in pkts {
         let Some(counter) = s.reserve(1) else { return };
         buf.clear();
-        buf.resize(p.len() + DATA_OVERHEAD, 0);
+        buf.resize(padded_len(p.len(), mtu) + DATA_OVERHEAD, 0);
         buf[DATA_HEADER..DATA_HEADER + p.len()].copy_from_slice(p);
         if s.seal(counter, &mut buf) {
             out.push_packet(to, &buf);
@@ -152,7 +167,7 @@ fn seal_each<'a>(
 
 /// A keepalive (an empty data message) on `s`. Not data: the peer owes no answer to it.
 fn send_keepalive(s: &Session, st: &mut PeerState, now: Instant, out: &mut Outbox) {
-    seal_each(s, std::iter::once(&[][..]), st.endpoint, out);
+    seal_each(s, std::iter::once(&[][..]), 0, st.endpoint, out);
     st.last_sent = Some(now);
     st.unacked_since = None;
 }
@@ -166,7 +181,14 @@ impl WgCodec {
             limiter,
             sources: SourceLimit::new(),
             open_pool: None,
+            mtu: DEFAULT_MTU,
         }
+    }
+
+    /// The MTU of the device the codec serves (padding never goes beyond it).
+    pub fn with_mtu(mut self, mtu: usize) -> Self {
+        self.mtu = mtu;
+        self
     }
 
     /// Lets `threads` threads (named `<name>-open<i>`) help open large messages: all of one
@@ -400,7 +422,13 @@ impl WgCodec {
         if staged.is_empty() {
             send_keepalive(&s, &mut st, now, out);
         } else {
-            seal_each(&s, staged.iter().map(Vec::as_slice), st.endpoint, out);
+            seal_each(
+                &s,
+                staged.iter().map(Vec::as_slice),
+                self.mtu,
+                st.endpoint,
+                out,
+            );
             st.sent_data(now);
         }
     }
@@ -465,6 +493,7 @@ fn release<F>(
                     seal_each(
                         &h.session,
                         staged.iter().map(Vec::as_slice),
+                        sc.mtu,
                         st.endpoint,
                         out,
                     );
@@ -637,6 +666,7 @@ impl Codec for WgCodec {
             used: 0,
             pkts: Vec::with_capacity(MAX_PKTS),
             ctl: vec![0; 256],
+            mtu: self.mtu,
         }
     }
 
@@ -684,16 +714,19 @@ impl Codec for WgCodec {
             st.sent_data(now);
             (st.endpoint, s, first)
         };
-        // Lock released: seal in place, at a fixed stride, in counter order.
-        let stride = seg_len + DATA_OVERHEAD;
+        // Lock released: seal in place, at a fixed stride, in counter order. Every segment but
+        // the last has the run's length, so all but the last pad to the same: the stride.
+        let stride = padded_len(seg_len, self.mtu) + DATA_OVERHEAD;
         let mut sealed_len = 0;
         for (i, seg) in segs.chunks(seg_len).enumerate() {
-            let len = seg.len() + DATA_OVERHEAD;
+            let len = padded_len(seg.len(), self.mtu) + DATA_OVERHEAD;
             let Some(msg) = sc.sealed.get_mut(sealed_len..sealed_len + len) else {
                 tally.count_drop(DropReason::Malformed);
                 continue;
             };
-            msg[DATA_HEADER..DATA_HEADER + seg.len()].copy_from_slice(seg);
+            let (body, pad) = msg[DATA_HEADER..len - TAG_LEN].split_at_mut(seg.len());
+            body.copy_from_slice(seg);
+            pad.fill(0);
             if !session.seal(first + i as u64, msg) {
                 // Its place is taken by the next segment; its counter is simply never seen.
                 tally.count_drop(DropReason::Malformed);

@@ -13,7 +13,9 @@ use std::time::Duration;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
-use super::codec::{RxScratch, TxScratch, WgCodec, DATA_OVERHEAD, HANDSHAKE_RATE_LIMIT};
+use super::codec::{
+    padded_len, RxScratch, TxScratch, WgCodec, DATA_OVERHEAD, HANDSHAKE_RATE_LIMIT,
+};
 use super::keys::{random_key, StaticKeys};
 use super::peers::{WgPeer, WgTable, RETRY_INIT};
 use crate::backend::pump::{Codec, Outbox, Transmit};
@@ -173,7 +175,7 @@ fn send(a: &mut Node, to: u8, pkts: &[Vec<u8>]) -> Result<(), DropReason> {
         .transmit(&mut a.tx, route, &segs, seg_len, &mut a.out, &mut a.tally)?;
     a.lan.flush(a.addr, &mut a.out);
     if let Some(run) = run {
-        assert_eq!(run.seg_len, seg_len + DATA_OVERHEAD);
+        assert_eq!(run.seg_len, padded_len(seg_len, 1420) + DATA_OVERHEAD);
         a.lan.send_run(a.addr, &run);
     }
     Ok(())
@@ -428,7 +430,7 @@ fn large_messages_open_on_the_pool_in_order() {
     // One corrupted datagram in a fresh run: the rest arrive, in order.
     send(&mut a, 2, &run).expect("sent");
     let (from, mut data, gro) = b.lan.take(b.addr).expect("one message");
-    data[(1400 + DATA_OVERHEAD) * 5 + 40] ^= 1;
+    data[(padded_len(1400, 1420) + DATA_OVERHEAD) * 5 + 40] ^= 1;
     let mut want = run.clone();
     want.remove(5);
     assert_eq!(receive(&mut b, &(from, data, gro)), want);
@@ -443,6 +445,20 @@ fn large_messages_open_on_the_pool_in_order() {
 }
 
 #[test]
+fn packets_are_padded_to_16_but_not_beyond_the_mtu() {
+    assert_eq!(padded_len(0, 1420), 0, "a keepalive stays empty");
+    assert_eq!(padded_len(1, 1420), 16);
+    assert_eq!(padded_len(1400, 1420), 1408);
+    assert_eq!(padded_len(1418, 1420), 1420, "capped at the MTU");
+    assert_eq!(padded_len(1420, 1420), 1420);
+    assert_eq!(
+        padded_len(1500, 1420),
+        1500,
+        "longer than the MTU: left as it is"
+    );
+}
+
+#[test]
 fn replays_and_spoofed_sources_are_dropped() {
     let (mut a, mut b) = pair();
     handshake(&mut a, &mut b);
@@ -450,7 +466,7 @@ fn replays_and_spoofed_sources_are_dropped() {
     send(&mut a, 2, std::slice::from_ref(&p)).expect("sent");
     // Open the same message twice: the second is a replay.
     let msg = b.lan.take(b.addr).expect("a message");
-    assert_eq!(msg.1.len(), p.len() + DATA_OVERHEAD);
+    assert_eq!(msg.1.len(), 208 + DATA_OVERHEAD, "200 bytes, padded to 16");
     let mut got = receive(&mut b, &msg);
     got.extend(receive(&mut b, &msg));
     assert_eq!(got, vec![p]);

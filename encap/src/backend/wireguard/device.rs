@@ -61,7 +61,9 @@ impl WgDevice {
         seed: u32,
         datapath: Datapath,
     ) -> Self {
-        let codec = WgCodec::new(keys).with_open_threads(open_threads(&datapath), spec.threads);
+        let codec = WgCodec::new(keys)
+            .with_mtu(mtu)
+            .with_open_threads(open_threads(&datapath), spec.threads);
         WgDevice {
             spec,
             codec: Arc::new(codec),
