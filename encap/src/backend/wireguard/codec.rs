@@ -137,7 +137,6 @@ fn inner_packet(p: &[u8]) -> Option<(IpAddr, usize)> {
     }
 }
 
-/// Spreads handshake retries (WireGuard adds up to a third of a second).
 /// How long a packet of `len` bytes is once padded (whitepaper §5.4.6): to a multiple of 16,
 /// so that the exact lengths of packets do not show on the wire, but not beyond the device's
 /// MTU (a packet that long as it is stays as it is).
