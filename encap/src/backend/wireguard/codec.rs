@@ -84,8 +84,6 @@ pub(super) struct RxScratch {
     pkts: Vec<(usize, usize)>,
     /// Where the rate limiter writes a cookie reply.
     ctl: Vec<u8>,
-    /// The codec's MTU, for padding packets released from a handshake's queue.
-    mtu: usize,
 }
 
 /// Most packets one message can hold: 64 KiB of the smallest data messages (32 bytes).
@@ -468,47 +466,50 @@ struct Held<'a> {
     data: bool,
 }
 
-/// Records what the held session's messages showed (under the peer's lock, once per run),
-/// then delivers what was opened.
-fn release<F>(
-    held: &mut Option<Held<'_>>,
-    sc: &mut RxScratch,
-    src: SocketAddr,
-    out: &mut Outbox,
-    tally: &mut Tally,
-    deliver: &mut F,
-) where
-    F: FnMut(&[u8], &mut Tally),
-{
-    if let Some(h) = held.take() {
-        if h.authentic {
-            let now = Instant::now();
-            let mut st = h.peer.lock();
-            roam(h.peer, &mut st.endpoint, src);
-            if h.unconfirmed {
-                // We answered its handshake; what waited for a session goes with it now.
-                let staged = st.confirm(h.session.local_index);
-                if !staged.is_empty() {
-                    seal_each(
-                        &h.session,
-                        staged.iter().map(Vec::as_slice),
-                        sc.mtu,
-                        st.endpoint,
-                        out,
-                    );
-                    st.sent_data(now);
+impl WgCodec {
+    /// Records what the held session's messages showed (under the peer's lock, once per
+    /// run), then delivers what was opened.
+    fn release<F>(
+        &self,
+        held: &mut Option<Held<'_>>,
+        sc: &mut RxScratch,
+        src: SocketAddr,
+        out: &mut Outbox,
+        tally: &mut Tally,
+        deliver: &mut F,
+    ) where
+        F: FnMut(&[u8], &mut Tally),
+    {
+        if let Some(h) = held.take() {
+            if h.authentic {
+                let now = Instant::now();
+                let mut st = h.peer.lock();
+                roam(h.peer, &mut st.endpoint, src);
+                if h.unconfirmed {
+                    // We answered its handshake; what waited for a session goes with it now.
+                    let staged = st.confirm(h.session.local_index);
+                    if !staged.is_empty() {
+                        seal_each(
+                            &h.session,
+                            staged.iter().map(Vec::as_slice),
+                            self.mtu,
+                            st.endpoint,
+                            out,
+                        );
+                        st.sent_data(now);
+                    }
                 }
+                st.heard(h.data, now);
             }
-            st.heard(h.data, now);
         }
-    }
-    for &(off, len) in &sc.pkts {
-        if let Some(p) = sc.plain.get(off..off + len) {
-            deliver(p, tally);
+        for &(off, len) in &sc.pkts {
+            if let Some(p) = sc.plain.get(off..off + len) {
+                deliver(p, tally);
+            }
         }
+        sc.pkts.clear();
+        sc.used = 0;
     }
-    sc.pkts.clear();
-    sc.used = 0;
 }
 
 /// Opens `work` (each a data message copied to its place) with `session`, leaving the replay
@@ -630,7 +631,7 @@ impl WgCodec {
             authentic,
             data,
         });
-        release(&mut held, sc, msg.source(), out, tally, deliver);
+        self.release(&mut held, sc, msg.source(), out, tally, deliver);
         true
     }
 }
@@ -665,7 +666,6 @@ impl Codec for WgCodec {
             used: 0,
             pkts: Vec::with_capacity(MAX_PKTS),
             ctl: vec![0; 256],
-            mtu: self.mtu,
         }
     }
 
@@ -766,7 +766,7 @@ impl Codec for WgCodec {
                 continue;
             };
             if kind != DATA {
-                release(&mut held, sc, src, out, tally, &mut deliver);
+                self.release(&mut held, sc, src, out, tally, &mut deliver);
                 self.control(&table, d, src, sc, out, tally);
                 continue;
             }
@@ -780,7 +780,7 @@ impl Codec for WgCodec {
                 .as_ref()
                 .is_some_and(|h| h.slot == found.slot && h.session.local_index == index);
             if !same || room < d.len() || sc.pkts.len() == sc.pkts.capacity() {
-                release(&mut held, sc, src, out, tally, &mut deliver);
+                self.release(&mut held, sc, src, out, tally, &mut deliver);
                 // The session the index names: current, previous, or the one we answered.
                 let Some((session, unconfirmed)) =
                     found.peer.lock().by_index(index, Instant::now())
@@ -834,6 +834,6 @@ impl Codec for WgCodec {
                 None => tally.count_drop(DropReason::Malformed),
             }
         }
-        release(&mut held, sc, src, out, tally, &mut deliver);
+        self.release(&mut held, sc, src, out, tally, &mut deliver);
     }
 }

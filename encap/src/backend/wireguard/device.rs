@@ -124,15 +124,14 @@ impl WgDevice {
                 .extend(l.allowed.iter().copied());
         }
         self.peers.retain(|k, _| wanted.contains_key(k));
-        // Per key, the endpoint the changed leases name. Two leases with one key (a node
-        // between two subnets) name the lowest, so that repeated syncs agree.
-        let mut moved: HashMap<[u8; 32], SocketAddr> = HashMap::new();
+        // Per key, the endpoints the changed leases name: two leases with one key (a node
+        // between two subnets) may name two, of which the lowest is taken, so that repeated
+        // syncs agree.
+        let mut named: HashMap<[u8; 32], Vec<SocketAddr>> = HashMap::new();
         for l in changed {
-            moved
-                .entry(l.public_key)
-                .and_modify(|e| *e = (*e).min(l.endpoint))
-                .or_insert(l.endpoint);
+            named.entry(l.public_key).or_default().push(l.endpoint);
         }
+        let lowest = |eps: &[SocketAddr]| eps.iter().min().copied();
         for key in wanted.keys() {
             if self.peers.contains_key(key) {
                 continue;
@@ -140,7 +139,10 @@ impl WgDevice {
             let Some(lease) = self.leases.values().find(|l| l.public_key == *key) else {
                 continue;
             };
-            let endpoint = moved.get(key).copied().unwrap_or(lease.endpoint);
+            let endpoint = named
+                .get(key)
+                .and_then(|eps| lowest(eps))
+                .unwrap_or(lease.endpoint);
             let index = self.alloc_index();
             let peer = WgPeer::new(
                 &self.codec.local,
@@ -154,16 +156,14 @@ impl WgDevice {
         }
         // A lease that moved its endpoint moves the peer, even if it had roamed meanwhile;
         // one that still names the configured endpoint leaves it (and any roaming) alone.
-        for (key, endpoint) in moved {
-            if let Some(peer) = self.peers.get(&key) {
-                let mut st = peer.lock();
-                let kept = changed
-                    .iter()
-                    .any(|l| l.public_key == key && l.endpoint == st.configured);
-                if !kept {
-                    st.configured = endpoint;
-                    st.endpoint = endpoint;
-                }
+        for (key, eps) in &named {
+            let (Some(peer), Some(endpoint)) = (self.peers.get(key), lowest(eps)) else {
+                continue;
+            };
+            let mut st = peer.lock();
+            if !eps.contains(&st.configured) {
+                st.configured = endpoint;
+                st.endpoint = endpoint;
             }
         }
         let mut entries: Vec<(Arc<WgPeer>, Vec<IpNet>)> = wanted

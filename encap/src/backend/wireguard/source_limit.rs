@@ -42,10 +42,11 @@ pub(super) struct SourceLimit {
     sources: Mutex<Sources>,
 }
 
-/// The address a source is counted under: IPv4 as is, IPv6 by its /64.
+/// The address a source is counted under: IPv4 as is (also when it arrives IPv4-mapped on a
+/// dual-stack socket), IPv6 by its /64.
 fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
+    match ip.to_canonical() {
+        v4 @ IpAddr::V4(_) => v4,
         IpAddr::V6(v6) => {
             let bits = u128::from(v6) & !((1u128 << 64) - 1);
             IpAddr::V6(bits.into())
@@ -151,6 +152,16 @@ mod tests {
             "the same /64 shares one bucket"
         );
         assert!(l.allow(ip("2001:db8:1:3::1"), t));
+        // IPv4 sources seen IPv4-mapped share no /64 bucket: each is its own, and the same
+        // as the address seen plain.
+        for _ in 0..BURST {
+            assert!(l.allow(ip("::ffff:198.51.100.1"), t));
+        }
+        assert!(l.allow(ip("::ffff:198.51.100.2"), t), "another IPv4 source");
+        assert!(
+            !l.allow(ip("198.51.100.1"), t),
+            "the same address either way"
+        );
     }
 
     #[test]
