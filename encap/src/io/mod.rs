@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use recv::{Datagrams, RecvBatch, RecvMsg};
+pub use recv::{Datagrams, RecvBatch, RecvMsg, RecvMsgMut};
 pub use steer::{bind_consecutive, steer_by_source_port};
 pub use tun::{open_tun, Offload, TunQueue, TUN_READ_BUF_LEN, VNET_HDR_LEN};
 pub use udp::{

@@ -96,6 +96,45 @@ impl<'a> RecvMsg<'a> {
     }
 }
 
+/// A received message lent for rewriting where the kernel put it (a codec decrypting in
+/// place): its bytes, and through [`view`](Self::view) all that [`RecvMsg`] tells of them.
+#[derive(Debug)]
+pub struct RecvMsgMut<'a> {
+    data: &'a mut [u8],
+    src: SocketAddr,
+    gro_size: Option<u16>,
+    truncated: bool,
+}
+
+impl<'a> RecvMsgMut<'a> {
+    /// A message as if received from `src` (fuzzing and tests feed decoders without a socket).
+    #[cfg(any(test, fuzzing))]
+    pub fn from_parts(data: &'a mut [u8], src: SocketAddr, gro_size: Option<u16>) -> Self {
+        RecvMsgMut {
+            data,
+            src,
+            gro_size,
+            truncated: false,
+        }
+    }
+
+    /// The message, read-only.
+    pub fn view(&self) -> RecvMsg<'_> {
+        RecvMsg {
+            data: self.data,
+            src: self.src,
+            gro_size: self.gro_size,
+            truncated: self.truncated,
+        }
+    }
+
+    /// The bytes received, to rewrite in place; [`Datagrams::step`] says where each
+    /// datagram starts.
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        self.data
+    }
+}
+
 /// Splits a GRO-merged message into its datagrams: `seg` bytes each, the last possibly shorter.
 /// Without a (non-zero) segment size the whole message is one datagram; empty data yields none.
 #[derive(Clone, Debug)]
@@ -106,11 +145,19 @@ pub struct Datagrams<'a> {
 
 impl<'a> Datagrams<'a> {
     pub fn new(data: &'a [u8], seg: Option<u16>) -> Self {
-        let seg = match seg {
+        Self {
+            rest: data,
+            seg: Self::step(data.len(), seg),
+        }
+    }
+
+    /// The length of every datagram but the last in `len` bytes received with GRO segment
+    /// size `seg` (at least 1).
+    pub fn step(len: usize, seg: Option<u16>) -> usize {
+        match seg {
             Some(s) if s > 0 => usize::from(s),
-            _ => data.len(),
-        };
-        Self { rest: data, seg }
+            _ => len.max(1),
+        }
     }
 }
 
@@ -187,11 +234,16 @@ impl RecvBatch {
         })
     }
 
-    /// Message `i`'s data for in-place rewriting (e.g. header fixes before a TUN write).
-    pub fn data_mut(&mut self, i: usize) -> Option<&mut [u8]> {
+    /// Message `i` for rewriting in place (decrypting where it lies).
+    pub fn msg_mut(&mut self, i: usize) -> Option<RecvMsgMut<'_>> {
         let m = self.meta.get(i).filter(|_| i < self.filled)?;
         let start = i * self.slot_len;
-        Some(&mut self.data[start..start + m.len])
+        Some(RecvMsgMut {
+            data: &mut self.data[start..start + m.len],
+            src: m.src,
+            gro_size: m.gro,
+            truncated: m.truncated,
+        })
     }
 
     /// The messages of the last receive, in order.

@@ -205,8 +205,8 @@ fn recv_batch_handles_empty_and_oversized_datagrams() {
                 .iter()
                 .map(|m| (m.data().len(), m.is_truncated(), m.datagrams().count())),
         );
-        if let Some(first) = batch.data_mut(0) {
-            first.fill(0); // in-place access stays within the message
+        if let Some(mut first) = batch.msg_mut(0) {
+            first.data_mut().fill(0); // in-place access stays within the message
         }
     }
     assert_eq!(got, [(0, false, 0), (100, true, 1)]);

@@ -35,8 +35,8 @@ use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::{BackendError, Datapath};
 use crate::io::{
-    bind_consecutive, open_tun, steer_by_source_port, Listen, Offload, RecvMsg, TunQueue, UdpSock,
-    DEFAULT_SOCKET_BUFFER,
+    bind_consecutive, open_tun, steer_by_source_port, Listen, Offload, RecvMsgMut, TunQueue,
+    UdpSock, DEFAULT_SOCKET_BUFFER,
 };
 use crate::stats::{DropReason, Stats, Tally};
 pub(crate) use addressing::{Addressing, Family};
@@ -168,10 +168,11 @@ pub(crate) trait Codec: Send + Sync + 'static {
     /// Opens one received message (one sender; several datagrams when UDP GRO merged them) and
     /// hands every inner packet its sender may send to `deliver`, counting the rest as drops.
     /// `deliver` checks the destination and queues the packet for the TUN; replies go to `out`.
+    /// The message is the pump's receive buffer, lent to be opened in place.
     fn receive<F>(
         &self,
         scratch: &mut Self::RxScratch,
-        msg: &RecvMsg<'_>,
+        msg: &mut RecvMsgMut<'_>,
         out: &mut Outbox,
         tally: &mut Tally,
         deliver: F,

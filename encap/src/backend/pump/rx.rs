@@ -83,15 +83,17 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
         let bytes_before = tally.bytes;
         let own = state.own();
         for i in 0..n {
-            let Some(msg) = batch.msg(i) else { continue };
+            let Some(mut msg) = batch.msg_mut(i) else {
+                continue;
+            };
             // Only the beginning of a message larger than its slot arrived.
-            if msg.is_truncated() {
+            if msg.view().is_truncated() {
                 tally.count_drop(DropReason::Malformed);
                 continue;
             }
             codec.receive(
                 &mut scratch,
-                &msg,
+                &mut msg,
                 &mut replies,
                 &mut tally,
                 |pkt, tally| deliver(pkt, own, tun, &mut gro, tally),

@@ -10,7 +10,7 @@ use ipnet::Ipv4Net;
 
 use super::fake::{FakeNet, FakeTun, FakeUdp};
 use super::{Codec, DeviceState, Outbox, OwnSubnets, Pump, Transmit};
-use crate::io::RecvMsg;
+use crate::io::RecvMsgMut;
 use crate::stats::{DropReason, Tally};
 use crate::wire::testutil::TcpSpec;
 use crate::wire::{VnetHdr, VNET_HDR_LEN};
@@ -59,11 +59,17 @@ impl Codec for Plain {
         }))
     }
 
-    fn receive<F>(&self, _: &mut (), msg: &RecvMsg<'_>, _: &mut Outbox, t: &mut Tally, mut f: F)
-    where
+    fn receive<F>(
+        &self,
+        _: &mut (),
+        msg: &mut RecvMsgMut<'_>,
+        _: &mut Outbox,
+        t: &mut Tally,
+        mut f: F,
+    ) where
         F: FnMut(&[u8], &mut Tally),
     {
-        for d in msg.datagrams() {
+        for d in msg.view().datagrams() {
             f(d, t);
         }
     }

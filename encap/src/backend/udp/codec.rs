@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use crate::backend::pump::{sender_v4, Codec, Outbox, Transmit};
-use crate::io::RecvMsg;
+use crate::io::RecvMsgMut;
 use crate::peers::{PeerTable, SharedPeers};
 use crate::stats::{DropReason, Tally};
 use crate::wire::ip;
@@ -61,13 +61,15 @@ impl Codec for UdpCodec {
     fn receive<F>(
         &self,
         _: &mut (),
-        msg: &RecvMsg<'_>,
+        msg: &mut RecvMsgMut<'_>,
         _: &mut Outbox,
         tally: &mut Tally,
         mut deliver: F,
     ) where
         F: FnMut(&[u8], &mut Tally),
     {
+        // Flannel's udp datagrams are the inner packets: delivered from where they lie.
+        let msg = msg.view();
         let Some(sender) = sender_v4(msg.source()) else {
             return tally.count_drop(DropReason::UnknownSender);
         };
@@ -194,7 +196,7 @@ mod tests {
 
     #[test]
     fn receive_counts_lying_headers_as_malformed_not_delivered() {
-        use crate::io::RecvMsg;
+        use crate::io::RecvMsgMut;
 
         let sender: Ipv4Addr = "172.30.0.12".parse().expect("ip");
         let table = PeerTable::new(vec![Peer {
@@ -210,8 +212,9 @@ mod tests {
         let mut delivered = Vec::new();
         let cases = lying_headers();
         for (_, pkt) in &cases {
-            let msg = RecvMsg::from_parts(pkt, (sender, 8285).into(), None);
-            codec.receive(&mut (), &msg, &mut out, &mut tally, |p, _| {
+            let mut data = pkt.clone();
+            let mut msg = RecvMsgMut::from_parts(&mut data, (sender, 8285).into(), None);
+            codec.receive(&mut (), &mut msg, &mut out, &mut tally, |p, _| {
                 delivered.push(p.to_vec())
             });
         }

@@ -18,7 +18,7 @@
 //! cores saw none) rather than pass every packet through one queue.
 //!
 //! Receive: a message from `recvmmsg` holds one sender's datagrams (UDP GRO merged them). Each
-//! data message is copied into one buffer and opened there in place with the session its
+//! data message is opened in place, in the pump's receive buffer, with the session its
 //! receiver index names, outside any lock, then handed to the pump (GRO, TUN). A packet is
 //! accepted only if it authenticates, is not a replay, and its inner source lies in that
 //! peer's AllowedIPs. Handshake messages pass the shared rate limiter (mac1 check, cookie
@@ -42,7 +42,7 @@ use super::peers::{Due, PeerState, WgPeer, WgTable};
 use super::session::{OpenError, Session, DATA, DATA_HEADER, TAG_LEN};
 use super::source_limit::SourceLimit;
 use crate::backend::pump::{Codec, Outbox, Transmit};
-use crate::io::RecvMsg;
+use crate::io::{Datagrams, RecvMsgMut};
 use crate::stats::{DropReason, Tally};
 
 /// Data message: type, receiver index, counter (16 bytes), then the sealed packet and its tag.
@@ -77,10 +77,8 @@ pub(super) struct TxScratch {
 }
 
 pub(super) struct RxScratch {
-    /// Opened packets of the message being processed (each at its data message's offset + 16).
-    plain: Vec<u8>,
-    used: usize,
-    /// (offset, length) in `plain` of each packet to deliver.
+    /// (offset, length) in the message being processed of each opened packet to deliver
+    /// (at its data message's offset + 16).
     pkts: Vec<(usize, usize)>,
     /// Where the rate limiter writes a cookie reply.
     ctl: Vec<u8>,
@@ -469,10 +467,12 @@ struct Held<'a> {
 impl WgCodec {
     /// Records what the held session's messages showed (under the peer's lock, once per
     /// run), then delivers what was opened.
+    #[allow(clippy::too_many_arguments)]
     fn release<F>(
         &self,
         held: &mut Option<Held<'_>>,
         sc: &mut RxScratch,
+        opened: &[u8],
         src: SocketAddr,
         out: &mut Outbox,
         tally: &mut Tally,
@@ -503,16 +503,15 @@ impl WgCodec {
             }
         }
         for &(off, len) in &sc.pkts {
-            if let Some(p) = sc.plain.get(off..off + len) {
+            if let Some(p) = opened.get(off..off + len) {
                 deliver(p, tally);
             }
         }
         sc.pkts.clear();
-        sc.used = 0;
     }
 }
 
-/// Opens `work` (each a data message copied to its place) with `session`, leaving the replay
+/// Opens `work` (data messages where they were received) with `session`, leaving the replay
 /// window to the caller.
 fn open_all(session: &Session, work: &mut [Opening<'_>]) {
     for w in work {
@@ -520,7 +519,7 @@ fn open_all(session: &Session, work: &mut [Opening<'_>]) {
     }
 }
 
-/// One data message of a message opened in parallel: where it is in the scratch buffer.
+/// One data message of a message opened in parallel, and where it starts in the message.
 struct Opening<'a> {
     at: usize,
     buf: &'a mut [u8],
@@ -529,14 +528,14 @@ struct Opening<'a> {
 
 impl WgCodec {
     /// The receive path for a large message of one session's data messages only (what UDP
-    /// GRO makes of bulk traffic): copied into place, opened in jobs of PER_JOB on the pool
-    /// and on this thread at once, then checked in order (replay window, AllowedIPs) and
+    /// GRO makes of bulk traffic): opened where they lie in jobs of PER_JOB on the pool and
+    /// on this thread at once, then checked in order (replay window, AllowedIPs) and
     /// delivered in order. `false`: not such a message (or no pool), nothing done.
     #[allow(clippy::too_many_arguments)]
     fn receive_parallel<F>(
         &self,
         sc: &mut RxScratch,
-        msg: &RecvMsg<'_>,
+        msg: &mut RecvMsgMut<'_>,
         table: &WgTable,
         out: &mut Outbox,
         tally: &mut Tally,
@@ -548,17 +547,21 @@ impl WgCodec {
         let Some(pool) = &self.open_pool else {
             return false;
         };
-        let (mut count, mut total, mut index) = (0, 0, None);
-        for d in msg.datagrams() {
+        let view = msg.view();
+        let (src, step) = (
+            view.source(),
+            Datagrams::step(view.data().len(), view.gro_size()),
+        );
+        let (mut count, mut index) = (0, None);
+        for d in view.datagrams() {
             if message_type(d) != Some(DATA) || *index.get_or_insert(get_u32(d, 4)) != get_u32(d, 4)
             {
                 return false;
             }
             count += 1;
-            total += d.len();
         }
         let Some(index) = index else { return false };
-        if count < PARALLEL_MIN || total > sc.plain.len() || count > sc.pkts.capacity() {
+        if count < PARALLEL_MIN || count > sc.pkts.capacity() {
             return false;
         }
         // Unknown or stale indexes take the one-by-one path, which counts them.
@@ -568,20 +571,16 @@ impl WgCodec {
         let Some((session, unconfirmed)) = found.peer.lock().by_index(index, Instant::now()) else {
             return false;
         };
-        let mut work = Vec::with_capacity(count);
-        let mut rest = &mut sc.plain[..total];
-        let mut at = 0;
-        for d in msg.datagrams() {
-            let (buf, r) = std::mem::take(&mut rest).split_at_mut(d.len());
-            rest = r;
-            buf.copy_from_slice(d);
-            work.push(Opening {
-                at,
+        let mut work: Vec<Opening<'_>> = msg
+            .data_mut()
+            .chunks_mut(step)
+            .enumerate()
+            .map(|(i, buf)| Opening {
+                at: i * step,
                 buf,
                 result: Err(OpenError::NotAuthentic),
-            });
-            at += d.len();
-        }
+            })
+            .collect();
         // Jobs are claimed, by the helpers and by this thread alike, until none is left: this
         // thread works rather than waits, and a helper slow to wake takes fewer.
         let helpers = pool.current_num_threads().min(count.div_ceil(PER_JOB) - 1);
@@ -622,7 +621,6 @@ impl WgCodec {
             }
         }
         drop(work);
-        sc.used = total;
         let mut held = Some(Held {
             slot: found.slot,
             peer: found.peer,
@@ -631,7 +629,7 @@ impl WgCodec {
             authentic,
             data,
         });
-        self.release(&mut held, sc, msg.source(), out, tally, deliver);
+        self.release(&mut held, sc, msg.view().data(), src, out, tally, deliver);
         true
     }
 }
@@ -662,8 +660,6 @@ impl Codec for WgCodec {
 
     fn rx_scratch(&self) -> RxScratch {
         RxScratch {
-            plain: vec![0; 65_536 + DATA_OVERHEAD],
-            used: 0,
             pkts: Vec::with_capacity(MAX_PKTS),
             ctl: vec![0; 256],
         }
@@ -747,27 +743,37 @@ impl Codec for WgCodec {
     fn receive<F>(
         &self,
         sc: &mut RxScratch,
-        msg: &RecvMsg<'_>,
+        msg: &mut RecvMsgMut<'_>,
         out: &mut Outbox,
         tally: &mut Tally,
         mut deliver: F,
     ) where
         F: FnMut(&[u8], &mut Tally),
     {
-        let src = msg.source();
         let table = self.table.load();
         if self.receive_parallel(sc, msg, &table, out, tally, &mut deliver) {
             return;
         }
+        let view = msg.view();
+        let (src, step) = (
+            view.source(),
+            Datagrams::step(view.data().len(), view.gro_size()),
+        );
+        // Each datagram is opened where it lies; what was opened is delivered from there.
+        let data = msg.data_mut();
         let mut held: Option<Held<'_>> = None;
-        for d in msg.datagrams() {
+        let mut next = 0;
+        while next < data.len() {
+            let at = next;
+            next = (at + step).min(data.len());
+            let d = &data[at..next];
             let Some(kind) = message_type(d) else {
                 tally.count_drop(DropReason::Malformed);
                 continue;
             };
             if kind != DATA {
-                self.release(&mut held, sc, src, out, tally, &mut deliver);
-                self.control(&table, d, src, sc, out, tally);
+                self.release(&mut held, sc, data, src, out, tally, &mut deliver);
+                self.control(&table, &data[at..next], src, sc, out, tally);
                 continue;
             }
             let index = get_u32(d, 4);
@@ -775,12 +781,11 @@ impl Codec for WgCodec {
                 tally.count_drop(DropReason::UnknownSender);
                 continue;
             };
-            let room = sc.plain.len().saturating_sub(sc.used);
             let same = held
                 .as_ref()
                 .is_some_and(|h| h.slot == found.slot && h.session.local_index == index);
-            if !same || room < d.len() || sc.pkts.len() == sc.pkts.capacity() {
-                self.release(&mut held, sc, src, out, tally, &mut deliver);
+            if !same || sc.pkts.len() == sc.pkts.capacity() {
+                self.release(&mut held, sc, data, src, out, tally, &mut deliver);
                 // The session the index names: current, previous, or the one we answered.
                 let Some((session, unconfirmed)) =
                     found.peer.lock().by_index(index, Instant::now())
@@ -799,14 +804,7 @@ impl Codec for WgCodec {
                 });
             }
             let Some(h) = held.as_mut() else { continue };
-            // `release` emptied the buffer if this datagram did not fit: it always fits now
-            // (a message is at most 64 KiB).
-            let at = sc.used;
-            let Some(buf) = sc.plain.get_mut(at..at + d.len()) else {
-                tally.count_drop(DropReason::Malformed);
-                continue;
-            };
-            buf.copy_from_slice(d);
+            let buf = &mut data[at..next];
             let len = match h.session.open(buf) {
                 Ok(len) => len,
                 // Not sealed with this session's keys (forged, corrupted, wrong key) or a
@@ -828,12 +826,11 @@ impl Codec for WgCodec {
             match inner_packet(plain) {
                 Some((inner_src, len)) if table.allows(h.slot, inner_src) => {
                     sc.pkts.push((at + DATA_HEADER, len));
-                    sc.used = at + d.len();
                 }
                 Some(_) => tally.count_drop(DropReason::SpoofedSource),
                 None => tally.count_drop(DropReason::Malformed),
             }
         }
-        self.release(&mut held, sc, src, out, tally, &mut deliver);
+        self.release(&mut held, sc, data, src, out, tally, &mut deliver);
     }
 }

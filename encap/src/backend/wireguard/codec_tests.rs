@@ -19,7 +19,7 @@ use super::codec::{
 use super::keys::{random_key, StaticKeys};
 use super::peers::{WgPeer, WgTable, RETRY_INIT};
 use crate::backend::pump::{Codec, Outbox, Transmit};
-use crate::io::RecvMsg;
+use crate::io::RecvMsgMut;
 use crate::stats::{DropReason, Tally};
 
 /// One received message: sender, bytes, GRO segment size.
@@ -184,9 +184,10 @@ fn send(a: &mut Node, to: u8, pkts: &[Vec<u8>]) -> Result<(), DropReason> {
 /// Opens one message as the pump does and returns what it delivered.
 fn receive(n: &mut Node, (src, data, gro): &Message) -> Vec<Vec<u8>> {
     let mut got = Vec::new();
-    let msg = RecvMsg::from_parts(data, *src, *gro);
+    let mut data = data.clone();
+    let mut msg = RecvMsgMut::from_parts(&mut data, *src, *gro);
     n.codec
-        .receive(&mut n.rx, &msg, &mut n.out, &mut n.tally, |p, _| {
+        .receive(&mut n.rx, &mut msg, &mut n.out, &mut n.tally, |p, _| {
             got.push(p.to_vec())
         });
     n.lan.flush(n.addr, &mut n.out);

@@ -22,7 +22,7 @@ use super::keys::StaticKeys;
 use super::peers::{WgPeer, WgTable};
 use super::session::{Replay, Session, DATA_HEADER, REJECT_AFTER_MESSAGES};
 use crate::backend::pump::{Codec, Outbox};
-use crate::io::RecvMsg;
+use crate::io::RecvMsgMut;
 use crate::stats::Tally;
 
 struct Node {
@@ -82,12 +82,12 @@ fn pass(from: &mut Node, to: &mut Node) {
     let sent: Vec<(SocketAddr, Vec<u8>)> =
         from.out.iter().map(|d| (d.to, d.data.to_vec())).collect();
     from.out.clear();
-    for (dst, d) in sent {
+    for (dst, mut d) in sent {
         if dst == to.addr {
-            let msg = RecvMsg::from_parts(&d, from.addr, None);
+            let mut msg = RecvMsgMut::from_parts(&mut d, from.addr, None);
             let mut tally = Tally::default();
             to.codec
-                .receive(&mut to.rx, &msg, &mut to.out, &mut tally, |_, _| {});
+                .receive(&mut to.rx, &mut msg, &mut to.out, &mut tally, |_, _| {});
         }
     }
 }
@@ -148,7 +148,7 @@ pub fn receive(data: &[u8]) -> usize {
         };
         let mut gro = (sel & 2 != 0).then_some(u16::from(sel >> 3).max(1) * 8);
         let mut sealed = Vec::new();
-        let bytes = if sel & 4 != 0 {
+        let mut bytes = if sel & 4 != 0 {
             // Sealed: one data message, or with a GRO size one per piece of that size, back to
             // back as UDP GRO would hand them over (16 or more reach the open pool).
             let peer = st.theirs.codec.table.load().peers().first().cloned();
@@ -171,19 +171,24 @@ pub fn receive(data: &[u8]) -> usize {
                 sealed.extend_from_slice(&msg);
             }
             gro = gro.map(|g| g + DATA_OVERHEAD as u16);
-            &sealed[..]
+            sealed
         } else {
-            data
+            data.to_vec()
         };
-        let msg = RecvMsg::from_parts(bytes, src, gro);
+        let mut msg = RecvMsgMut::from_parts(&mut bytes, src, gro);
         let mut tally = Tally::default();
         let ours = &mut st.ours;
         let mut delivered = 0;
-        ours.codec
-            .receive(&mut ours.rx, &msg, &mut ours.out, &mut tally, |pkt, _| {
+        ours.codec.receive(
+            &mut ours.rx,
+            &mut msg,
+            &mut ours.out,
+            &mut tally,
+            |pkt, _| {
                 assert!(!pkt.is_empty());
                 delivered += 1;
-            });
+            },
+        );
         // What a pump would send goes to one of the two senders, never elsewhere.
         for d in ours.out.iter() {
             assert!(
