@@ -28,7 +28,7 @@ pub mod testutil;
 use std::net::IpAddr;
 
 pub use gro::Gro;
-pub use segment::{complete_csum, segment, Segments};
+pub use segment::{complete_csum, segment, segment_into, Layout, Segments};
 pub use vnet::{VnetHdr, VNET_HDR_LEN};
 
 /// Why a packet (or a buffer) could not be decoded, rewritten or built.

@@ -17,14 +17,16 @@ const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
 const TCP_CWR: u8 = 0x80;
 
-/// Where [`segment`] put its output.
+/// Where [`segment`] (or [`segment_into`]) put its output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segments {
     /// Number of IP packets written.
     pub count: usize,
     /// Length of every packet but the last (the `UDP_SEGMENT` size); the last may be shorter.
     pub seg_len: usize,
-    /// Bytes written to `out`.
+    /// Length of the last packet.
+    pub last_len: usize,
+    /// Bytes of `out` taken (by the packets' slots, with [`segment_into`]).
     pub total: usize,
 }
 
@@ -45,12 +47,50 @@ pub fn segment(
     mtu: usize,
     out: &mut [u8],
 ) -> Result<Segments, WireError> {
+    segment_into(hdr, pkt, mtu, out, &Layout::PACKED)
+}
+
+/// Where [`segment_into`] puts each packet: `head` bytes into a slot of `slot(len)` bytes (at
+/// least `head + len`), slots back to back. Room for a codec to turn each packet into its
+/// datagram where it lies (WireGuard: its header before, padding and tag after) rather than
+/// copy it out.
+pub struct Layout<F: Fn(usize) -> usize = fn(usize) -> usize> {
+    pub head: usize,
+    pub slot: F,
+}
+
+impl Layout {
+    /// Packets back to back, as Flannel's udp wire sends them.
+    pub const PACKED: Layout = Layout {
+        head: 0,
+        slot: identity,
+    };
+}
+
+fn identity(len: usize) -> usize {
+    len
+}
+
+impl<F: Fn(usize) -> usize> Layout<F> {
+    fn slot_len(&self, len: usize) -> usize {
+        (self.slot)(len).max(self.head + len)
+    }
+}
+
+/// [`segment`], each packet put in its slot as `layout` says.
+pub fn segment_into<F: Fn(usize) -> usize>(
+    hdr: &VnetHdr,
+    pkt: &[u8],
+    mtu: usize,
+    out: &mut [u8],
+    layout: &Layout<F>,
+) -> Result<Segments, WireError> {
     let ecn = hdr.gso_type & GSO_ECN != 0;
     match hdr.gso_type & !GSO_ECN {
-        GSO_NONE => single(hdr, pkt, mtu, out),
-        GSO_TCPV4 => split(pkt, mtu, out, hdr.gso_size, L4::Tcp, Some(false)),
-        GSO_TCPV6 => split(pkt, mtu, out, hdr.gso_size, L4::Tcp, Some(true)),
-        GSO_UDP_L4 if !ecn => split(pkt, mtu, out, hdr.gso_size, L4::Udp, None),
+        GSO_NONE => single(hdr, pkt, mtu, out, layout),
+        GSO_TCPV4 => split(pkt, mtu, out, layout, hdr.gso_size, L4::Tcp, Some(false)),
+        GSO_TCPV6 => split(pkt, mtu, out, layout, hdr.gso_size, L4::Tcp, Some(true)),
+        GSO_UDP_L4 if !ecn => split(pkt, mtu, out, layout, hdr.gso_size, L4::Udp, None),
         GSO_UDP_L4 => Err(WireError::Malformed("GSO_ECN on a UDP super-packet")),
         GSO_UDP => Err(WireError::Unsupported(
             "UFO (gso_type UDP, IP-fragmented UDP)",
@@ -81,21 +121,31 @@ pub fn complete_csum(hdr: &VnetHdr, pkt: &mut [u8]) -> Result<(), WireError> {
     put16(pkt, field, c).ok_or(outside)
 }
 
-fn single(hdr: &VnetHdr, pkt: &[u8], mtu: usize, out: &mut [u8]) -> Result<Segments, WireError> {
+fn single<F: Fn(usize) -> usize>(
+    hdr: &VnetHdr,
+    pkt: &[u8],
+    mtu: usize,
+    out: &mut [u8],
+    layout: &Layout<F>,
+) -> Result<Segments, WireError> {
     let len = ip::parse(pkt)?.len;
     if len > mtu {
         return Err(WireError::TooBig { len, mtu });
     }
-    let have = out.len();
+    let (have, total) = (out.len(), layout.slot_len(len));
+    if total > have {
+        return Err(WireError::BufferTooSmall { need: total, have });
+    }
     let dst = out
-        .get_mut(..len)
-        .ok_or(WireError::BufferTooSmall { need: len, have })?;
+        .get_mut(layout.head..layout.head + len)
+        .ok_or(WireError::BufferTooSmall { need: total, have })?;
     dst.copy_from_slice(pkt.get(..len).ok_or(WireError::Malformed("IP length"))?);
     complete_csum(hdr, dst)?;
     Ok(Segments {
         count: 1,
         seg_len: len,
-        total: len,
+        last_len: len,
+        total,
     })
 }
 
@@ -131,10 +181,11 @@ fn l4_header_len(pkt: &[u8], ip: &Ip, l4: L4) -> Result<usize, WireError> {
     Ok(len)
 }
 
-fn split(
+fn split<F: Fn(usize) -> usize>(
     pkt: &[u8],
     mtu: usize,
     out: &mut [u8],
+    layout: &Layout<F>,
     gso_size: u16,
     l4: L4,
     want_v6: Option<bool>,
@@ -176,7 +227,8 @@ fn split(
     if seg_len > mtu {
         return Err(WireError::TooBig { len: seg_len, mtu });
     }
-    let total = (count - 1) * seg_len + hlen + last_payload;
+    let last_len = hlen + last_payload;
+    let total = (count - 1) * layout.slot_len(seg_len) + layout.slot_len(last_len);
     let have = out.len();
     if total > have {
         return Err(WireError::BufferTooSmall { need: total, have });
@@ -195,8 +247,9 @@ fn split(
             .get(start..(start + mss).min(payload))
             .ok_or(WireError::Malformed("payload length"))?;
         let n = hlen + chunk.len();
+        let at = pos + layout.head;
         let seg = out
-            .get_mut(pos..pos + n)
+            .get_mut(at..at + n)
             .ok_or(WireError::BufferTooSmall { need: total, have })?;
         let (h, p) = seg
             .split_at_mut_checked(hlen)
@@ -214,11 +267,12 @@ fn split(
             L4::Udp => fix_udp(seg, &ip),
         }
         .ok_or(WireError::Malformed("transport header"))?;
-        pos += n;
+        pos += layout.slot_len(n);
     }
     Ok(Segments {
         count,
         seg_len,
+        last_len,
         total,
     })
 }

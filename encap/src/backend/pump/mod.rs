@@ -141,6 +141,16 @@ pub(crate) trait Codec: Send + Sync + 'static {
     /// inner TCP checksums before merging segments (see [`crate::wire::Gro::trusting`]).
     const DELIVERS_INTACT: bool;
 
+    /// Bytes the codec puts before each inner packet to make its datagram (wireguard: the
+    /// data message header): the pump cuts every packet that far into its slot. udp: none.
+    const HEADROOM: usize = 0;
+
+    /// The slot an inner packet of `len` bytes takes in a run: [`HEADROOM`](Self::HEADROOM),
+    /// the packet, then room for what the codec appends (wireguard: padding and tag).
+    fn slot_len(&self, len: usize) -> usize {
+        Self::HEADROOM + len
+    }
+
     fn tx_scratch(&self) -> Self::TxScratch;
     fn rx_scratch(&self) -> Self::RxScratch;
 
@@ -151,16 +161,14 @@ pub(crate) trait Codec: Send + Sync + 'static {
     /// Whether two routes lead to the same peer, so that packets for them may share a run.
     fn same_route(&self, a: &Self::Route, b: &Self::Route) -> bool;
 
-    /// Turns complete inner packets into datagrams: `segs` holds them back to back, each
-    /// `seg_len` bytes but the last, all for `route`. Returns the run to send (`None`: nothing
-    /// to send yet, e.g. queued behind a handshake); messages to send before it go to `out`.
-    /// `Err` names why none will go out.
+    /// Turns complete inner packets, all for `route`, into datagrams where they lie. Returns
+    /// the run to send (`None`: nothing to send yet, e.g. queued behind a handshake); messages
+    /// to send before it go to `out`. `Err` names why none will go out.
     fn transmit<'a>(
         &self,
         scratch: &'a mut Self::TxScratch,
         route: Self::Route,
-        segs: &'a [u8],
-        seg_len: usize,
+        pkts: Packets<'a>,
         out: &mut Outbox,
         tally: &mut Tally,
     ) -> Result<Option<Transmit<'a>>, DropReason>;
@@ -178,6 +186,16 @@ pub(crate) trait Codec: Send + Sync + 'static {
         deliver: F,
     ) where
         F: FnMut(&[u8], &mut Tally);
+}
+
+/// A run of complete inner packets for one peer, in the pump's send buffer: each
+/// [`Codec::HEADROOM`] bytes into its slot ([`Codec::slot_len`]), slots back to back in `buf`;
+/// `count` packets, all `len` bytes long but the last, `last_len`.
+pub(crate) struct Packets<'a> {
+    pub buf: &'a mut [u8],
+    pub count: usize,
+    pub len: usize,
+    pub last_len: usize,
 }
 
 /// The running packet threads of one device. Dropping it stops and joins them (and any thread

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv4Net;
 
 use super::fake::{FakeNet, FakeTun, FakeUdp};
-use super::{Codec, DeviceState, Outbox, OwnSubnets, Pump, Transmit};
+use super::{Codec, DeviceState, Outbox, OwnSubnets, Packets, Pump, Transmit};
 use crate::io::RecvMsgMut;
 use crate::stats::{DropReason, Tally};
 use crate::wire::testutil::TcpSpec;
@@ -47,15 +47,14 @@ impl Codec for Plain {
         &self,
         _: &'a mut (),
         to: SocketAddr,
-        segs: &'a [u8],
-        seg_len: usize,
+        pkts: Packets<'a>,
         _: &mut Outbox,
         _: &mut Tally,
     ) -> Result<Option<Transmit<'a>>, DropReason> {
         Ok(Some(Transmit {
             to,
-            data: segs,
-            seg_len,
+            data: pkts.buf,
+            seg_len: pkts.len,
         }))
     }
 

@@ -1,6 +1,7 @@
 //! Pod -> network: read a (super-)packet from the TUN, route it to a peer, cut it into
-//! MTU-sized packets, let the codec turn them into datagrams and send those (one GSO send per up
-//! to 64) once the codec has returned.
+//! MTU-sized packets, each in a slot with the room the codec asks around it, let the codec turn
+//! them into datagrams where they lie and send those (one GSO send per up to 64) once the codec
+//! has returned.
 //!
 //! Packets already queued in the TUN when a read returns are read too (without waiting, up to
 //! [`DRAIN`]); small ones join the run being built while they go to the same peer in packets of
@@ -21,10 +22,10 @@ use std::time::Duration;
 
 use super::flush::FlushDue;
 use super::poll::Poller;
-use super::{Codec, DeviceState, Outbox, TunIo, UdpIo, UdpSender};
+use super::{Codec, DeviceState, Outbox, Packets, TunIo, UdpIo, UdpSender};
 use crate::io::{is_timeout, TUN_READ_BUF_LEN};
 use crate::stats::{DropReason, Tally};
-use crate::wire::{ip, segment, Segments, VnetHdr, WireError, VNET_HDR_LEN};
+use crate::wire::{ip, segment_into, Layout, Segments, VnetHdr, WireError, VNET_HDR_LEN};
 
 /// Most TUN reads that feed one batch of sends.
 const DRAIN: usize = 64;
@@ -54,8 +55,9 @@ impl<S, R> TxTurn<S, R> {
                 rbuf: vec![0u8; TUN_READ_BUF_LEN],
                 bufs: TxBufs {
                     // Segments of one 64 KiB super-packet plus their repeated headers, or of
-                    // many small packets.
-                    segs: vec![0u8; 2 * TUN_READ_BUF_LEN],
+                    // many small packets, each in its slot (at most 2 x 64 KiB, plus the
+                    // codec's room: wireguard's 47 bytes at most per segment of 41 or more).
+                    segs: vec![0u8; 4 * TUN_READ_BUF_LEN],
                     scratch: codec.tx_scratch(),
                     control: Outbox::new(),
                     run: None,
@@ -148,12 +150,13 @@ pub(super) struct TxBufs<S, R> {
     run: Option<Run<R>>,
 }
 
-/// Segments for one peer lying back to back in `segs[start..start + total]`, each `seg_len`
-/// bytes but possibly the last.
+/// Segments for one peer in their slots (see `Codec::slot_len`), back to back in
+/// `segs[start..start + total]`, each `seg_len` bytes but the last, `last_len`.
 struct Run<R> {
     route: R,
     start: usize,
     seg_len: usize,
+    last_len: usize,
     count: usize,
     total: usize,
 }
@@ -165,7 +168,7 @@ impl<R> Run<R> {
 
     /// Whether more segments may follow: all so far are full-size.
     fn open(&self) -> bool {
-        self.total == self.count * self.seg_len
+        self.last_len == self.seg_len
     }
 }
 
@@ -263,6 +266,7 @@ impl<C: Codec, T: TunIo, U: UdpIo> Ctx<'_, C, T, U> {
             Some(r) if r.seg_len == segs.seg_len => {
                 r.count += segs.count;
                 r.total += segs.total;
+                r.last_len = segs.last_len;
             }
             _ => {
                 // Another size: the run so far leaves alone, and these start the next.
@@ -271,6 +275,7 @@ impl<C: Codec, T: TunIo, U: UdpIo> Ctx<'_, C, T, U> {
                     route,
                     start,
                     seg_len: segs.seg_len,
+                    last_len: segs.last_len,
                     count: segs.count,
                     total: segs.total,
                 });
@@ -295,23 +300,28 @@ impl<C: Codec, T: TunIo, U: UdpIo> Ctx<'_, C, T, U> {
             .segs
             .get_mut(start..)
             .ok_or(WireError::BufferTooSmall { need: 1, have: 0 })?;
-        segment(hdr, pkt, self.state.mtu, out)
+        let layout = Layout {
+            head: C::HEADROOM,
+            slot: |len| self.codec.slot_len(len),
+        };
+        segment_into(hdr, pkt, self.state.mtu, out, &layout)
     }
 
     /// Hands the run to the codec and sends what it returns (nothing if there is no run).
     fn send(&self, bufs: &mut TxBufs<C::TxScratch, C::Route>, tally: &mut Tally) {
         let Some(run) = bufs.run.take() else { return };
-        let Some(data) = bufs.segs.get(run.start..run.end()) else {
+        let Some(buf) = bufs.segs.get_mut(run.start..run.end()) else {
             return tally.count_drop(DropReason::Malformed);
         };
-        let sent = self.codec.transmit(
-            &mut bufs.scratch,
-            run.route,
-            data,
-            run.seg_len,
-            &mut bufs.control,
-            tally,
-        );
+        let pkts = Packets {
+            buf,
+            count: run.count,
+            len: run.seg_len,
+            last_len: run.last_len,
+        };
+        let sent =
+            self.codec
+                .transmit(&mut bufs.scratch, run.route, pkts, &mut bufs.control, tally);
         // The codec has returned, so no peer lock is held during these sends.
         self.sender.flush(&mut bufs.control, tally);
         let sent = match sent {

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use crate::backend::pump::{sender_v4, Codec, Outbox, Transmit};
+use crate::backend::pump::{sender_v4, Codec, Outbox, Packets, Transmit};
 use crate::io::RecvMsgMut;
 use crate::peers::{PeerTable, SharedPeers};
 use crate::stats::{DropReason, Tally};
@@ -45,16 +45,15 @@ impl Codec for UdpCodec {
         &self,
         _: &'a mut (),
         to: SocketAddr,
-        segs: &'a [u8],
-        seg_len: usize,
+        pkts: Packets<'a>,
         _: &mut Outbox,
         _: &mut Tally,
     ) -> Result<Option<Transmit<'a>>, DropReason> {
         // The segments are already Flannel's datagrams: send them from where they lie.
         Ok(Some(Transmit {
             to,
-            data: segs,
-            seg_len,
+            data: pkts.buf,
+            seg_len: pkts.len,
         }))
     }
 

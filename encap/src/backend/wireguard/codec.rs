@@ -4,10 +4,11 @@
 //! Sans-I/O: the codec holds no socket. What must be sent comes back to the pump as a
 //! [`Transmit`] or in an [`Outbox`], and the pump sends it after the codec returned.
 //!
-//! Send: the pump hands over one super-packet's segments. Under the peer's lock, briefly, we
-//! take the session and reserve one counter per segment; then, lock released, each segment is
-//! copied into one buffer at a fixed stride and sealed there in place (16-byte header,
-//! ChaCha20-Poly1305, 16-byte tag), returned as one run so that it leaves in one UDP GSO send.
+//! Send: the pump hands over one super-packet's segments, each cut into a slot with room for
+//! the 16-byte header before it and its padding and 16-byte tag after (`slot_len`), so at a
+//! fixed stride. Under the peer's lock, briefly, we take the session and reserve one counter per
+//! segment; then, lock released, each is sealed where it lies (ChaCha20-Poly1305) and the run
+//! is returned whole, so that it leaves in one UDP GSO send.
 //! Every queue's sender thread seals its own runs at once; counters interleave between them,
 //! which the receiver's replay window takes (it holds 8,128 counters), and each flow, kept to
 //! one queue, stays in order. The bound: a run that reaches the wire more than 8,128 counters
@@ -41,7 +42,7 @@ use super::keys::StaticKeys;
 use super::peers::{Due, PeerState, WgPeer, WgTable};
 use super::session::{OpenError, Session, DATA, DATA_HEADER, TAG_LEN};
 use super::source_limit::SourceLimit;
-use crate::backend::pump::{Codec, Outbox, Transmit};
+use crate::backend::pump::{Codec, Outbox, Packets, Transmit};
 use crate::io::{Datagrams, RecvMsgMut};
 use crate::stats::{DropReason, Tally};
 
@@ -70,11 +71,6 @@ const DEFAULT_MTU: usize = 1420;
 const PARALLEL_MIN: usize = 16;
 /// Data messages per job on the pool (the receiver thread claims jobs too).
 const PER_JOB: usize = 8;
-
-pub(super) struct TxScratch {
-    /// Sealed datagrams back to back, `seg_len + 32` apart.
-    sealed: Vec<u8>,
-}
 
 pub(super) struct RxScratch {
     /// (offset, length) in the message being processed of each opened packet to deliver
@@ -636,7 +632,7 @@ impl WgCodec {
 
 impl Codec for WgCodec {
     type Route = Arc<WgPeer>;
-    type TxScratch = TxScratch;
+    type TxScratch = ();
     type RxScratch = RxScratch;
 
     // WireGuard is an interface, not a router hop: the kernel already decremented the TTL
@@ -650,13 +646,14 @@ impl Codec for WgCodec {
     // we listen on.
     const SEND_FROM_QUEUE_PORTS: bool = false;
 
-    fn tx_scratch(&self) -> TxScratch {
-        // Segments of a 64 KiB super-packet fill at most 2 x 64 KiB (see the pump), plus
-        // 32 bytes per segment (at most one per 41 bytes).
-        TxScratch {
-            sealed: vec![0; 4 * crate::io::TUN_READ_BUF_LEN],
-        }
+    // The data message header goes before each packet, padding and tag after.
+    const HEADROOM: usize = DATA_HEADER;
+
+    fn slot_len(&self, len: usize) -> usize {
+        padded_len(len, self.mtu) + DATA_OVERHEAD
     }
+
+    fn tx_scratch(&self) {}
 
     fn rx_scratch(&self) -> RxScratch {
         RxScratch {
@@ -675,15 +672,21 @@ impl Codec for WgCodec {
 
     fn transmit<'a>(
         &self,
-        sc: &'a mut TxScratch,
+        _: &'a mut (),
         peer: Arc<WgPeer>,
-        segs: &[u8],
-        seg_len: usize,
+        pkts: Packets<'a>,
         out: &mut Outbox,
         tally: &mut Tally,
     ) -> Result<Option<Transmit<'a>>, DropReason> {
-        let seg_len = seg_len.max(1);
-        let count = segs.len().div_ceil(seg_len);
+        let Packets {
+            buf,
+            count,
+            len,
+            last_len,
+        } = pkts;
+        // Every packet but the last is `len` long, so all but the last slot are `stride`.
+        let stride = self.slot_len(len);
+        let packet_len = |i: usize| if i + 1 == count { last_len } else { len };
         let now = Instant::now();
         let (to, session, first) = {
             let mut st = peer.lock();
@@ -692,9 +695,11 @@ impl Codec for WgCodec {
                 .and_then(|s| Some((s.reserve(count as u64)?, s)));
             let Some((first, s)) = reserved else {
                 // No session yet (or it is spent): the packets wait for a handshake.
-                for seg in segs.chunks(seg_len) {
+                for i in 0..count {
+                    let at = i * stride + DATA_HEADER;
+                    let staged = buf.get(at..at + packet_len(i)).is_some_and(|p| st.stage(p));
                     // Beyond MAX_STAGED the oldest goes: no route (yet) for it.
-                    if !st.stage(seg) {
+                    if !staged {
                         tally.count_drop(DropReason::NoRoute);
                     }
                 }
@@ -709,29 +714,30 @@ impl Codec for WgCodec {
             st.sent_data(now);
             (st.endpoint, s, first)
         };
-        // Lock released: seal in place, at a fixed stride, in counter order. Every segment but
-        // the last has the run's length, so all but the last pad to the same: the stride.
-        let stride = padded_len(seg_len, self.mtu) + DATA_OVERHEAD;
-        let mut sealed_len = 0;
-        for (i, seg) in segs.chunks(seg_len).enumerate() {
-            let len = padded_len(seg.len(), self.mtu) + DATA_OVERHEAD;
-            let Some(msg) = sc.sealed.get_mut(sealed_len..sealed_len + len) else {
-                tally.count_drop(DropReason::Malformed);
-                continue;
+        // Lock released: seal each packet in its slot, in counter order.
+        let (mut sealed, mut done) = (0, 0);
+        for i in 0..count {
+            let len = packet_len(i);
+            let Some(msg) = buf.get_mut(sealed..sealed + self.slot_len(len)) else {
+                break;
             };
-            let (body, pad) = msg[DATA_HEADER..len - TAG_LEN].split_at_mut(seg.len());
-            body.copy_from_slice(seg);
-            pad.fill(0);
-            if !session.seal(first + i as u64, msg) {
-                // Its place is taken by the next segment; its counter is simply never seen.
-                tally.count_drop(DropReason::Malformed);
-                continue;
+            let tag_at = msg.len().saturating_sub(TAG_LEN);
+            if let Some(pad) = msg.get_mut(DATA_HEADER + len..tag_at) {
+                pad.fill(0);
             }
-            sealed_len += len.min(stride);
+            // Fails closed: nothing from an unsealed slot on is sent.
+            if !session.seal(first + i as u64, msg) {
+                break;
+            }
+            sealed += msg.len();
+            done += 1;
         }
-        Ok(sc
-            .sealed
-            .get(..sealed_len)
+        // Unreachable with the pump's slots; counted rather than sent unsealed.
+        for _ in done..count {
+            tally.count_drop(DropReason::Malformed);
+        }
+        Ok(buf
+            .get(..sealed)
             .filter(|data| !data.is_empty())
             .map(|data| Transmit {
                 to,

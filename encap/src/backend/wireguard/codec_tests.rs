@@ -13,12 +13,10 @@ use std::time::Duration;
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
-use super::codec::{
-    padded_len, RxScratch, TxScratch, WgCodec, DATA_OVERHEAD, HANDSHAKE_RATE_LIMIT,
-};
+use super::codec::{padded_len, RxScratch, WgCodec, DATA_OVERHEAD, HANDSHAKE_RATE_LIMIT};
 use super::keys::{random_key, StaticKeys};
 use super::peers::{WgPeer, WgTable, RETRY_INIT};
-use crate::backend::pump::{Codec, Outbox, Transmit};
+use crate::backend::pump::{Codec, Outbox, Packets, Transmit};
 use crate::io::RecvMsgMut;
 use crate::stats::{DropReason, Tally};
 
@@ -66,7 +64,7 @@ struct Node {
     addr: SocketAddr,
     lan: Lan,
     rx: RxScratch,
-    tx: TxScratch,
+    tx: (),
     out: Outbox,
     tally: Tally,
     /// Our pod subnet's third octet: pods are 10.244.<net>.x.
@@ -162,17 +160,35 @@ fn pod(net: u8, host: u8) -> [u8; 4] {
     [10, 244, net, host]
 }
 
+/// Packets (all but the last of one size) laid out as the pump cuts them for `codec`: each
+/// `HEADROOM` bytes into its slot, slots back to back.
+fn slotted(codec: &WgCodec, pkts: &[Vec<u8>]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    for p in pkts {
+        let at = buf.len() + WgCodec::HEADROOM;
+        buf.resize(buf.len() + codec.slot_len(p.len()), 0xee);
+        buf[at..at + p.len()].copy_from_slice(p);
+    }
+    buf
+}
+
 /// Sends packets (all but the last of one size) from `a` to the pod network of `to`.
 fn send(a: &mut Node, to: u8, pkts: &[Vec<u8>]) -> Result<(), DropReason> {
     let seg_len = pkts.first().map_or(0, Vec::len);
-    let segs: Vec<u8> = pkts.concat();
+    let mut buf = slotted(&a.codec, pkts);
     let route = a
         .codec
         .route(Ipv4Addr::new(10, 244, to, 7).into())
         .expect("a route to the peer");
+    let pkts = Packets {
+        buf: &mut buf,
+        count: pkts.len(),
+        len: seg_len,
+        last_len: pkts.last().map_or(0, Vec::len),
+    };
     let run = a
         .codec
-        .transmit(&mut a.tx, route, &segs, seg_len, &mut a.out, &mut a.tally)?;
+        .transmit(&mut a.tx, route, pkts, &mut a.out, &mut a.tally)?;
     a.lan.flush(a.addr, &mut a.out);
     if let Some(run) = run {
         assert_eq!(run.seg_len, padded_len(seg_len, 1420) + DATA_OVERHEAD);
@@ -407,6 +423,29 @@ fn padded_packets_lose_their_padding() {
     b.lan.post(a.addr, b.addr, &msg, None);
     assert!(poll(&mut b).is_empty());
     assert_eq!(drops(&b, DropReason::Malformed), 1);
+}
+
+#[test]
+fn padding_is_zeros_whatever_the_slot_held() {
+    let (mut a, mut b) = pair();
+    handshake(&mut a, &mut b);
+    let p = packet(pod(1, 5), pod(2, 7), 200, 3);
+    // `send` lays the packet in a slot whose other bytes are 0xee, as a reused buffer might.
+    send(&mut a, 2, std::slice::from_ref(&p)).expect("sent");
+    let (_, mut msg, _) = b.lan.take(b.addr).expect("a message");
+    let index = u32::from_le_bytes(msg[4..8].try_into().expect("4 bytes"));
+    let peer = b.codec.table.load().peers()[0].clone();
+    let (s, _) = peer
+        .lock()
+        .by_index(index, std::time::Instant::now())
+        .expect("the session");
+    assert_eq!(s.open(&mut msg), Ok(208), "200 bytes, padded to 16");
+    assert_eq!(&msg[16..216], &p[..]);
+    assert!(
+        msg[216..224].iter().all(|&x| x == 0),
+        "{:?}",
+        &msg[216..224]
+    );
 }
 
 #[test]
@@ -667,17 +706,16 @@ fn ipv6_inner_packets_round_trip_and_spoofed_v6_sources_are_dropped() {
         .route("fc00:44:0:2::7".parse().expect("ip"))
         .expect("an IPv6 route to b");
     assert_eq!(route.index, 11);
-    let segs = run.concat();
+    let mut buf = slotted(&a.codec, &run);
+    let pkts = Packets {
+        buf: &mut buf,
+        count: run.len(),
+        len: run[0].len(),
+        last_len: run[0].len(),
+    };
     let sent = a
         .codec
-        .transmit(
-            &mut a.tx,
-            route,
-            &segs,
-            run[0].len(),
-            &mut a.out,
-            &mut a.tally,
-        )
+        .transmit(&mut a.tx, route, pkts, &mut a.out, &mut a.tally)
         .expect("sealed")
         .expect("a run");
     a.lan.send_run(a.addr, &sent);

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use super::*;
 use crate::wire::gro::Gro;
 use crate::wire::ip::{addrs, decrement_ttl, icmp_too_big, icmp_unreachable};
-use crate::wire::segment::complete_csum;
+use crate::wire::segment::{complete_csum, segment_into, Layout};
 use crate::wire::vnet::VNET_HDR_LEN;
 
 fn everything(rng: &mut XorShift, data: &[u8], gro: &mut Gro, out: &mut [u8]) {
@@ -29,6 +29,12 @@ fn everything(rng: &mut XorShift, data: &[u8], gro: &mut Gro, out: &mut [u8]) {
     }
     let limit = rng.below(out.len() + 1);
     let _ = segment(&h, data, rng.below(70000), &mut out[..limit]);
+    let tail = rng.below(80);
+    let slots = Layout {
+        head: rng.below(40),
+        slot: move |len: usize| len + tail,
+    };
+    let _ = segment_into(&h, data, rng.below(70000), &mut out[..limit], &slots);
     let _ = complete_csum(&h, &mut m);
     if gro.push(data).is_err() {
         let _ = gro.packets().count();

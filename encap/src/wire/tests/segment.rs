@@ -1,5 +1,5 @@
 use super::*;
-use crate::wire::segment::complete_csum;
+use crate::wire::segment::{complete_csum, segment_into, Layout};
 use crate::wire::vnet::*;
 use crate::wire::WireError;
 
@@ -54,6 +54,7 @@ fn wire_segment_64k_v4_mss_1400() {
         Segments {
             count: 47,
             seg_len: 1440,
+            last_len: 40 + (65495 - 46 * 1400),
             total: 46 * 1440 + 40 + (65495 - 46 * 1400)
         }
     );
@@ -66,6 +67,35 @@ fn wire_segment_64k_v4_mss_1400() {
     );
     assert!(matches!(
         segment(&h, &p, 1500, &mut out[..s.total - 1]),
+        Err(WireError::BufferTooSmall { .. })
+    ));
+}
+
+#[test]
+fn wire_segment_into_slots_puts_each_packet_at_its_head() {
+    // WireGuard's layout: a 16-byte header before each packet, padding to 16 and a tag after.
+    let spec = TcpSpec::v4().flags(ACK | PSH);
+    let (_, h, p, segs) = cut(spec, 10_000, 1400, 3);
+    let layout = Layout {
+        head: 16,
+        slot: |len: usize| 16 + len.div_ceil(16) * 16 + 16,
+    };
+    let mut out = vec![0xeeu8; 20_000];
+    let s = segment_into(&h, &p, 1500, &mut out, &layout).unwrap();
+    let last = segs.last().unwrap().len();
+    assert_eq!((s.count, s.seg_len, s.last_len), (segs.len(), 1440, last));
+    let stride = 16 + 1440 + 16;
+    assert_eq!(
+        s.total,
+        (segs.len() - 1) * stride + 16 + last.div_ceil(16) * 16 + 16
+    );
+    for (i, seg) in segs.iter().enumerate() {
+        let at = i * stride + 16;
+        assert_eq!(&out[at..at + seg.len()], &seg[..], "packet {i}");
+    }
+    // No room for the last slot's tail: too small, as for packed packets.
+    assert!(matches!(
+        segment_into(&h, &p, 1500, &mut out[..s.total - 1], &layout),
         Err(WireError::BufferTooSmall { .. })
     ));
 }
