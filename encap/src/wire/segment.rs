@@ -22,7 +22,8 @@ const TCP_CWR: u8 = 0x80;
 pub struct Segments {
     /// Number of IP packets written.
     pub count: usize,
-    /// Length of every packet but the last (the `UDP_SEGMENT` size); the last may be shorter.
+    /// Length of every packet but the last (packed, the `UDP_SEGMENT` size; in slots, that
+    /// size is the slot's); the last may be shorter.
     pub seg_len: usize,
     /// Length of the last packet.
     pub last_len: usize,

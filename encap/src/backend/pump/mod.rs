@@ -36,7 +36,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use super::{BackendError, Datapath};
 use crate::io::{
     bind_consecutive, open_tun, steer_by_source_port, Listen, Offload, RecvMsgMut, TunQueue,
-    UdpSock, DEFAULT_SOCKET_BUFFER,
+    UdpSock, DEFAULT_SOCKET_BUFFER, TUN_READ_BUF_LEN,
 };
 use crate::stats::{DropReason, Stats, Tally};
 pub(crate) use addressing::{Addressing, Family};
@@ -150,6 +150,11 @@ pub(crate) trait Codec: Send + Sync + 'static {
     fn slot_len(&self, len: usize) -> usize {
         Self::HEADROOM + len
     }
+
+    /// A sender thread's buffer for the runs it cuts: the segments of one 64 KiB super-packet
+    /// with their repeated headers (twice its size down to an MSS of about 40 bytes), or of
+    /// many small packets, each in its slot. What does not fit is sent first, or dropped.
+    const TX_BUF_LEN: usize = 2 * TUN_READ_BUF_LEN;
 
     fn tx_scratch(&self) -> Self::TxScratch;
     fn rx_scratch(&self) -> Self::RxScratch;

@@ -54,10 +54,7 @@ impl<S, R> TxTurn<S, R> {
             side: Mutex::new(TxSide {
                 rbuf: vec![0u8; TUN_READ_BUF_LEN],
                 bufs: TxBufs {
-                    // Segments of one 64 KiB super-packet plus their repeated headers, or of
-                    // many small packets, each in its slot (at most 2 x 64 KiB, plus the
-                    // codec's room: wireguard's 47 bytes at most per segment of 41 or more).
-                    segs: vec![0u8; 4 * TUN_READ_BUF_LEN],
+                    segs: vec![0u8; C::TX_BUF_LEN],
                     scratch: codec.tx_scratch(),
                     control: Outbox::new(),
                     run: None,
@@ -164,6 +161,11 @@ struct Run<R> {
 impl<R> Run<R> {
     fn end(&self) -> usize {
         self.start + self.total
+    }
+
+    /// The inner packets' bytes, without the slots' room (what the counters count).
+    fn inner_bytes(&self) -> usize {
+        self.count.saturating_sub(1) * self.seg_len + self.last_len
     }
 
     /// Whether more segments may follow: all so far are full-size.
@@ -310,6 +312,7 @@ impl<C: Codec, T: TunIo, U: UdpIo> Ctx<'_, C, T, U> {
     /// Hands the run to the codec and sends what it returns (nothing if there is no run).
     fn send(&self, bufs: &mut TxBufs<C::TxScratch, C::Route>, tally: &mut Tally) {
         let Some(run) = bufs.run.take() else { return };
+        let (count, bytes) = (run.count as u64, run.inner_bytes() as u64);
         let Some(buf) = bufs.segs.get_mut(run.start..run.end()) else {
             return tally.count_drop(DropReason::Malformed);
         };
@@ -332,8 +335,8 @@ impl<C: Codec, T: TunIo, U: UdpIo> Ctx<'_, C, T, U> {
         };
         match sent {
             Ok(()) => {
-                tally.packets += run.count as u64;
-                tally.bytes += run.total as u64;
+                tally.packets += count;
+                tally.bytes += bytes;
             }
             Err(why) => tally.count_drop(why),
         }

@@ -649,6 +649,10 @@ impl Codec for WgCodec {
     // The data message header goes before each packet, padding and tag after.
     const HEADROOM: usize = DATA_HEADER;
 
+    // A slot is at most 80 bytes for a 41-byte packet (a TCP segment's headers and one byte),
+    // under twice the packed size: twice the pump's default.
+    const TX_BUF_LEN: usize = 4 * crate::io::TUN_READ_BUF_LEN;
+
     fn slot_len(&self, len: usize) -> usize {
         padded_len(len, self.mtu) + DATA_OVERHEAD
     }

@@ -153,6 +153,24 @@ fn ipv6_super_packet_round_trip_over_an_ipv6_underlay() {
         assert!(Instant::now() < deadline, "a counted what it received");
         std::thread::sleep(Duration::from_millis(10));
     }
+    // a counts what it sent in inner bytes, as b counts what it received: not the data
+    // messages' headers, padding and tags.
+    let bytes = |n: &Node| {
+        (
+            n.state.stats.tx_bytes.load(Ordering::Relaxed),
+            n.state.stats.rx_bytes.load(Ordering::Relaxed),
+        )
+    };
+    while bytes(&a).0 != bytes(&b).1 {
+        assert!(
+            Instant::now() < deadline,
+            "a sent {:?}, b got {:?}",
+            bytes(&a),
+            bytes(&b)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(bytes(&a).0, 2 * (20 * 60 + 20_000) + 540);
 }
 
 #[test]
