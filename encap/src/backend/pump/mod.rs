@@ -203,6 +203,17 @@ pub(crate) struct Packets<'a> {
     pub last_len: usize,
 }
 
+impl<'a> Packets<'a> {
+    /// The packets sent as they lie, one datagram each (a codec without headroom: udp).
+    pub fn into_datagrams_to(self, to: SocketAddr) -> Transmit<'a> {
+        Transmit {
+            to,
+            data: self.buf,
+            seg_len: self.len,
+        }
+    }
+}
+
 /// The running packet threads of one device. Dropping it stops and joins them (and any thread
 /// started with [`spawn`](Self::spawn)); the TUN queues and sockets close with the last of them.
 pub(crate) struct Pump<U: UdpIo = UdpSock> {

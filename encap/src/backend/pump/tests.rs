@@ -51,11 +51,7 @@ impl Codec for Plain {
         _: &mut Outbox,
         _: &mut Tally,
     ) -> Result<Option<Transmit<'a>>, DropReason> {
-        Ok(Some(Transmit {
-            to,
-            data: pkts.buf,
-            seg_len: pkts.len,
-        }))
+        Ok(Some(pkts.into_datagrams_to(to)))
     }
 
     fn receive<F>(

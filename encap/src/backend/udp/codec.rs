@@ -50,11 +50,7 @@ impl Codec for UdpCodec {
         _: &mut Tally,
     ) -> Result<Option<Transmit<'a>>, DropReason> {
         // The segments are already Flannel's datagrams: send them from where they lie.
-        Ok(Some(Transmit {
-            to,
-            data: pkts.buf,
-            seg_len: pkts.len,
-        }))
+        Ok(Some(pkts.into_datagrams_to(to)))
     }
 
     fn receive<F>(
