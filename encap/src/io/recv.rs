@@ -94,6 +94,11 @@ impl<'a> RecvMsg<'a> {
     pub fn datagrams(&self) -> Datagrams<'a> {
         Datagrams::new(self.data, self.gro_size)
     }
+
+    /// The length of every datagram but the last: where each of them starts.
+    pub fn datagram_len(&self) -> usize {
+        Datagrams::step(self.data.len(), self.gro_size)
+    }
 }
 
 /// A received message lent for rewriting where the kernel put it (a codec decrypting in
@@ -128,7 +133,7 @@ impl<'a> RecvMsgMut<'a> {
         }
     }
 
-    /// The bytes received, to rewrite in place; [`Datagrams::step`] says where each
+    /// The bytes received, to rewrite in place; [`RecvMsg::datagram_len`] says where each
     /// datagram starts.
     pub fn data_mut(&mut self) -> &mut [u8] {
         self.data

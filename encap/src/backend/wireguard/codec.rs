@@ -43,7 +43,7 @@ use super::peers::{Due, PeerState, WgPeer, WgTable};
 use super::session::{OpenError, Session, DATA, DATA_HEADER, TAG_LEN};
 use super::source_limit::SourceLimit;
 use crate::backend::pump::{Codec, Outbox, Packets, Transmit};
-use crate::io::{Datagrams, RecvMsgMut};
+use crate::io::RecvMsgMut;
 use crate::stats::{DropReason, Tally};
 
 /// Data message: type, receiver index, counter (16 bytes), then the sealed packet and its tag.
@@ -544,10 +544,7 @@ impl WgCodec {
             return false;
         };
         let view = msg.view();
-        let (src, step) = (
-            view.source(),
-            Datagrams::step(view.data().len(), view.gro_size()),
-        );
+        let (src, step) = (view.source(), view.datagram_len());
         let (mut count, mut index) = (0, None);
         for d in view.datagrams() {
             if message_type(d) != Some(DATA) || *index.get_or_insert(get_u32(d, 4)) != get_u32(d, 4)
@@ -764,11 +761,7 @@ impl Codec for WgCodec {
         if self.receive_parallel(sc, msg, &table, out, tally, &mut deliver) {
             return;
         }
-        let view = msg.view();
-        let (src, step) = (
-            view.source(),
-            Datagrams::step(view.data().len(), view.gro_size()),
-        );
+        let (src, step) = (msg.view().source(), msg.view().datagram_len());
         // Each datagram is opened where it lies; what was opened is delivered from there.
         let data = msg.data_mut();
         let mut held: Option<Held<'_>> = None;
@@ -783,7 +776,7 @@ impl Codec for WgCodec {
             };
             if kind != DATA {
                 self.release(&mut held, sc, data, src, out, tally, &mut deliver);
-                self.control(&table, &data[at..next], src, sc, out, tally);
+                self.control(&table, d, src, sc, out, tally);
                 continue;
             }
             let index = get_u32(d, 4);
