@@ -1,5 +1,6 @@
-//! `/healthz`, `/readyz`, `/metrics` and `/status` over HTTP, on TCP ports and on a Unix
-//! socket beside the subnet file (what `flanneld-rs status` reads): routing, methods (HEAD,
+//! `/healthz`, `/readyz` and `/metrics` over HTTP on TCP ports (what Flannel serves there), and
+//! those with `/status` and the policy API (`/v1/...`) on a Unix socket beside the subnet file
+//! (what `flanneld-rs status` and the CNI plugin use): routing, methods (HEAD,
 //! 405 with `Allow`) and the request parsing are axum's and hyper's. The accept loop is ours
 //! because the endpoints must keep answering when the process runs out of descriptors or is
 //! flooded with idle connections (a liveness probe that times out restarts the node's
@@ -71,11 +72,11 @@ pub async fn serve(addr: SocketAddr, status: Arc<Status>) -> Result<()> {
         .await
         .with_context(|| format!("listening on {addr}"))?;
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
-    spawn_server(listener, status, Limits::default());
+    spawn_server(listener, status, Limits::default(), Endpoints::Probes);
     Ok(())
 }
 
-/// Serves the same endpoints on a Unix socket at `path` (mode 0600), replacing a stale one:
+/// Serves those endpoints, `/status` and the policy API on a Unix socket at `path` (mode 0600), replacing a stale one:
 /// the caller holds the single-instance lock, so no other daemon can be using it.
 pub async fn serve_unix(path: &Path, status: Arc<Status>) -> Result<()> {
     match std::fs::remove_file(path) {
@@ -89,13 +90,31 @@ pub async fn serve_unix(path: &Path, status: Arc<Status>) -> Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;
     tracing::info!(socket = %path.display(), "serving flanneld-rs status");
-    spawn_server(listener, status, Limits::default());
+    spawn_server(listener, status, Limits::default(), Endpoints::All);
     Ok(())
 }
 
-pub(super) fn spawn_server<L: Listener>(listener: L, status: Arc<Status>, limits: Limits) {
+/// What a listener serves. The TCP ports are open to every pod and host that reaches the node
+/// (`--healthz-ip` is 0.0.0.0 by default, the manifest runs on the host's network): there a
+/// `PUT /v1/pods/...` would let anyone publish pod records with labels of their choosing (and so
+/// pass policies) and `/status` would tell them about every peer. Those stay on the Unix socket,
+/// which only root can open (mode 0600).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Endpoints {
+    /// `/healthz`, `/readyz`, `/metrics`: what Flannel serves, for probes and scrapers.
+    Probes,
+    /// Those, `/status` and `/v1/...`.
+    All,
+}
+
+pub(super) fn spawn_server<L: Listener>(
+    listener: L,
+    status: Arc<Status>,
+    limits: Limits,
+    endpoints: Endpoints,
+) {
     let registry = metrics::registry(status.clone());
-    let app = router(Arc::new(Served { status, registry }));
+    let app = router(Arc::new(Served { status, registry }), endpoints);
     tokio::spawn(accept_loop(listener, app, limits));
 }
 
@@ -119,17 +138,20 @@ impl Listener for UnixListener {
     }
 }
 
-fn router(served: Arc<Served>) -> Router {
-    Router::new()
+fn router(served: Arc<Served>, endpoints: Endpoints) -> Router {
+    let probes = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(scrape))
-        .route("/status", get(status_report))
-        .route("/v1/pods/{ns}/{name}", put(put_pod).delete(delete_pod))
-        .route("/v1/policy/status", get(policy_status))
-        .route("/v1/policy/explain", get(policy_explain))
-        .fallback(not_found)
-        .with_state(served)
+        .route("/metrics", get(scrape));
+    let routes = match endpoints {
+        Endpoints::Probes => probes,
+        Endpoints::All => probes
+            .route("/status", get(status_report))
+            .route("/v1/pods/{ns}/{name}", put(put_pod).delete(delete_pod))
+            .route("/v1/policy/status", get(policy_status))
+            .route("/v1/policy/explain", get(policy_explain)),
+    };
+    routes.fallback(not_found).with_state(served)
 }
 
 /// Flannel's liveness: the process answers.
@@ -200,7 +222,7 @@ async fn policy_explain(
 async fn not_found() -> (StatusCode, &'static str) {
     (
         StatusCode::NOT_FOUND,
-        "try /healthz, /readyz, /metrics or /status\n",
+        "try /healthz, /readyz or /metrics (/status is on the daemon's socket)\n",
     )
 }
 

@@ -11,7 +11,12 @@ async fn start() -> SocketAddr {
 async fn start_with(limits: Limits) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    spawn_server(listener, Arc::new(Status::default()), limits);
+    spawn_server(
+        listener,
+        Arc::new(Status::default()),
+        limits,
+        Endpoints::Probes,
+    );
     addr
 }
 
@@ -311,4 +316,54 @@ async fn scrapers_get_the_format_they_ask_for() {
         "{reply}"
     );
     assert!(body.ends_with("# EOF\n"), "{reply}");
+}
+
+#[tokio::test]
+async fn tcp_ports_serve_probes_only_and_the_socket_serves_the_rest() {
+    // The TCP ports face every pod and host: no pod records (which pass policies) and no
+    // report of the peers from there.
+    let addr = start().await;
+    for request in [
+        &b"PUT /v1/pods/prod/db-0 HTTP/1.0\r\ncontent-length: 2\r\n\r\n{}"[..],
+        b"DELETE /v1/pods/prod/db-0 HTTP/1.0\r\n\r\n",
+        b"GET /v1/policy/status HTTP/1.0\r\n\r\n",
+        b"GET /v1/policy/explain?src=10.0.0.1&dst=10.0.0.2 HTTP/1.0\r\n\r\n",
+        b"GET /status HTTP/1.0\r\n\r\n",
+    ] {
+        let reply = exchange(addr, &[request]).await;
+        assert!(
+            reply.starts_with("HTTP/1.0 404 "),
+            "{}: {reply}",
+            String::from_utf8_lossy(request)
+        );
+    }
+    let reply = exchange(addr, &[b"GET /metrics HTTP/1.0\r\n\r\n"]).await;
+    assert!(reply.starts_with("HTTP/1.0 200 "), "{reply}");
+
+    // The Unix socket (root only) serves all of it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("flanneld-rs.sock");
+    serve_unix(&path, Arc::new(Status::default()))
+        .await
+        .expect("serve on the socket");
+    let ask = |request: &'static [u8]| {
+        let path = path.clone();
+        async move {
+            let mut conn = tokio::net::UnixStream::connect(&path)
+                .await
+                .expect("connect");
+            conn.write_all(request).await.expect("send");
+            let mut reply = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut reply))
+                .await
+                .expect("reply in time")
+                .expect("read");
+            String::from_utf8_lossy(&reply).into_owned()
+        }
+    };
+    let reply = ask(b"GET /status HTTP/1.0\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.0 200 "), "{reply}");
+    // Reached the policy API (no lease yet, so it cannot take the record), not the fallback.
+    let reply = ask(b"PUT /v1/pods/prod/db-0 HTTP/1.0\r\ncontent-length: 2\r\n\r\n{}").await;
+    assert!(!reply.starts_with("HTTP/1.0 404 "), "{reply}");
 }
