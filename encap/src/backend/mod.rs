@@ -214,18 +214,25 @@ pub fn lease_claims(backend_type: &str, lease: &Lease) -> Vec<String> {
         else {
             continue;
         };
-        // MACs are compared as the kernel does, whatever their case.
-        let value = if field == "VtepMAC" {
-            value.to_ascii_lowercase()
-        } else {
-            value.to_string()
-        };
-        let claim = format!("{label} {value}");
+        let claim = format!("{label} {}", canonical_claim(field, value));
         if !claims.contains(&claim) {
             claims.push(claim);
         }
     }
     claims
+}
+
+/// A claimed value as the backend will read it, so that writing it another way (a MAC in
+/// another notation or case, a key with whitespace around it) claims the same thing: the
+/// kernel keys FDB entries by the MAC's bytes, the WireGuard table peers by the key's. A value
+/// the backend cannot read stays as written (the backend refuses that lease anyway).
+fn canonical_claim(field: &str, value: &str) -> String {
+    let canonical = match field {
+        "VtepMAC" => vxlan::canonical_mac(value),
+        "PublicKey" => wireguard::canonical_key(value),
+        _ => None,
+    };
+    canonical.unwrap_or_else(|| value.to_string())
 }
 
 /// Builds the backend named by `Backend.Type`.
@@ -368,5 +375,46 @@ mod tests {
             ]
         );
         assert!(claims("host-gw", dual).is_empty());
+    }
+
+    #[test]
+    fn a_claim_written_another_way_is_the_same_claim() {
+        // The FDB is keyed by the MAC's bytes, the peer table by the key's: another notation
+        // of a holder's MAC or key must not pass as a new claim and displace it.
+        let config = NetworkConfig::parse(CONFIG.as_bytes()).expect("config");
+        let mut a = Admission::new(
+            &config,
+            "vxlan",
+            Box::new(|l: &Lease| lease_claims("vxlan", l)),
+        );
+        a.set_own(&vxlan_lease(1, "0e:01:00:00:00:01", "0a:01:00:00:00:01"));
+        let owner = vxlan_lease(2, "aa:bb:cc:dd:ee:01", "0a:01:00:00:00:02");
+        assert_eq!(a.put(owner.clone()).changes.len(), 1);
+        for (n, mac) in [(3, "AA-BB-CC-DD-EE-01"), (4, "aabb.ccdd.ee01")] {
+            let out = a.put(vxlan_lease(n, mac, &format!("0a:01:00:00:00:0{n}")));
+            assert!(out.changes.is_empty(), "{mac}: {out:?}");
+            assert_eq!(
+                out.refused[0].1,
+                Refusal::Claimed {
+                    claim: "VtepMAC aa:bb:cc:dd:ee:01".into(),
+                    holder: Some(owner.key.clone()),
+                },
+                "{mac}"
+            );
+        }
+        let out = a.put(vxlan_lease(5, "0E-01-00-00-00-01", "0a:01:00:00:00:05"));
+        assert!(out.refused[0].1.to_string().contains("is ours"), "{out:?}");
+
+        let key = "Zm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyMDE=";
+        let lease = |padded: &str| {
+            format!(
+                r#"{{"PublicIP":"172.30.0.7","BackendType":"wireguard","BackendData":{{"PublicKey":"{padded}"}}}}"#
+            )
+        };
+        let want = [format!("PublicKey {key}")];
+        assert_eq!(claims("wireguard", &lease(key)), want);
+        assert_eq!(claims("wireguard", &lease(&format!(" {key}\\n"))), want);
+        // What is no key stays as written (the backend refuses that lease anyway).
+        assert_eq!(claims("wireguard", &lease("K1 ")), ["PublicKey K1 "]);
     }
 }

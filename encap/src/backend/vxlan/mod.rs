@@ -133,6 +133,12 @@ impl Device {
     }
 }
 
+/// A VtepMAC as the FDB keys it (its bytes, written lowercase with colons); `None` if it is
+/// not a MAC in any notation we read.
+pub(super) fn canonical_mac(s: &str) -> Option<String> {
+    vtep::parse_mac(s).map(|mac| format_mac(&mac))
+}
+
 pub struct Vxlan {
     netlink: Netlink,
     node: NodeInfo,

@@ -218,7 +218,7 @@ fn check_name(family: Family, vni: u32) -> Result<(), BackendError> {
 
 /// Parses a MAC the way Go's `net.ParseMAC` does for 6-byte addresses:
 /// `aa:bb:cc:dd:ee:ff`, `aa-bb-cc-dd-ee-ff` or `aabb.ccdd.eeff`.
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
+pub(super) fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let hex_byte = |p: &str| {
         (p.len() == 2 && p.bytes().all(|c| c.is_ascii_hexdigit()))
             .then(|| u8::from_str_radix(p, 16).ok())

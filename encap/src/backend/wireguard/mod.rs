@@ -57,6 +57,12 @@ use device::WgDevice;
 use keys::StaticKeys;
 use lease::device_peer;
 
+/// A PublicKey as the peer table keys it (its bytes, in standard base64); `None` if it is not
+/// a key.
+pub(super) fn canonical_key(s: &str) -> Option<String> {
+    keys::decode_key(s).map(|k| keys::encode_key(&k))
+}
+
 const TYPE: &str = "wireguard";
 /// Flannel's figure: outer IPv6 header (40, the worst case) + UDP (8) + WireGuard (32).
 const OVERHEAD: u32 = 80;
