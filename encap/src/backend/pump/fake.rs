@@ -175,6 +175,7 @@ impl FakeNet {
             addr,
             inbox,
             refuse_gso: AtomicBool::new(false),
+            path_mtu: AtomicUsize::new(usize::MAX),
             gso_sends: AtomicUsize::new(0),
             batch_sends: AtomicUsize::new(0),
         }
@@ -203,6 +204,10 @@ pub(crate) struct FakeUdp {
     /// Fail GSO sends of more than one segment with `EIO`, as a device without checksum
     /// offload makes the kernel do.
     pub refuse_gso: AtomicBool,
+    /// The path MTU the kernel learned for every destination, as UDP payload bytes: a GSO send
+    /// of more than one segment larger than this fails with `EMSGSIZE`, as the kernel's
+    /// `udp_send_skb` does; a lone datagram goes (the kernel fragments it).
+    pub path_mtu: AtomicUsize,
     /// Syscalls made, by kind.
     pub gso_sends: AtomicUsize,
     pub batch_sends: AtomicUsize,
@@ -243,6 +248,9 @@ impl UdpIo for FakeUdp {
         let merged = seg_len != 0 && data.len() > usize::from(seg_len);
         if merged && self.refuse_gso.load(Ordering::Relaxed) {
             return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        if merged && usize::from(seg_len) > self.path_mtu.load(Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
         }
         let gro = merged.then_some(seg_len);
         self.net.deliver(to, (self.addr, data.to_vec(), gro));

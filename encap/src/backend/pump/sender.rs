@@ -2,7 +2,11 @@
 //! up to 64 of them while the kernel takes GSO, with `sendmmsg` otherwise. The kernel may know
 //! GSO and still refuse it at run time (`EIO` when the egress device cannot checksum, as
 //! wireguard-go's `conn/bind_std.go` and quinn-udp handle it): the sender then switches to
-//! `sendmmsg` for good and resends what was refused, so forwarding goes on.
+//! `sendmmsg` for good and resends what was refused, so forwarding goes on. It also refuses a
+//! GSO send whose segments are larger than the path MTU it learned for the peer (`EMSGSIZE`,
+//! after an ICMP "fragmentation needed" or with a route's `mtu`), where each datagram sent
+//! alone still goes (fragmented by the kernel, as Flannel's udp backend sends): such a run
+//! goes out with `sendmmsg`, and GSO stays on for the runs that fit.
 
 use std::io;
 use std::net::SocketAddr;
@@ -23,11 +27,20 @@ pub(crate) struct UdpSender<U> {
     /// Whether runs go out with UDP GSO: what the kernel says at start, switched off for good
     /// the first time it refuses a GSO send.
     gso: AtomicBool,
+    /// Whether a path MTU below a run's segments was logged (once per socket: it lasts until
+    /// the kernel forgets the learned MTU, and every run would say it again).
+    pmtu_logged: AtomicBool,
 }
 
 /// Whether a failed GSO send means "not with GSO" rather than "not at all".
 fn refuses_gso(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EIO)
+}
+
+/// Whether a failed GSO send means "not with segments this large to this peer": the path MTU
+/// is below them (`EMSGSIZE`; `EINVAL` from kernels before 5.x's change to it).
+fn over_path_mtu(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMSGSIZE | libc::EINVAL))
 }
 
 impl<U: UdpIo> UdpSender<U> {
@@ -36,6 +49,7 @@ impl<U: UdpIo> UdpSender<U> {
         UdpSender {
             sock,
             gso: AtomicBool::new(gso),
+            pmtu_logged: AtomicBool::new(false),
         }
     }
 
@@ -60,6 +74,17 @@ impl<U: UdpIo> UdpSender<U> {
                 // A single datagram goes without the GSO option: its failure is not GSO's.
                 Err(e) if refuses_gso(&e) && chunk.len() > seg_len => {
                     self.stop_gso(&e);
+                    let rest = run.data.get(sent..).unwrap_or_default();
+                    return self.send_batched(run.to, rest, seg_len, tally);
+                }
+                Err(e) if over_path_mtu(&e) && chunk.len() > seg_len => {
+                    if !self.pmtu_logged.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            peer = %run.to,
+                            segment = seg_len,
+                            "the path MTU to a peer is below our datagrams ({e}): sending such runs datagram by datagram, which the kernel fragments (is the underlay's MTU lower than the interface's?)"
+                        );
+                    }
                     let rest = run.data.get(sent..).unwrap_or_default();
                     return self.send_batched(run.to, rest, seg_len, tally);
                 }

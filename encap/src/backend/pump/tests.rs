@@ -284,6 +284,37 @@ fn gso_refused_at_run_time_falls_back_to_sendmmsg() {
 }
 
 #[test]
+fn runs_over_the_path_mtu_go_datagram_by_datagram_and_gso_stays_on() {
+    let (a, b) = pair();
+    // The kernel learned a path MTU below the segments (1000 bytes of TCP payload each).
+    a.sock.path_mtu.store(900, Ordering::Relaxed);
+    let mut spec = TcpSpec::v4().payload(&vec![3u8; 10 * 1000]);
+    (spec.src, spec.dst) = ([10, 244, 1, 5].into(), [10, 244, 2, 7].into());
+    let (hdr, pkt) = spec.build_gso(1000);
+    let mut read = vec![0u8; VNET_HDR_LEN];
+    hdr.encode(&mut read).expect("header");
+    read.extend_from_slice(&pkt);
+    a.tun.inject(read.clone());
+    eventually("every segment received", || {
+        b.state.stats.rx_packets.load(Ordering::Relaxed) == 10
+    });
+    assert!(a.pump.sender().gso(), "GSO stays on for runs that fit");
+    assert_eq!(a.state.stats.drops(DropReason::IoError), 0);
+    // The path MTU goes back up: the next run leaves with one GSO send again.
+    a.sock.path_mtu.store(usize::MAX, Ordering::Relaxed);
+    let (gso, batches) = (
+        a.sock.gso_sends.load(Ordering::Relaxed),
+        a.sock.batch_sends.load(Ordering::Relaxed),
+    );
+    a.tun.inject(read);
+    eventually("the next run received", || {
+        b.state.stats.rx_packets.load(Ordering::Relaxed) == 20
+    });
+    assert_eq!(a.sock.gso_sends.load(Ordering::Relaxed), gso + 1);
+    assert_eq!(a.sock.batch_sends.load(Ordering::Relaxed), batches);
+}
+
+#[test]
 fn truncated_messages_are_dropped() {
     let (a, b) = pair();
     // Larger than a receive slot (64 KiB): only its beginning would arrive.
