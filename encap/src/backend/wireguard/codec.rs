@@ -1,5 +1,5 @@
 //! WireGuard as a pump codec: our handshake (`handshake`), sessions (`session`) and timers
-//! (`peers`), with boringtun's rate limiter vetting handshake messages.
+//! (`peers`), with the cookie gate (`cookie`) vetting handshake messages.
 //!
 //! Sans-I/O: the codec holds no socket. What must be sent comes back to the pump as a
 //! [`Transmit`] or in an [`Outbox`], and the pump sends it after the codec returned.
@@ -22,9 +22,9 @@
 //! data message is opened in place, in the pump's receive buffer, with the session its
 //! receiver index names, outside any lock, then handed to the pump (GRO, TUN). A packet is
 //! accepted only if it authenticates, is not a replay, and its inner source lies in that
-//! peer's AllowedIPs. Handshake messages pass the shared rate limiter (mac1 check, cookie
-//! replies under load) and a per-source limit (`source_limit`) before any Diffie-Hellman is
-//! spent on them.
+//! peer's AllowedIPs. Handshake messages pass the cookie gate (`cookie`: mac1, then under load
+//! mac2 or a cookie reply, then a share per proven source) before any Diffie-Hellman is spent
+//! on them.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -32,32 +32,28 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::{Packet, TunnResult};
+use zeroize::Zeroize;
 
+use super::cookie::{CookieGate, Verdict};
+use super::crypto::hash;
 use super::handshake::{
     self, get_u32, Local, COOKIE_REPLY, COOKIE_REPLY_LEN, INIT, INIT_LEN, RESPONSE, RESPONSE_LEN,
 };
-use super::keys::StaticKeys;
+use super::keys::{random_key, StaticKeys};
 use super::peers::{Due, PeerState, WgPeer, WgTable};
 use super::session::{OpenError, Session, DATA, DATA_HEADER, TAG_LEN};
-use super::source_limit::SourceLimit;
 use crate::backend::pump::{Codec, Outbox, Packets, Transmit};
 use crate::io::RecvMsgMut;
 use crate::stats::{DropReason, Tally};
 
 /// Data message: type, receiver index, counter (16 bytes), then the sealed packet and its tag.
 pub(super) const DATA_OVERHEAD: usize = DATA_HEADER + TAG_LEN;
-/// Handshake messages per second before the rate limiter demands cookies (wireguard-go's and
-/// boringtun's figure).
-pub(super) const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
 pub(super) struct WgCodec {
     pub table: ArcSwap<WgTable>,
     pub local: Local,
-    pub limiter: Arc<RateLimiter>,
-    /// Handshake messages per source address, after the limiter.
-    sources: SourceLimit,
+    /// What handshake messages pass before any work is spent on them.
+    gate: CookieGate,
     /// Threads that help a receiver thread open a large message (many-core machines only).
     open_pool: Option<rayon_core::ThreadPool>,
     /// The device's MTU: packets are padded up to it at most.
@@ -76,8 +72,6 @@ pub(super) struct RxScratch {
     /// (offset, length) in the message being processed of each opened packet to deliver
     /// (at its data message's offset + 16).
     pkts: Vec<(usize, usize)>,
-    /// Where the rate limiter writes a cookie reply.
-    ctl: Vec<u8>,
 }
 
 /// Most packets one message can hold: 64 KiB of the smallest data messages (32 bytes).
@@ -165,12 +159,18 @@ fn send_keepalive(s: &Session, st: &mut PeerState, now: Instant, out: &mut Outbo
 
 impl WgCodec {
     pub fn new(keys: StaticKeys) -> Self {
-        let limiter = Arc::new(RateLimiter::new(&keys.public, HANDSHAKE_RATE_LIMIT));
+        // The cookie secrets only need to be unknowable to others: derived from our private
+        // key, with fresh randomness mixed in when there is any.
+        let mut private = keys.secret.to_bytes();
+        let salt = random_key().unwrap_or_default();
+        let secret = hash(&[b"flanneld-rs cookie secret", &private, &salt]);
+        let nonce_key = hash(&[b"flanneld-rs cookie nonce", &private, &salt]);
+        private.zeroize();
+        let gate = CookieGate::new(keys.public.as_bytes(), secret, nonce_key, Instant::now());
         WgCodec {
             table: ArcSwap::from_pointee(WgTable::default()),
             local: Local::new(keys.secret),
-            limiter,
-            sources: SourceLimit::new(),
+            gate,
             open_pool: None,
             mtu: DEFAULT_MTU,
         }
@@ -224,10 +224,10 @@ impl WgCodec {
     }
 
     /// Timers of every peer (handshake retries, rekeying, keepalives, session expiry), due
-    /// sends (into `out`), and the rate limiter's per-second reset. Called every 100-250 ms.
+    /// sends (into `out`), and the cookie gate's per-second count. Called every 100-250 ms.
     pub fn tick(&self, out: &mut Outbox) {
-        self.limiter.reset_count();
         let now = Instant::now();
+        self.gate.tick(now);
         let table = self.table.load();
         for peer in table.peers() {
             let mut st = peer.lock();
@@ -253,39 +253,31 @@ impl WgCodec {
         }
     }
 
-    /// A handshake message or cookie reply: vetted by the rate limiter, then handed to the
+    /// A handshake message or cookie reply: vetted by the cookie gate, then handed to the
     /// peer it is for. Replies go back to where it came from.
     fn control(
         &self,
         table: &WgTable,
         d: &[u8],
         src: SocketAddr,
-        sc: &mut RxScratch,
         out: &mut Outbox,
         tally: &mut Tally,
     ) {
         let now = Instant::now();
         match message_type(d) {
             Some(COOKIE_REPLY) => self.cookie_reply(table, d, now, tally),
-            Some(kind) => match self.limiter.verify_packet(Some(src.ip()), d, &mut sc.ctl) {
-                // Past mac1 (and mac2 under load), one address still gets only its share.
-                Ok(_) if !self.sources.allow(src.ip(), now) => {
-                    tally.count_drop(DropReason::UnknownSender)
-                }
-                Ok(Packet::HandshakeInit(_)) if kind == INIT => {
-                    self.initiation(table, d, src, now, out, tally)
-                }
-                Ok(Packet::HandshakeResponse(_)) if kind == RESPONSE => {
-                    self.response(table, d, src, now, out, tally)
-                }
-                Err(TunnResult::WriteToNetwork(cookie)) => {
+            Some(kind @ (INIT | RESPONSE)) => match self.gate.check(d, src, now) {
+                Verdict::Pass if kind == INIT => self.initiation(table, d, src, now, out, tally),
+                Verdict::Pass => self.response(table, d, src, now, out, tally),
+                Verdict::CookieReply(cookie) => {
                     // Under load: prove your address first (WireGuard's cookie reply). The
                     // message itself is dropped unread.
-                    out.push_control(src, cookie);
+                    out.push_control(src, &cookie);
                     tally.count_drop(DropReason::UnknownSender);
                 }
-                _ => tally.count_drop(DropReason::UnknownSender),
+                Verdict::Drop => tally.count_drop(DropReason::UnknownSender),
             },
+            Some(_) => tally.count_drop(DropReason::Malformed),
             None => tally.count_drop(DropReason::Malformed),
         }
     }
@@ -659,7 +651,6 @@ impl Codec for WgCodec {
     fn rx_scratch(&self) -> RxScratch {
         RxScratch {
             pkts: Vec::with_capacity(MAX_PKTS),
-            ctl: vec![0; 256],
         }
     }
 
@@ -776,7 +767,7 @@ impl Codec for WgCodec {
             };
             if kind != DATA {
                 self.release(&mut held, sc, data, src, out, tally, &mut deliver);
-                self.control(&table, d, src, sc, out, tally);
+                self.control(&table, d, src, out, tally);
                 continue;
             }
             let index = get_u32(d, 4);

@@ -75,6 +75,17 @@ pub(super) fn mac(key: &[u8], parts: &[&[u8]]) -> [u8; 16] {
     m.finalize().into_bytes().into()
 }
 
+/// Whether `tag` is [`mac`] of `parts` under `key`, compared in constant time.
+pub(super) fn mac_matches(key: &[u8], parts: &[&[u8]], tag: &[u8]) -> bool {
+    let Ok(mut m) = <Blake2sMac<U16> as KeyInit>::new_from_slice(key) else {
+        return false;
+    };
+    for p in parts {
+        m.update(p);
+    }
+    m.verify_slice(tag).is_ok()
+}
+
 /// ChaCha20-Poly1305 with WireGuard's nonce: 32 zero bits, then the counter little-endian.
 fn nonce(counter: u64) -> [u8; 12] {
     let mut n = [0u8; 12];
@@ -120,6 +131,26 @@ pub(super) fn open(
             (&*tag).into(),
         )
         .map_err(|_| NotAuthentic)
+}
+
+/// Seals a cookie for a cookie reply in place: `sealed[..16]` holds it, the tag goes into
+/// `sealed[16..]` (XChaCha20-Poly1305, 24-byte nonce).
+pub(super) fn xseal(
+    key: &[u8; 32],
+    nonce: &[u8],
+    aad: &[u8],
+    sealed: &mut [u8],
+) -> Result<(), SealFailed> {
+    if nonce.len() != 24 || sealed.len() != 32 {
+        return Err(SealFailed);
+    }
+    let cipher = XChaCha20Poly1305::new(key.into());
+    let (text, tag_out) = sealed.split_at_mut(16);
+    let tag = cipher
+        .encrypt_in_place_detached(Nonce::<XChaCha20Poly1305>::from_slice(nonce), aad, text)
+        .map_err(|_| SealFailed)?;
+    tag_out.copy_from_slice(&tag);
+    Ok(())
 }
 
 /// Opens a cookie reply's cookie (XChaCha20-Poly1305, 24-byte nonce).

@@ -1,5 +1,5 @@
 //! One WireGuard device of ours: a TUN (`flannel-wg` or `flannel-wg-v6`) with its pump, its
-//! codec (peer table, rate limiter) and its peers, one per remote public key. Separate mode
+//! codec (peer table, cookie gate) and its peers, one per remote public key. Separate mode
 //! runs two of these with the same private key, as Flannel runs two kernel devices.
 
 use std::collections::HashMap;
@@ -227,7 +227,7 @@ impl WgDevice {
             }
         };
         let (codec, sender, state) = (self.codec.clone(), pump.sender(), self.state.clone());
-        // Handshake retries, rekeying, keepalives, the rate limiter's reset.
+        // Handshake retries, rekeying, keepalives, the cookie gate's new second.
         pump.spawn(
             format!("{}-timers", self.spec.threads),
             move |stop: &AtomicBool| {

@@ -4,7 +4,7 @@
 //! (boringtun keeps them inside its `Tunn`, behind `&mut self`).
 //!
 //! mac1 of arriving messages (and mac2 under load) is checked before anything here runs, by
-//! boringtun's rate limiter in the codec; here we write mac1/mac2 and open cookie replies.
+//! the cookie gate (`cookie`) in the codec; here we write mac1/mac2 and open cookie replies.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -2,8 +2,8 @@
 //! in userspace on the same batched TUN/UDP pump as the udp backend, so it speaks standard
 //! WireGuard to Flannel's kernel backend, wireguard-go or `wg` peers, and is fast: our own
 //! handshake (`handshake`, Noise IKpsk2), sessions (`session`: counters reserved per run,
-//! sealed and opened in place on every core at once) and timers (`peers`), with boringtun's
-//! rate limiter in front of handshakes (and its `Tunn` as the third-party peer of the tests).
+//! sealed and opened in place on every core at once), timers (`peers`) and the cookie gate in
+//! front of handshakes (`cookie`), with boringtun's `Tunn` as the third-party peer of the tests.
 //!
 //! Like Flannel v0.28.9: TUN devices holding the lease's network address with the Network's
 //! prefix per family (one route for the whole Network, and IPv6Network, into the device),
@@ -20,6 +20,7 @@ mod codec;
 #[cfg(test)]
 mod codec_tests;
 mod config;
+mod cookie;
 #[cfg(feature = "testutil")]
 pub mod cost;
 mod crypto;

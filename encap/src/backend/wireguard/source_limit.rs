@@ -1,6 +1,6 @@
-//! A per-source limit on handshake messages, behind boringtun's global one.
+//! A per-source limit on handshake messages whose source address a cookie proved (`cookie`).
 //!
-//! Why: the global limiter only asks for cookies once 100 handshake messages a second arrive;
+//! Why: the cookie gate only asks for cookies once 100 handshake messages a second arrive;
 //! a message with a valid cookie (mac2) then passes, however many follow from that address.
 //! Each accepted initiation costs four Diffie-Hellman operations on a receiver thread, which
 //! also carries data. So, as wireguard-go does, each source gets 20 messages a second with
