@@ -37,13 +37,16 @@ impl Known {
         self.0.remove(key).map(LeaseEvent::Removed)
     }
 
-    /// Replaces the whole set, returning removals first, then additions and changes.
+    /// Replaces the whole set, returning removals first, then additions and changes. A key
+    /// whose value is now unreadable keeps what we had for it, as a watched put of such a value
+    /// does (`Leases::apply`): whether a careless write shows as a deletion must not depend on
+    /// whether the watch restarted since (for our own key, a deletion means moving subnet).
     fn resync(&mut self, list: &LeaseList) -> Vec<LeaseEvent> {
         let fresh: HashMap<&SubnetKey, &Lease> = list.leases.iter().map(|l| (&l.key, l)).collect();
         let gone: Vec<SubnetKey> = self
             .0
             .keys()
-            .filter(|k| !fresh.contains_key(k))
+            .filter(|k| !fresh.contains_key(k) && !list.unreadable.contains(k))
             .cloned()
             .collect();
         let mut events: Vec<LeaseEvent> = gone.iter().filter_map(|k| self.remove(k)).collect();
@@ -511,6 +514,26 @@ mod tests {
         gone.sort_by_key(|e| format!("{e:?}"));
         assert_eq!(gone.len(), 3);
         assert!(gone.contains(&LeaseEvent::Removed(a)));
+    }
+
+    #[test]
+    fn a_key_turned_unreadable_keeps_its_lease_on_resync_too() {
+        let mut known = Known::default();
+        let a = lease("10.244.1.0-24", "192.168.1.1");
+        let b = lease("10.244.2.0-24", "192.168.1.2");
+        known.resync(&list(vec![a.clone(), b.clone()]));
+        // b's value is garbage now: kept, as the watch keeps it; a deleted: removed.
+        let garbled = LeaseList {
+            unreadable: vec![b.key.clone()],
+            ..LeaseList::default()
+        };
+        assert_eq!(known.resync(&garbled), vec![LeaseEvent::Removed(a)]);
+        // Readable again with another value: a change.
+        let b2 = lease("10.244.2.0-24", "192.168.1.22");
+        assert_eq!(
+            known.resync(&list(vec![b2.clone()])),
+            vec![LeaseEvent::Added(b2)]
+        );
     }
 
     #[test]
