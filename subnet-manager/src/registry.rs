@@ -446,6 +446,26 @@ impl Registry {
         Ok(resp.is_some_and(|r| r.ttl() > 0))
     }
 
+    /// The etcd lease grant a lease key is attached to now: `Some(0)` for none (a plain put,
+    /// as `etcdctl put` makes), `None` when the key is gone.
+    pub async fn grant_of(&self, key: &SubnetKey) -> Result<Option<i64>, RegistryError> {
+        let full = key.to_key(&self.prefix);
+        let resp = self.count_err(
+            self.client
+                .clone()
+                .get(full.as_str(), None)
+                .await
+                .map_err(RegistryError::etcd(format!("reading {full}"))),
+        )?;
+        Ok(resp.kvs().first().map(|kv| kv.lease()))
+    }
+
+    /// Best effort: lets go of a grant we stopped using (a key that moved to another grant
+    /// leaves it holding nothing until its TTL, 24 h).
+    pub async fn release_grant(&self, grant_id: i64) {
+        self.revoke(grant_id).await;
+    }
+
     pub async fn delete_lease(&self, key: &SubnetKey) -> Result<(), RegistryError> {
         let full = key.to_key(&self.prefix);
         self.count_err(

@@ -6,7 +6,7 @@ mod upkeep;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -370,6 +370,8 @@ fn lease_attrs(node: &NodeInfo, backend: &dyn Backend) -> LeaseAttrs {
 struct Renewer {
     task: JoinHandle<()>,
     lost: oneshot::Receiver<LeaseLost>,
+    /// The etcd lease grant our key is attached to now (each renewal makes a new one).
+    grant: Arc<AtomicI64>,
 }
 
 impl Renewer {
@@ -381,14 +383,21 @@ impl Renewer {
     ) -> Self {
         let (tx, lost) = oneshot::channel();
         let registry = registry.clone();
+        let grant = Arc::new(AtomicI64::new(held.grant_id));
+        let current = grant.clone();
         let task = tokio::spawn(async move {
             let why = lifecycle::keep_renewed(&registry, &mut held, margin, |h| {
+                current.store(h.grant_id, Ordering::Relaxed);
                 status.set_lease(Some(h))
             })
             .await;
             let _ = tx.send(why);
         });
-        Renewer { task, lost }
+        Renewer { task, lost, grant }
+    }
+
+    fn grant(&self) -> i64 {
+        self.grant.load(Ordering::Relaxed)
     }
 
     fn stop(&self) {

@@ -114,12 +114,11 @@ impl Running {
                     match self.on_batch(batch).await {
                         OwnEvent::None => None,
                         OwnEvent::Removed => Some("lease lost: our lease key was deleted from etcd".to_string()),
-                        OwnEvent::Rewritten(theirs) => {
-                            if !self.restore_own(&theirs, shutdown).await {
-                                return Ok(());
-                            }
-                            None
-                        }
+                        OwnEvent::Rewritten(theirs) => match self.on_rewrite(&theirs, shutdown).await {
+                            Rewrite::Kept => None,
+                            Rewrite::Lost(why) => Some(why),
+                            Rewrite::Stop => return Ok(()),
+                        },
                     }
                 }
             };
@@ -254,16 +253,46 @@ impl Running {
         }
     }
 
-    /// Someone wrote our lease key with another value (a hijack, or a careless `etcdctl put`,
-    /// which also detaches the key from our etcd lease): put ours back under a fresh grant.
-    /// False when told to stop meanwhile.
-    async fn restore_own(&mut self, theirs: &Lease, shutdown: &mut Shutdown) -> bool {
+    /// Someone wrote our lease key with another value. Who wrote it decides what we do, read
+    /// from the etcd lease grant the key is attached to now:
+    /// - none (a plain put: a careless `etcdctl put`, which also detaches the key from our
+    ///   grant) or ours: put ours back under a fresh grant;
+    /// - another node's grant, with another PublicIP: that node holds the subnet now (it saw the
+    ///   key deleted and created it anew, or etcd came back from an older snapshot). Overwriting
+    ///   it would have each of us put its own back without end, both routing the subnet: we
+    ///   acquire another one, as after a deletion;
+    /// - another grant with our PublicIP: a second daemon on this host. Leave it and say so
+    ///   (each putting its own back would loop just the same).
+    async fn on_rewrite(&mut self, theirs: &Lease, shutdown: &mut Shutdown) -> Rewrite {
         self.status.lease_rewrites.fetch_add(1, Ordering::Relaxed);
+        let (registry, key) = (&self.registry, &self.own.key);
+        let Some(grant) = retry("reading our lease key", shutdown, || async move {
+            registry.grant_of(key).await
+        })
+        .await
+        else {
+            return Rewrite::Stop;
+        };
+        let ours = self.renewer.grant();
         let own = &self.own;
-        if theirs.attrs.public_ip == own.attrs.public_ip {
-            tracing::warn!(subnet = %own.key, "our lease key was rewritten with our PublicIP but other attributes (a second daemon on this host, or a hand-made put?): putting ours back");
-        } else {
-            tracing::warn!(subnet = %own.key, their_public_ip = %theirs.attrs.public_ip, "our lease key was overwritten by another writer: putting ours back");
+        match grant {
+            None => return Rewrite::Lost("lease lost: our lease key was deleted from etcd".into()),
+            Some(g) if g != 0 && g != ours && theirs.attrs.public_ip != own.attrs.public_ip => {
+                return Rewrite::Lost(format!(
+                    "our lease key was taken by the node with PublicIP {} under its own etcd lease",
+                    theirs.attrs.public_ip
+                ));
+            }
+            Some(g) if g != 0 && g != ours => {
+                tracing::error!(subnet = %own.key, "our lease key was rewritten with our PublicIP under another etcd lease: a second daemon on this host? Leaving it: each putting its own back would never end");
+                return Rewrite::Kept;
+            }
+            Some(_) if theirs.attrs.public_ip == own.attrs.public_ip => {
+                tracing::warn!(subnet = %own.key, "our lease key was rewritten with our PublicIP but other attributes (a hand-made put?): putting ours back");
+            }
+            Some(_) => {
+                tracing::warn!(subnet = %own.key, their_public_ip = %theirs.attrs.public_ip, "our lease key was overwritten by another writer: putting ours back");
+            }
         }
         let (registry, ttl) = (&self.registry, self.req.ttl);
         let Some(held) = retry("putting our lease back", shutdown, || async move {
@@ -275,10 +304,12 @@ impl Running {
         })
         .await
         else {
-            return false;
+            return Rewrite::Stop;
         };
         self.hold(held);
-        true
+        // The key left our old grant: it holds nothing now until its TTL.
+        self.registry.release_grant(ours).await;
+        Rewrite::Kept
     }
 
     /// Our lease was lost: acquire again, asking for the same subnet first. False when told
@@ -286,6 +317,7 @@ impl Running {
     async fn reacquire(&mut self, why: &str, shutdown: &mut Shutdown) -> Result<bool> {
         tracing::warn!(subnet = %self.own.key, "{why}: acquiring again");
         self.renewer.stop();
+        let old_grant = self.renewer.grant();
         self.status.set_lease(None);
         self.req.previous = Some(self.own.key.clone());
         let (registry, req) = (&self.registry, &self.req);
@@ -296,6 +328,11 @@ impl Running {
         else {
             return Ok(false);
         };
+        // Our key is gone from the old grant (deleted, expired, or another's now): it holds
+        // nothing until its TTL, 24 h.
+        if held.grant_id != old_grant {
+            self.registry.release_grant(old_grant).await;
+        }
         if held.key == self.own.key {
             tracing::info!(subnet = %held.key, "lease re-acquired with the same subnet");
         } else {
@@ -330,6 +367,16 @@ impl Running {
             self.status.clone(),
         );
     }
+}
+
+/// What came of someone else writing our lease key.
+enum Rewrite {
+    /// Ours again, or left as it is: we keep the subnet.
+    Kept,
+    /// The subnet is not ours any more: acquire again, for this reason.
+    Lost(String),
+    /// Told to stop meanwhile.
+    Stop,
 }
 
 /// What a batch of lease events said about our own lease.

@@ -287,6 +287,63 @@ fn own_lease_overwritten_is_put_back() -> Result<()> {
     Ok(())
 }
 
+/// Our lease key written by another node under its own etcd lease (it saw the key deleted and
+/// created it anew, or etcd came back from an older snapshot): the subnet is theirs now. We
+/// move to another subnet instead of putting ours back, which had both nodes overwrite each
+/// other without end.
+#[test]
+fn own_lease_taken_under_another_grant_moves_us() -> Result<()> {
+    require_root!();
+    let (c, _pods) = cluster("host-gw", 2)?;
+    let key = node_key(&c, 0)?;
+    let etcd = c.etcd()?;
+    let granted = etcd.ctl(&["lease", "grant", "600"])?;
+    // "lease 694d8c5b2f7a1c04 granted with TTL(600s)"
+    let grant = granted
+        .split_whitespace()
+        .nth(1)
+        .with_context(|| format!("no lease id in {granted:?}"))?;
+    let theirs = r#"{"PublicIP":"172.30.0.99","BackendType":"host-gw"}"#;
+    etcd.ctl(&[
+        "put",
+        &format!("{ETCD_PREFIX}/subnets/{key}"),
+        theirs,
+        &format!("--lease={grant}"),
+    ])?;
+    wait_until(
+        "n1 to move to another subnet",
+        Duration::from_secs(10),
+        || node_key(&c, 0).is_ok_and(|k| k != key),
+    )?;
+    // Theirs stays theirs: not overwritten, now or a little later.
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(
+        lease_value(&c, &key)?.as_deref() == Some(theirs),
+        "their lease was overwritten: {:?}",
+        lease_value(&c, &key)?
+    );
+    ensure!(
+        c.nodes[0]
+            .log()
+            .contains("taken by the node with PublicIP 172.30.0.99"),
+        "not logged"
+    );
+    // n2 routes n1's new subnet to n1. (Pods made on n1 now would need cni0 readdressed, as
+    // with Flannel after a subnet change.)
+    let new = node_key(&c, 0)?.replace('-', "/");
+    wait_until(
+        "n2 to route n1's new subnet",
+        Duration::from_secs(10),
+        || {
+            c.nodes[1].routes().is_ok_and(|r| {
+                r.lines()
+                    .any(|l| l.starts_with(&format!("{new} via {}", c.nodes[0].ip)))
+            })
+        },
+    )?;
+    Ok(())
+}
+
 /// Switching Backend.Type from host-gw to wireguard: host-gw's routes (more specific than the
 /// device's) must go, or pod traffic leaves unencrypted.
 #[test]
