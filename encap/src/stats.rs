@@ -118,7 +118,12 @@ pub struct Tally {
 
 impl Tally {
     pub fn count_drop(&mut self, why: DropReason) {
-        self.drops[why as usize] += 1;
+        self.count_drops(why, 1);
+    }
+
+    /// `n` packets lost at once (a run the kernel refused, a merged packet the TUN refused).
+    pub fn count_drops(&mut self, why: DropReason, n: u64) {
+        self.drops[why as usize] += n;
     }
 
     pub fn flush_tx(&mut self, s: &Stats) {

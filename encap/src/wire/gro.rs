@@ -84,6 +84,14 @@ enum Class {
     Data(Seg),
 }
 
+/// What one output packet holds: how many inner packets went into it and their bytes as they
+/// arrived (headers included).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Carried {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 /// A batch of received packets being coalesced. Preallocates `max_packets` slots of
 /// `max_packet_len` bytes (vnet header included) and a flow table; nothing is allocated after.
 pub struct Gro {
@@ -185,13 +193,26 @@ impl Gro {
     /// the others a zero header and their bytes unchanged. Packets pushed afterwards start new
     /// output packets; call [`Gro::clear`] once they are written.
     pub fn packets(&mut self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.outputs().map(|(p, _)| p)
+    }
+
+    /// [`Gro::packets`], each with what went into it: a failed TUN write loses all of those.
+    pub fn outputs(&mut self) -> impl Iterator<Item = (&[u8], Carried)> + '_ {
         self.finalize();
         let stride = self.stride;
         let buf = &self.buf;
         self.slots.iter().enumerate().map(move |(i, s)| {
             let base = i * stride;
-            buf.get(base..base + VNET_HDR_LEN + s.len)
-                .unwrap_or_default()
+            let packet = buf
+                .get(base..base + VNET_HDR_LEN + s.len)
+                .unwrap_or_default();
+            // Every segment after the first brought its own headers, which merging dropped.
+            let (segs, hdr_len) = s.run.map_or((1, 0), |r| (r.segs.max(1), r.hdr_len));
+            let carried = Carried {
+                packets: segs as u64,
+                bytes: (s.len + (segs - 1) * hdr_len) as u64,
+            };
+            (packet, carried)
         })
     }
 

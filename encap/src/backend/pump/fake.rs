@@ -86,6 +86,8 @@ pub(crate) struct FakeTun {
     /// The pods' answer to a written packet, queued before the write returns, as the kernel
     /// does when the pod's stack answers in the softirq the write ran (ICMP echo, TCP ACKs).
     answer: Mutex<Option<Answer>>,
+    /// Refuse every write (`EIO`, as a device set down does).
+    pub refuse_writes: AtomicBool,
 }
 
 type Answer = Box<dyn Fn(&[u8]) -> Option<Vec<u8>> + Send>;
@@ -140,6 +142,9 @@ impl TunIo for FakeTun {
     }
 
     fn write(&self, pkt: &[u8]) -> io::Result<usize> {
+        if self.refuse_writes.load(Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         self.to_pods.push(pkt.to_vec());
         let answer = self.answer.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(reply) = answer.as_ref().and_then(|f| f(pkt)) {
@@ -176,6 +181,7 @@ impl FakeNet {
             inbox,
             refuse_gso: AtomicBool::new(false),
             path_mtu: AtomicUsize::new(usize::MAX),
+            sends_left: AtomicUsize::new(usize::MAX),
             gso_sends: AtomicUsize::new(0),
             batch_sends: AtomicUsize::new(0),
         }
@@ -208,6 +214,9 @@ pub(crate) struct FakeUdp {
     /// of more than one segment larger than this fails with `EMSGSIZE`, as the kernel's
     /// `udp_send_skb` does; a lone datagram goes (the kernel fragments it).
     pub path_mtu: AtomicUsize,
+    /// Datagrams the socket still takes; then every send fails (`ENOBUFS`). A GSO send goes
+    /// whole or not at all, a batch send as far as this allows.
+    pub sends_left: AtomicUsize,
     /// Syscalls made, by kind.
     pub gso_sends: AtomicUsize,
     pub batch_sends: AtomicUsize,
@@ -225,6 +234,33 @@ impl FakeUdp {
 }
 
 impl FakeUdp {
+    /// Takes `n` datagrams' worth of `sends_left` if there is that much (returns `n`), else
+    /// nothing (returns 0).
+    fn take_sends(&self, n: usize) -> usize {
+        let took = self
+            .sends_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(n)
+            });
+        if took.is_ok() {
+            n
+        } else {
+            0
+        }
+    }
+
+    /// Takes up to `n` datagrams' worth of `sends_left`; returns how many.
+    fn take_sends_upto(&self, n: usize) -> usize {
+        let mut took = 0;
+        let _ = self
+            .sends_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                took = n.min(left);
+                Some(left - took)
+            });
+        took
+    }
+
     fn recv_within(&self, batch: &mut RecvBatch, wait: Duration) -> io::Result<usize> {
         let msgs = self.inbox.take(batch.capacity(), wait);
         if msgs.is_empty() {
@@ -252,6 +288,13 @@ impl UdpIo for FakeUdp {
         if merged && usize::from(seg_len) > self.path_mtu.load(Ordering::Relaxed) {
             return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
         }
+        let datagrams = match merged {
+            true => data.len().div_ceil(usize::from(seg_len)),
+            false => 1,
+        };
+        if self.take_sends(datagrams) < datagrams {
+            return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+        }
         let gro = merged.then_some(seg_len);
         self.net.deliver(to, (self.addr, data.to_vec(), gro));
         Ok(data.len())
@@ -259,6 +302,10 @@ impl UdpIo for FakeUdp {
 
     fn send_batch(&self, msgs: &[(SocketAddr, &[u8])]) -> io::Result<usize> {
         self.batch_sends.fetch_add(1, Ordering::Relaxed);
+        let msgs = &msgs[..self.take_sends_upto(msgs.len())];
+        if msgs.is_empty() {
+            return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+        }
         for (to, d) in msgs {
             self.net.deliver(*to, (self.addr, d.to_vec(), None));
         }

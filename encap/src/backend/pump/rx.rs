@@ -133,20 +133,22 @@ fn deliver<T: TunIo>(pkt: &[u8], own: OwnSubnets, tun: &T, gro: &mut Gro, tally:
     if gro.is_full() {
         flush(tun, gro, tally);
     }
-    match gro.push(pkt) {
-        Ok(()) => {
-            tally.packets += 1;
-            tally.bytes += pkt.len() as u64;
-        }
-        Err(_) => tally.count_drop(DropReason::Malformed),
+    // Counted as received once written (`flush`).
+    if gro.push(pkt).is_err() {
+        tally.count_drop(DropReason::Malformed);
     }
 }
 
+/// Writes what GRO holds to the TUN. A packet counts as received once written; a refused
+/// write loses every packet merged into it, each counted.
 fn flush<T: TunIo>(tun: &T, gro: &mut Gro, tally: &mut Tally) {
-    for p in gro.packets() {
+    for (p, carried) in gro.outputs() {
         tally.syscalls += 1;
-        if tun.write(p).is_err() {
-            tally.count_drop(DropReason::IoError);
+        if tun.write(p).is_ok() {
+            tally.packets += carried.packets;
+            tally.bytes += carried.bytes;
+        } else {
+            tally.count_drops(DropReason::IoError, carried.packets);
         }
     }
     gro.clear();

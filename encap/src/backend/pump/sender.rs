@@ -58,8 +58,9 @@ impl<U: UdpIo> UdpSender<U> {
         self.gso.load(Ordering::Relaxed)
     }
 
-    /// Sends a run to its peer. False if the kernel refused (counted by the caller).
-    pub fn send(&self, run: &Transmit<'_>, tally: &mut Tally) -> bool {
+    /// Sends a run to its peer. Returns how many of its datagrams went, from the first: the
+    /// kernel refused the rest (counted by the caller).
+    pub fn send(&self, run: &Transmit<'_>, tally: &mut Tally) -> usize {
         let seg_len = run.seg_len.max(1);
         let gso_size = u16::try_from(seg_len).ok().filter(|_| self.gso());
         let Some(gso_size) = gso_size else {
@@ -69,13 +70,14 @@ impl<U: UdpIo> UdpSender<U> {
         let mut sent = 0;
         for chunk in run.data.chunks(per_send) {
             tally.syscalls += 1;
+            let went = sent / seg_len;
             match self.sock.send_gso(run.to, chunk, gso_size) {
                 Ok(_) => sent += chunk.len(),
                 // A single datagram goes without the GSO option: its failure is not GSO's.
                 Err(e) if refuses_gso(&e) && chunk.len() > seg_len => {
                     self.stop_gso(&e);
                     let rest = run.data.get(sent..).unwrap_or_default();
-                    return self.send_batched(run.to, rest, seg_len, tally);
+                    return went + self.send_batched(run.to, rest, seg_len, tally);
                 }
                 Err(e) if over_path_mtu(&e) && chunk.len() > seg_len => {
                     if !self.pmtu_logged.swap(true, Ordering::Relaxed) {
@@ -86,12 +88,12 @@ impl<U: UdpIo> UdpSender<U> {
                         );
                     }
                     let rest = run.data.get(sent..).unwrap_or_default();
-                    return self.send_batched(run.to, rest, seg_len, tally);
+                    return went + self.send_batched(run.to, rest, seg_len, tally);
                 }
-                Err(_) => return false,
+                Err(_) => return went,
             }
         }
-        true
+        run.data.len().div_ceil(seg_len)
     }
 
     fn stop_gso(&self, e: &io::Error) {
@@ -103,9 +105,16 @@ impl<U: UdpIo> UdpSender<U> {
         }
     }
 
-    /// One `sendmmsg` per up to 64 segments of `data`.
-    fn send_batched(&self, to: SocketAddr, data: &[u8], seg_len: usize, tally: &mut Tally) -> bool {
+    /// One `sendmmsg` per up to 64 segments of `data`. Returns how many went, from the first.
+    fn send_batched(
+        &self,
+        to: SocketAddr,
+        data: &[u8],
+        seg_len: usize,
+        tally: &mut Tally,
+    ) -> usize {
         let mut msgs: [(SocketAddr, &[u8]); GSO_MAX_SEGMENTS] = [(to, &[]); GSO_MAX_SEGMENTS];
+        let mut went = 0;
         for group in data.chunks(seg_len * GSO_MAX_SEGMENTS) {
             let mut n = 0;
             for (slot, seg) in msgs.iter_mut().zip(group.chunks(seg_len)) {
@@ -116,12 +125,13 @@ impl<U: UdpIo> UdpSender<U> {
             while sent < n {
                 tally.syscalls += 1;
                 match self.sock.send_batch(&msgs[sent..n]) {
-                    Ok(0) | Err(_) => return false,
+                    Ok(0) | Err(_) => return went + sent,
                     Ok(k) => sent += k,
                 }
             }
+            went += n;
         }
-        true
+        went
     }
 
     /// Sends every datagram a codec queued, one syscall each, and empties the outbox. A refused

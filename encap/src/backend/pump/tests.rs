@@ -314,6 +314,57 @@ fn runs_over_the_path_mtu_go_datagram_by_datagram_and_gso_stays_on() {
     assert_eq!(a.sock.batch_sends.load(Ordering::Relaxed), batches);
 }
 
+/// A TCP super-packet from pod 10.244.1.5 to 10.244.2.7 of `segs` segments of `mss` bytes,
+/// as the TUN hands it over.
+fn super_packet(segs: usize, mss: usize) -> Vec<u8> {
+    let mut spec = TcpSpec::v4().payload(&vec![3u8; segs * mss]);
+    (spec.src, spec.dst) = ([10, 244, 1, 5].into(), [10, 244, 2, 7].into());
+    let (hdr, pkt) = spec.build_gso(mss as u16);
+    let mut read = vec![0u8; VNET_HDR_LEN];
+    hdr.encode(&mut read).expect("header");
+    read.extend_from_slice(&pkt);
+    read
+}
+
+#[test]
+fn a_run_the_kernel_refuses_in_part_counts_each_packet() {
+    let (a, b) = pair();
+    // 100 segments: two GSO sends (64 + 36); the socket takes the first only.
+    a.sock.sends_left.store(64, Ordering::Relaxed);
+    a.tun.inject(super_packet(100, 300));
+    eventually("every packet counted", || {
+        a.state.stats.tx_packets.load(Ordering::Relaxed) + a.state.stats.drops(DropReason::IoError)
+            == 100
+    });
+    assert_eq!(a.state.stats.tx_packets.load(Ordering::Relaxed), 64);
+    assert_eq!(a.state.stats.drops(DropReason::IoError), 36);
+    // 64 packets of 20 + 20 + 300 bytes went.
+    assert_eq!(a.state.stats.tx_bytes.load(Ordering::Relaxed), 64 * 340);
+    eventually("what went arrived", || {
+        b.state.stats.rx_packets.load(Ordering::Relaxed) == 64
+    });
+}
+
+#[test]
+fn a_refused_tun_write_counts_every_packet_merged_into_it() {
+    let (a, b) = pair();
+    b.tun.refuse_writes.store(true, Ordering::Relaxed);
+    // 10 segments that b's GRO merges back into one packet, which the TUN refuses.
+    a.tun.inject(super_packet(10, 1000));
+    eventually("every packet counted as lost", || {
+        b.state.stats.drops(DropReason::IoError) == 10
+    });
+    assert_eq!(b.state.stats.rx_packets.load(Ordering::Relaxed), 0);
+    assert_eq!(b.state.stats.rx_bytes.load(Ordering::Relaxed), 0);
+    // Written: each of the 10 counted, with its own headers.
+    b.tun.refuse_writes.store(false, Ordering::Relaxed);
+    a.tun.inject(super_packet(10, 1000));
+    eventually("received", || {
+        b.state.stats.rx_packets.load(Ordering::Relaxed) == 10
+    });
+    assert_eq!(b.state.stats.rx_bytes.load(Ordering::Relaxed), 10 * 1040);
+}
+
 #[test]
 fn truncated_messages_are_dropped() {
     let (a, b) = pair();

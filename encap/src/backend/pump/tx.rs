@@ -322,23 +322,32 @@ impl<C: Codec, T: TunIo, U: UdpIo> Ctx<'_, C, T, U> {
             len: run.seg_len,
             last_len: run.last_len,
         };
-        let sent =
+        let made =
             self.codec
                 .transmit(&mut bufs.scratch, run.route, pkts, &mut bufs.control, tally);
         // The codec has returned, so no peer lock is held during these sends.
         self.sender.flush(&mut bufs.control, tally);
-        let sent = match sent {
-            Ok(Some(t)) if !self.sender.send(&t, tally) => Err(DropReason::IoError),
-            // Sent, or queued behind a handshake.
-            Ok(_) => Ok(()),
-            Err(why) => Err(why),
-        };
-        match sent {
-            Ok(()) => {
+        match made {
+            // Each packet leaves as one datagram. The codec may have made fewer than `count`
+            // (it counted why); of those the kernel may refuse the last ones. What went are
+            // the run's first packets, full-size unless all of them went.
+            Ok(Some(t)) => {
+                let datagrams = t.data.len().div_ceil(t.seg_len.max(1)) as u64;
+                let went = (self.sender.send(&t, tally) as u64).min(datagrams);
+                tally.packets += went;
+                tally.bytes += if went >= count {
+                    bytes
+                } else {
+                    went * run.seg_len as u64
+                };
+                tally.count_drops(DropReason::IoError, datagrams - went);
+            }
+            // Queued behind a handshake: counted as sent.
+            Ok(None) => {
                 tally.packets += count;
                 tally.bytes += bytes;
             }
-            Err(why) => tally.count_drop(why),
+            Err(why) => tally.count_drops(why, count),
         }
     }
 }
