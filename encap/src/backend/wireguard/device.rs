@@ -84,13 +84,22 @@ impl WgDevice {
         let changed = match peer {
             Some(p) if self.leases.get(key) != Some(&p) => {
                 self.leases.insert(key.clone(), p.clone());
-                Some(p)
+                vec![p]
             }
             Some(_) => return false,
-            None if self.leases.remove(key).is_some() => None,
-            None => return false,
+            // The leases left with the gone one's key name where its peer is now (the peer
+            // may have been following the gone one's endpoint).
+            None => match self.leases.remove(key) {
+                Some(gone) => self
+                    .leases
+                    .values()
+                    .filter(|l| l.public_key == gone.public_key)
+                    .cloned()
+                    .collect(),
+                None => return false,
+            },
         };
-        self.sync_peers(changed.as_slice());
+        self.sync_peers(&changed);
         true
     }
 
