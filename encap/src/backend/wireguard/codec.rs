@@ -92,15 +92,21 @@ fn message_type(d: &[u8]) -> Option<u8> {
 }
 
 /// A data message from `src` authenticated: WireGuard then sends to where it came from.
-fn roam(peer: &WgPeer, endpoint: &mut SocketAddr, src: SocketAddr) {
-    if *endpoint != src {
+/// Returns where the peer was if that moved it: the caller logs it once the peer's lock is
+/// released (a log write is a syscall that can block on a slow log reader, and every sender
+/// thread takes that lock for each batch to this peer).
+fn roam(endpoint: &mut SocketAddr, src: SocketAddr) -> Option<SocketAddr> {
+    (*endpoint != src).then(|| std::mem::replace(endpoint, src))
+}
+
+fn log_roam(peer: &WgPeer, from: Option<SocketAddr>, to: SocketAddr) {
+    if let Some(from) = from {
         tracing::info!(
             peer = %super::keys::encode_key(&peer.public_key),
-            from = %endpoint,
-            to = %src,
+            %from,
+            %to,
             "WireGuard peer roamed"
         );
-        *endpoint = src;
     }
 }
 
@@ -349,8 +355,10 @@ impl WgCodec {
         st.last_timestamp = init.timestamp;
         st.last_init_received = Some(now);
         st.heard(false, now);
-        roam(peer, &mut st.endpoint, src);
+        let roamed = roam(&mut st.endpoint, src);
         st.last_sent = Some(now);
+        drop(st);
+        log_roam(peer, roamed, src);
         out.push_control(src, &resp);
     }
 
@@ -398,7 +406,7 @@ impl WgCodec {
             return tally.count_drop(DropReason::IoError);
         };
         st.heard(false, now);
-        roam(peer, &mut st.endpoint, src);
+        let roamed = roam(&mut st.endpoint, src);
         // What waited for the session goes now; with nothing waiting, a keepalive confirms the
         // keys to the responder (it may not send before it hears from us on them).
         let staged = std::mem::take(&mut st.staged);
@@ -414,6 +422,8 @@ impl WgCodec {
             );
             st.sent_data(now);
         }
+        drop(st);
+        log_roam(peer, roamed, src);
     }
 
     fn cookie_reply(&self, table: &WgTable, d: &[u8], now: Instant, tally: &mut Tally) {
@@ -472,7 +482,7 @@ impl WgCodec {
             if h.authentic {
                 let now = Instant::now();
                 let mut st = h.peer.lock();
-                roam(h.peer, &mut st.endpoint, src);
+                let roamed = roam(&mut st.endpoint, src);
                 if h.unconfirmed {
                     // We answered its handshake; what waited for a session goes with it now.
                     let staged = st.confirm(h.session.local_index);
@@ -488,6 +498,8 @@ impl WgCodec {
                     }
                 }
                 st.heard(h.data, now);
+                drop(st);
+                log_roam(h.peer, roamed, src);
             }
         }
         for &(off, len) in &sc.pkts {
