@@ -15,6 +15,7 @@ use subnet_manager::lease::Lease;
 use subnet_manager::lifecycle::{self, LeaseLost, LeaseRequest};
 use subnet_manager::registry::{HeldLease, Registry};
 use subnet_manager::watch::{self, LeaseEvent};
+use subnet_manager::Backoff;
 
 use super::upkeep::{self, keep_programmed, sweep_devices, sweep_routes};
 use super::{retry, start_lease, Renewer, Shutdown};
@@ -84,9 +85,7 @@ impl Running {
     /// Runs until told to stop (or the watch ends with the process).
     pub(super) async fn event_loop(&mut self, shutdown: &mut Shutdown) -> Result<()> {
         let mut events = watch::spawn(self.registry.clone());
-        let mut resync =
-            tokio::time::interval(Duration::from_secs(self.flags.iptables_resync.max(1)));
-        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut resync = self.resync_interval();
         loop {
             let lost = tokio::select! {
                 _ = shutdown.wait() => return Ok(()),
@@ -98,15 +97,7 @@ impl Running {
                     Err(_) => "renewal task ended".to_string(),
                 }),
                 _ = resync.tick(), if self.reconciled => {
-                    keep_programmed(
-                        &self.netlink,
-                        self.backend.as_mut(),
-                        &mut self.rules,
-                        &upkeep::blackholes(&self.flags, &self.own.key),
-                        &self.status,
-                        &mut self.upkeep_error,
-                    )
-                    .await;
+                    self.keep_programmed().await;
                     None
                 }
                 batch = events.recv() => {
@@ -320,12 +311,7 @@ impl Running {
         let old_grant = self.renewer.grant();
         self.status.set_lease(None);
         self.req.previous = Some(self.own.key.clone());
-        let (registry, req) = (&self.registry, &self.req);
-        let Some(held) = retry("re-acquiring a subnet lease", shutdown, || {
-            lifecycle::acquire(registry, req)
-        })
-        .await
-        else {
+        let Some(held) = self.acquire_keeping_programmed(shutdown).await else {
             return Ok(false);
         };
         // Our key is gone from the old grant (deleted, expired, or another's now): it holds
@@ -354,6 +340,72 @@ impl Running {
         }
         self.hold(held);
         Ok(true)
+    }
+
+    /// Every `--iptables-resync` seconds, what `keep_programmed` repairs.
+    fn resync_interval(&self) -> tokio::time::Interval {
+        let mut resync =
+            tokio::time::interval(Duration::from_secs(self.flags.iptables_resync.max(1)));
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync
+    }
+
+    /// Puts back what someone removed of ours: routes, rules, the blackhole route, devices.
+    async fn keep_programmed(&mut self) {
+        keep_programmed(
+            &self.netlink,
+            self.backend.as_mut(),
+            &mut self.rules,
+            &upkeep::blackholes(&self.flags, &self.own.key),
+            &self.status,
+            &mut self.upkeep_error,
+        )
+        .await;
+    }
+
+    /// Acquires a lease, retrying with back-off until etcd lets us (`None`: told to stop).
+    /// Meanwhile the upkeep goes on every resync period, as in the event loop: the datapath
+    /// keeps forwarding to the peers we know while etcd is away, and what someone removes of
+    /// ours is put back then too, not only once etcd returns.
+    async fn acquire_keeping_programmed(&mut self, shutdown: &mut Shutdown) -> Option<HeldLease> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let mut resync = self.resync_interval();
+        // An interval's first tick is at once: the event loop's last upkeep was just now.
+        resync.tick().await;
+        let mut last = String::new();
+        // The attempt's own copies: it may hang as long as etcd does (an etcd that stopped
+        // answering), and the upkeep runs meanwhile.
+        let (registry, req) = (self.registry.clone(), self.req.clone());
+        loop {
+            let attempt = lifecycle::acquire(&registry, &req);
+            tokio::pin!(attempt);
+            let attempt = loop {
+                tokio::select! {
+                    r = &mut attempt => break r,
+                    _ = shutdown.wait() => return None,
+                    _ = resync.tick(), if self.reconciled => self.keep_programmed().await,
+                }
+            };
+            match attempt {
+                Ok(held) => return Some(held),
+                Err(e) => {
+                    let msg = e.to_string();
+                    if msg != last {
+                        tracing::error!("re-acquiring a subnet lease: {msg} (retrying)");
+                        last = msg;
+                    }
+                }
+            }
+            let pause = tokio::time::sleep(backoff.next_delay());
+            tokio::pin!(pause);
+            loop {
+                tokio::select! {
+                    _ = &mut pause => break,
+                    _ = shutdown.wait() => return None,
+                    _ = resync.tick(), if self.reconciled => self.keep_programmed().await,
+                }
+            }
+        }
     }
 
     /// Renews `held` from now on, in place of whatever renewed before.

@@ -213,6 +213,50 @@ fn lease_expiring_during_outage_is_reacquired() -> Result<()> {
     Ok(())
 }
 
+/// etcd stopped long enough for renewals to fail: while the daemon retries acquiring, what
+/// someone removes of ours is still put back every resync period (it waited for etcd).
+#[test]
+fn routes_are_repaired_while_etcd_is_down() -> Result<()> {
+    require_root!();
+    let (mut c, pods) = cluster(
+        "host-gw",
+        2,
+        &["--subnet-lease-ttl=4s", "--iptables-resync=1"],
+    )?;
+    c.etcd.as_mut().context("etcd")?.stop();
+    wait_until("n1 to try acquiring again", Duration::from_secs(20), || {
+        c.nodes[0].log().contains("acquiring again")
+    })?;
+    let route = c.nodes[0]
+        .routes()?
+        .lines()
+        .find(|l| l.contains(&format!("via {}", c.nodes[1].ip)))
+        .map(str::to_string)
+        .context("no route to n2's pods")?;
+    let dst = route
+        .split_whitespace()
+        .next()
+        .context("route")?
+        .to_string();
+    c.nodes[0].run("ip", &["route", "del", &dst])?;
+    wait_until(
+        "the route back with etcd still down",
+        Duration::from_secs(5),
+        || c.nodes[0].routes().is_ok_and(|r| r.contains(&route)),
+    )?;
+    ensure!(
+        c.ping_mesh(&pods).is_ok(),
+        "pods cut off while etcd is down"
+    );
+    c.etcd.as_mut().context("etcd")?.start_again(false)?;
+    wait_until(
+        "traffic after etcd returned",
+        Duration::from_secs(20),
+        || c.ping_mesh(&pods).is_ok(),
+    )?;
+    Ok(())
+}
+
 fn restart_keeps_tcp(backend: &str) -> Result<()> {
     let (mut c, pods) = cluster(backend, 2, &[])?;
     let (a, b) = (pods[0].clone(), pods[1].clone());
