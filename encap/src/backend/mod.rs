@@ -321,8 +321,8 @@ mod tests {
         assert!(lease_claims("host-gw", &l).is_empty());
     }
 
-    #[test]
-    fn a_copied_v6_vtep_mac_is_refused() {
+    /// Admission on vxlan, our own lease holding MACs 0e:01:00:00:00:01 and 0a:01:00:00:00:01.
+    fn vxlan_admission() -> Admission {
         let config = NetworkConfig::parse(CONFIG.as_bytes()).expect("config");
         let mut a = Admission::new(
             &config,
@@ -330,6 +330,12 @@ mod tests {
             Box::new(|l: &Lease| lease_claims("vxlan", l)),
         );
         a.set_own(&vxlan_lease(1, "0e:01:00:00:00:01", "0a:01:00:00:00:01"));
+        a
+    }
+
+    #[test]
+    fn a_copied_v6_vtep_mac_is_refused() {
+        let mut a = vxlan_admission();
         let owner = vxlan_lease(2, "0e:01:00:00:00:02", "0a:01:00:00:00:02");
         assert_eq!(a.put(owner.clone()).changes.len(), 1);
         let thief = vxlan_lease(3, "0e:01:00:00:00:03", "0A:01:00:00:00:02");
@@ -381,13 +387,7 @@ mod tests {
     fn a_claim_written_another_way_is_the_same_claim() {
         // The FDB is keyed by the MAC's bytes, the peer table by the key's: another notation
         // of a holder's MAC or key must not pass as a new claim and displace it.
-        let config = NetworkConfig::parse(CONFIG.as_bytes()).expect("config");
-        let mut a = Admission::new(
-            &config,
-            "vxlan",
-            Box::new(|l: &Lease| lease_claims("vxlan", l)),
-        );
-        a.set_own(&vxlan_lease(1, "0e:01:00:00:00:01", "0a:01:00:00:00:01"));
+        let mut a = vxlan_admission();
         let owner = vxlan_lease(2, "aa:bb:cc:dd:ee:01", "0a:01:00:00:00:02");
         assert_eq!(a.put(owner.clone()).changes.len(), 1);
         for (n, mac) in [(3, "AA-BB-CC-DD-EE-01"), (4, "aabb.ccdd.ee01")] {

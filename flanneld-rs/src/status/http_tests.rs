@@ -30,6 +30,11 @@ async fn exchange(addr: SocketAddr, parts: &[&[u8]]) -> String {
         }
         conn.write_all(part).await.expect("send");
     }
+    read_reply(&mut conn).await
+}
+
+/// Everything the server sends until it closes, within 10 s.
+async fn read_reply(conn: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
     let mut reply = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut reply))
         .await
@@ -353,12 +358,7 @@ async fn tcp_ports_serve_probes_only_and_the_socket_serves_the_rest() {
                 .await
                 .expect("connect");
             conn.write_all(request).await.expect("send");
-            let mut reply = Vec::new();
-            tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut reply))
-                .await
-                .expect("reply in time")
-                .expect("read");
-            String::from_utf8_lossy(&reply).into_owned()
+            read_reply(&mut conn).await
         }
     };
     let reply = ask(b"GET /status HTTP/1.0\r\n\r\n").await;

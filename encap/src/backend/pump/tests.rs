@@ -132,6 +132,18 @@ fn from_pod(pkt: &[u8]) -> Vec<u8> {
     v
 }
 
+/// A TCP super-packet from pod 10.244.1.5 to 10.244.2.7 of `segs` segments of `mss` bytes,
+/// as the TUN hands it over.
+fn super_packet(segs: usize, mss: usize) -> Vec<u8> {
+    let mut spec = TcpSpec::v4().payload(&vec![3u8; segs * mss]);
+    (spec.src, spec.dst) = ([10, 244, 1, 5].into(), [10, 244, 2, 7].into());
+    let (hdr, pkt) = spec.build_gso(mss as u16);
+    let mut read = vec![0u8; VNET_HDR_LEN];
+    hdr.encode(&mut read).expect("header");
+    read.extend_from_slice(&pkt);
+    read
+}
+
 fn udp_packet(src: [u8; 4], dst: [u8; 4], len: usize) -> Vec<u8> {
     let mut spec = TcpSpec::v4().udp().payload(&vec![7u8; len]);
     (spec.src, spec.dst) = (src.into(), dst.into());
@@ -259,12 +271,7 @@ fn gso_refused_at_run_time_falls_back_to_sendmmsg() {
     a.sock.refuse_gso.store(true, Ordering::Relaxed);
     assert!(a.pump.sender().gso(), "the kernel said it has GSO");
     // A TCP super-packet of 10 segments: one run of 10 datagrams.
-    let mut spec = TcpSpec::v4().payload(&vec![3u8; 10 * 1000]);
-    (spec.src, spec.dst) = ([10, 244, 1, 5].into(), [10, 244, 2, 7].into());
-    let (hdr, pkt) = spec.build_gso(1000);
-    let mut read = vec![0u8; VNET_HDR_LEN];
-    hdr.encode(&mut read).expect("header");
-    read.extend_from_slice(&pkt);
+    let read = super_packet(10, 1000);
     for _ in 0..2 {
         a.tun.inject(read.clone());
     }
@@ -288,12 +295,7 @@ fn runs_over_the_path_mtu_go_datagram_by_datagram_and_gso_stays_on() {
     let (a, b) = pair();
     // The kernel learned a path MTU below the segments (1000 bytes of TCP payload each).
     a.sock.path_mtu.store(900, Ordering::Relaxed);
-    let mut spec = TcpSpec::v4().payload(&vec![3u8; 10 * 1000]);
-    (spec.src, spec.dst) = ([10, 244, 1, 5].into(), [10, 244, 2, 7].into());
-    let (hdr, pkt) = spec.build_gso(1000);
-    let mut read = vec![0u8; VNET_HDR_LEN];
-    hdr.encode(&mut read).expect("header");
-    read.extend_from_slice(&pkt);
+    let read = super_packet(10, 1000);
     a.tun.inject(read.clone());
     eventually("every segment received", || {
         b.state.stats.rx_packets.load(Ordering::Relaxed) == 10
@@ -312,18 +314,6 @@ fn runs_over_the_path_mtu_go_datagram_by_datagram_and_gso_stays_on() {
     });
     assert_eq!(a.sock.gso_sends.load(Ordering::Relaxed), gso + 1);
     assert_eq!(a.sock.batch_sends.load(Ordering::Relaxed), batches);
-}
-
-/// A TCP super-packet from pod 10.244.1.5 to 10.244.2.7 of `segs` segments of `mss` bytes,
-/// as the TUN hands it over.
-fn super_packet(segs: usize, mss: usize) -> Vec<u8> {
-    let mut spec = TcpSpec::v4().payload(&vec![3u8; segs * mss]);
-    (spec.src, spec.dst) = ([10, 244, 1, 5].into(), [10, 244, 2, 7].into());
-    let (hdr, pkt) = spec.build_gso(mss as u16);
-    let mut read = vec![0u8; VNET_HDR_LEN];
-    hdr.encode(&mut read).expect("header");
-    read.extend_from_slice(&pkt);
-    read
 }
 
 #[test]

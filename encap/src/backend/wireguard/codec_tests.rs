@@ -395,19 +395,25 @@ fn replayed_flooded_and_excess_initiations_are_refused() {
     assert_eq!(drops(&b, DropReason::NotAuthentic), 2 + 30);
 }
 
-#[test]
-fn spoofed_initiations_cannot_spend_a_peers_share() {
-    let (mut a, mut b) = pair();
-    // Someone who knows b's public key (it is in every lease) sends initiations with a's
-    // address as source, below the rate that puts b under load.
-    let mut tunn = Tunn::new(
+/// A WireGuard peer with a key of its own that knows `b`'s public key (it is in every lease),
+/// so its handshake messages carry a valid mac1.
+fn stranger(b: &Node) -> Tunn {
+    Tunn::new(
         StaticSecret::from(random_key().expect("random")),
         PublicKey::from(*b.codec.local.public()),
         None,
         None,
         1,
         None,
-    );
+    )
+}
+
+#[test]
+fn spoofed_initiations_cannot_spend_a_peers_share() {
+    let (mut a, mut b) = pair();
+    // Someone who knows b's public key (it is in every lease) sends initiations with a's
+    // address as source, below the rate that puts b under load.
+    let mut tunn = stranger(&b);
     let mut buf = [0u8; 256];
     let spoofed = SocketAddr::new(a.addr.ip(), 1);
     for _ in 0..10 {
@@ -630,14 +636,7 @@ fn handshake_flood_gets_cookie_replies() {
     let (mut a, mut b) = pair();
     // A flooder that knows b's public key: every initiation has a valid mac1.
     let flooder = SocketAddr::from(([198, 51, 100, 8], 40000));
-    let mut tunn = Tunn::new(
-        StaticSecret::from(random_key().expect("random")),
-        PublicKey::from(*b.codec.local.public()),
-        None,
-        None,
-        1,
-        None,
-    );
+    let mut tunn = stranger(&b);
     let mut buf = [0u8; 256];
     let floods = HANDSHAKE_RATE_LIMIT as usize * 2;
     for _ in 0..floods {
