@@ -446,9 +446,12 @@ impl Registry {
         Ok(resp.is_some_and(|r| r.ttl() > 0))
     }
 
-    /// The etcd lease grant a lease key is attached to now: `Some(0)` for none (a plain put,
-    /// as `etcdctl put` makes), `None` when the key is gone.
-    pub async fn grant_of(&self, key: &SubnetKey) -> Result<Option<i64>, RegistryError> {
+    /// A lease key as it is now: the etcd lease grant it is attached to (0 for none: a plain
+    /// put, as `etcdctl put` makes) and its value; `None` when the key is gone.
+    pub async fn lease_key_now(
+        &self,
+        key: &SubnetKey,
+    ) -> Result<Option<(i64, Vec<u8>)>, RegistryError> {
         let full = key.to_key(&self.prefix);
         let resp = self.count_err(
             self.client
@@ -457,7 +460,10 @@ impl Registry {
                 .await
                 .map_err(RegistryError::etcd(format!("reading {full}"))),
         )?;
-        Ok(resp.kvs().first().map(|kv| kv.lease()))
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| (kv.lease(), kv.value().to_vec())))
     }
 
     /// Best effort: lets go of a grant we stopped using (a key that moved to another grant

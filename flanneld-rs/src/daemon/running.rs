@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use encap::netlink::Netlink;
 use encap::Backend;
 use subnet_manager::admission::{Admission, Outcome, PeerChange};
-use subnet_manager::lease::Lease;
+use subnet_manager::lease::{Lease, LeaseAttrs};
 use subnet_manager::lifecycle::{self, LeaseLost, LeaseRequest};
 use subnet_manager::registry::{HeldLease, Registry};
 use subnet_manager::watch::{self, LeaseEvent};
@@ -257,32 +257,40 @@ impl Running {
     async fn on_rewrite(&mut self, theirs: &Lease, shutdown: &mut Shutdown) -> Rewrite {
         self.status.lease_rewrites.fetch_add(1, Ordering::Relaxed);
         let (registry, key) = (&self.registry, &self.own.key);
-        let Some(grant) = retry("reading our lease key", shutdown, || async move {
-            registry.grant_of(key).await
+        let Some(now) = retry("reading our lease key", shutdown, || async move {
+            registry.lease_key_now(key).await
         })
         .await
         else {
             return Rewrite::Stop;
         };
-        let ours = self.renewer.grant();
+        let Some((grant, value)) = now else {
+            return Rewrite::Lost("lease lost: our lease key was deleted from etcd".into());
+        };
         let own = &self.own;
+        // The event may be older than the key: what it holds now decides.
+        let current = LeaseAttrs::from_json(&value).ok();
+        if current.as_ref() == Some(&own.attrs) {
+            // Ours again already (our renewal put it back meanwhile).
+            return Rewrite::Kept;
+        }
+        let their_ip = current.map_or(theirs.attrs.public_ip, |a| a.public_ip);
+        let ours = self.renewer.grant();
         match grant {
-            None => return Rewrite::Lost("lease lost: our lease key was deleted from etcd".into()),
-            Some(g) if g != 0 && g != ours && theirs.attrs.public_ip != own.attrs.public_ip => {
+            g if g != 0 && g != ours && their_ip != own.attrs.public_ip => {
                 return Rewrite::Lost(format!(
-                    "our lease key was taken by the node with PublicIP {} under its own etcd lease",
-                    theirs.attrs.public_ip
+                    "our lease key was taken by the node with PublicIP {their_ip} under its own etcd lease"
                 ));
             }
-            Some(g) if g != 0 && g != ours => {
+            g if g != 0 && g != ours => {
                 tracing::error!(subnet = %own.key, "our lease key was rewritten with our PublicIP under another etcd lease: a second daemon on this host? Leaving it: each putting its own back would never end");
                 return Rewrite::Kept;
             }
-            Some(_) if theirs.attrs.public_ip == own.attrs.public_ip => {
+            _ if their_ip == own.attrs.public_ip => {
                 tracing::warn!(subnet = %own.key, "our lease key was rewritten with our PublicIP but other attributes (a hand-made put?): putting ours back");
             }
-            Some(_) => {
-                tracing::warn!(subnet = %own.key, their_public_ip = %theirs.attrs.public_ip, "our lease key was overwritten by another writer: putting ours back");
+            _ => {
+                tracing::warn!(subnet = %own.key, their_public_ip = %their_ip, "our lease key was overwritten by another writer: putting ours back");
             }
         }
         let (registry, ttl) = (&self.registry, self.req.ttl);
