@@ -168,7 +168,12 @@ impl WgCodec {
         // The cookie secrets only need to be unknowable to others: derived from our private
         // key, with fresh randomness mixed in when there is any.
         let mut private = keys.secret.to_bytes();
-        let salt = random_key().unwrap_or_default();
+        let salt = random_key().unwrap_or_else(|e| {
+            tracing::warn!(
+                "no random bytes for the cookie secret ({e}): derived from the private key alone"
+            );
+            [0; 32]
+        });
         let secret = hash(&[b"flanneld-rs cookie secret", &private, &salt]);
         let nonce_key = hash(&[b"flanneld-rs cookie nonce", &private, &salt]);
         private.zeroize();
@@ -736,18 +741,19 @@ impl Codec for WgCodec {
             sealed += msg.len();
             done += 1;
         }
-        // Unreachable with the pump's slots; counted rather than sent unsealed.
+        // Unreachable with the pump's slots; counted rather than sent unsealed (by the pump
+        // when none was sealed, which then counts none as sent).
+        if done == 0 {
+            return Err(DropReason::Malformed);
+        }
         for _ in done..count {
             tally.count_drop(DropReason::Malformed);
         }
-        Ok(buf
-            .get(..sealed)
-            .filter(|data| !data.is_empty())
-            .map(|data| Transmit {
-                to,
-                data,
-                seg_len: stride,
-            }))
+        Ok(buf.get(..sealed).map(|data| Transmit {
+            to,
+            data,
+            seg_len: stride,
+        }))
     }
 
     fn receive<F>(

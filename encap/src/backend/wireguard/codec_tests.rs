@@ -408,18 +408,24 @@ fn stranger(b: &Node) -> Tunn {
     )
 }
 
+/// `tunn`'s next handshake initiation, posted to `b` as if from `from`.
+fn post_initiation(tunn: &mut Tunn, b: &Node, from: SocketAddr) {
+    let mut buf = [0u8; 256];
+    let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut buf, true) else {
+        panic!("boringtun made no initiation");
+    };
+    b.lan.post(from, b.addr, init, None);
+}
+
 #[test]
 fn spoofed_initiations_cannot_spend_a_peers_share() {
     let (mut a, mut b) = pair();
     // Someone who knows b's public key (it is in every lease) sends initiations with a's
     // address as source, below the rate that puts b under load.
     let mut tunn = stranger(&b);
-    let mut buf = [0u8; 256];
     let spoofed = SocketAddr::new(a.addr.ip(), 1);
     for _ in 0..10 {
-        if let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut buf, true) {
-            b.lan.post(spoofed, b.addr, init, None);
-        }
+        post_initiation(&mut tunn, &b, spoofed);
     }
     poll(&mut b);
     // a's own initiation is still answered.
@@ -640,9 +646,7 @@ fn handshake_flood_gets_cookie_replies() {
     let mut buf = [0u8; 256];
     let floods = HANDSHAKE_RATE_LIMIT as usize * 2;
     for _ in 0..floods {
-        if let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut buf, true) {
-            b.lan.post(flooder, b.addr, init, None);
-        }
+        post_initiation(&mut tunn, &b, flooder);
         poll(&mut b);
     }
     let mut cookies = 0;
@@ -669,9 +673,7 @@ fn handshake_flood_gets_cookie_replies() {
         tunn.decapsulate(Some(flooder.ip()), &reply, &mut buf),
         TunnResult::Done
     ));
-    if let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut buf, true) {
-        b.lan.post(flooder, b.addr, init, None);
-    }
+    post_initiation(&mut tunn, &b, flooder);
     poll(&mut b);
     assert_eq!(b.lan.waiting(flooder), 0, "its address is proven");
     // Once the second is over, a legitimate handshake goes through again.

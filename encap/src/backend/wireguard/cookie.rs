@@ -252,7 +252,12 @@ mod tests {
             .filter(|_| g.check(&message(6, Some(&cookie)), peer, now) == Verdict::Pass)
             .count();
         assert_eq!(passed, 5);
-        // A new second: not under load, so no share is charged.
+        // Within the second, still under load: no cookie, no pass.
+        assert!(matches!(
+            g.check(&message(6, None), peer, now),
+            Verdict::CookieReply(_)
+        ));
+        // A new second: the count starts again, and messages pass without cookies.
         let next = now + Duration::from_secs(1);
         g.tick(next);
         assert_eq!(g.check(&message(6, None), peer, next), Verdict::Pass);
