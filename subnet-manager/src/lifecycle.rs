@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use crate::alloc::{self, Action, AllocError, Identity};
 use crate::config::NetworkConfig;
 use crate::lease::{LeaseAttrs, SubnetKey};
-use crate::registry::{HeldLease, Registry, RegistryError};
+use crate::registry::{HeldLease, Registry, RegistryError, Renewal};
 
 /// Flannel tries this many times when another node wins the race for the subnet it picked.
 const CREATE_ATTEMPTS: usize = 10;
@@ -106,6 +106,8 @@ fn retry_after(held: &HeldLease) -> Duration {
 pub enum LeaseLost {
     /// The key is gone from etcd (deleted by someone, expired, or etcd was wiped).
     Deleted,
+    /// The key is there but someone else wrote it (it is no longer on our grant).
+    Rewritten,
     /// Renewal failed this many times in a row.
     RenewFailed(u32),
 }
@@ -123,14 +125,18 @@ pub async fn keep_renewed(
     loop {
         tokio::time::sleep_until(wake).await;
         match registry.renew(held).await {
-            Ok(Some(renewed)) => {
+            Ok(Renewal::Renewed(renewed)) => {
                 tracing::info!(subnet = %renewed.key, ttl_s = renewed.ttl.as_secs(), "lease renewed");
-                *held = renewed;
+                let old = std::mem::replace(held, *renewed);
+                // Told before the old grant goes, so that nobody takes the key's new grant
+                // for someone else's meanwhile.
                 on_renew(held);
+                registry.release_grant(old.grant_id).await;
                 failures = 0;
                 wake = renew_at(held, margin);
             }
-            Ok(None) => return LeaseLost::Deleted,
+            Ok(Renewal::Gone) => return LeaseLost::Deleted,
+            Ok(Renewal::Rewritten) => return LeaseLost::Rewritten,
             Err(e) => {
                 failures += 1;
                 tracing::warn!(attempt = failures, "lease renewal failed: {e}");

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity as TlsIdentity,
-    PutOptions, TlsOptions, Txn, TxnOp,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
 };
 use thiserror::Error;
 
@@ -93,6 +93,17 @@ pub struct LeaseList {
     pub revision: i64,
     /// The etcd cluster that answered: a new ID means etcd was wiped or replaced.
     pub cluster_id: u64,
+}
+
+/// What came of renewing a lease.
+#[derive(Debug)]
+pub enum Renewal {
+    /// Ours, under the new grant.
+    Renewed(Box<HeldLease>),
+    /// The key is gone (deleted, expired, etcd wiped).
+    Gone,
+    /// The key is there but no longer attached to our grant: someone else wrote it.
+    Rewritten,
 }
 
 /// One key as read from etcd.
@@ -327,16 +338,51 @@ impl Registry {
         }
     }
 
-    /// Renews a held lease: the same value under a fresh grant, then the old grant is revoked.
-    pub async fn renew(&self, held: &HeldLease) -> Result<Option<HeldLease>, RegistryError> {
-        let renewed = self
-            .put_lease(&held.key, &held.attrs, held.ttl, true)
-            .await?;
-        if renewed.is_some() {
+    /// Renews a held lease: the same value under a fresh grant, only while the key is still
+    /// attached to ours (its value could be anyone's otherwise: a renewal would undo what the
+    /// daemon decided about a rewrite, or land after it moved on). The old grant is the
+    /// caller's to release, once it knows the new one.
+    pub async fn renew(&self, held: &HeldLease) -> Result<Renewal, RegistryError> {
+        let full = held.key.to_key(&self.prefix);
+        let grant_id = self.grant(held.ttl).await?;
+        let txn = Txn::new()
+            .when([Compare::lease(
+                full.as_str(),
+                CompareOp::Equal,
+                held.grant_id,
+            )])
+            .and_then([TxnOp::put(
+                full.as_str(),
+                held.attrs.to_json(),
+                Some(PutOptions::new().with_lease(grant_id)),
+            )])
+            .or_else([TxnOp::get(full.as_str(), None)]);
+        let resp = self.count_err(
+            self.client
+                .clone()
+                .txn(txn)
+                .await
+                .map_err(RegistryError::etcd(format!("renewing {full}"))),
+        )?;
+        if resp.succeeded() {
             RegistryStats::bump(&self.stats.lease_renewals);
-            self.revoke(held.grant_id).await;
+            return Ok(Renewal::Renewed(Box::new(self.held(
+                &held.key,
+                &held.attrs,
+                grant_id,
+                held.ttl,
+            ))));
         }
-        Ok(renewed)
+        self.revoke(grant_id).await;
+        let exists = resp.op_responses().into_iter().any(|r| match r {
+            TxnOpResponse::Get(g) => !g.kvs().is_empty(),
+            _ => false,
+        });
+        Ok(if exists {
+            Renewal::Rewritten
+        } else {
+            Renewal::Gone
+        })
     }
 
     /// Every key under `prefix` with its value and the revision it was last written at, and

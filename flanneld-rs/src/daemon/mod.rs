@@ -76,8 +76,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    let mut last = String::new();
+    let mut failures = Failures::default();
     loop {
         let attempt = tokio::select! {
             r = op() => r,
@@ -86,16 +85,39 @@ where
         match attempt {
             Ok(v) => return Some(v),
             Err(e) => {
-                let msg = e.to_string();
-                if msg != last {
-                    tracing::error!("{what}: {msg} (retrying)");
-                    last = msg;
-                }
-                if !shutdown.sleep(backoff.next_delay()).await {
+                if !shutdown.sleep(failures.next(what, e)).await {
                     return None;
                 }
             }
         }
+    }
+}
+
+/// The failed attempts of one retry loop: each logged only when its text changes (a long etcd
+/// outage is not a log flood), each answered with the back-off before the next attempt.
+struct Failures {
+    backoff: Backoff,
+    last: String,
+}
+
+impl Default for Failures {
+    fn default() -> Self {
+        Failures {
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
+            last: String::new(),
+        }
+    }
+}
+
+impl Failures {
+    /// Notes a failure of `what`; returns how long to wait before trying again.
+    fn next(&mut self, what: &str, e: impl std::fmt::Display) -> Duration {
+        let msg = e.to_string();
+        if msg != self.last {
+            tracing::error!("{what}: {msg} (retrying)");
+            self.last = msg;
+        }
+        self.backoff.next_delay()
     }
 }
 

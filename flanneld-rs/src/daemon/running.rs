@@ -15,10 +15,9 @@ use subnet_manager::lease::{Lease, LeaseAttrs};
 use subnet_manager::lifecycle::{self, LeaseLost, LeaseRequest};
 use subnet_manager::registry::{HeldLease, Registry};
 use subnet_manager::watch::{self, LeaseEvent};
-use subnet_manager::Backoff;
 
 use super::upkeep::{self, keep_programmed, sweep_devices, sweep_routes};
-use super::{retry, start_lease, Renewer, Shutdown};
+use super::{start_lease, Failures, Renewer, Shutdown};
 use crate::flags::Flags;
 use crate::health::Health;
 use crate::status::Status;
@@ -87,29 +86,44 @@ impl Running {
         let mut events = watch::spawn(self.registry.clone());
         let mut resync = self.resync_interval();
         loop {
-            let lost = tokio::select! {
+            // What happened to our lease: lost for a reason, or rewritten (the event's value,
+            // and whether the renewer found it and so ended).
+            let (lost, rewritten) = tokio::select! {
                 _ = shutdown.wait() => return Ok(()),
-                lost = &mut self.renewer.lost => Some(match lost {
-                    Ok(LeaseLost::Deleted) => "lease lost: our lease key is gone from etcd".to_string(),
-                    Ok(LeaseLost::RenewFailed(n)) => format!(
+                lost = &mut self.renewer.lost => match lost {
+                    Ok(LeaseLost::Deleted) => (Some("lease lost: our lease key is gone from etcd".to_string()), None),
+                    Ok(LeaseLost::Rewritten) => (None, Some((None, true))),
+                    Ok(LeaseLost::RenewFailed(n)) => (Some(format!(
                         "lease renewal failed {n} times (the key stays ours until it expires)"
-                    ),
-                    Err(_) => "renewal task ended".to_string(),
-                }),
+                    )), None),
+                    Err(_) => (Some("renewal task ended".to_string()), None),
+                },
                 _ = resync.tick(), if self.reconciled => {
                     self.keep_programmed().await;
-                    None
+                    (None, None)
                 }
                 batch = events.recv() => {
                     let Some(batch) = batch else { return Ok(()) };
                     match self.on_batch(batch).await {
-                        OwnEvent::None => None,
-                        OwnEvent::Removed => Some("lease lost: our lease key was deleted from etcd".to_string()),
-                        OwnEvent::Rewritten(theirs) => match self.on_rewrite(&theirs, shutdown).await {
-                            Rewrite::Kept => None,
-                            Rewrite::Lost(why) => Some(why),
-                            Rewrite::Stop => return Ok(()),
-                        },
+                        OwnEvent::None => (None, None),
+                        OwnEvent::Removed => (Some("lease lost: our lease key was deleted from etcd".to_string()), None),
+                        OwnEvent::Rewritten(theirs) => (None, Some((Some(theirs), false))),
+                    }
+                }
+            };
+            let lost = match rewritten {
+                None => lost,
+                Some((theirs, renewer_ended)) => {
+                    match self.on_rewrite(theirs.as_deref(), shutdown).await {
+                        Rewrite::Restored => None,
+                        Rewrite::Left => {
+                            if renewer_ended {
+                                self.renew_from_now();
+                            }
+                            None
+                        }
+                        Rewrite::Lost(why) => Some(why),
+                        Rewrite::Stop => return Ok(()),
                     }
                 }
             };
@@ -254,13 +268,16 @@ impl Running {
     ///   acquire another one, as after a deletion;
     /// - another grant with our PublicIP: a second daemon on this host. Leave it and say so
     ///   (each putting its own back would loop just the same).
-    async fn on_rewrite(&mut self, theirs: &Lease, shutdown: &mut Shutdown) -> Rewrite {
+    ///
+    /// `theirs`: the value the watch saw, if it was the watch that saw it (the renewer sees
+    /// only that the key left our grant).
+    async fn on_rewrite(&mut self, theirs: Option<&Lease>, shutdown: &mut Shutdown) -> Rewrite {
         self.status.lease_rewrites.fetch_add(1, Ordering::Relaxed);
-        let (registry, key) = (&self.registry, &self.own.key);
-        let Some(now) = retry("reading our lease key", shutdown, || async move {
-            registry.lease_key_now(key).await
-        })
-        .await
+        let (registry, key) = (self.registry.clone(), self.own.key.clone());
+        let read = || registry.lease_key_now(&key);
+        let Some(now) = self
+            .retry_keeping_programmed("reading our lease key", shutdown, read)
+            .await
         else {
             return Rewrite::Stop;
         };
@@ -271,44 +288,67 @@ impl Running {
         // The event may be older than the key: what it holds now decides.
         let current = LeaseAttrs::from_json(&value).ok();
         if current.as_ref() == Some(&own.attrs) {
-            // Ours again already (our renewal put it back meanwhile).
-            return Rewrite::Kept;
+            // Ours again already (our renewal put it back meanwhile, and the renewer may not
+            // have told us its new grant yet).
+            return Rewrite::Left;
         }
-        let their_ip = current.map_or(theirs.attrs.public_ip, |a| a.public_ip);
         let ours = self.renewer.grant();
+        let their_ip = current
+            .map(|a| a.public_ip)
+            .or(theirs.map(|l| l.attrs.public_ip));
+        let same_ip = their_ip == Some(own.attrs.public_ip);
+        let their_ip = their_ip.map_or_else(|| "unreadable".to_string(), |ip| ip.to_string());
         match grant {
-            g if g != 0 && g != ours && their_ip != own.attrs.public_ip => {
+            g if g != 0 && g != ours && !same_ip => {
                 return Rewrite::Lost(format!(
                     "our lease key was taken by the node with PublicIP {their_ip} under its own etcd lease"
                 ));
             }
             g if g != 0 && g != ours => {
                 tracing::error!(subnet = %own.key, "our lease key was rewritten with our PublicIP under another etcd lease: a second daemon on this host? Leaving it: each putting its own back would never end");
-                return Rewrite::Kept;
+                return Rewrite::Left;
             }
-            _ if their_ip == own.attrs.public_ip => {
+            _ if same_ip => {
                 tracing::warn!(subnet = %own.key, "our lease key was rewritten with our PublicIP but other attributes (a hand-made put?): putting ours back");
             }
             _ => {
                 tracing::warn!(subnet = %own.key, their_public_ip = %their_ip, "our lease key was overwritten by another writer: putting ours back");
             }
         }
-        let (registry, ttl) = (&self.registry, self.req.ttl);
-        let Some(held) = retry("putting our lease back", shutdown, || async move {
+        let (registry, own, ttl) = (self.registry.clone(), own.clone(), self.req.ttl);
+        let put = || async {
             match registry.put_lease(&own.key, &own.attrs, ttl, false).await {
                 Ok(Some(held)) => Ok(held),
                 Ok(None) => Err("the write was refused".to_string()),
                 Err(e) => Err(e.to_string()),
             }
-        })
-        .await
+        };
+        let Some(held) = self
+            .retry_keeping_programmed("putting our lease back", shutdown, put)
+            .await
         else {
             return Rewrite::Stop;
         };
+        // The key left our old grant (read now: the renewer may have renewed meanwhile): it
+        // holds nothing until its TTL.
+        let old = self.renewer.grant();
         self.hold(held);
-        // The key left our old grant: it holds nothing now until its TTL.
-        self.registry.release_grant(ours).await;
-        Rewrite::Kept
+        self.registry.release_grant(old).await;
+        Rewrite::Restored
+    }
+
+    /// After the renewer found our key on someone else's grant and we leave it so: renew from
+    /// now on as if just written, the next attempt about a TTL away (which tells again whether
+    /// it is still not ours), so that a daemon we leave the key to is not fought each minute.
+    fn renew_from_now(&mut self) {
+        let ttl = self.req.ttl;
+        self.hold(HeldLease {
+            key: self.own.key.clone(),
+            attrs: self.own.attrs.clone(),
+            grant_id: self.renewer.grant(),
+            ttl,
+            expires_at: tokio::time::Instant::now() + ttl,
+        });
     }
 
     /// Our lease was lost: acquire again, asking for the same subnet first. False when told
@@ -319,7 +359,12 @@ impl Running {
         let old_grant = self.renewer.grant();
         self.status.set_lease(None);
         self.req.previous = Some(self.own.key.clone());
-        let Some(held) = self.acquire_keeping_programmed(shutdown).await else {
+        let (registry, req) = (self.registry.clone(), self.req.clone());
+        let acquire = || lifecycle::acquire(&registry, &req);
+        let Some(held) = self
+            .retry_keeping_programmed("re-acquiring a subnet lease", shutdown, acquire)
+            .await
+        else {
             return Ok(false);
         };
         // Our key is gone from the old grant (deleted, expired, or another's now): it holds
@@ -371,21 +416,28 @@ impl Running {
         .await;
     }
 
-    /// Acquires a lease, retrying with back-off until etcd lets us (`None`: told to stop).
-    /// Meanwhile the upkeep goes on every resync period, as in the event loop: the datapath
+    /// Runs `op` with back-off until it succeeds (`None`: told to stop), as `retry` does, but
+    /// the upkeep goes on every resync period meanwhile, as in the event loop: the datapath
     /// keeps forwarding to the peers we know while etcd is away, and what someone removes of
-    /// ours is put back then too, not only once etcd returns.
-    async fn acquire_keeping_programmed(&mut self, shutdown: &mut Shutdown) -> Option<HeldLease> {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    /// ours is put back then too, not only once etcd returns. `op` works on copies of what it
+    /// needs: an attempt may hang as long as etcd does (an etcd that stopped answering).
+    async fn retry_keeping_programmed<T, E, F, Fut>(
+        &mut self,
+        what: &str,
+        shutdown: &mut Shutdown,
+        mut op: F,
+    ) -> Option<T>
+    where
+        E: std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let mut failures = Failures::default();
         let mut resync = self.resync_interval();
         // An interval's first tick is at once: the event loop's last upkeep was just now.
         resync.tick().await;
-        let mut last = String::new();
-        // The attempt's own copies: it may hang as long as etcd does (an etcd that stopped
-        // answering), and the upkeep runs meanwhile.
-        let (registry, req) = (self.registry.clone(), self.req.clone());
         loop {
-            let attempt = lifecycle::acquire(&registry, &req);
+            let attempt = op();
             tokio::pin!(attempt);
             let attempt = loop {
                 tokio::select! {
@@ -394,17 +446,10 @@ impl Running {
                     _ = resync.tick(), if self.reconciled => self.keep_programmed().await,
                 }
             };
-            match attempt {
-                Ok(held) => return Some(held),
-                Err(e) => {
-                    let msg = e.to_string();
-                    if msg != last {
-                        tracing::error!("re-acquiring a subnet lease: {msg} (retrying)");
-                        last = msg;
-                    }
-                }
-            }
-            let pause = tokio::time::sleep(backoff.next_delay());
+            let pause = match attempt {
+                Ok(v) => return Some(v),
+                Err(e) => tokio::time::sleep(failures.next(what, e)),
+            };
             tokio::pin!(pause);
             loop {
                 tokio::select! {
@@ -431,8 +476,10 @@ impl Running {
 
 /// What came of someone else writing our lease key.
 enum Rewrite {
-    /// Ours again, or left as it is: we keep the subnet.
-    Kept,
+    /// Ours again, under a new grant (a new renewer).
+    Restored,
+    /// Left as it is: we keep the subnet.
+    Left,
     /// The subnet is not ours any more: acquire again, for this reason.
     Lost(String),
     /// Told to stop meanwhile.

@@ -29,6 +29,23 @@ async fn registry(etcd: &Etcd) -> Result<Registry> {
     .await?)
 }
 
+/// etcd with Network 10.244.0.0/16 configured, a registry on it and that config.
+async fn etcd_with_network() -> Result<(
+    Etcd,
+    tempfile::TempDir,
+    Registry,
+    subnet_manager::config::NetworkConfig,
+)> {
+    let (etcd, dir) = start_etcd()?;
+    etcd.put(
+        &format!("{PREFIX}/config"),
+        r#"{"Network":"10.244.0.0/16"}"#,
+    )?;
+    let reg = registry(&etcd).await?;
+    let config = reg.network_config().await?;
+    Ok((etcd, dir, reg, config))
+}
+
 fn request(
     registry_config: subnet_manager::config::NetworkConfig,
     ip: Ipv4Addr,
@@ -169,13 +186,7 @@ async fn lease_json_is_flannels_and_reclaimed_by_public_ip() -> Result<()> {
 
 #[tokio::test]
 async fn short_ttl_is_renewed_and_expires_without_renewal() -> Result<()> {
-    let (etcd, _dir) = start_etcd()?;
-    etcd.put(
-        &format!("{PREFIX}/config"),
-        r#"{"Network":"10.244.0.0/16"}"#,
-    )?;
-    let reg = registry(&etcd).await?;
-    let config = reg.network_config().await?;
+    let (etcd, _dir, reg, config) = etcd_with_network().await?;
     let ttl = Duration::from_secs(2);
     let mut kept = lifecycle::acquire(
         &reg,
@@ -202,6 +213,27 @@ async fn short_ttl_is_renewed_and_expires_without_renewal() -> Result<()> {
     etcd.ctl(&["del", &leases[0].0])?;
     let lost = tokio::time::timeout(Duration::from_secs(5), renewing).await??;
     assert!(matches!(lost, lifecycle::LeaseLost::Deleted), "{lost:?}");
+    Ok(())
+}
+
+/// A renewal re-puts our value only while the key is on our grant: a key someone else wrote
+/// (another node's grant, or a plain put) is reported, not overwritten.
+#[tokio::test]
+async fn renewal_does_not_overwrite_a_key_someone_else_wrote() -> Result<()> {
+    let (etcd, _dir, reg, config) = etcd_with_network().await?;
+    let ttl = Duration::from_secs(2);
+    let mut held =
+        lifecycle::acquire(&reg, &request(config, Ipv4Addr::new(10, 0, 0, 1), ttl)).await?;
+    let key = held.key.to_key(PREFIX);
+    let theirs = r#"{"PublicIP":"10.0.0.9","BackendType":"host-gw"}"#;
+    etcd.put(&key, theirs)?;
+    let lost = tokio::time::timeout(
+        Duration::from_secs(5),
+        lifecycle::keep_renewed(&reg, &mut held, Duration::from_secs(3600), |_| {}),
+    )
+    .await?;
+    assert!(matches!(lost, lifecycle::LeaseLost::Rewritten), "{lost:?}");
+    assert_eq!(etcd.get(&key)?.as_deref(), Some(theirs), "theirs stays");
     Ok(())
 }
 
