@@ -84,14 +84,42 @@ pub async fn serve_unix(path: &Path, status: Arc<Status>) -> Result<()> {
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing the stale {}", path.display())),
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {}", path.display()))?;
+    let listener = bind_private(path)?;
     tracing::info!(socket = %path.display(), "serving flanneld-rs status");
     spawn_server(listener, status, Limits::default(), Endpoints::All);
     Ok(())
+}
+
+/// Binds a Unix socket at `path` that only root can connect to from its first moment: it is
+/// made (and restricted to 0600) in a directory of its own that only root can enter, then
+/// moved into place. Bound at `path` directly, it would take connections from anyone between
+/// the bind and the chmod, and those reach the policy API.
+fn bind_private(path: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let mut hidden = name.to_os_string();
+    hidden.push(format!(".{}.tmp", std::process::id()));
+    let dir = path.with_file_name(hidden);
+    // A leftover from a daemon that died here with our pid (a container restart).
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("making {}", dir.display()))?;
+    let bound = (|| {
+        let inside = dir.join(name);
+        let listener = UnixListener::bind(&inside)
+            .with_context(|| format!("listening on {}", inside.display()))?;
+        std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {}", inside.display()))?;
+        std::fs::rename(&inside, path)
+            .with_context(|| format!("moving the socket to {}", path.display()))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    bound
 }
 
 /// What a listener serves. The TCP ports are open to every pod and host that reaches the node

@@ -351,6 +351,19 @@ async fn tcp_ports_serve_probes_only_and_the_socket_serves_the_rest() {
     serve_unix(&path, Arc::new(Status::default()))
         .await
         .expect("serve on the socket");
+    // Root's alone from the start: made 0600 out of reach, then moved into place.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .expect("entries");
+    assert_eq!(left, ["flanneld-rs.sock"], "nothing else left beside it");
     let ask = |request: &'static [u8]| {
         let path = path.clone();
         async move {
