@@ -515,7 +515,10 @@ impl Registry {
     /// Best effort: lets go of a grant we stopped using (a key that moved to another grant
     /// leaves it holding nothing until its TTL, 24 h).
     pub async fn release_grant(&self, grant_id: i64) {
-        self.revoke(grant_id).await;
+        // 0 is no grant (a key written with a plain put).
+        if grant_id != 0 {
+            self.revoke(grant_id).await;
+        }
     }
 
     pub async fn delete_lease(&self, key: &SubnetKey) -> Result<(), RegistryError> {

@@ -122,6 +122,12 @@ impl Running {
                             }
                             None
                         }
+                        Rewrite::Ours(grant) => {
+                            if renewer_ended {
+                                self.renew_now_from(grant);
+                            }
+                            None
+                        }
                         Rewrite::Lost(why) => Some(why),
                         Rewrite::Stop => return Ok(()),
                     }
@@ -288,9 +294,11 @@ impl Running {
         // The event may be older than the key: what it holds now decides.
         let current = LeaseAttrs::from_json(&value).ok();
         if current.as_ref() == Some(&own.attrs) {
-            // Ours again already (our renewal put it back meanwhile, and the renewer may not
-            // have told us its new grant yet).
-            return Rewrite::Left;
+            // Our value, on whatever grant it is on now: our renewal put it back meanwhile (and
+            // the renewer may not have told us its new grant yet), a renewal that failed to
+            // answer had in fact moved it, etcd came back from a snapshot, or a plain put
+            // wrote our value (grant 0).
+            return Rewrite::Ours(grant);
         }
         let ours = self.renewer.grant();
         let their_ip = current
@@ -335,6 +343,19 @@ impl Running {
         self.hold(held);
         self.registry.release_grant(old).await;
         Rewrite::Restored
+    }
+
+    /// After the renewer found our value on a grant it did not know (`grant`, 0 for none):
+    /// renew from that grant at once, which moves the key back onto a grant of ours (renewed
+    /// from then on) and lets go of that one.
+    fn renew_now_from(&mut self, grant: i64) {
+        self.hold(HeldLease {
+            key: self.own.key.clone(),
+            attrs: self.own.attrs.clone(),
+            grant_id: grant,
+            ttl: self.req.ttl,
+            expires_at: tokio::time::Instant::now(),
+        });
     }
 
     /// After the renewer found our key on someone else's grant and we leave it so: renew from
@@ -478,8 +499,10 @@ impl Running {
 enum Rewrite {
     /// Ours again, under a new grant (a new renewer).
     Restored,
-    /// Left as it is: we keep the subnet.
+    /// Left as it is (someone else's value): we keep the subnet.
     Left,
+    /// It holds our value, on this grant (0: none).
+    Ours(i64),
     /// The subnet is not ours any more: acquire again, for this reason.
     Lost(String),
     /// Told to stop meanwhile.

@@ -344,6 +344,61 @@ fn own_lease_taken_under_another_grant_moves_us() -> Result<()> {
     Ok(())
 }
 
+/// The etcd lease grant `key` is attached to (0: none).
+fn lease_grant(c: &Cluster, key: &str) -> Result<i64> {
+    let json = c
+        .etcd()?
+        .ctl(&["get", &format!("{ETCD_PREFIX}/subnets/{key}"), "-w", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(&json)?;
+    Ok(v["kvs"][0]["lease"].as_i64().unwrap_or(0))
+}
+
+/// Our own value put on a grant that is not ours (as after a renewal that moved the key but
+/// failed to answer, or etcd restored from a snapshot): the watch sees no change, the renewer
+/// finds the key off its grant, and the key goes back onto a grant of ours, renewed from then
+/// on, instead of waiting for the stray grant to run out and take the key with it.
+#[test]
+fn own_value_on_a_stray_grant_comes_back_to_ours() -> Result<()> {
+    require_root!();
+    let mut c = Cluster::new(2)?;
+    c.put_config(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#)?;
+    let m = format!("--metrics-port={METRICS}");
+    for i in 0..2 {
+        c.start_daemon(i, &[&m, "--subnet-lease-ttl=4s"])?;
+        c.wait_subnet_env(i, Duration::from_secs(20))?;
+    }
+    let key = node_key(&c, 0)?;
+    let ours = lease_value(&c, &key)?.context("our lease")?;
+    let etcd = c.etcd()?;
+    let granted = etcd.ctl(&["lease", "grant", "600"])?;
+    let stray = granted
+        .split_whitespace()
+        .nth(1)
+        .and_then(|hex| i64::from_str_radix(hex, 16).ok())
+        .with_context(|| format!("no lease id in {granted:?}"))?;
+    etcd.ctl(&[
+        "put",
+        &format!("{ETCD_PREFIX}/subnets/{key}"),
+        &ours,
+        &format!("--lease={stray:x}"),
+    ])?;
+    ensure!(lease_grant(&c, &key)? == stray, "not on the stray grant");
+    wait_until(
+        "the key back on a grant of ours",
+        Duration::from_secs(10),
+        || lease_grant(&c, &key).is_ok_and(|g| g != stray && g != 0),
+    )?;
+    ensure!(lease_value(&c, &key)?.as_deref() == Some(ours.as_str()));
+    // Renewed from then on: still there after several TTLs.
+    std::thread::sleep(Duration::from_secs(9));
+    ensure!(
+        lease_value(&c, &key)?.as_deref() == Some(ours.as_str()),
+        "our lease expired"
+    );
+    ensure!(node_key(&c, 0)? == key, "n1 moved subnet");
+    Ok(())
+}
+
 /// Switching Backend.Type from host-gw to wireguard: host-gw's routes (more specific than the
 /// device's) must go, or pod traffic leaves unencrypted.
 #[test]
