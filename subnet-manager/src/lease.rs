@@ -554,4 +554,21 @@ mod tests {
             None
         );
     }
+
+    #[test]
+    fn backend_data_numbers_survive_being_written_back() {
+        // A long decimal that serde_json's fast float parsing read 1 ulp off, so that writing
+        // it back and reading it again gave another number (found by the lease_json fuzzer);
+        // its float_roundtrip feature reads every number exactly.
+        let long = format!(
+            "{}{}.{}2968968010",
+            "8".repeat(29),
+            "0".repeat(30),
+            "0".repeat(47)
+        );
+        let value = format!(r#"{{"PublicIP":"10.0.0.1","BackendData":{{"n":[{long}]}}}}"#);
+        let a = LeaseAttrs::from_json(value.as_bytes()).expect("parses");
+        let b = LeaseAttrs::from_json(a.to_json().as_bytes()).expect("parses again");
+        assert_eq!(a, b);
+    }
 }
