@@ -308,21 +308,36 @@ impl Registry {
         condition: Option<(CompareOp, &str)>,
     ) -> Result<Option<HeldLease>, RegistryError> {
         let full = key.to_key(&self.prefix);
+        let (when, verb) = match condition {
+            Some((op, verb)) => (vec![Compare::version(full.as_str(), op, 0)], verb),
+            None => (Vec::new(), "writing"),
+        };
+        let (held, _) = self.put_when(key, attrs, ttl, when, verb).await?;
+        Ok(held)
+    }
+
+    /// Puts `attrs` at `key` under a new grant of `ttl` if `when` holds; otherwise revokes the
+    /// unused grant and reads the key instead. Returns what was put, and the transaction's
+    /// answer (the key as it is, when the put did not happen).
+    async fn put_when(
+        &self,
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+        when: Vec<Compare>,
+        verb: &str,
+    ) -> Result<(Option<HeldLease>, etcd_client::TxnResponse), RegistryError> {
+        let full = key.to_key(&self.prefix);
         let grant_id = self.grant(ttl).await?;
         let put = TxnOp::put(
             full.as_str(),
             attrs.to_json(),
             Some(PutOptions::new().with_lease(grant_id)),
         );
-        let (txn, verb) = match condition {
-            Some((op, verb)) => (
-                Txn::new()
-                    .when([Compare::version(full.as_str(), op, 0)])
-                    .and_then([put]),
-                verb,
-            ),
-            None => (Txn::new().and_then([put]), "writing"),
-        };
+        let txn = Txn::new()
+            .when(when)
+            .and_then([put])
+            .or_else([TxnOp::get(full.as_str(), None)]);
         let resp = self.count_err(
             self.client
                 .clone()
@@ -331,10 +346,10 @@ impl Registry {
                 .map_err(RegistryError::etcd(format!("{verb} {full}"))),
         )?;
         if resp.succeeded() {
-            Ok(Some(self.held(key, attrs, grant_id, ttl)))
+            Ok((Some(self.held(key, attrs, grant_id, ttl)), resp))
         } else {
             self.revoke(grant_id).await;
-            Ok(None)
+            Ok((None, resp))
         }
     }
 
@@ -344,36 +359,14 @@ impl Registry {
     /// caller's to release, once it knows the new one.
     pub async fn renew(&self, held: &HeldLease) -> Result<Renewal, RegistryError> {
         let full = held.key.to_key(&self.prefix);
-        let grant_id = self.grant(held.ttl).await?;
-        let txn = Txn::new()
-            .when([Compare::lease(
-                full.as_str(),
-                CompareOp::Equal,
-                held.grant_id,
-            )])
-            .and_then([TxnOp::put(
-                full.as_str(),
-                held.attrs.to_json(),
-                Some(PutOptions::new().with_lease(grant_id)),
-            )])
-            .or_else([TxnOp::get(full.as_str(), None)]);
-        let resp = self.count_err(
-            self.client
-                .clone()
-                .txn(txn)
-                .await
-                .map_err(RegistryError::etcd(format!("renewing {full}"))),
-        )?;
-        if resp.succeeded() {
+        let ours = Compare::lease(full.as_str(), CompareOp::Equal, held.grant_id);
+        let (renewed, resp) = self
+            .put_when(&held.key, &held.attrs, held.ttl, vec![ours], "renewing")
+            .await?;
+        if let Some(renewed) = renewed {
             RegistryStats::bump(&self.stats.lease_renewals);
-            return Ok(Renewal::Renewed(Box::new(self.held(
-                &held.key,
-                &held.attrs,
-                grant_id,
-                held.ttl,
-            ))));
+            return Ok(Renewal::Renewed(Box::new(renewed)));
         }
-        self.revoke(grant_id).await;
         let exists = resp.op_responses().into_iter().any(|r| match r {
             TxnOpResponse::Get(g) => !g.kvs().is_empty(),
             _ => false,

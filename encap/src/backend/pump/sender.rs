@@ -38,7 +38,8 @@ fn refuses_gso(e: &io::Error) -> bool {
 }
 
 /// Whether a failed GSO send means "not with segments this large to this peer": the path MTU
-/// is below them (`EMSGSIZE`; `EINVAL` from kernels before 5.x's change to it).
+/// is below them (`EMSGSIZE` here; `EINVAL` is taken alike, as some kernels answer it for the
+/// same check and we never send what it otherwise means: more than 64 segments, no checksum).
 fn over_path_mtu(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMSGSIZE | libc::EINVAL))
 }
@@ -74,13 +75,10 @@ impl<U: UdpIo> UdpSender<U> {
             match self.sock.send_gso(run.to, chunk, gso_size) {
                 Ok(_) => sent += chunk.len(),
                 // A single datagram goes without the GSO option: its failure is not GSO's.
-                Err(e) if refuses_gso(&e) && chunk.len() > seg_len => {
-                    self.stop_gso(&e);
-                    let rest = run.data.get(sent..).unwrap_or_default();
-                    return went + self.send_batched(run.to, rest, seg_len, tally);
-                }
-                Err(e) if over_path_mtu(&e) && chunk.len() > seg_len => {
-                    if !self.pmtu_logged.swap(true, Ordering::Relaxed) {
+                Err(e) if chunk.len() > seg_len && (refuses_gso(&e) || over_path_mtu(&e)) => {
+                    if refuses_gso(&e) {
+                        self.stop_gso(&e);
+                    } else if !self.pmtu_logged.swap(true, Ordering::Relaxed) {
                         tracing::warn!(
                             peer = %run.to,
                             segment = seg_len,
