@@ -95,6 +95,17 @@ pub struct LeaseList {
     pub cluster_id: u64,
 }
 
+/// A lease key as read now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyNow {
+    /// The etcd lease grant it is attached to (0 for none: a plain put, as `etcdctl put`
+    /// makes).
+    pub grant: i64,
+    pub value: Vec<u8>,
+    /// The revision it was last written at.
+    pub mod_revision: i64,
+}
+
 /// What came of renewing a lease.
 #[derive(Debug)]
 pub enum Renewal {
@@ -485,12 +496,8 @@ impl Registry {
         Ok(resp.is_some_and(|r| r.ttl() > 0))
     }
 
-    /// A lease key as it is now: the etcd lease grant it is attached to (0 for none: a plain
-    /// put, as `etcdctl put` makes) and its value; `None` when the key is gone.
-    pub async fn lease_key_now(
-        &self,
-        key: &SubnetKey,
-    ) -> Result<Option<(i64, Vec<u8>)>, RegistryError> {
+    /// A lease key as it is now (`None` when it is gone).
+    pub async fn lease_key_now(&self, key: &SubnetKey) -> Result<Option<KeyNow>, RegistryError> {
         let full = key.to_key(&self.prefix);
         let resp = self.count_err(
             self.client
@@ -499,10 +506,31 @@ impl Registry {
                 .await
                 .map_err(RegistryError::etcd(format!("reading {full}"))),
         )?;
-        Ok(resp
-            .kvs()
-            .first()
-            .map(|kv| (kv.lease(), kv.value().to_vec())))
+        Ok(resp.kvs().first().map(|kv| KeyNow {
+            grant: kv.lease(),
+            value: kv.value().to_vec(),
+            mod_revision: kv.mod_revision(),
+        }))
+    }
+
+    /// Puts our lease back over a key we read at `mod_revision` ([`lease_key_now`]), only if
+    /// nobody wrote it since: what we decided from that read may not hold for a newer value
+    /// (a node that took the subnet meanwhile). `Ok(None)`: it changed; read it again.
+    ///
+    /// [`lease_key_now`]: Self::lease_key_now
+    pub async fn put_lease_over(
+        &self,
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+        mod_revision: i64,
+    ) -> Result<Option<HeldLease>, RegistryError> {
+        let full = key.to_key(&self.prefix);
+        let unchanged = Compare::mod_revision(full.as_str(), CompareOp::Equal, mod_revision);
+        let (held, _) = self
+            .put_when(key, attrs, ttl, vec![unchanged], "writing")
+            .await?;
+        Ok(held)
     }
 
     /// Best effort: lets go of a grant we stopped using (a key that moved to another grant

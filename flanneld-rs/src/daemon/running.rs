@@ -2,7 +2,7 @@
 //! the backend, our own lease renewed (re-acquired when lost, put back when overwritten), and
 //! the periodic upkeep of what we programmed.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -279,43 +279,70 @@ impl Running {
     /// only that the key left our grant).
     async fn on_rewrite(&mut self, theirs: Option<&Lease>, shutdown: &mut Shutdown) -> Rewrite {
         self.status.lease_rewrites.fetch_add(1, Ordering::Relaxed);
+        let mut theirs = theirs.map(|l| l.attrs.public_ip);
+        // Each pass decides from the key as read; a put over it only lands while nobody has
+        // written it since (another node may have taken the subnet in between), else we read
+        // it again. Only another writer's puts make a pass fail, so this ends when they stop.
+        for pass in 0u64.. {
+            match self.rewrite_pass(theirs, pass == 0, shutdown).await {
+                Some(done) => return done,
+                None => {
+                    tracing::debug!(subnet = %self.own.key, "our lease key changed again while we put ours back: reading it again")
+                }
+            }
+            // The event's value is older than what the next pass reads.
+            theirs = None;
+        }
+        Rewrite::Stop
+    }
+
+    /// One pass of [`on_rewrite`](Self::on_rewrite): `None` when the key changed between our
+    /// read and our put. `first`: warn about what we found (later passes stay quiet: a writer
+    /// rewriting the key in a loop must not flood the log).
+    async fn rewrite_pass(
+        &mut self,
+        theirs: Option<Ipv4Addr>,
+        first: bool,
+        shutdown: &mut Shutdown,
+    ) -> Option<Rewrite> {
         let (registry, key) = (self.registry.clone(), self.own.key.clone());
         let read = || registry.lease_key_now(&key);
         let Some(now) = self
             .retry_keeping_programmed("reading our lease key", shutdown, read)
             .await
         else {
-            return Rewrite::Stop;
+            return Some(Rewrite::Stop);
         };
-        let Some((grant, value)) = now else {
-            return Rewrite::Lost("lease lost: our lease key was deleted from etcd".into());
+        let Some(now) = now else {
+            return Some(Rewrite::Lost(
+                "lease lost: our lease key was deleted from etcd".into(),
+            ));
         };
         let own = &self.own;
         // The event may be older than the key: what it holds now decides.
-        let current = LeaseAttrs::from_json(&value).ok();
+        let current = LeaseAttrs::from_json(&now.value).ok();
         if current.as_ref() == Some(&own.attrs) {
             // Our value, on whatever grant it is on now: our renewal put it back meanwhile (and
             // the renewer may not have told us its new grant yet), a renewal that failed to
             // answer had in fact moved it, etcd came back from a snapshot, or a plain put
             // wrote our value (grant 0).
-            return Rewrite::Ours(grant);
+            return Some(Rewrite::Ours(now.grant));
         }
         let ours = self.renewer.grant();
-        let their_ip = current
-            .map(|a| a.public_ip)
-            .or(theirs.map(|l| l.attrs.public_ip));
+        let their_ip = current.map(|a| a.public_ip).or(theirs);
         let same_ip = their_ip == Some(own.attrs.public_ip);
         let their_ip = their_ip.map_or_else(|| "unreadable".to_string(), |ip| ip.to_string());
-        match grant {
+        match now.grant {
             g if g != 0 && g != ours && !same_ip => {
-                return Rewrite::Lost(format!(
+                return Some(Rewrite::Lost(format!(
                     "our lease key was taken by the node with PublicIP {their_ip} under its own etcd lease"
-                ));
+                )));
             }
             g if g != 0 && g != ours => {
                 tracing::error!(subnet = %own.key, "our lease key was rewritten with our PublicIP under another etcd lease: a second daemon on this host? Leaving it: each putting its own back would never end");
-                return Rewrite::Left;
+                return Some(Rewrite::Left);
             }
+            _ if !first => {}
             _ if same_ip => {
                 tracing::warn!(subnet = %own.key, "our lease key was rewritten with our PublicIP but other attributes (a hand-made put?): putting ours back");
             }
@@ -324,25 +351,20 @@ impl Running {
             }
         }
         let (registry, own, ttl) = (self.registry.clone(), own.clone(), self.req.ttl);
-        let put = || async {
-            match registry.put_lease(&own.key, &own.attrs, ttl, false).await {
-                Ok(Some(held)) => Ok(held),
-                Ok(None) => Err("the write was refused".to_string()),
-                Err(e) => Err(e.to_string()),
-            }
-        };
-        let Some(held) = self
+        let put = || registry.put_lease_over(&own.key, &own.attrs, ttl, now.mod_revision);
+        let Some(put) = self
             .retry_keeping_programmed("putting our lease back", shutdown, put)
             .await
         else {
-            return Rewrite::Stop;
+            return Some(Rewrite::Stop);
         };
+        let held = put?;
         // The key left our old grant (read now: the renewer may have renewed meanwhile): it
         // holds nothing until its TTL.
         let old = self.renewer.grant();
         self.hold(held);
         self.registry.release_grant(old).await;
-        Rewrite::Restored
+        Some(Rewrite::Restored)
     }
 
     /// After the renewer found our value on a grant it did not know (`grant`, 0 for none):

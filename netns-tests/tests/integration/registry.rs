@@ -237,6 +237,53 @@ async fn renewal_does_not_overwrite_a_key_someone_else_wrote() -> Result<()> {
     Ok(())
 }
 
+/// Putting our lease back over a value we read lands only while nobody has written the key
+/// since: a node that took the subnet in between keeps it.
+#[tokio::test]
+async fn putting_our_lease_back_does_not_overwrite_a_newer_value() -> Result<()> {
+    let (etcd, _dir, reg, config) = etcd_with_network().await?;
+    let ttl = Duration::from_secs(60);
+    let req = request(config, Ipv4Addr::new(10, 0, 0, 1), ttl);
+    let held = lifecycle::acquire(&reg, &req).await?;
+    let key = held.key.to_key(PREFIX);
+    etcd.put(&key, r#"{"PublicIP":"10.0.0.9","BackendType":"host-gw"}"#)?;
+    let read = reg
+        .lease_key_now(&held.key)
+        .await?
+        .expect("the key is there");
+    assert_eq!(read.grant, 0, "a plain put");
+    // Another node takes the key after our read.
+    let newer = r#"{"PublicIP":"10.0.0.7","BackendType":"host-gw"}"#;
+    etcd.put(&key, newer)?;
+    let put = reg
+        .put_lease_over(&held.key, &req.attrs, ttl, read.mod_revision)
+        .await?;
+    assert!(put.is_none(), "refused: the key changed since our read");
+    assert_eq!(
+        etcd.get(&key)?.as_deref(),
+        Some(newer),
+        "the newer value stays"
+    );
+    // Read again, the put lands.
+    let read = reg
+        .lease_key_now(&held.key)
+        .await?
+        .expect("the key is there");
+    let put = reg
+        .put_lease_over(&held.key, &req.attrs, ttl, read.mod_revision)
+        .await?;
+    assert!(
+        put.is_some_and(|h| h.grant_id != 0),
+        "put under a fresh grant"
+    );
+    let back = reg
+        .lease_key_now(&held.key)
+        .await?
+        .expect("the key is there");
+    assert_eq!(LeaseAttrs::from_json(&back.value)?, req.attrs, "ours again");
+    Ok(())
+}
+
 #[tokio::test]
 async fn malformed_leases_are_skipped_and_watch_follows_changes() -> Result<()> {
     let (etcd, _dir) = start_etcd()?;
