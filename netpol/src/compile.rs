@@ -186,18 +186,23 @@ fn policy_rules(
         } else {
             Some(peer_ranges(world, policy, &rule.peers))
         };
-        let mut numeric = BTreeSet::new();
+        // Port ranges per protocol number, merged before rendering: an interval set refuses
+        // overlapping elements, and `[{protocol: TCP}, {port: 80}]` overlaps.
+        let mut numeric: BTreeMap<u8, Vec<(u128, u128)>> = BTreeMap::new();
         let mut named: [BTreeSet<String>; 2] = Default::default();
         for pm in &rule.ports {
             match &pm.port {
                 PortRef::Any => {
-                    numeric.insert(format!("{} . 0-65535", pm.protocol.number()));
-                }
-                PortRef::Range(a, b) if a == b => {
-                    numeric.insert(format!("{} . {a}", pm.protocol.number()));
+                    numeric
+                        .entry(pm.protocol.number())
+                        .or_default()
+                        .push((0, 65535));
                 }
                 PortRef::Range(a, b) => {
-                    numeric.insert(format!("{} . {a}-{b}", pm.protocol.number()));
+                    numeric
+                        .entry(pm.protocol.number())
+                        .or_default()
+                        .push((u128::from(*a), u128::from(*b)));
                 }
                 PortRef::Named(name) => {
                     // Resolved on the destination: the selected local pods for ingress, the
@@ -242,6 +247,7 @@ fn policy_rules(
             .ports
             .iter()
             .any(|p| matches!(p.port, PortRef::Named(_)));
+        let numeric = proto_port_elements(numeric);
         let ports_set = format!("{base}_ports");
         if !numeric.is_empty() {
             out.sets.insert(
@@ -385,6 +391,21 @@ fn merge(mut ranges: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
     out
 }
 
+/// `protocol . port` and `protocol . lo-hi` elements, disjoint per protocol.
+fn proto_port_elements(by_proto: BTreeMap<u8, Vec<(u128, u128)>>) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (proto, ranges) in by_proto {
+        for (lo, hi) in merge(ranges) {
+            out.insert(if lo == hi {
+                format!("{proto} . {lo}")
+            } else {
+                format!("{proto} . {lo}-{hi}")
+            });
+        }
+    }
+    out
+}
+
 fn render(ranges: Vec<(u128, u128)>, v6: bool) -> BTreeSet<String> {
     let show = |n: u128| -> String {
         if v6 {
@@ -498,6 +519,40 @@ mod tests {
                 "ip6 saddr @pol_x_allow_in_0_peers6 meta l4proto . th dport @pol_x_allow_in_0_ports accept",
                 "ip6 saddr @pol_x_allow_in_0_peers6 ip6 daddr . meta l4proto . th dport @pol_x_allow_in_0_named6 accept",
             ]
+        );
+    }
+
+    /// An interval set refuses overlapping elements ("File exists"), which would block every
+    /// policy update on the node: overlapping ports of one rule are merged per protocol.
+    #[test]
+    fn overlapping_ports_merge_per_protocol() {
+        let ports = |json: &str| {
+            let mut recs = three_pods();
+            recs.push((
+                "networkpolicies/x/p",
+                format!(
+                    r#"{{"metadata":{{"name":"p"}},"spec":{{"podSelector":{{}},
+                        "ingress":[{{"ports":{json}}}]}}}}"#
+                ),
+            ));
+            let rs = compile(&world(&recs), &local());
+            rs.sets["pol_x_p_in_0_ports"]
+                .elements
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ports(r#"[{"protocol":"TCP"},{"port":80}]"#),
+            vec!["6 . 0-65535"]
+        );
+        assert_eq!(
+            ports(r#"[{"port":80,"endPort":90},{"port":85,"endPort":100},{"port":101}]"#),
+            vec!["6 . 80-101"]
+        );
+        assert_eq!(
+            ports(r#"[{"port":53,"protocol":"UDP"},{"port":53},{"port":53,"protocol":"UDP"}]"#),
+            vec!["17 . 53", "6 . 53"]
         );
     }
 

@@ -36,12 +36,31 @@ impl Invalid {
 }
 
 /// Quotes of untrusted text stop at 64 characters, so a huge value never reaches a log whole.
-pub(crate) fn clip(s: &str) -> String {
-    const MAX: usize = 64;
-    if s.chars().count() <= MAX {
+pub fn clip(s: &str) -> String {
+    clip_to(s, 64)
+}
+
+pub(crate) fn clip_to(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
         s.to_string()
     } else {
-        let cut: String = s.chars().take(MAX).collect();
+        let cut: String = s.chars().take(max).collect();
         format!("{cut}…")
     }
+}
+
+/// A JSON parse error, whose message may quote the value (`invalid type: string "…"`),
+/// clipped, with its position kept.
+pub(crate) fn json_error(e: &serde_json::Error) -> String {
+    let full = e.to_string();
+    // serde_json appends " at line L column C"; the last one is its own.
+    let message = full
+        .rsplit_once(" at line ")
+        .map_or(full.as_str(), |(m, _)| m);
+    format!(
+        "{} at line {} column {}",
+        clip_to(message, 160),
+        e.line(),
+        e.column()
+    )
 }

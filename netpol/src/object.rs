@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::selector::{check_labels, Labels, Selector};
-use crate::{clip, wire, Invalid};
+use crate::{clip, json_error, wire, Invalid};
 
 /// Values past this size are refused before parsing: one careless write must not cost the
 /// daemon memory or its log a megabyte line.
@@ -158,6 +158,10 @@ pub struct NamedPort {
     pub port: u16,
 }
 
+/// Which node published a pod record (its lease key, `10.244.1.0-24`, with `&<v6>-<len>` on
+/// dual stack): set by the daemon on the records it writes for its pods.
+pub const OWNER_ANNOTATION: &str = "flanneld-rs.io/node";
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pod {
     pub namespace: String,
@@ -167,6 +171,23 @@ pub struct Pod {
     pub host_ip: Option<IpAddr>,
     pub ports: Vec<NamedPort>,
     pub annotations: BTreeMap<String, String>,
+}
+
+impl Pod {
+    /// Whether this record was published by the node whose subnet holds `ip`, as its owner
+    /// annotation says: that node made the pod, so its record outranks any other claiming
+    /// the address (a hand-made record with a copied IP must not take the pod's isolation).
+    pub fn published_by_node_of(&self, ip: IpAddr) -> bool {
+        let Some(owner) = self.annotations.get(OWNER_ANNOTATION) else {
+            return false;
+        };
+        owner.split('&').any(|part| {
+            part.rsplit_once('-')
+                .and_then(|(addr, len)| format!("{addr}/{len}").parse::<IpNet>().ok())
+                // A /0 (the empty IPv4 half of a v6-only key) holds no node's pods.
+                .is_some_and(|net| net.prefix_len() > 0 && net.contains(&ip))
+        })
+    }
 }
 
 /// A checked record.
@@ -189,7 +210,8 @@ pub fn parse(key: &ObjectKey, value: &[u8]) -> Result<Object, Invalid> {
         ));
     }
     check_key_names(key)?;
-    let json = |e: serde_json::Error| Invalid::new("value", format!("not valid JSON: {e}"));
+    let json =
+        |e: serde_json::Error| Invalid::new("value", format!("not valid JSON: {}", json_error(&e)));
     match key {
         ObjectKey::Policy { namespace, name } => {
             let raw: wire::NetworkPolicy = serde_json::from_slice(value).map_err(json)?;
@@ -282,9 +304,12 @@ fn policy(namespace: &str, name: &str, spec: &wire::PolicySpec) -> Result<Policy
         Some(s) => Selector::parse(s, "spec.podSelector")?,
         None => Selector::everything(),
     };
-    // policyTypes defaults: Ingress always, Egress when there are egress rules.
-    let (mut isolate_in, mut isolate_out) = (true, spec.egress.is_some());
-    if let Some(types) = &spec.policy_types {
+    // policyTypes defaults as the API server fills them in (SetDefaults_NetworkPolicy): when
+    // absent or empty, Ingress always, Egress when there is at least one egress rule (an empty
+    // `egress: []` isolates nothing).
+    let has_egress_rules = spec.egress.as_ref().is_some_and(|e| !e.is_empty());
+    let (mut isolate_in, mut isolate_out) = (true, has_egress_rules);
+    if let Some(types) = spec.policy_types.as_ref().filter(|t| !t.is_empty()) {
         isolate_in = false;
         isolate_out = false;
         for (i, t) in types.iter().enumerate() {
@@ -568,6 +593,20 @@ mod tests {
         assert_eq!(k.rel(), "networkpolicies/y/deny");
     }
 
+    /// serde's message quotes the bad value: a huge one is clipped, its position kept.
+    #[test]
+    fn json_errors_quote_values_clipped() {
+        let huge = "a".repeat(100_000);
+        let e = pol(&format!(
+            r#"{{"metadata":{{"name":"p"}},"spec":{{"podSelector":"{huge}"}}}}"#
+        ))
+        .expect_err("a string is no selector");
+        let text = e.to_string();
+        assert!(text.len() < 400, "{} bytes", text.len());
+        assert!(text.contains("invalid type: string"), "{text}");
+        assert!(text.contains(" at line 1 column 1000"), "{text}");
+    }
+
     #[test]
     fn policy_types_default_as_kubernetes() {
         let Ok(Object::Policy(p)) =
@@ -591,6 +630,14 @@ mod tests {
         };
         assert_eq!(p.ingress, None);
         assert_eq!(p.egress, Some(vec![]));
+        // An empty list is defaulted as an absent one, and `egress: []` has no egress rules.
+        let Ok(Object::Policy(p)) = pol(
+            r#"{"metadata":{"name":"p"},"spec":{"podSelector":{},"policyTypes":[],"egress":[]}}"#,
+        ) else {
+            panic!("valid policy")
+        };
+        assert_eq!(p.ingress, Some(vec![]));
+        assert_eq!(p.egress, None);
     }
 
     #[test]

@@ -33,9 +33,19 @@ pub struct World {
     policies: BTreeMap<Name, Policy>,
     namespaces: BTreeMap<String, Labels>,
     pods: BTreeMap<Name, (Pod, i64)>,
-    /// Each address belongs to the newest record that claims it: a pod deleted without its
-    /// record being removed yet never steals the address of the pod that reused it.
-    owner: HashMap<IpAddr, (Name, i64)>,
+    /// Each address belongs to the record that claims it with the highest [`Rank`].
+    owner: HashMap<IpAddr, (Name, Rank)>,
+}
+
+/// How strongly a record claims an address: first whether the node whose subnet holds the
+/// address published it (that node made the pod: a record copied by hand or by another tool
+/// never takes the address, and with it the pod's isolation, away from it), then the newest
+/// (a pod deleted without its record being removed yet never steals the address of the pod
+/// that reused it).
+type Rank = (bool, i64);
+
+fn rank(pod: &Pod, ip: IpAddr, revision: i64) -> Rank {
+    (pod.published_by_node_of(ip), revision)
 }
 
 impl World {
@@ -68,12 +78,18 @@ impl World {
                     }
                 }
                 for ip in ips {
-                    let ours = self
-                        .owner
-                        .get(&ip)
-                        .is_none_or(|(n, r)| *n == key || revision > *r);
-                    if ours {
-                        self.owner.insert(ip, (key.clone(), revision));
+                    let Some((pod, _)) = self.pods.get(&key) else {
+                        continue;
+                    };
+                    let mine = rank(pod, ip, revision);
+                    match self.owner.get(&ip) {
+                        // It held the address and ranks lower now (its owner annotation
+                        // went): another claimant may outrank it.
+                        Some((n, r)) if *n == key && mine < *r => self.recompute(ip),
+                        Some((_, r)) if *r >= mine => {}
+                        _ => {
+                            self.owner.insert(ip, (key.clone(), mine));
+                        }
                     }
                 }
             }
@@ -87,15 +103,16 @@ impl World {
         }
     }
 
-    /// Who holds `ip` now: the newest record claiming it. Only called for addresses a record
-    /// stopped claiming, so a pod's usual put costs its own addresses, not a scan.
+    /// Who holds `ip` now: the highest-ranked record claiming it. Only called for addresses
+    /// their holder's record changed, so a pod's usual put costs its own addresses, not a scan.
     fn recompute(&mut self, ip: IpAddr) {
         let newest = self
             .pods
             .iter()
             .filter(|(_, (p, _))| p.ips.contains(&ip))
-            .max_by_key(|(_, (_, rev))| *rev)
-            .map(|(n, (_, rev))| (n.clone(), *rev));
+            .map(|(n, (p, rev))| (n, rank(p, ip, *rev)))
+            .max_by_key(|(_, r)| *r)
+            .map(|(n, r)| (n.clone(), r));
         match newest {
             Some(o) => self.owner.insert(ip, o),
             None => self.owner.remove(&ip),
@@ -188,7 +205,7 @@ impl World {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::object::parse;
+    use crate::object::{parse, OWNER_ANNOTATION};
 
     /// Builds a world from (key, JSON) pairs, panicking on bad test input.
     pub fn world(records: &[(&str, String)]) -> World {
@@ -220,6 +237,44 @@ pub(crate) mod tests {
         assert_eq!(w.pod_at(ip).map(|p| p.name.as_str()), Some("new"));
         let old = w.pod("x", "old").expect("old");
         assert_eq!(w.addresses(old).count(), 0);
+    }
+
+    /// A hand-made record copying a pod's address (newer, but not published by the node whose
+    /// subnet holds it) never takes the address, and with it the pod's isolation.
+    #[test]
+    fn the_publishing_node_outranks_a_newer_copy() {
+        let published = |name: &str, owner: &str| {
+            pod_json("x", name, "10.244.1.5", "{}").replacen(
+                r#""labels""#,
+                &format!(r#""annotations":{{"{OWNER_ANNOTATION}":"{owner}"}},"labels""#),
+                1,
+            )
+        };
+        let ip: IpAddr = "10.244.1.5".parse().expect("ip");
+        let holder = |recs: &[(&str, String)]| {
+            world(recs)
+                .pod_at(ip)
+                .map(|p| p.name.clone())
+                .unwrap_or_default()
+        };
+        let victim = ("pods/x/victim", published("victim", "10.244.1.0-24"));
+        let copy = ("pods/x/copy", pod_json("x", "copy", "10.244.1.5", "{}"));
+        assert_eq!(holder(&[victim.clone(), copy.clone()]), "victim");
+        // Naming another node's subnet does not help either.
+        let other = ("pods/x/other", published("other", "10.244.2.0-24"));
+        assert_eq!(holder(&[victim.clone(), other]), "victim");
+        // Dual-stack owner keys are read part by part.
+        let dual = (
+            "pods/x/dual",
+            published("dual", "10.244.1.0-24&fd00:1::-64"),
+        );
+        assert_eq!(holder(&[copy.clone(), dual.clone()]), "dual");
+        // Between two records of that node, the newer (a reused address) holds it.
+        assert_eq!(holder(&[victim.clone(), dual]), "dual");
+        // The copy holds the address only once the published record is gone.
+        let mut w = world(&[victim, copy]);
+        w.apply(&ObjectKey::parse("pods/x/victim").expect("key"), None, 10);
+        assert_eq!(w.pod_at(ip).map(|p| p.name.as_str()), Some("copy"));
     }
 
     #[test]

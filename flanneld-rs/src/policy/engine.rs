@@ -25,26 +25,39 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
     let mut installed: Option<Ruleset> = None;
     let mut bridge_hooks = false;
     let mut pending_retry = false;
+    // The newest revision applied to `world`: kept across failed attempts, so the retry that
+    // lands reports the batches those attempts drained.
+    let mut revision = policy.revision();
+    let mut subnet = policy.subnet.subscribe();
     loop {
-        let first = if pending_retry {
-            match tokio::time::timeout(RETRY, records.recv()).await {
-                Ok(Some(b)) => Some(b),
-                Ok(None) => return,
-                Err(_) => None,
-            }
-        } else {
-            match records.recv().await {
-                Some(b) => Some(b),
-                None => return,
+        let wait = async {
+            tokio::select! {
+                b = records.recv() => b.map(Wake::Records).unwrap_or(Wake::Closed),
+                r = subnet.changed() => match r {
+                    Ok(()) => Wake::Subnet,
+                    Err(_) => Wake::Closed,
+                },
             }
         };
+        let woke = if pending_retry {
+            tokio::time::timeout(RETRY, wait)
+                .await
+                .unwrap_or(Wake::Retry)
+        } else {
+            wait.await
+        };
         let started = Instant::now();
-        let mut revision = policy.revision();
-        let mut batches: Vec<RawBatch> = first.into_iter().collect();
+        let mut changed = pending_retry;
+        let mut batches = Vec::new();
+        match woke {
+            Wake::Closed => return,
+            Wake::Records(b) => batches.push(b),
+            Wake::Subnet => changed = true,
+            Wake::Retry => {}
+        }
         while let Ok(more) = records.try_recv() {
             batches.push(more);
         }
-        let mut changed = pending_retry;
         for batch in batches {
             revision = revision.max(batch.revision);
             for ev in batch.events {
@@ -52,7 +65,8 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
             }
         }
         if changed {
-            let rules = compile::compile(&world, &policy.local);
+            let local = subnet.borrow_and_update().local.clone();
+            let rules = compile::compile(&world, &local);
             if !rules.is_empty() && !bridge_hooks {
                 kernel::enable_bridge_hooks();
                 bridge_hooks = true;
@@ -113,6 +127,17 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
     }
 }
 
+/// What woke the engine.
+enum Wake {
+    Records(RawBatch),
+    /// Our lease's subnet changed: other pods are ours to isolate.
+    Subnet,
+    /// The pause after a failed `nft` run ended.
+    Retry,
+    /// The watch or the daemon is gone.
+    Closed,
+}
+
 /// Applies one record change; returns whether the world changed.
 fn apply(policy: &Policy, world: &mut World, ev: RawEvent) -> bool {
     let (key, value, revision) = match ev {
@@ -145,10 +170,16 @@ fn apply(policy: &Policy, world: &mut World, ev: RawEvent) -> bool {
             }
             Err(why) => {
                 // As an API server refuses an invalid update, the version we had (if any)
-                // stays in force; the others are untouched either way.
+                // stays in force; the others are untouched either way. Counted each time,
+                // logged once per key and reason (a writer repeating the same bad value
+                // must not flood the log); the key is quoted clipped, as any input.
                 policy.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(key = %key, revision, "policy record rejected (keeping what we had for it): {why}");
-                rejected.insert(rel.to_string(), why.to_string());
+                let why = why.to_string();
+                if rejected.get(rel) != Some(&why) {
+                    let key = netpol::clip(&key);
+                    tracing::error!(key = ?key, revision, "policy record rejected (keeping what we had for it): {why}");
+                }
+                rejected.insert(rel.to_string(), why);
                 return false;
             }
         },

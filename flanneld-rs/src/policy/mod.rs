@@ -44,15 +44,39 @@ pub struct PolicyStats {
     pub isolated_out: AtomicU64,
 }
 
+/// The subnets this node holds now.
+#[derive(Clone, Debug, Default)]
+pub struct NodeSubnet {
+    /// Pods in them are ours to isolate and to publish.
+    local: Vec<IpNet>,
+    /// Our lease's key as Flannel writes it (`10.244.1.0-24`): the owner annotation.
+    node: String,
+    /// The keys we held before (a lease re-acquired with another subnet): records we
+    /// published under them are still ours to remove.
+    former: Vec<String>,
+}
+
+impl NodeSubnet {
+    fn new(key: &SubnetKey) -> Self {
+        let mut local: Vec<IpNet> = Vec::new();
+        local.extend(key.ipv4.map(IpNet::V4));
+        local.extend(key.ipv6.map(IpNet::V6));
+        NodeSubnet {
+            local,
+            node: key.to_string(),
+            former: Vec::new(),
+        }
+    }
+}
+
 /// What the handlers and the engine share.
 pub struct Policy {
     registry: Registry,
     /// `<prefix>/policy/`.
     prefix: String,
-    /// Our lease's subnets: pods in them are ours to isolate and to publish.
-    local: Vec<IpNet>,
-    /// Our lease's key as Flannel writes it (`10.244.1.0-24`): the owner annotation.
-    node: String,
+    /// Our lease's subnets, changed when the lease is re-acquired with another subnet (the
+    /// engine recompiles on each change).
+    subnet: watch::Sender<NodeSubnet>,
     host_ip: IpAddr,
     /// The world last compiled into the kernel, for `explain`.
     world: Mutex<Arc<World>>,
@@ -76,15 +100,11 @@ impl Policy {
         grant_ttl: Duration,
         subnet_file: &std::path::Path,
     ) -> Arc<Policy> {
-        let mut local: Vec<IpNet> = Vec::new();
-        local.extend(key.ipv4.map(IpNet::V4));
-        local.extend(key.ipv6.map(IpNet::V6));
         let (programmed, _) = watch::channel(0);
         let policy = Arc::new(Policy {
             prefix: format!("{}/policy/", registry.prefix()),
             registry,
-            local,
-            node: key.to_string(),
+            subnet: watch::Sender::new(NodeSubnet::new(key)),
             host_ip,
             world: Mutex::new(Arc::new(World::new())),
             rejected: Mutex::default(),
@@ -102,6 +122,26 @@ impl Policy {
         tokio::spawn(engine::run(policy.clone(), records));
         tokio::spawn(pods::upkeep(policy.clone()));
         policy
+    }
+
+    /// Our lease was re-acquired with `key`: its pods are the ones to isolate and publish from
+    /// now on (the old subnet may be another node's now).
+    pub fn set_subnet(&self, key: &SubnetKey) {
+        self.subnet.send_modify(|s| {
+            let node = key.to_string();
+            if node == s.node {
+                return;
+            }
+            let mut next = NodeSubnet::new(key);
+            next.former = std::mem::take(&mut s.former);
+            next.former.retain(|f| *f != node);
+            next.former.push(std::mem::take(&mut s.node));
+            *s = next;
+        });
+    }
+
+    fn subnet(&self) -> NodeSubnet {
+        self.subnet.borrow().clone()
     }
 
     /// The revision in force; wait on `programmed()` for a later one.

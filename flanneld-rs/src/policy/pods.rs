@@ -5,7 +5,6 @@
 //! operator may have changed) and apply the deletions the plugin could not hand over while we
 //! were away (its tombstones).
 
-use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +15,9 @@ use serde_json::Value;
 
 use super::Policy;
 
-/// Which node published a record (its lease key): only that node ever removes it.
-pub const OWNER_ANNOTATION: &str = "flanneld-rs.io/node";
+/// Which node published a record (its lease key): only that node ever removes it, and its
+/// record outranks others claiming the same address (`netpol::World`).
+pub use netpol::object::OWNER_ANNOTATION;
 /// The container the record was made for (set by the CNI plugin).
 pub const CONTAINER_ANNOTATION: &str = "flanneld-rs.io/container-id";
 /// The plugin's tombstones, beside the socket.
@@ -50,6 +50,7 @@ impl Policy {
             namespace: namespace.to_string(),
             name: name.to_string(),
         };
+        let subnet = self.subnet();
         let mut json: Value = serde_json::from_slice(body)
             .map_err(|e| PublishError::Invalid(format!("the pod record is not JSON: {e}")))?;
         let Some(meta) = json.get_mut("metadata").and_then(Value::as_object_mut) else {
@@ -63,7 +64,7 @@ impl Policy {
             .entry("annotations")
             .or_insert_with(|| Value::Object(Default::default()));
         if let Some(a) = annotations.as_object_mut() {
-            a.insert(OWNER_ANNOTATION.into(), Value::String(self.node.clone()));
+            a.insert(OWNER_ANNOTATION.into(), Value::String(subnet.node.clone()));
         }
         if let Some(status) = json.get_mut("status").and_then(Value::as_object_mut) {
             status.insert("hostIP".into(), Value::String(self.host_ip.to_string()));
@@ -80,10 +81,14 @@ impl Policy {
                 "the pod record has no status.podIP(s)".into(),
             ));
         }
-        if let Some(ip) = pod.ips.iter().find(|ip| !self.is_local(ip)) {
+        if let Some(ip) = pod
+            .ips
+            .iter()
+            .find(|ip| !subnet.local.iter().any(|n| n.contains(*ip)))
+        {
             return Err(PublishError::Invalid(format!(
                 "{ip} is not in this node's subnet {}",
-                self.node
+                subnet.node
             )));
         }
         let grant = self.grant.load(Ordering::Relaxed);
@@ -103,10 +108,6 @@ impl Policy {
             )));
         }
         Ok(revision)
-    }
-
-    fn is_local(&self, ip: &IpAddr) -> bool {
-        self.local.iter().any(|n| n.contains(ip))
     }
 
     /// Removes a record we published for `container` (any container when None). Ok(false):
@@ -138,7 +139,11 @@ impl Policy {
             return false;
         };
         let ann = &json["metadata"]["annotations"];
-        ann[OWNER_ANNOTATION].as_str() == Some(self.node.as_str())
+        let Some(owner) = ann[OWNER_ANNOTATION].as_str() else {
+            return false;
+        };
+        let subnet = self.subnet.borrow();
+        (owner == subnet.node || subnet.former.iter().any(|f| f == owner))
             && container.is_none_or(|c| ann[CONTAINER_ANNOTATION].as_str() == Some(c))
     }
 

@@ -106,13 +106,25 @@ pub fn revision_of(etcdctl_json: &str) -> Result<i64> {
 
 /// A GET over HTTP/1.1 on a Unix socket: (status code, body). Handles chunked bodies.
 pub fn http_get_unix(socket: &Path, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    http_unix(socket, "GET", path, "", timeout)
+}
+
+/// A request over HTTP/1.1 on a Unix socket, as the CNI plugin makes: (status code, body).
+pub fn http_unix(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+    timeout: Duration,
+) -> Result<(u16, String)> {
     let mut s = UnixStream::connect(socket)
         .with_context(|| format!("connecting to {}", socket.display()))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
@@ -376,6 +388,11 @@ impl World {
             .get(&key)?
             .ok_or_else(|| anyhow!("no pod record at {key} (does the daemon publish pods?)"))?;
         serde_json::from_str(&v).with_context(|| format!("{key}: {v}"))
+    }
+
+    /// Writes a pod record by hand at `<prefix>/policy/pods/<id>` (as any tool may).
+    pub fn put_pod_record(&self, id: &str, record: &Value) -> Result<i64> {
+        self.put_json(&Self::pod_key(id), &record.to_string())
     }
 
     /// Rewrites pod `id`'s record with exactly `labels`; returns the revision.

@@ -328,9 +328,44 @@ fn own_lease_taken_under_another_grant_moves_us() -> Result<()> {
             .contains("taken by the node with PublicIP 172.30.0.99"),
         "not logged"
     );
+    // The plugin's records follow the new subnet: an address from it is accepted (marked with
+    // the new key), one from the old subnet refused.
+    let moved = node_key(&c, 0)?;
+    let pod_at = |subnet: &str| -> Result<(u16, String)> {
+        let ip = subnet.replace(".0-24", ".77");
+        let record = serde_json::json!({
+            "metadata": {"name": "late", "namespace": "x"},
+            "status": {"podIP": ip}
+        });
+        let sock = c.nodes[0].dir.join("flanneld-rs.sock");
+        netns_tests::netpol::world::http_unix(
+            &sock,
+            "PUT",
+            "/v1/pods/x/late",
+            &record.to_string(),
+            Duration::from_secs(10),
+        )
+    };
+    let (code, body) = pod_at(&key)?;
+    ensure!(
+        code == 400,
+        "an old-subnet address was not refused: {code} {body}"
+    );
+    let (code, body) = pod_at(&moved)?;
+    ensure!(
+        code == 200,
+        "a new-subnet address was refused: {code} {body}"
+    );
+    let record = etcd
+        .get(&format!("{ETCD_PREFIX}/policy/pods/x/late"))?
+        .context("no record published")?;
+    ensure!(
+        record.contains(&format!(r#""flanneld-rs.io/node":"{moved}""#)),
+        "not marked with the new key: {record}"
+    );
     // n2 routes n1's new subnet to n1. (Pods made on n1 now would need cni0 readdressed, as
     // with Flannel after a subnet change.)
-    let new = node_key(&c, 0)?.replace('-', "/");
+    let new = moved.replace('-', "/");
     wait_until(
         "n2 to route n1's new subnet",
         Duration::from_secs(10),

@@ -227,7 +227,10 @@ fn validate(w: &World, port: u16, r: &Reachability) -> Result<()> {
 
 /// Malformed JSON, a key/name mismatch, an unknown protocol, a bad selector operator: each
 /// rejected on its own (each would isolate x/b if taken), the valid policy beside them
-/// (isolating x/a) still in force.
+/// (isolating x/a) still in force. Beside them, two valid writes that once broke it: a policy
+/// whose ports overlap (an nft interval set refuses overlapping elements, so every update on
+/// the nodes failed) and a hand-made pod record copying x/a's address under labels no policy
+/// selects (the newer record took the address, and x/a's isolation with it).
 #[test]
 fn netpol_bad_objects_are_rejected_alone() -> Result<()> {
     require_root!();
@@ -261,6 +264,23 @@ fn netpol_bad_objects_are_rejected_alone() -> Result<()> {
     let mut op = isolate_b("bad-operator");
     op["spec"]["podSelector"] = serde_json::json!({"matchExpressions": [{"key": "pod", "operator": "Matches", "values": ["b"]}]});
     rev = rev.max(w.put_policy(&op)?);
+    // Valid, overlapping ports: x/c isolated, all of TCP allowed (port 80 stays open).
+    let overlap = serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "overlap", "namespace": "x"},
+        "spec": {"podSelector": {"matchLabels": {"pod": "c"}}, "policyTypes": ["Ingress"],
+                 "ingress": [{"ports": [{"protocol": "TCP"}, {"port": 80, "protocol": "TCP"},
+                                        {"port": 80, "endPort": 90, "protocol": "TCP"}]}]}
+    });
+    rev = rev.max(w.put_policy(&overlap)?);
+    // A copy of x/a's record, not published by its node, newer than it.
+    let mut copy = w.pod_record("x/a")?;
+    copy["metadata"]["name"] = "copy-of-a".into();
+    copy["metadata"]["labels"] = serde_json::json!({"pod": "copy"});
+    if let Some(a) = copy["metadata"]["annotations"].as_object_mut() {
+        a.clear();
+    }
+    rev = rev.max(w.put_pod_record("x/copy-of-a", &copy)?);
     w.wait_programmed(rev)?;
 
     let mut r = Reachability::new(true);
