@@ -12,7 +12,7 @@
 //! Per-packet cost is a hash lookup plus the rules of the policies that select the pod, never
 //! anything per pod pair; a label change moves set elements and map entries only.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -82,6 +82,8 @@ pub fn compile(world: &World, local: &[IpNet]) -> Ruleset {
     // Local pods and the policies isolating each, per direction.
     let mut used: BTreeMap<(String, String, Direction), &Policy> = BTreeMap::new();
     let mut selected: BTreeMap<(String, String, Direction), Vec<&Pod>> = BTreeMap::new();
+    let mut names = Names::default();
+    let mut chain_of: BTreeMap<(String, String, Direction), String> = BTreeMap::new();
     for pod in world.pods() {
         let addrs: Vec<IpAddr> = world.addresses(pod).filter(is_local).collect();
         if addrs.is_empty() {
@@ -92,10 +94,21 @@ pub fn compile(world: &World, local: &[IpNet]) -> Ruleset {
             if policies.is_empty() {
                 continue;
             }
-            let names: Vec<String> = policies.iter().map(|p| policy_chain(p, dir)).collect();
-            let group = group_chain(&names, dir);
+            let chains: Vec<String> = policies
+                .iter()
+                .map(|p| {
+                    let key = (p.namespace.clone(), p.name.clone(), dir);
+                    let base = policy_chain(p, dir);
+                    let claim = format!("{}/{}/{}", p.namespace, p.name, short(dir));
+                    chain_of
+                        .entry(key)
+                        .or_insert_with(|| names.claim(base, &claim))
+                        .clone()
+                })
+                .collect();
+            let group = names.claim(group_chain(&chains, dir), &chains.join(","));
             if !out.chains.contains_key(&group) {
-                let mut rules: Vec<String> = names.iter().map(|n| format!("jump {n}")).collect();
+                let mut rules: Vec<String> = chains.iter().map(|n| format!("jump {n}")).collect();
                 rules.push(format!("counter name denied_{} drop", short(dir)));
                 out.chains.insert(group.clone(), rules);
             }
@@ -117,14 +130,45 @@ pub fn compile(world: &World, local: &[IpNet]) -> Ruleset {
             }
         }
     }
-    for ((_, _, dir), policy) in &used {
-        let targets = selected
-            .get(&(policy.namespace.clone(), policy.name.clone(), *dir))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        policy_rules(world, policy, *dir, targets, &is_local, &mut out);
+    for (key, policy) in &used {
+        let targets = selected.get(key).map(Vec::as_slice).unwrap_or_default();
+        let Some(chain) = chain_of.get(key) else {
+            continue;
+        };
+        policy_rules(world, policy, chain, key.2, targets, &is_local, &mut out);
     }
     out
+}
+
+/// Chain names as claimed in one compile. Hashed names (group chains, over-long policy
+/// names) can collide: FNV is no defence against names written to collide, and two groups
+/// sharing a chain would give one group's pods the other's policies. A name already claimed
+/// for another key gets a `_<n>` suffix; compile meets keys in a fixed order, so names stay
+/// stable from one compile to the next.
+#[derive(Default)]
+struct Names {
+    /// Name → the key that claimed it.
+    taken: HashMap<String, String>,
+}
+
+impl Names {
+    fn claim(&mut self, base: String, key: &str) -> String {
+        let mut name = base.clone();
+        let mut n = 0u64;
+        loop {
+            match self.taken.get(&name) {
+                None => {
+                    self.taken.insert(name.clone(), key.to_string());
+                    return name;
+                }
+                Some(k) if k == key => return name,
+                Some(_) => {
+                    n += 1;
+                    name = format!("{base}_{n}");
+                }
+            }
+        }
+    }
 }
 
 fn short(dir: Direction) -> &'static str {
@@ -163,12 +207,12 @@ fn fnv(s: &str) -> u64 {
 fn policy_rules(
     world: &World,
     policy: &Policy,
+    chain: &str,
     dir: Direction,
     targets: &[&Pod],
     is_local: &dyn Fn(&IpAddr) -> bool,
     out: &mut Ruleset,
 ) {
-    let chain = policy_chain(policy, dir);
     let rules: &[Rule] = match dir {
         Direction::Ingress => policy.ingress.as_deref().unwrap_or_default(),
         Direction::Egress => policy.egress.as_deref().unwrap_or_default(),
@@ -311,7 +355,7 @@ fn policy_rules(
             }
         }
     }
-    out.chains.insert(chain, lines);
+    out.chains.insert(chain.to_string(), lines);
 }
 
 /// The addresses a rule's peers stand for, per family, as disjoint sorted ranges rendered for
@@ -582,6 +626,23 @@ mod tests {
                 .iter()
                 .collect::<Vec<_>>(),
             vec!["10.244.2.9"]
+        );
+    }
+
+    #[test]
+    fn colliding_names_are_told_apart() {
+        let mut names = Names::default();
+        let a = names.claim("grp_00_in".into(), "pol_x_a_in");
+        let b = names.claim("grp_00_in".into(), "pol_x_b_in");
+        let c = names.claim("grp_00_in".into(), "pol_x_c_in");
+        assert_eq!(
+            (a.as_str(), b.as_str(), c.as_str()),
+            ("grp_00_in", "grp_00_in_1", "grp_00_in_2")
+        );
+        assert_eq!(
+            names.claim("grp_00_in".into(), "pol_x_b_in"),
+            "grp_00_in_1",
+            "stable"
         );
     }
 

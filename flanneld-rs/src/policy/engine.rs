@@ -23,7 +23,7 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
     // What the kernel holds; None: unknown (at start, after a failed run), so the next
     // update writes the table whole.
     let mut installed: Option<Ruleset> = None;
-    let mut bridge_hooks = false;
+    let mut bridge_hooks_warned = false;
     let mut pending_retry = false;
     // The newest revision applied to `world`: kept across failed attempts, so the retry that
     // lands reports the batches those attempts drained.
@@ -47,7 +47,10 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
             wait.await
         };
         let started = Instant::now();
-        let mut changed = pending_retry;
+        // The first pass always writes: a table left by an earlier run (kept on purpose, so
+        // pods stay isolated across a restart) is replaced, or removed when no pod of ours
+        // is isolated any more, even when etcd holds no record at all.
+        let mut changed = pending_retry || installed.is_none();
         let mut batches = Vec::new();
         match woke {
             Wake::Closed => return,
@@ -67,9 +70,8 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
         if changed {
             let local = subnet.borrow_and_update().local.clone();
             let rules = compile::compile(&world, &local);
-            if !rules.is_empty() && !bridge_hooks {
-                kernel::enable_bridge_hooks();
-                bridge_hooks = true;
+            if !rules.is_empty() {
+                kernel::ensure_bridge_hooks(&mut bridge_hooks_warned);
             }
             let script = match &installed {
                 Some(old) => nft::diff(old, &rules),

@@ -37,20 +37,28 @@ pub async fn apply(script: &str) -> Result<()> {
 }
 
 /// Bridged IPv4/IPv6 traffic passes the inet forward hook only with these set (per network
-/// namespace since Linux 5.3). Kubernetes nodes set them already; we make sure.
-pub fn enable_bridge_hooks() {
+/// namespace since Linux 5.3). Kubernetes nodes set them already; we make sure, on every
+/// programming while a pod is isolated (two reads): br_netfilter may be loaded after we
+/// start, and anyone may set them back to 0. `warned` keeps a failure from being logged
+/// again until it has been mended.
+pub fn ensure_bridge_hooks(warned: &mut bool) {
+    let mut all = true;
     for f in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
         let path = format!("/proc/sys/net/bridge/{f}");
         if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
             continue;
         }
         if let Err(e) = std::fs::write(&path, "1") {
-            tracing::warn!(
-                "cannot set {path} ({e}): policies will not apply between pods on this node \
-                 (load br_netfilter)"
-            );
+            all = false;
+            if !*warned {
+                tracing::warn!(
+                    "cannot set {path} ({e}): policies will not apply between pods on this \
+                     node (load br_netfilter); trying again at each policy update"
+                );
+            }
         }
     }
+    *warned = !all;
 }
 
 /// Packets dropped (ingress, egress) by the table's counters; None when there is no table.

@@ -15,6 +15,8 @@ const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
 const WIREGUARD: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#;
+/// `netpol::nft::TABLE`.
+const POLICY_TABLE: &str = "flanneld-rs-policy";
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
@@ -60,6 +62,25 @@ fn netpol_conformance_wireguard() -> Result<()> {
         return Ok(());
     }
     conformance(WIREGUARD)
+}
+
+/// The table outlives the daemon on purpose (pods stay isolated across a restart); one left
+/// from an earlier run is removed at start when no pod of ours is isolated, even with no
+/// policy record at all in etcd (the first pass writes whatever the records say).
+#[test]
+fn netpol_table_left_from_an_earlier_run_is_removed_at_start() -> Result<()> {
+    require_root!();
+    let mut c = netns_tests::cluster::Cluster::new(1)?;
+    c.put_config(HOST_GW)?;
+    let table = ["list", "table", "inet", POLICY_TABLE];
+    c.nodes[0].run("nft", &["add", "table", "inet", POLICY_TABLE])?;
+    ensure!(c.nodes[0].run("nft", &table).is_ok(), "no stale table made");
+    c.start_daemon(0, &[])?;
+    c.wait_subnet_env(0, Duration::from_secs(20))?;
+    netns_tests::wait_until("the stale table removed", Duration::from_secs(5), || {
+        c.nodes[0].run("nft", &table).is_err()
+    })?;
+    Ok(())
 }
 
 /// Without any policy the world is fully connected on every port and protocol: checks the
