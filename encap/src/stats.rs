@@ -23,10 +23,13 @@ pub enum DropReason {
     IoError,
     /// An encrypted datagram that does not authenticate for the peer it names, or a replay.
     NotAuthentic,
+    /// A packet that waited for a WireGuard handshake and never went: pushed out of the wait
+    /// queue by newer ones, or the handshake was given up (no answer within 90 s).
+    NoHandshake,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::UnknownSender,
         DropReason::SpoofedSource,
         DropReason::NotForUs,
@@ -35,6 +38,7 @@ impl DropReason {
         DropReason::TtlExpired,
         DropReason::IoError,
         DropReason::NotAuthentic,
+        DropReason::NoHandshake,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -47,6 +51,7 @@ impl DropReason {
             DropReason::TtlExpired => "ttl_expired",
             DropReason::IoError => "io_error",
             DropReason::NotAuthentic => "not_authentic",
+            DropReason::NoHandshake => "no_handshake",
         }
     }
 }

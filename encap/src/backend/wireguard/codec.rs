@@ -235,8 +235,9 @@ impl WgCodec {
     }
 
     /// Timers of every peer (handshake retries, rekeying, keepalives, session expiry), due
-    /// sends (into `out`), and the cookie gate's per-second count. Called every 100-250 ms.
-    pub fn tick(&self, out: &mut Outbox) {
+    /// sends (into `out`), packets given up with their handshake (into `tally`), and the
+    /// cookie gate's per-second count. Called every 100-250 ms.
+    pub fn tick(&self, out: &mut Outbox, tally: &mut Tally) {
         let now = Instant::now();
         self.gate.tick(now);
         let table = self.table.load();
@@ -247,6 +248,7 @@ impl WgCodec {
             } else {
                 st.timers(now, peer.keepalive)
             };
+            tally.count_drops(DropReason::NoHandshake, st.take_given_up());
             match due {
                 Due::Initiate => self.initiate(peer, &mut st, now, out, true),
                 Due::Keepalive => {
@@ -707,9 +709,9 @@ impl Codec for WgCodec {
                 for i in 0..count {
                     let at = i * stride + DATA_HEADER;
                     let staged = buf.get(at..at + packet_len(i)).is_some_and(|p| st.stage(p));
-                    // Beyond MAX_STAGED the oldest goes: no route (yet) for it.
+                    // Beyond MAX_STAGED the oldest goes (counted as sent when it was staged).
                     if !staged {
-                        tally.count_drop(DropReason::NoRoute);
+                        tally.count_drop(DropReason::NoHandshake);
                     }
                 }
                 if st.retry_due(now) {

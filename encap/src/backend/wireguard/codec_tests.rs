@@ -16,7 +16,7 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use super::codec::{padded_len, RxScratch, WgCodec, DATA_OVERHEAD};
 use super::cookie::HANDSHAKE_RATE_LIMIT;
 use super::keys::{random_key, StaticKeys};
-use super::peers::{WgPeer, WgTable, RETRY_INIT};
+use super::peers::{WgPeer, WgTable, MAX_STAGED, RETRY_INIT};
 use crate::backend::pump::{Codec, Outbox, Packets, Transmit};
 use crate::io::RecvMsgMut;
 use crate::stats::{DropReason, Tally};
@@ -338,6 +338,21 @@ fn age_pending(n: &Node) {
     let mut st = peer.lock();
     let p = st.pending.as_mut().expect("an initiation waits");
     p.last_sent = p.last_sent.checked_sub(RETRY_INIT).expect("clock");
+}
+
+/// Packets pushed out of the wait queue by newer ones are lost to the missing handshake, not
+/// to a missing route (the route is there).
+#[test]
+fn packets_beyond_the_wait_queue_are_counted_as_no_handshake() {
+    let (mut a, _b) = pair();
+    let extra = 3;
+    for i in 0..MAX_STAGED + extra {
+        let pkt = packet(pod(1, 5), pod(2, 7), 100, i as u8);
+        send(&mut a, 2, &[pkt]).expect("staged");
+    }
+    let drops = |why: DropReason| a.tally.drops[why as usize];
+    assert_eq!(drops(DropReason::NoHandshake), extra as u64);
+    assert_eq!(drops(DropReason::NoRoute), 0);
 }
 
 #[test]
@@ -683,7 +698,7 @@ fn handshake_flood_gets_cookie_replies() {
         p.greet.store(false, std::sync::atomic::Ordering::Relaxed);
     }
     let mut due = Outbox::new();
-    b.codec.tick(&mut due);
+    b.codec.tick(&mut due, &mut Tally::default());
     assert!(due.is_empty(), "no session, no greeting: nothing due");
     handshake(&mut a, &mut b);
 }
@@ -692,14 +707,14 @@ fn handshake_flood_gets_cookie_replies() {
 fn greeting_is_due_at_the_first_tick() {
     let (a, b) = pair();
     let mut due = Outbox::new();
-    a.codec.tick(&mut due);
+    a.codec.tick(&mut due, &mut Tally::default());
     let sent: Vec<_> = due
         .iter()
         .map(|d| (d.to, d.data.len(), d.counted))
         .collect();
     assert_eq!(sent, [(b.addr, 148, true)], "one handshake initiation to b");
     due.clear();
-    a.codec.tick(&mut due);
+    a.codec.tick(&mut due, &mut Tally::default());
     assert!(due.is_empty(), "greeted once");
 }
 

@@ -244,7 +244,7 @@ impl WgDevice {
                 let mut tally = Tally::default();
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(TIMER_TICK);
-                    codec.tick(&mut due);
+                    codec.tick(&mut due, &mut tally);
                     sender.flush(&mut due, &mut tally);
                     tally.flush_tx(&state.stats);
                 }

@@ -103,7 +103,7 @@ fn state() -> Option<State> {
     for p in ours.codec.table.load().peers() {
         p.greet.store(false, std::sync::atomic::Ordering::Relaxed);
     }
-    theirs.codec.tick(&mut theirs.out);
+    theirs.codec.tick(&mut theirs.out, &mut Tally::default());
     pass(&mut theirs, &mut ours);
     pass(&mut ours, &mut theirs);
     pass(&mut theirs, &mut ours);

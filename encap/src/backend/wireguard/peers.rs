@@ -112,6 +112,8 @@ pub(super) struct PeerState {
     pub last_init_received: Option<Instant>,
     /// Packets waiting for a session.
     pub staged: VecDeque<Vec<u8>>,
+    /// Staged packets dropped with a handshake given up, not yet counted.
+    given_up: u64,
     /// Since when data we sent has gone unanswered (nothing authentic received since).
     pub unanswered_since: Option<Instant>,
     /// Since when data we received has gone unacknowledged (nothing sent since).
@@ -159,6 +161,7 @@ impl WgPeer {
                 last_timestamp: [0; 12],
                 last_init_received: None,
                 staged: VecDeque::new(),
+                given_up: 0,
                 unanswered_since: None,
                 unacked_since: None,
                 last_sent: None,
@@ -233,6 +236,12 @@ impl PeerState {
         self.pending
             .as_ref()
             .is_none_or(|p| now.saturating_duration_since(p.last_sent) >= RETRY_INIT)
+    }
+
+    /// Staged packets dropped when their handshake was given up, since last asked (the
+    /// timer thread counts them).
+    pub fn take_given_up(&mut self) -> u64 {
+        std::mem::take(&mut self.given_up)
     }
 
     /// Keeps a packet until a session exists (the oldest goes beyond MAX_STAGED).
@@ -375,6 +384,7 @@ impl PeerState {
             if now.saturating_duration_since(p.started) >= REKEY_ATTEMPT_TIME {
                 // Give up until there is something to send again.
                 self.pending = None;
+                self.given_up += self.staged.len() as u64;
                 self.staged.clear();
                 return Due::Nothing;
             }
@@ -569,6 +579,12 @@ mod tests {
             st.pending.is_none() && st.staged.is_empty(),
             "given up, packets dropped"
         );
+        assert_eq!(
+            st.take_given_up(),
+            1,
+            "the staged packet, to be counted once"
+        );
+        assert_eq!(st.take_given_up(), 0);
     }
 
     #[test]
