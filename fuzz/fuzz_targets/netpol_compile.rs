@@ -5,11 +5,12 @@
 //! The bytes are read as a small program building Kubernetes-shaped records (so the fuzzer
 //! reaches the compiler without having to discover JSON), plus raw values parsed as they are.
 #![no_main]
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use libfuzzer_sys::fuzz_target;
 use netpol::compile::{compile, Ruleset, SetKind};
-use netpol::object::{self, ObjectKey, OWNER_ANNOTATION};
+use netpol::object::{self, Object, ObjectKey, OWNER_ANNOTATION};
 use netpol::{nft, World};
 use serde_json::{json, Value};
 
@@ -220,6 +221,21 @@ fn check_disjoint(rs: &Ruleset) {
     }
 }
 
+/// Who holds each claimed address must follow from the records alone, not from the order
+/// they arrived in: a world built from scratch in another order agrees.
+fn check_owners(world: &World, records: &BTreeMap<String, (ObjectKey, Object, i64)>) {
+    let mut fresh = World::new();
+    for (key, object, revision) in records.values().rev() {
+        fresh.apply(key, Some(object.clone()), *revision);
+    }
+    for pod in world.pods() {
+        for ip in &pod.ips {
+            let holder = |w: &World| w.pod_at(*ip).map(|p| (p.namespace.clone(), p.name.clone()));
+            assert_eq!(holder(world), holder(&fresh), "holder of {ip}");
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let (Ok(v4), Ok(v6)) = ("10.244.1.0/24".parse(), "fd00::/64".parse()) else {
         return;
@@ -227,9 +243,13 @@ fuzz_target!(|data: &[u8]| {
     let local = [v4, v6];
     let mut world = World::new();
     let mut before = Ruleset::default();
+    let mut records = BTreeMap::new();
+    // Several records may share a revision (one etcd transaction).
+    let mut revision = 1i64;
     // Records separated by 0xff: a leading 0 byte means "parse the rest as a raw value".
-    for (revision, chunk) in data.split(|b| *b == 0xff).take(32).enumerate() {
+    for chunk in data.split(|b| *b == 0xff).take(32) {
         let mut c = Choices(chunk);
+        revision += i64::from(c.byte() % 2);
         let ns = c.pick(&["x", "y"]);
         let name = c.pick(&["a", "b", "c"]);
         let (key, value) = if c.byte() == 0 {
@@ -251,7 +271,12 @@ fuzz_target!(|data: &[u8]| {
                 Err(_) => continue,
             }
         };
-        world.apply(&okey, object, revision as i64 + 1);
+        match &object {
+            Some(o) => records.insert(key, (okey.clone(), o.clone(), revision)),
+            None => records.remove(&key),
+        };
+        world.apply(&okey, object, revision);
+        check_owners(&world, &records);
         let now = compile(&world, &local);
         check_disjoint(&now);
         let _ = nft::diff(&before, &now);

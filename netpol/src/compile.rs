@@ -74,18 +74,52 @@ impl Ruleset {
 
 /// Compiles the rules for the pods whose addresses fall in `local` (this node's subnets).
 pub fn compile(world: &World, local: &[IpNet]) -> Ruleset {
+    compile_for(
+        world,
+        &Locality {
+            subnets: local.to_vec(),
+            ..Locality::default()
+        },
+    )
+}
+
+/// Which pods a node isolates: those with an address in its subnets, and those still holding
+/// an address from a subnet it held before (a lease re-acquired with another subnet: pods
+/// made before keep their addresses until recreated) whose record names this node's host (the
+/// node that holds that subnet now writes the same owner annotation on its own pods).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Locality {
+    pub subnets: Vec<IpNet>,
+    pub former: Vec<IpNet>,
+    pub host_ip: Option<IpAddr>,
+}
+
+impl Locality {
+    pub fn holds(&self, pod: &Pod, ip: &IpAddr) -> bool {
+        self.subnets.iter().any(|n| n.contains(ip))
+            || (pod.host_ip.is_some()
+                && pod.host_ip == self.host_ip
+                && self.former.iter().any(|n| n.contains(ip)))
+    }
+}
+
+/// What `local` must hold to enforce the policies on its pods.
+pub fn compile_for(world: &World, local: &Locality) -> Ruleset {
     let mut out = Ruleset::default();
     for (name, _) in MAPS {
         out.maps.insert(name, BTreeMap::new());
     }
-    let is_local = |ip: &IpAddr| local.iter().any(|n| n.contains(ip));
+    let is_local = |pod: &Pod, ip: &IpAddr| local.holds(pod, ip);
     // Local pods and the policies isolating each, per direction.
     let mut used: BTreeMap<(String, String, Direction), &Policy> = BTreeMap::new();
     let mut selected: BTreeMap<(String, String, Direction), Vec<&Pod>> = BTreeMap::new();
     let mut names = Names::default();
     let mut chain_of: BTreeMap<(String, String, Direction), String> = BTreeMap::new();
     for pod in world.pods() {
-        let addrs: Vec<IpAddr> = world.addresses(pod).filter(is_local).collect();
+        let addrs: Vec<IpAddr> = world
+            .addresses(pod)
+            .filter(|ip| is_local(pod, ip))
+            .collect();
         if addrs.is_empty() {
             continue;
         }
@@ -210,7 +244,7 @@ fn policy_rules(
     chain: &str,
     dir: Direction,
     targets: &[&Pod],
-    is_local: &dyn Fn(&IpAddr) -> bool,
+    is_local: &dyn Fn(&Pod, &IpAddr) -> bool,
     out: &mut Ruleset,
 ) {
     let rules: &[Rule] = match dir {
@@ -273,7 +307,7 @@ fn policy_rules(
                             continue;
                         };
                         for ip in world.addresses(pod) {
-                            if dir == Direction::Ingress && !is_local(&ip) {
+                            if dir == Direction::Ingress && !is_local(pod, &ip) {
                                 continue;
                             }
                             let fam = usize::from(ip.is_ipv6());
@@ -518,6 +552,36 @@ mod tests {
         );
         assert!(rs.chains["pol_x_deny_in"].is_empty());
         assert!(rs.maps["out4"].is_empty());
+    }
+
+    /// After a move to another subnet, our pods left on the old one stay isolated; the pods
+    /// of the node holding the old subnet now are not ours.
+    #[test]
+    fn pods_left_on_a_former_subnet_stay_isolated_here() {
+        let on = |name: &str, ip: &str, host: &str| {
+            pod_json("x", name, ip, "{}").replacen(
+                r#""status":{"#,
+                &format!(r#""status":{{"hostIP":"{host}","#),
+                1,
+            )
+        };
+        let recs = vec![
+            ("pods/x/ours", on("ours", "10.244.1.2", "192.168.0.1")),
+            ("pods/x/theirs", on("theirs", "10.244.1.3", "192.168.0.2")),
+            ("pods/x/new", on("new", "10.244.3.2", "192.168.0.1")),
+            (
+                "networkpolicies/x/deny",
+                r#"{"metadata":{"name":"deny"},"spec":{"podSelector":{}}}"#.into(),
+            ),
+        ];
+        let local = Locality {
+            subnets: vec!["10.244.3.0/24".parse().expect("net")],
+            former: vec!["10.244.1.0/24".parse().expect("net")],
+            host_ip: "192.168.0.1".parse().ok(),
+        };
+        let rs = compile_for(&world(&recs), &local);
+        let isolated: Vec<&String> = rs.maps["in4"].keys().collect();
+        assert_eq!(isolated, ["10.244.1.2", "10.244.3.2"]);
     }
 
     #[test]

@@ -41,7 +41,8 @@ pub struct World {
 /// address published it (that node made the pod: a record copied by hand or by another tool
 /// never takes the address, and with it the pod's isolation, away from it), then the newest
 /// (a pod deleted without its record being removed yet never steals the address of the pod
-/// that reused it).
+/// that reused it). Records written in one etcd transaction share a revision: between those
+/// the greater name wins, so the holder never depends on the order the records arrived in.
 type Rank = (bool, i64);
 
 fn rank(pod: &Pod, ip: IpAddr, revision: i64) -> Rank {
@@ -86,7 +87,7 @@ impl World {
                         // It held the address and ranks lower now (its owner annotation
                         // went): another claimant may outrank it.
                         Some((n, r)) if *n == key && mine < *r => self.recompute(ip),
-                        Some((_, r)) if *r >= mine => {}
+                        Some((n, r)) if (*r, n) >= (mine, &key) => {}
                         _ => {
                             self.owner.insert(ip, (key.clone(), mine));
                         }
@@ -111,7 +112,7 @@ impl World {
             .iter()
             .filter(|(_, (p, _))| p.ips.contains(&ip))
             .map(|(n, (p, rev))| (n, rank(p, ip, *rev)))
-            .max_by_key(|(_, r)| *r)
+            .max_by(|a, b| (a.1, a.0).cmp(&(b.1, b.0)))
             .map(|(n, r)| (n.clone(), r));
         match newest {
             Some(o) => self.owner.insert(ip, o),
@@ -275,6 +276,34 @@ pub(crate) mod tests {
         let mut w = world(&[victim, copy]);
         w.apply(&ObjectKey::parse("pods/x/victim").expect("key"), None, 10);
         assert_eq!(w.pod_at(ip).map(|p| p.name.as_str()), Some("copy"));
+    }
+
+    /// Two records claiming one address in one etcd transaction (one revision): the same
+    /// holder whichever arrived first, and after the other goes and comes back.
+    #[test]
+    fn equal_claims_are_decided_by_name_not_arrival() {
+        let ip: IpAddr = "10.244.1.5".parse().expect("ip");
+        let key = |n: &str| ObjectKey::parse(&format!("pods/x/{n}")).expect("key");
+        let rec = |n: &str| parse(&key(n), pod_json("x", n, "10.244.1.5", "{}").as_bytes());
+        for order in [["a", "b"], ["b", "a"]] {
+            let mut w = World::new();
+            for n in order {
+                w.apply(&key(n), rec(n).ok(), 7);
+            }
+            assert_eq!(
+                w.pod_at(ip).map(|p| p.name.as_str()),
+                Some("b"),
+                "{order:?}"
+            );
+            // A third claimant at the same revision goes: recomputed, the same answer.
+            w.apply(&key("c"), rec("c").ok(), 7);
+            w.apply(&key("c"), None, 8);
+            assert_eq!(
+                w.pod_at(ip).map(|p| p.name.as_str()),
+                Some("b"),
+                "{order:?}"
+            );
+        }
     }
 
     #[test]

@@ -419,12 +419,13 @@ impl Running {
             tracing::info!(subnet = %held.key, "lease re-acquired with the same subnet");
         } else {
             tracing::warn!(old = %self.own.key, new = %held.key, "our old subnet was taken meanwhile: pods created before keep addresses from the old one until recreated");
+            if let Some(policy) = self.status.policy.get() {
+                // New pods get addresses from the new subnet (once subnet.env says it, just
+                // below: the plugin's records must be accepted from then on).
+                policy.set_subnet(&held.key);
+            }
             self.own =
                 start_lease(&self.flags, &self.req.config, self.backend.as_mut(), &held).await?;
-            if let Some(policy) = self.status.policy.get() {
-                // New pods get addresses from the new subnet: those are ours to isolate now.
-                policy.set_subnet(&self.own.key);
-            }
             let out = self.admission.set_own(&self.own);
             self.apply_outcome(out).await;
             self.publish_peers();

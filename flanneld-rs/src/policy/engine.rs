@@ -29,6 +29,9 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
     // lands reports the batches those attempts drained.
     let mut revision = policy.revision();
     let mut subnet = policy.subnet.subscribe();
+    // Nothing is written before the first listing arrives: until then the world is empty, and
+    // writing it would remove the table kept across a restart.
+    let mut listed = false;
     loop {
         let wait = async {
             tokio::select! {
@@ -55,21 +58,33 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
         match woke {
             Wake::Closed => return,
             Wake::Records(b) => batches.push(b),
-            Wake::Subnet => changed = true,
+            Wake::Subnet => {
+                // Seen now, even if nothing is written yet (else `changed()` fires again at once).
+                subnet.mark_unchanged();
+                changed = true;
+            }
             Wake::Retry => {}
         }
         while let Ok(more) = records.try_recv() {
             batches.push(more);
         }
         for batch in batches {
+            listed = true;
             revision = revision.max(batch.revision);
             for ev in batch.events {
                 changed |= apply(&policy, &mut world, ev);
             }
         }
-        if changed {
-            let local = subnet.borrow_and_update().local.clone();
-            let rules = compile::compile(&world, &local);
+        if changed && listed {
+            let local = {
+                let now = subnet.borrow_and_update();
+                compile::Locality {
+                    subnets: now.local.clone(),
+                    former: now.former_nets.clone(),
+                    host_ip: Some(policy.host_ip),
+                }
+            };
+            let rules = compile::compile_for(&world, &local);
             if !rules.is_empty() {
                 kernel::ensure_bridge_hooks(&mut bridge_hooks_warned);
             }

@@ -51,9 +51,12 @@ pub struct NodeSubnet {
     local: Vec<IpNet>,
     /// Our lease's key as Flannel writes it (`10.244.1.0-24`): the owner annotation.
     node: String,
-    /// The keys we held before (a lease re-acquired with another subnet): records we
-    /// published under them are still ours to remove.
+    /// The keys we held before (a lease re-acquired with another subnet), and their subnets:
+    /// records we published under them are still ours to remove, and the pods made then,
+    /// which keep their addresses until recreated, ours to isolate. The node holding such a
+    /// subnet now writes the same key on its records: ours are those naming our host too.
     former: Vec<String>,
+    former_nets: Vec<IpNet>,
 }
 
 impl NodeSubnet {
@@ -65,7 +68,32 @@ impl NodeSubnet {
             local,
             node: key.to_string(),
             former: Vec::new(),
+            former_nets: Vec::new(),
         }
+    }
+
+    /// Our lease now holds `key`; what we held becomes former. False when it already did.
+    fn move_to(&mut self, key: &SubnetKey) -> bool {
+        let node = key.to_string();
+        if node == self.node {
+            return false;
+        }
+        let mut next = NodeSubnet::new(key);
+        next.former = std::mem::take(&mut self.former);
+        next.former.push(std::mem::take(&mut self.node));
+        next.former.retain(|f| *f != node);
+        next.former_nets = std::mem::take(&mut self.former_nets);
+        next.former_nets.extend(std::mem::take(&mut self.local));
+        next.former_nets.retain(|n| !next.local.contains(n));
+        *self = next;
+        true
+    }
+
+    /// Whether a record's owner annotation and host name this node.
+    fn published_here(&self, owner: &str, host_ip: Option<&str>, ours: IpAddr) -> bool {
+        owner == self.node
+            || (self.former.iter().any(|f| f == owner)
+                && host_ip.and_then(|h| h.parse::<IpAddr>().ok()) == Some(ours))
     }
 }
 
@@ -127,17 +155,7 @@ impl Policy {
     /// Our lease was re-acquired with `key`: its pods are the ones to isolate and publish from
     /// now on (the old subnet may be another node's now).
     pub fn set_subnet(&self, key: &SubnetKey) {
-        self.subnet.send_modify(|s| {
-            let node = key.to_string();
-            if node == s.node {
-                return;
-            }
-            let mut next = NodeSubnet::new(key);
-            next.former = std::mem::take(&mut s.former);
-            next.former.retain(|f| *f != node);
-            next.former.push(std::mem::take(&mut s.node));
-            *s = next;
-        });
+        self.subnet.send_if_modified(|s| s.move_to(key));
     }
 
     fn subnet(&self) -> NodeSubnet {
@@ -178,5 +196,44 @@ impl Policy {
             self.stats.denied_in.store(i, Ordering::Relaxed);
             self.stats.denied_out.store(o, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> SubnetKey {
+        SubnetKey::parse(s).expect("key")
+    }
+
+    /// After a move, records under the old key are ours only where they name our host: the
+    /// node holding the old subnet now writes that key on its own records.
+    #[test]
+    fn a_former_key_is_ours_only_with_our_host() {
+        let ours: IpAddr = "192.168.0.1".parse().expect("ip");
+        let mut s = NodeSubnet::new(&key("10.244.1.0-24"));
+        assert!(!s.move_to(&key("10.244.1.0-24")), "no move");
+        assert!(s.move_to(&key("10.244.3.0-24")));
+        assert_eq!(s.node, "10.244.3.0-24");
+        assert_eq!(s.local, ["10.244.3.0/24".parse::<IpNet>().expect("net")]);
+        assert_eq!(
+            s.former_nets,
+            ["10.244.1.0/24".parse::<IpNet>().expect("net")]
+        );
+        assert!(
+            s.published_here("10.244.3.0-24", None, ours),
+            "the current key"
+        );
+        assert!(s.published_here("10.244.1.0-24", Some("192.168.0.1"), ours));
+        assert!(!s.published_here("10.244.1.0-24", Some("192.168.0.2"), ours));
+        assert!(!s.published_here("10.244.1.0-24", None, ours));
+        // Back to the first subnet: it is current again, not former.
+        assert!(s.move_to(&key("10.244.1.0-24")));
+        assert_eq!(s.former, ["10.244.3.0-24"]);
+        assert_eq!(
+            s.former_nets,
+            ["10.244.3.0/24".parse::<IpNet>().expect("net")]
+        );
     }
 }

@@ -142,8 +142,10 @@ impl Policy {
         let Some(owner) = ann[OWNER_ANNOTATION].as_str() else {
             return false;
         };
-        let subnet = self.subnet.borrow();
-        (owner == subnet.node || subnet.former.iter().any(|f| f == owner))
+        let host = json["status"]["hostIP"].as_str();
+        self.subnet
+            .borrow()
+            .published_here(owner, host, self.host_ip)
             && container.is_none_or(|c| ann[CONTAINER_ANNOTATION].as_str() == Some(c))
     }
 
