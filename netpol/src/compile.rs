@@ -109,7 +109,6 @@ pub fn compile_for(world: &World, local: &Locality) -> Ruleset {
     for (name, _) in MAPS {
         out.maps.insert(name, BTreeMap::new());
     }
-    let is_local = |pod: &Pod, ip: &IpAddr| local.holds(pod, ip);
     // Local pods and the policies isolating each, per direction.
     let mut used: BTreeMap<(String, String, Direction), &Policy> = BTreeMap::new();
     let mut selected: BTreeMap<(String, String, Direction), Vec<&Pod>> = BTreeMap::new();
@@ -118,7 +117,7 @@ pub fn compile_for(world: &World, local: &Locality) -> Ruleset {
     for pod in world.pods() {
         let addrs: Vec<IpAddr> = world
             .addresses(pod)
-            .filter(|ip| is_local(pod, ip))
+            .filter(|ip| local.holds(pod, ip))
             .collect();
         if addrs.is_empty() {
             continue;
@@ -132,11 +131,12 @@ pub fn compile_for(world: &World, local: &Locality) -> Ruleset {
                 .iter()
                 .map(|p| {
                     let key = (p.namespace.clone(), p.name.clone(), dir);
-                    let base = policy_chain(p, dir);
-                    let claim = format!("{}/{}/{}", p.namespace, p.name, short(dir));
                     chain_of
                         .entry(key)
-                        .or_insert_with(|| names.claim(base, &claim))
+                        .or_insert_with(|| {
+                            let claim = format!("{}/{}/{}", p.namespace, p.name, short(dir));
+                            names.claim(policy_chain(p, dir), &claim)
+                        })
                         .clone()
                 })
                 .collect();
@@ -169,7 +169,7 @@ pub fn compile_for(world: &World, local: &Locality) -> Ruleset {
         let Some(chain) = chain_of.get(key) else {
             continue;
         };
-        policy_rules(world, policy, chain, key.2, targets, &is_local, &mut out);
+        policy_rules(world, policy, chain, key.2, targets, local, &mut out);
     }
     out
 }
@@ -244,7 +244,7 @@ fn policy_rules(
     chain: &str,
     dir: Direction,
     targets: &[&Pod],
-    is_local: &dyn Fn(&Pod, &IpAddr) -> bool,
+    local: &Locality,
     out: &mut Ruleset,
 ) {
     let rules: &[Rule] = match dir {
@@ -307,7 +307,7 @@ fn policy_rules(
                             continue;
                         };
                         for ip in world.addresses(pod) {
-                            if dir == Direction::Ingress && !is_local(pod, &ip) {
+                            if dir == Direction::Ingress && !local.holds(pod, &ip) {
                                 continue;
                             }
                             let fam = usize::from(ip.is_ipv6());

@@ -183,7 +183,7 @@ impl Pod {
         };
         owner.split('&').any(|part| {
             part.rsplit_once('-')
-                .and_then(|(addr, len)| format!("{addr}/{len}").parse::<IpNet>().ok())
+                .and_then(|(addr, len)| IpNet::new(addr.parse().ok()?, len.parse().ok()?).ok())
                 // A /0 (the empty IPv4 half of a v6-only key) holds no node's pods.
                 .is_some_and(|net| net.prefix_len() > 0 && net.contains(&ip))
         })

@@ -283,17 +283,16 @@ impl Running {
         // Each pass decides from the key as read; a put over it only lands while nobody has
         // written it since (another node may have taken the subnet in between), else we read
         // it again. Only another writer's puts make a pass fail, so this ends when they stop.
-        for pass in 0u64.. {
-            match self.rewrite_pass(theirs, pass == 0, shutdown).await {
-                Some(done) => return done,
-                None => {
-                    tracing::debug!(subnet = %self.own.key, "our lease key changed again while we put ours back: reading it again")
-                }
+        let mut first = true;
+        loop {
+            if let Some(done) = self.rewrite_pass(theirs, first, shutdown).await {
+                return done;
             }
+            tracing::debug!(subnet = %self.own.key, "our lease key changed again while we put ours back: reading it again");
             // The event's value is older than what the next pass reads.
             theirs = None;
+            first = false;
         }
-        Rewrite::Stop
     }
 
     /// One pass of [`on_rewrite`](Self::on_rewrite): `None` when the key changed between our

@@ -76,14 +76,7 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
             }
         }
         if changed && listed {
-            let local = {
-                let now = subnet.borrow_and_update();
-                compile::Locality {
-                    subnets: now.local.clone(),
-                    former: now.former_nets.clone(),
-                    host_ip: Some(policy.host_ip),
-                }
-            };
+            let local = subnet.borrow_and_update().locality.clone();
             let rules = compile::compile_for(&world, &local);
             if !rules.is_empty() {
                 kernel::ensure_bridge_hooks(&mut bridge_hooks_warned);

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ipnet::IpNet;
+use netpol::compile::Locality;
 use netpol::World;
 use subnet_manager::lease::SubnetKey;
 use subnet_manager::registry::Registry;
@@ -44,31 +45,34 @@ pub struct PolicyStats {
     pub isolated_out: AtomicU64,
 }
 
-/// The subnets this node holds now.
-#[derive(Clone, Debug, Default)]
+/// The subnets this node holds now, and held before.
+#[derive(Clone, Debug)]
 pub struct NodeSubnet {
-    /// Pods in them are ours to isolate and to publish.
-    local: Vec<IpNet>,
+    /// The pods ours to isolate: in our subnets (also the only addresses we publish records
+    /// for), or left in a subnet we held before (a lease re-acquired with another subnet:
+    /// pods made then keep their addresses until recreated) with a record naming our host.
+    locality: Locality,
     /// Our lease's key as Flannel writes it (`10.244.1.0-24`): the owner annotation.
     node: String,
-    /// The keys we held before (a lease re-acquired with another subnet), and their subnets:
-    /// records we published under them are still ours to remove, and the pods made then,
-    /// which keep their addresses until recreated, ours to isolate. The node holding such a
-    /// subnet now writes the same key on its records: ours are those naming our host too.
+    /// The keys we held before: records we published under them are still ours to remove.
+    /// The node holding such a subnet now writes the same key on its records: ours are
+    /// those naming our host too.
     former: Vec<String>,
-    former_nets: Vec<IpNet>,
 }
 
 impl NodeSubnet {
-    fn new(key: &SubnetKey) -> Self {
-        let mut local: Vec<IpNet> = Vec::new();
-        local.extend(key.ipv4.map(IpNet::V4));
-        local.extend(key.ipv6.map(IpNet::V6));
+    fn new(key: &SubnetKey, host_ip: Option<IpAddr>) -> Self {
+        let mut subnets: Vec<IpNet> = Vec::new();
+        subnets.extend(key.ipv4.map(IpNet::V4));
+        subnets.extend(key.ipv6.map(IpNet::V6));
         NodeSubnet {
-            local,
+            locality: Locality {
+                subnets,
+                former: Vec::new(),
+                host_ip,
+            },
             node: key.to_string(),
             former: Vec::new(),
-            former_nets: Vec::new(),
         }
     }
 
@@ -78,22 +82,22 @@ impl NodeSubnet {
         if node == self.node {
             return false;
         }
-        let mut next = NodeSubnet::new(key);
-        next.former = std::mem::take(&mut self.former);
-        next.former.push(std::mem::take(&mut self.node));
-        next.former.retain(|f| *f != node);
-        next.former_nets = std::mem::take(&mut self.former_nets);
-        next.former_nets.extend(std::mem::take(&mut self.local));
-        next.former_nets.retain(|n| !next.local.contains(n));
-        *self = next;
+        let was = std::mem::replace(self, NodeSubnet::new(key, self.locality.host_ip));
+        self.former = was.former;
+        self.former.push(was.node);
+        self.former.retain(|f| *f != node);
+        let l = &mut self.locality;
+        l.former = was.locality.former;
+        l.former.extend(was.locality.subnets);
+        l.former.retain(|n| !l.subnets.contains(n));
         true
     }
 
-    /// Whether a record's owner annotation and host name this node.
-    fn published_here(&self, owner: &str, host_ip: Option<&str>, ours: IpAddr) -> bool {
+    /// Whether a record's owner annotation and host (`status.hostIP`) name this node.
+    fn published_here(&self, owner: &str, host_ip: Option<&str>) -> bool {
         owner == self.node
             || (self.former.iter().any(|f| f == owner)
-                && host_ip.and_then(|h| h.parse::<IpAddr>().ok()) == Some(ours))
+                && host_ip.and_then(|h| h.parse::<IpAddr>().ok()) == self.locality.host_ip)
     }
 }
 
@@ -132,7 +136,7 @@ impl Policy {
         let policy = Arc::new(Policy {
             prefix: format!("{}/policy/", registry.prefix()),
             registry,
-            subnet: watch::Sender::new(NodeSubnet::new(key)),
+            subnet: watch::Sender::new(NodeSubnet::new(key, Some(host_ip))),
             host_ip,
             world: Mutex::new(Arc::new(World::new())),
             rejected: Mutex::default(),
@@ -212,27 +216,22 @@ mod tests {
     #[test]
     fn a_former_key_is_ours_only_with_our_host() {
         let ours: IpAddr = "192.168.0.1".parse().expect("ip");
-        let mut s = NodeSubnet::new(&key("10.244.1.0-24"));
+        let mut s = NodeSubnet::new(&key("10.244.1.0-24"), Some(ours));
         assert!(!s.move_to(&key("10.244.1.0-24")), "no move");
         assert!(s.move_to(&key("10.244.3.0-24")));
         assert_eq!(s.node, "10.244.3.0-24");
-        assert_eq!(s.local, ["10.244.3.0/24".parse::<IpNet>().expect("net")]);
-        assert_eq!(
-            s.former_nets,
-            ["10.244.1.0/24".parse::<IpNet>().expect("net")]
-        );
-        assert!(
-            s.published_here("10.244.3.0-24", None, ours),
-            "the current key"
-        );
-        assert!(s.published_here("10.244.1.0-24", Some("192.168.0.1"), ours));
-        assert!(!s.published_here("10.244.1.0-24", Some("192.168.0.2"), ours));
-        assert!(!s.published_here("10.244.1.0-24", None, ours));
+        let l = &s.locality;
+        assert_eq!(l.subnets, ["10.244.3.0/24".parse::<IpNet>().expect("net")]);
+        assert_eq!(l.former, ["10.244.1.0/24".parse::<IpNet>().expect("net")]);
+        assert!(s.published_here("10.244.3.0-24", None), "the current key");
+        assert!(s.published_here("10.244.1.0-24", Some("192.168.0.1")));
+        assert!(!s.published_here("10.244.1.0-24", Some("192.168.0.2")));
+        assert!(!s.published_here("10.244.1.0-24", None));
         // Back to the first subnet: it is current again, not former.
         assert!(s.move_to(&key("10.244.1.0-24")));
         assert_eq!(s.former, ["10.244.3.0-24"]);
         assert_eq!(
-            s.former_nets,
+            s.locality.former,
             ["10.244.3.0/24".parse::<IpNet>().expect("net")]
         );
     }

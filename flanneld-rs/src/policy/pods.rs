@@ -84,7 +84,7 @@ impl Policy {
         if let Some(ip) = pod
             .ips
             .iter()
-            .find(|ip| !subnet.local.iter().any(|n| n.contains(*ip)))
+            .find(|ip| !subnet.locality.subnets.iter().any(|n| n.contains(*ip)))
         {
             return Err(PublishError::Invalid(format!(
                 "{ip} is not in this node's subnet {}",
@@ -143,9 +143,7 @@ impl Policy {
             return false;
         };
         let host = json["status"]["hostIP"].as_str();
-        self.subnet
-            .borrow()
-            .published_here(owner, host, self.host_ip)
+        self.subnet.borrow().published_here(owner, host)
             && container.is_none_or(|c| ann[CONTAINER_ANNOTATION].as_str() == Some(c))
     }
 
