@@ -434,7 +434,11 @@ impl Netlink {
         let mut out = Vec::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             for r in self.routes(family).await? {
-                if r.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) {
+                // A route with our number in another table is someone else's business (and
+                // our deletes, which name the main table, could never remove it).
+                if r.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
+                    || route_table(&r) != u32::from(RouteHeader::RT_TABLE_MAIN)
+                {
                     continue;
                 }
                 if let Some(route) = parse_route(&r) {

@@ -126,6 +126,8 @@ pub struct Admission {
     claimed: HashMap<String, SubnetKey>,
     /// Refused leases, looked at again when an admitted lease leaves or ours changes.
     refused: BTreeMap<SubnetKey, (Lease, Refusal)>,
+    /// Another node's value on our own key (it took the subnet): a peer once we move away.
+    at_own_key: Option<Lease>,
 }
 
 impl Admission {
@@ -142,6 +144,7 @@ impl Admission {
             by_v6: HashMap::new(),
             claimed: HashMap::new(),
             refused: BTreeMap::new(),
+            at_own_key: None,
         }
     }
 
@@ -162,9 +165,11 @@ impl Admission {
             .count()
     }
 
-    /// Sets (or changes) our own lease: peers that now conflict with it leave the backend.
+    /// Sets (or changes) our own lease: peers that now conflict with it leave the backend. When
+    /// we move to another subnet, whoever took our old key becomes a peer like any other.
     pub fn set_own(&mut self, own: &Lease) -> Outcome {
         self.own_claims = (self.claims)(own);
+        let moved = self.own.as_ref().is_some_and(|o| o.key != own.key);
         self.own = Some(own.clone());
         let mut out = Outcome::default();
         let keys: Vec<SubnetKey> = self.admitted.keys().cloned().collect();
@@ -187,24 +192,41 @@ impl Admission {
         }
         self.refused.remove(&own.key);
         self.retry_refused(&mut out);
+        if moved {
+            if let Some(taker) = self.at_own_key.take() {
+                let more = self.put(taker);
+                out.changes.extend(more.changes);
+                out.refused.extend(more.refused);
+            }
+        }
         out
     }
 
-    /// A lease appeared or changed. Our own key is not a peer: the caller handles it.
+    /// A lease appeared or changed. Our own key is not a peer: the caller decides what a value
+    /// on it means, and here another node's is kept for when we move away (its renewals change
+    /// nothing in etcd, so no later event would bring it).
     pub fn put(&mut self, lease: Lease) -> Outcome {
         let mut out = Outcome::default();
-        if self.own.as_ref().is_some_and(|o| o.key == lease.key) {
-            return out;
+        if let Some(own) = &self.own {
+            if own.key == lease.key {
+                self.at_own_key = (own.attrs != lease.attrs).then_some(lease);
+                return out;
+            }
         }
         let key = lease.key.clone();
         let before = self.unadmit(&key);
         let refused_before = self.refused.remove(&key);
         match self.check(&lease) {
             Ok(()) => {
-                if before.as_ref() != Some(&lease) {
+                let changed = before.as_ref() != Some(&lease);
+                if changed {
                     out.changes.push(PeerChange::Add(lease.clone()));
                 }
                 self.admit(lease);
+                if changed && before.is_some() {
+                    // It may have let go of a claim (a new VtepMAC) that kept another out.
+                    self.retry_refused(&mut out);
+                }
             }
             Err(why) => {
                 let repeat = refused_before
@@ -226,6 +248,9 @@ impl Admission {
     /// A lease was deleted or expired.
     pub fn remove(&mut self, key: &SubnetKey) -> Outcome {
         let mut out = Outcome::default();
+        if self.at_own_key.as_ref().is_some_and(|l| l.key == *key) {
+            self.at_own_key = None;
+        }
         self.refused.remove(key);
         if let Some(old) = self.unadmit(key) {
             out.changes.push(PeerChange::Remove(old));

@@ -91,9 +91,24 @@ impl SubnetKey {
 
     /// Parses a full etcd key. `None` when it is not under `<prefix>/subnets/` (not a lease);
     /// errors name the full key.
+    ///
+    /// Unlike [`parse`](Self::parse), only the canonical spelling (the one Flannel writes) is a
+    /// lease: `10.244.5.0-024` or a long IPv6 form names the same subnet under another etcd key,
+    /// and taking it would let one write stand in for another node's lease, or its deletion
+    /// delete that node's subnet everywhere.
     pub fn from_key(prefix: &str, full_key: &str) -> Option<Result<SubnetKey, LeaseError>> {
         let suffix = full_key.strip_prefix(&subnets_prefix(prefix))?;
-        Some(parse_suffix(suffix).map_err(|reason| LeaseError::Key {
+        let parsed = parse_suffix(suffix).and_then(|key| {
+            let canonical = key.to_string();
+            if canonical == suffix {
+                Ok(key)
+            } else {
+                Err(format!(
+                    "not the canonical spelling of its subnet, {canonical}: another key for the subnet of that lease"
+                ))
+            }
+        });
+        Some(parsed.map_err(|reason| LeaseError::Key {
             key: full_key.to_string(),
             reason,
         }))
@@ -398,6 +413,25 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("lease \"/coreos.com/network/subnets/junk\": bad key:"),);
+    }
+
+    #[test]
+    fn etcd_keys_must_be_spelled_as_flannel_writes_them() {
+        for alias in [
+            "10.244.5.0-024",
+            "10.244.3.0-24&FC00:0000:0000:0003:0000:0000:0000:0000-64",
+            "10.244.3.0-24&fc00:0:0:3:0::-64",
+        ] {
+            let full = format!("{PREFIX}/subnets/{alias}");
+            let err = SubnetKey::from_key(PREFIX, &full)
+                .unwrap()
+                .expect_err(alias)
+                .to_string();
+            assert!(err.contains("canonical spelling"), "{err}");
+            assert!(err.contains(&full[..40]), "{err}");
+        }
+        // Read leniently where no etcd key is at stake.
+        assert_eq!(key("10.244.5.0-024"), key("10.244.5.0-24"));
     }
 
     #[test]

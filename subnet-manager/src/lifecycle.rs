@@ -42,7 +42,8 @@ pub async fn acquire(registry: &Registry, req: &LeaseRequest) -> Result<HeldLeas
     for _ in 0..CREATE_ATTEMPTS {
         let list = registry.list_leases().await?;
         for bad in &list.malformed {
-            tracing::warn!("ignoring malformed lease while allocating: {bad}");
+            // The watch logs each once; an attempt repeated every few seconds must not.
+            tracing::debug!("ignoring malformed lease while allocating: {bad}");
         }
         let plan = alloc::plan(
             &req.config,

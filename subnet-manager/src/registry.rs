@@ -160,6 +160,10 @@ impl Registry {
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(true)
+            // As Flannel's watches do: a member cut off from the majority refuses (and ends
+            // its watch streams) instead of serving its frozen store, whose progress reports
+            // would otherwise keep a deaf watch looking alive.
+            .with_require_leader(true)
             // etcd's auth tokens expire (5 min idle by default) while a 24 h lease renews every
             // 12 h: without a refresh every request after that fails with "invalid auth token".
             .with_auto_token_refresh(true);
@@ -237,7 +241,12 @@ impl Registry {
             cluster_id: resp.header().map(|h| h.cluster_id()).unwrap_or_default(),
             ..LeaseList::default()
         };
-        for kv in resp.kvs() {
+        // Oldest first, not in key order: where two leases claim one thing (a VtepMAC, a
+        // WireGuard key), the first admitted keeps it, and that must be the one that was there
+        // first, as for a node that saw both arrive (`10.244.10.0` sorts before `10.244.2.0`).
+        let mut kvs: Vec<_> = resp.kvs().iter().collect();
+        kvs.sort_by_key(|kv| kv.create_revision());
+        for kv in kvs {
             let key = String::from_utf8_lossy(kv.key());
             match Lease::parse(&self.prefix, &key, kv.value()) {
                 None => {}
@@ -355,7 +364,17 @@ impl Registry {
                 .txn(txn)
                 .await
                 .map_err(RegistryError::etcd(format!("{verb} {full}"))),
-        )?;
+        );
+        let resp = match resp {
+            Ok(resp) => resp,
+            Err(e) => {
+                // Else each failed attempt (a role that may grant but not write, say) leaves
+                // a grant behind for its whole TTL. Had the put landed unseen, revoking deletes
+                // it again: the caller tries again anyway.
+                self.revoke(grant_id).await;
+                return Err(e);
+            }
+        };
         if resp.succeeded() {
             Ok((Some(self.held(key, attrs, grant_id, ttl)), resp))
         } else {

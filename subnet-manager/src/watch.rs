@@ -1,13 +1,13 @@
 //! Following every node's lease: list with a revision, watch from the next one, and on a
 //! compacted revision or a broken stream list again and report only what changed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use etcd_client::{EventType, WatchOptions};
 use tokio::sync::mpsc;
 
-use crate::lease::{Lease, SubnetKey};
+use crate::lease::{Lease, LeaseError, SubnetKey};
 use crate::registry::{LeaseList, Registry, RegistryError, RegistryStats};
 use crate::Backoff;
 
@@ -101,7 +101,24 @@ pub trait Keyspace: Send + 'static {
 
 /// Subnet leases, parsed, as `LeaseEvent`s.
 #[derive(Default)]
-pub struct Leases(Known);
+pub struct Leases {
+    known: Known,
+    /// The malformed entries already logged: a re-list (after each etcd restart, compaction
+    /// or broken stream) does not log them all again.
+    said: HashSet<String>,
+}
+
+impl Leases {
+    /// The errors of a listing not logged before; from now on these are the ones logged (one
+    /// mended and broken again is logged again).
+    fn not_said(&mut self, errors: &[LeaseError]) -> Vec<String> {
+        let now: HashSet<String> = errors.iter().map(ToString::to_string).collect();
+        let mut new: Vec<String> = now.difference(&self.said).cloned().collect();
+        new.sort();
+        self.said = now;
+        new
+    }
+}
 
 impl Keyspace for Leases {
     type Batch = Vec<LeaseEvent>;
@@ -116,10 +133,10 @@ impl Keyspace for Leases {
         registry: &Registry,
     ) -> Result<(i64, u64, Option<Self::Batch>), RegistryError> {
         let list = registry.list_leases().await?;
-        for bad in &list.malformed {
+        for bad in self.not_said(&list.malformed) {
             tracing::error!("skipping malformed lease: {bad}");
         }
-        let events = self.0.resync(&list);
+        let events = self.known.resync(&list);
         Ok((
             list.revision,
             list.cluster_id,
@@ -139,17 +156,18 @@ impl Keyspace for Leases {
             let event = match ev.event_type() {
                 EventType::Put => match Lease::parse(registry.prefix(), &key, kv.value()) {
                     None => None,
-                    Some(Ok(lease)) => self.0.put(lease),
+                    Some(Ok(lease)) => self.known.put(lease),
                     Some(Err(e)) => {
                         RegistryStats::bump(&registry.stats.malformed_leases);
                         tracing::error!(
                             "skipping malformed lease (keeping what we had for it): {e}"
                         );
+                        self.said.insert(e.to_string());
                         None
                     }
                 },
                 EventType::Delete => match SubnetKey::from_key(registry.prefix(), &key) {
-                    Some(Ok(subnet)) => self.0.remove(&subnet),
+                    Some(Ok(subnet)) => self.known.remove(&subnet),
                     _ => None,
                 },
             };
@@ -317,20 +335,30 @@ impl Seen {
 async fn run<K: Keyspace>(registry: Registry, mut keys: K, tx: mpsc::Sender<K::Batch>) {
     let mut seen = Seen::default();
     let mut backoff = Backoff::new(RELIST_MIN, RELIST_MAX);
+    // The last listing failure logged: while etcd stays away, the same one each second is
+    // not logged again (the etcd_errors metric counts them all).
+    let mut failing: Option<String> = None;
     loop {
         let (revision, cluster_id, batch) = match keys.list(&registry).await {
             Ok(list) => list,
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(
-                    retry_in_ms = delay.as_millis() as u64,
-                    "listing {}s failed: {e}",
-                    K::WHAT
-                );
+                let msg = e.to_string();
+                if failing.as_ref() != Some(&msg) {
+                    tracing::warn!(
+                        retry_in_ms = delay.as_millis() as u64,
+                        "listing {}s failed: {msg} (retrying; the same failure is not logged again)",
+                        K::WHAT
+                    );
+                    failing = Some(msg);
+                }
                 tokio::time::sleep(delay).await;
                 continue;
             }
         };
+        if failing.take().is_some() {
+            tracing::info!("listing {}s works again", K::WHAT);
+        }
         if let Some(why) = seen.update(cluster_id, revision) {
             RegistryStats::bump(&registry.stats.etcd_resets);
             tracing::warn!("{why}; every {} is taken from the new listing", K::WHAT);
@@ -514,6 +542,20 @@ mod tests {
         gone.sort_by_key(|e| format!("{e:?}"));
         assert_eq!(gone.len(), 3);
         assert!(gone.contains(&LeaseEvent::Removed(a)));
+    }
+
+    #[test]
+    fn malformed_entries_are_logged_once_across_relists() {
+        let bad = |k: &str| LeaseError::Key {
+            key: k.into(),
+            reason: "junk".into(),
+        };
+        let mut leases = Leases::default();
+        assert_eq!(leases.not_said(&[bad("a"), bad("b")]).len(), 2);
+        assert!(leases.not_said(&[bad("a"), bad("b")]).is_empty());
+        // b mended, c new: only c; b broken again later: b again.
+        assert_eq!(leases.not_said(&[bad("a"), bad("c")]).len(), 1);
+        assert_eq!(leases.not_said(&[bad("a"), bad("b"), bad("c")]).len(), 1);
     }
 
     #[test]

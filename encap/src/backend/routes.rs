@@ -115,20 +115,29 @@ impl PeerRoutes {
             .collect()
     }
 
-    /// Installs again the routes someone deleted; returns how many.
+    /// Installs again the routes someone deleted; returns how many. One that cannot go back
+    /// (an operator's route in its place) does not keep the others out: the first error is
+    /// returned once every route was tried.
     pub async fn repair(&self) -> Result<usize, NetlinkError> {
         let present = self.netlink.own_routes().await?;
         let mut restored = 0;
+        let mut first_error = None;
         for r in self.installed.values().flatten() {
             if present.contains(&r.as_own()) {
                 continue;
             }
             tracing::warn!(route = %r.dst, via = %r.via, "our route was deleted: restoring it");
-            self.netlink
+            match self
+                .netlink
                 .replace_route(r.dst, Some(r.via), r.oif, r.onlink, r.own_link)
-                .await?;
-            restored += 1;
+                .await
+            {
+                Ok(()) => restored += 1,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        Ok(restored)
+        first_error.map_or(Ok(restored), Err)
     }
 }

@@ -110,9 +110,9 @@ impl DaemonApi {
 
     /// Sends `method target` with an optional JSON body and reads the whole answer.
     ///
-    /// `target` must already be encoded (see `encode_component`). The deadline covers writing
-    /// and reading; connect(2) on a Unix socket does not wait for the daemon to accept, only
-    /// (rarely) for room in a full listen backlog.
+    /// `target` must already be encoded (see `encode_component`). The deadline covers
+    /// connecting (which waits only for room in a full listen backlog: a daemon that stopped
+    /// accepting), writing and reading.
     pub fn request(
         &self,
         method: &str,
@@ -120,7 +120,12 @@ impl DaemonApi {
         body: Option<&[u8]>,
     ) -> Result<Response, ApiError> {
         let deadline = Instant::now() + self.timeout;
-        let mut stream = UnixStream::connect(&self.socket).map_err(ApiError::Unreachable)?;
+        let mut stream = connect_within(&self.socket, self.remaining(deadline)?).map_err(|e| {
+            match e.kind() {
+                io::ErrorKind::WouldBlock => ApiError::TimedOut(self.timeout),
+                _ => ApiError::Unreachable(e),
+            }
+        })?;
         let mut request =
             format!("{method} {target} HTTP/1.1\r\nHost: flanneld-rs\r\nConnection: close\r\n");
         if let Some(body) = body {
@@ -274,6 +279,65 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, ApiError> {
     }))
 }
 
+/// connect(2) to `path` waiting at most `timeout` (not zero) for room in the listen backlog,
+/// which a blocking connect otherwise waits for without end: std has no timeout for it, the
+/// socket's send timeout bounds it.
+fn connect_within(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data, for which all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the socket path is too long for a Unix socket",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (to, from) in addr.sun_path.iter_mut().zip(bytes) {
+        *to = *from as libc::c_char;
+    }
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned at once below.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let tv = libc::timeval {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros().max(1)),
+    };
+    // SAFETY: `tv` is a valid timeval and the length given is its size.
+    let set = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a sockaddr_un filled above and `len` does not exceed its size.
+    let connected = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len as libc::socklen_t,
+        )
+    };
+    if connected != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(fd))
+}
+
 /// A chunked body (read to EOF) decoded; trailers are ignored.
 fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, ApiError> {
     let mut body = Vec::new();
@@ -290,11 +354,16 @@ fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, ApiError> {
         if size == 0 {
             return Ok(body);
         }
-        if rest.len() < size + 2 || &rest[size..size + 2] != b"\r\n" {
+        let Some((chunk, after)) = size
+            .checked_add(2)
+            .filter(|&end| end <= rest.len())
+            .map(|end| (&rest[..size], &rest[size..end]))
+            .filter(|(_, crlf)| *crlf == b"\r\n")
+        else {
             return Err(bad("chunked body ends inside a chunk".into()));
-        }
-        body.extend_from_slice(&rest[..size]);
-        rest = &rest[size + 2..];
+        };
+        body.extend_from_slice(chunk);
+        rest = &rest[size + after.len()..];
     }
 }
 
@@ -372,6 +441,41 @@ mod tests {
         );
         let r = api(&daemon, 2000).request("GET", "/", None).unwrap();
         assert_eq!(r.body, b"busy!!!");
+    }
+
+    #[test]
+    fn a_full_listen_queue_costs_the_deadline_not_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("full.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: listen(2) on a listening socket we own, to shrink its backlog.
+            assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        }
+        // Never accepted: these fill the backlog (0 admits one, and the kernel one more).
+        let _held: Vec<UnixStream> = (0..2)
+            .filter_map(|_| connect_within(&path, Duration::from_millis(100)).ok())
+            .collect();
+        let api = DaemonApi::new(path.clone(), Duration::from_millis(200));
+        let started = Instant::now();
+        let r = api.request("GET", "/", None);
+        assert!(matches!(r, Err(ApiError::TimedOut(_))), "{r:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn huge_chunk_sizes_are_a_bad_response() {
+        for size in ["ffffffffffffffff", "fffffffffffffffe", "10"] {
+            assert!(matches!(
+                dechunk(format!("{size}\r\nxx\r\n0\r\n\r\n").as_bytes()),
+                Err(ApiError::BadResponse(_))
+            ));
+        }
     }
 
     #[test]

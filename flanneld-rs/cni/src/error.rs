@@ -109,7 +109,29 @@ struct ErrorJson<'a> {
     details: Option<String>,
 }
 
+/// Longest message or details we print: they can quote the caller's input (CNI_IFNAME, the
+/// container ID, the network name), which nothing else bounds.
+const MAX_MESSAGE: usize = 2048;
+
+fn clip(mut s: String) -> String {
+    if s.len() > MAX_MESSAGE {
+        let total = s.len();
+        let mut end = MAX_MESSAGE;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str(&format!("… ({total} bytes)"));
+    }
+    s
+}
+
 impl CniError {
+    /// The message, cut to a bounded length (for stdout's `msg` and for stderr).
+    pub fn message(&self) -> String {
+        clip(self.to_string())
+    }
+
     pub fn code(&self) -> u32 {
         use CniError::*;
         match self {
@@ -158,8 +180,8 @@ impl CniError {
         let json = ErrorJson {
             cni_version,
             code: self.code(),
-            msg: self.to_string(),
-            details: self.details(),
+            msg: self.message(),
+            details: self.details().map(clip),
         };
         // Serializing plain strings and integers cannot fail; the fallback only keeps this total.
         let mut out = serde_json::to_vec(&json)

@@ -157,14 +157,34 @@ pub fn delete_pod(api: &DaemonApi, pod: &PodId, container_id: &str, gone: &Path)
 /// A leading '.' is made '_' too: it would hide the file and clash with temp files.
 pub fn tombstone_name(pod: &PodId, container_id: &str) -> String {
     let raw = format!("{}_{}_{}", pod.namespace, pod.name, container_id);
-    raw.chars()
+    let mut name: String = raw
+        .chars()
         .enumerate()
         .map(|(i, c)| match c {
             '.' if i == 0 => '_',
             c if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') => c,
             _ => '_',
         })
-        .collect()
+        .collect();
+    // A pod name may be 253 characters and a namespace 63: with the container ID and the temp
+    // file's additions that passes a file name's 255 bytes. The file holds the names in full,
+    // so a long one is cut and told apart by a hash of the whole.
+    if name.len() > MAX_NAME {
+        name.truncate(MAX_NAME - 17);
+        name.push_str(&format!("_{:016x}", fnv1a(raw.as_bytes())));
+    }
+    name
+}
+
+/// Longest tombstone or pending file name; `write_atomic`'s temp name adds about 20 bytes.
+const MAX_NAME: usize = 200;
+
+/// FNV-1a, 64 bits: stable across builds, so that a DEL finds what an ADD of another version
+/// of the plugin left.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Writes `{"namespace","name","containerID"}` to `gone/<tombstone_name>` atomically.
@@ -344,6 +364,30 @@ mod tests {
         };
         assert_eq!(tombstone_name(&odd, "c.1"), "_hidden_a_b___c.1");
         assert_eq!(tombstone_name(&pod(), "ctr1"), "prod_db-0_ctr1");
+    }
+
+    #[test]
+    fn long_pod_names_still_make_a_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let long = |name: &str| PodId {
+            namespace: "n".repeat(63),
+            name: name.repeat(253),
+        };
+        let cid = "f".repeat(64);
+        let path = write_tombstone(tmp.path(), &long("a"), &cid).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.len() <= MAX_NAME, "{name}");
+        // Another pod with the same start gets another file.
+        let other = write_tombstone(tmp.path(), &long("b"), &cid).unwrap();
+        assert_ne!(path, other);
+        let mut other_cid = cid.clone();
+        other_cid.replace_range(63.., "e");
+        assert_ne!(
+            tombstone_name(&long("a"), &cid),
+            tombstone_name(&long("a"), &other_cid)
+        );
+        let body: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert_eq!(body["name"].as_str().map(str::len), Some(253));
     }
 
     #[test]

@@ -82,7 +82,7 @@ impl Reply {
     fn error(e: &CniError, cni_version: &str) -> Reply {
         Reply {
             stdout: e.to_stdout(cni_version),
-            stderr: format!("flannel: {e}\n"),
+            stderr: format!("flannel: {}\n", e.message()),
             exit_code: 1,
         }
     }

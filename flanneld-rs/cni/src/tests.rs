@@ -857,3 +857,25 @@ fn del_with_failing_delegate_and_daemon_keeps_the_delegate_error() {
     );
     assert_eq!(node.gone(), ["default_ctr1_ctr1"]);
 }
+
+#[test]
+fn huge_input_is_not_echoed_whole() {
+    let node = Node::new();
+    let long = "x".repeat(100_000);
+    for (var, value) in [
+        ("CNI_IFNAME", long.clone()),
+        ("CNI_CONTAINERID", format!("-{long}")),
+        ("CNI_COMMAND", long.clone()),
+    ] {
+        let mut env = node.env("ADD");
+        env.retain(|(k, _)| k != var);
+        env.push((var.into(), value));
+        let r = node.run_with(env, &node.conf(json!({})));
+        assert_eq!(r.exit_code, 1, "{var}");
+        assert!(r.stdout.len() < 5000, "{var}: {} bytes", r.stdout.len());
+        assert!(r.stderr.len() < 3000, "{var}: {} bytes", r.stderr.len());
+        let v = stdout_json(&r);
+        let said = format!("{} {}", v["msg"], v["details"]);
+        assert!(said.contains(" bytes)"), "{var}: {said}");
+    }
+}

@@ -2,6 +2,7 @@
 //! the backend, our own lease renewed (re-acquired when lost, put back when overwritten), and
 //! the periodic upkeep of what we programmed.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use anyhow::{Context, Result};
 use encap::netlink::Netlink;
 use encap::Backend;
 use subnet_manager::admission::{Admission, Outcome, PeerChange};
-use subnet_manager::lease::{Lease, LeaseAttrs};
+use subnet_manager::lease::{Lease, LeaseAttrs, SubnetKey};
 use subnet_manager::lifecycle::{self, LeaseLost, LeaseRequest};
 use subnet_manager::registry::{HeldLease, Registry};
 use subnet_manager::watch::{self, LeaseEvent};
@@ -41,6 +42,10 @@ pub(super) struct Running {
     reconciled: bool,
     /// The upkeep's last failure, logged once while it lasts.
     upkeep_error: Option<String>,
+    /// Admitted peers the backend failed to program (a netlink error, an operator's route in
+    /// the way), tried again at each upkeep: nothing else would bring them back, as their
+    /// leases' renewals change nothing in etcd.
+    unprogrammed: BTreeMap<SubnetKey, Lease>,
 }
 
 impl Running {
@@ -78,6 +83,7 @@ impl Running {
             admission,
             reconciled: false,
             upkeep_error: None,
+            unprogrammed: BTreeMap::new(),
         }
     }
 
@@ -91,12 +97,13 @@ impl Running {
             let (lost, rewritten) = tokio::select! {
                 _ = shutdown.wait() => return Ok(()),
                 lost = &mut self.renewer.lost => match lost {
-                    Ok(LeaseLost::Deleted) => (Some("lease lost: our lease key is gone from etcd".to_string()), None),
+                    Ok(LeaseLost::Deleted) => (Some(Lost::gone("lease lost: our lease key is gone from etcd")), None),
                     Ok(LeaseLost::Rewritten) => (None, Some((None, true))),
-                    Ok(LeaseLost::RenewFailed(n)) => (Some(format!(
-                        "lease renewal failed {n} times (the key stays ours until it expires)"
-                    )), None),
-                    Err(_) => (Some("renewal task ended".to_string()), None),
+                    Ok(LeaseLost::RenewFailed(n)) => (Some(Lost {
+                        why: format!("lease renewal failed {n} times (the key stays ours until it expires)"),
+                        still_ours: true,
+                    }), None),
+                    Err(_) => (Some(Lost::gone("renewal task ended")), None),
                 },
                 _ = resync.tick(), if self.reconciled => {
                     self.keep_programmed().await;
@@ -106,7 +113,7 @@ impl Running {
                     let Some(batch) = batch else { return Ok(()) };
                     match self.on_batch(batch).await {
                         OwnEvent::None => (None, None),
-                        OwnEvent::Removed => (Some("lease lost: our lease key was deleted from etcd".to_string()), None),
+                        OwnEvent::Removed => (Some(Lost::gone("lease lost: our lease key was deleted from etcd")), None),
                         OwnEvent::Rewritten(theirs) => (None, Some((Some(theirs), false))),
                     }
                 }
@@ -128,13 +135,13 @@ impl Running {
                             }
                             None
                         }
-                        Rewrite::Lost(why) => Some(why),
+                        Rewrite::Lost(why) => Some(Lost::gone(why)),
                         Rewrite::Stop => return Ok(()),
                     }
                 }
             };
-            if let Some(why) = lost {
-                if !self.reacquire(&why, shutdown).await? {
+            if let Some(lost) = lost {
+                if !self.reacquire(&lost, shutdown).await? {
                     return Ok(());
                 }
             }
@@ -162,6 +169,9 @@ impl Running {
             let all: Vec<Lease> = self.admission.admitted().cloned().collect();
             if let Err(e) = self.backend.reconcile(&all).await {
                 tracing::warn!("reconciling peers: {e}");
+                // Which ones failed is in the log; adding one again is harmless.
+                self.unprogrammed
+                    .extend(all.iter().map(|l| (l.key.clone(), l.clone())));
             }
             sweep_devices(&self.netlink, self.backend.as_ref()).await;
             let blackholes = upkeep::blackholes(&self.flags, &self.own.key);
@@ -186,6 +196,9 @@ impl Running {
         self.status
             .peers
             .store(self.admission.admitted_count(), Ordering::Relaxed);
+        self.status
+            .refused_now
+            .store(self.admission.refused_count(), Ordering::Relaxed);
         self.status.set_peers(self.admission.admitted());
         if let Some(h) = &self.health {
             // Over the path pods' packets take: the overlay address for the encapsulating
@@ -213,14 +226,18 @@ impl Running {
         let mut own_event = OwnEvent::None;
         for ev in batch {
             let out = match ev {
+                // Admission keeps another node's value on our key, which becomes a peer if we
+                // move away because of it.
                 LeaseEvent::Added(lease) if lease.key == self.own.key => {
                     if lease.attrs != self.own.attrs {
-                        own_event = OwnEvent::Rewritten(Box::new(lease));
+                        own_event = OwnEvent::Rewritten(Box::new(lease.clone()));
                     }
+                    self.admission.put(lease);
                     continue;
                 }
                 LeaseEvent::Removed(lease) if lease.key == self.own.key => {
                     own_event = OwnEvent::Removed;
+                    self.admission.remove(&lease.key);
                     continue;
                 }
                 LeaseEvent::Added(lease) => self.admission.put(lease),
@@ -258,8 +275,34 @@ impl Running {
                     self.backend.remove_peer(lease).await
                 }
             };
-            if let Err(e) = result {
-                tracing::warn!("{e}");
+            match (&change, result) {
+                (PeerChange::Add(lease), Err(e)) => {
+                    tracing::warn!("{e} (tried again at each --iptables-resync period)");
+                    self.unprogrammed.insert(lease.key.clone(), lease.clone());
+                }
+                (PeerChange::Add(lease) | PeerChange::Remove(lease), result) => {
+                    self.unprogrammed.remove(&lease.key);
+                    if let Err(e) = result {
+                        tracing::warn!("{e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tries again to program the peers whose programming failed; logged when it works.
+    async fn retry_unprogrammed(&mut self) {
+        for (key, lease) in std::mem::take(&mut self.unprogrammed) {
+            match self.backend.add_peer(&lease).await {
+                Ok(()) => {
+                    tracing::info!(subnet = %key, "peer programmed after an earlier failure");
+                    self.status.repairs.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    // Said once already, when it first failed.
+                    tracing::debug!("{e}");
+                    self.unprogrammed.insert(key, lease);
+                }
             }
         }
     }
@@ -395,11 +438,15 @@ impl Running {
 
     /// Our lease was lost: acquire again, asking for the same subnet first. False when told
     /// to stop meanwhile.
-    async fn reacquire(&mut self, why: &str, shutdown: &mut Shutdown) -> Result<bool> {
-        tracing::warn!(subnet = %self.own.key, "{why}: acquiring again");
+    async fn reacquire(&mut self, lost: &Lost, shutdown: &mut Shutdown) -> Result<bool> {
+        tracing::warn!(subnet = %self.own.key, "{}: acquiring again", lost.why);
         self.renewer.stop();
         let old_grant = self.renewer.grant();
-        self.status.set_lease(None);
+        if !lost.still_ours {
+            // After failed renewals the key is ours until the expiry the status holds:
+            // readiness fails from then on, not up to an hour early.
+            self.status.set_lease(None);
+        }
         self.req.previous = Some(self.own.key.clone());
         let (registry, req) = (self.registry.clone(), self.req.clone());
         let acquire = || lifecycle::acquire(&registry, &req);
@@ -450,8 +497,11 @@ impl Running {
         resync
     }
 
-    /// Puts back what someone removed of ours: routes, rules, the blackhole route, devices.
+    /// Puts back what someone removed of ours: routes, rules, the blackhole route, devices;
+    /// and programs the peers that failed before.
     async fn keep_programmed(&mut self) {
+        // First, so that the sweep below finds their routes wanted.
+        self.retry_unprogrammed().await;
         keep_programmed(
             &self.netlink,
             self.backend.as_mut(),
@@ -518,6 +568,22 @@ impl Running {
             self.flags.renew_margin(),
             self.status.clone(),
         );
+    }
+}
+
+/// Why we acquire a lease again.
+struct Lost {
+    why: String,
+    /// Renewals failed, but the key is ours until it expires.
+    still_ours: bool,
+}
+
+impl Lost {
+    fn gone(why: impl Into<String>) -> Self {
+        Lost {
+            why: why.into(),
+            still_ours: false,
+        }
     }
 }
 

@@ -63,12 +63,19 @@ pub fn ensure_bridge_hooks(warned: &mut bool) {
 
 /// Packets dropped (ingress, egress) by the table's counters; None when there is no table.
 pub async fn denied_counters() -> Option<(u64, u64)> {
-    let out = Command::new("nft")
-        .args(["-j", "list", "counters", "table", "inet", TABLE])
-        .stderr(Stdio::null())
-        .output()
-        .await
-        .ok()?;
+    // A scrape waits for this: an nft stuck on a busy netlink socket must not hold it, nor
+    // live on after it (killed when the timeout drops it).
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        Command::new("nft")
+            .args(["-j", "list", "counters", "table", "inet", TABLE])
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .ok()?
+    .ok()?;
     if !out.status.success() {
         return None;
     }

@@ -121,7 +121,14 @@ pub struct Policy {
     grant: AtomicI64,
     grant_ttl: Duration,
     state_dir: std::path::PathBuf,
+    /// When the drop counters were last read: scrapes within `COUNTERS_FRESH` of it reuse
+    /// that reading, and concurrent ones wait for one `nft` run, not one each.
+    counters_read: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How long a reading of the drop counters serves scrapes: `/metrics` is open to anyone who
+/// reaches the port, and each reading runs `nft`.
+const COUNTERS_FRESH: Duration = Duration::from_secs(2);
 
 impl Policy {
     /// Starts following the policy records and programming the kernel for `key`'s pods.
@@ -148,6 +155,7 @@ impl Policy {
                 .parent()
                 .map(std::path::Path::to_path_buf)
                 .unwrap_or_default(),
+            counters_read: tokio::sync::Mutex::new(None),
         });
         let records =
             subnet_manager::watch::spawn_records(policy.registry.clone(), policy.prefix.clone());
@@ -196,6 +204,11 @@ impl Policy {
 
     /// Reads the drop counters from the kernel into `stats` (at scrape time).
     pub async fn refresh_counters(&self) {
+        let mut read = self.counters_read.lock().await;
+        if read.is_some_and(|t| t.elapsed() < COUNTERS_FRESH) {
+            return;
+        }
+        *read = Some(std::time::Instant::now());
         if let Some((i, o)) = kernel::denied_counters().await {
             self.stats.denied_in.store(i, Ordering::Relaxed);
             self.stats.denied_out.store(o, Ordering::Relaxed);

@@ -235,11 +235,32 @@ impl Policy {
     }
 }
 
-/// The files the plugin left in `dir` (none when it does not exist).
+/// A plugin killed while writing leaves its temp file behind: removed after this long.
+const STALE_TEMP: Duration = Duration::from_secs(600);
+
+/// The files the plugin left in `dir` (none when it does not exist). Names starting with `.`
+/// are the plugin's temp files, written and then renamed into place: one read half written
+/// (or taken away before its rename) would be a record or a tombstone lost.
 fn files_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    std::fs::read_dir(dir)
-        .map(|entries| entries.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default()
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files = Vec::new();
+    for e in entries.flatten() {
+        if !e.file_name().as_encoded_bytes().starts_with(b".") {
+            files.push(e.path());
+            continue;
+        }
+        let age = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if age.is_some_and(|a| a > STALE_TEMP) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    files
 }
 
 /// Grants, re-adopts and keeps alive our records' etcd grant; sweeps tombstones.
@@ -281,4 +302,20 @@ async fn grant_and_readopt(policy: &Policy, ttl: Duration) -> Result<usize> {
         .map_err(|e| anyhow!("granting: {e}"))?;
     policy.grant.store(grant, Ordering::Relaxed);
     policy.readopt().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plugins_temp_files_are_not_swept() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(dir.path().join("x_a_c1"), "{}").expect("write");
+        std::fs::write(dir.path().join(".x_b_c2.123.tmp"), "").expect("write");
+        assert_eq!(files_in(dir.path()), vec![dir.path().join("x_a_c1")]);
+        // A fresh temp file is left for its rename.
+        assert!(dir.path().join(".x_b_c2.123.tmp").exists());
+        assert!(files_in(&dir.path().join("absent")).is_empty());
+    }
 }

@@ -47,15 +47,22 @@ fn read(path: &str) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
-/// A command's standard output; `None` when it is missing or fails.
+/// How long one check's command may take. `iptables -w` waits for the xtables lock as long
+/// as another holds it (kube-proxy on a large cluster): the check then reads as unknown, and
+/// the report still comes.
+const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A command's standard output; `None` when it is missing, fails or takes too long.
 async fn command(prog: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(prog)
+    let run = Command::new(prog)
         .args(args)
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
-        .output()
+        .output();
+    let out = tokio::time::timeout(COMMAND_TIMEOUT, run)
         .await
+        .ok()?
         .ok()?;
     out.status
         .success()
@@ -191,6 +198,21 @@ mod tests {
         assert!(forward_check(Some(ours), true).ok);
         assert!(forward_check(Some("-P FORWARD ACCEPT\n"), false).ok);
         assert!(forward_check(None, true).ok);
+    }
+
+    #[tokio::test]
+    async fn a_command_that_hangs_reads_as_unknown() {
+        let started = std::time::Instant::now();
+        assert_eq!(command("sleep", &["30"]).await, None);
+        assert!(
+            started.elapsed() < COMMAND_TIMEOUT * 2,
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            command("echo", &["x"]).await.as_deref().map(str::trim),
+            Some("x")
+        );
     }
 
     #[test]

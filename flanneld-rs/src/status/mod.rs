@@ -29,6 +29,8 @@ pub struct Status {
     /// written: what Flannel's `/readyz` waits for.
     pub ready: AtomicBool,
     pub peers: AtomicUsize,
+    /// Peers' leases kept from the backend now (other backends' aside).
+    pub refused_now: AtomicUsize,
     backend: Mutex<String>,
     registry: Mutex<Option<Arc<RegistryStats>>>,
     datapath: Mutex<Option<Arc<Stats>>>,
@@ -183,13 +185,8 @@ impl Status {
                 .and_then(|d| d.offloads.lock().ok().map(|o| o.clone()))
                 .unwrap_or_default(),
             peers,
-            refused_leases: self
-                .refused
-                .iter()
-                .zip(Refusal::KINDS)
-                .filter(|(_, kind)| *kind != "other_backend")
-                .map(|(c, _)| c.load(Ordering::Relaxed))
-                .sum(),
+            // Those refused now, not every refusal since start (the metric counts those).
+            refused_leases: self.refused_now.load(Ordering::Relaxed) as u64,
             checks: checks::gather(&ctx).await,
             backend,
         }

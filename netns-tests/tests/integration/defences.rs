@@ -328,6 +328,14 @@ fn own_lease_taken_under_another_grant_moves_us() -> Result<()> {
             .contains("taken by the node with PublicIP 172.30.0.99"),
         "not logged"
     );
+    // n1 takes the node that took its old subnet for a peer like any other (its renewals
+    // would bring no event to tell n1 later). Its route waits for cni0 to let go of the old
+    // subnet (pods recreated), as with Flannel: tried again at each resync meanwhile.
+    wait_until(
+        "n1 to admit the node that took its old subnet",
+        Duration::from_secs(10),
+        || node_metric(&c, 0, "flanneld_peers") == 2.0,
+    )?;
     // The plugin's records follow the new subnet: an address from it is accepted (marked with
     // the new key), one from the old subnet refused.
     let moved = node_key(&c, 0)?;
@@ -522,6 +530,23 @@ fn deleted_state_is_restored_vxlan() -> Result<()> {
         node_metric(&c, 0, "flanneld_repairs_total") >= 3.0,
         "repairs not counted"
     );
+    // Deleted, and made again by someone else with another MAC before our upkeep looks: ours
+    // comes back with the MAC our lease publishes, or peers' frames would miss it.
+    let foreign = format!(
+        "ip link del flannel.1; ip link add flannel.1 address 0e:99:99:99:99:99 type vxlan \
+         id 1 local {} dev eth0 dstport 8472 nolearning",
+        n.ip
+    );
+    let made = (0..5).any(|_| n.run("sh", &["-c", &foreign]).is_ok());
+    ensure!(made, "could not put a foreign flannel.1 in place");
+    wait_until("our MAC back", Duration::from_secs(10), || {
+        link(n).is_ok_and(|m| m == mac)
+    })?;
+    wait_until(
+        "the mesh after the foreign device",
+        Duration::from_secs(10),
+        || c.ping_mesh(&pods).is_ok(),
+    )?;
     Ok(())
 }
 
@@ -540,6 +565,93 @@ fn deleted_route_is_restored_host_gw() -> Result<()> {
         node_metric(&c, 0, "flanneld_repairs_total") >= 1.0,
         "repair not counted"
     );
+    Ok(())
+}
+
+/// A peer whose route an operator's route kept out is programmed once that route goes, and a
+/// route of ours an operator took over does not keep another deleted one from coming back.
+#[test]
+fn blocked_peers_and_routes_are_programmed_once_they_can_be_host_gw() -> Result<()> {
+    require_root!();
+    let (c, pods) = cluster("host-gw", 2)?;
+    let n = &c.nodes[0];
+    let has = |dst: &str, via: &str| {
+        n.routes().is_ok_and(|r| {
+            r.lines()
+                .any(|l| l.starts_with(&format!("{dst} via {via}")))
+        })
+    };
+    n.run("ip", &["route", "add", "10.244.200.0/24", "dev", "lo"])?;
+    put_lease(
+        &c,
+        "10.244.200.0-24",
+        r#"{"PublicIP":"172.30.0.98","BackendType":"host-gw"}"#,
+    )?;
+    wait_until(
+        "n1 to fail adding the peer",
+        Duration::from_secs(10),
+        || {
+            n.log()
+                .contains("tried again at each --iptables-resync period")
+        },
+    )?;
+    ensure!(
+        !has("10.244.200.0/24", "172.30.0.98"),
+        "the operator's route was replaced"
+    );
+    n.run("ip", &["route", "del", "10.244.200.0/24", "dev", "lo"])?;
+    wait_until("the peer's route", Duration::from_secs(10), || {
+        has("10.244.200.0/24", "172.30.0.98")
+    })?;
+    ensure!(
+        n.log().contains("peer programmed after an earlier failure"),
+        "not logged"
+    );
+    // An operator takes over n2's route (same path, their protocol), and ours to 10.244.200
+    // is deleted: that one comes back, whatever order the repair meets them in.
+    let peer = node_key(&c, 1)?.replace('-', "/");
+    let via = c.nodes[1].ip.clone();
+    n.run(
+        "ip",
+        &["route", "replace", &peer, "via", &via, "proto", "static"],
+    )?;
+    n.run("ip", &["route", "del", "10.244.200.0/24"])?;
+    wait_until("the deleted route back", Duration::from_secs(10), || {
+        has("10.244.200.0/24", "172.30.0.98")
+    })?;
+    ensure!(
+        n.routes()?
+            .lines()
+            .any(|l| l.starts_with(&format!("{peer} via")) && l.contains("proto static")),
+        "the operator's route was replaced"
+    );
+    // A route with our protocol number in another table is not ours to sweep.
+    let swept = node_metric(&c, 0, "flanneld_stale_routes_removed_total");
+    n.run(
+        "ip",
+        &[
+            "route",
+            "add",
+            "10.244.201.0/24",
+            "via",
+            &via,
+            "table",
+            "100",
+            "proto",
+            "70",
+        ],
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        node_metric(&c, 0, "flanneld_stale_routes_removed_total") == swept,
+        "a route in table 100 counted as swept"
+    );
+    ensure!(
+        n.run("ip", &["route", "show", "table", "100"])?
+            .contains("10.244.201.0/24"),
+        "a route in table 100 was removed"
+    );
+    c.ping_mesh(&pods)?;
     Ok(())
 }
 

@@ -346,3 +346,72 @@ async fn malformed_leases_are_skipped_and_watch_follows_changes() -> Result<()> 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn leases_are_listed_oldest_first_and_other_spellings_refused() -> Result<()> {
+    let (etcd, _dir) = start_etcd()?;
+    let sub = format!("{PREFIX}/subnets");
+    // Written in this order; etcd's key order would be 10, 2, 9.
+    for n in [9, 10, 2] {
+        etcd.put(
+            &format!("{sub}/10.244.{n}.0-24"),
+            &format!(r#"{{"PublicIP":"172.30.0.{n}","BackendType":"host-gw"}}"#),
+        )?;
+    }
+    // Another spelling of 10.244.2.0-24's key, with another value: it must not stand in
+    // for that lease.
+    etcd.put(
+        &format!("{sub}/10.244.2.0-024"),
+        r#"{"PublicIP":"172.30.0.66","BackendType":"host-gw"}"#,
+    )?;
+    let list = registry(&etcd).await?.list_leases().await?;
+    let keys: Vec<String> = list.leases.iter().map(|l| l.key.to_string()).collect();
+    assert_eq!(keys, ["10.244.9.0-24", "10.244.10.0-24", "10.244.2.0-24"]);
+    assert_eq!(list.leases[2].attrs.public_ip, Ipv4Addr::new(172, 30, 0, 2));
+    // Not a lease key at all, as Flannel ignores keys that are not `<subnet>-<len>`.
+    assert!(list.malformed.is_empty(), "{:?}", list.malformed);
+    assert!(list.unreadable.is_empty(), "{:?}", list.unreadable);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_refused_write_leaves_no_grant_behind() -> Result<()> {
+    let (mut etcd, _dir) = start_etcd()?;
+    etcd.enable_auth("node", "node-secret", PREFIX)?;
+    // A role that may read the prefix but not write it: granting still works, the put not.
+    etcd.ctl(&[
+        "role",
+        "revoke-permission",
+        "flannel",
+        "--prefix=true",
+        PREFIX,
+    ])?;
+    etcd.ctl(&[
+        "role",
+        "grant-permission",
+        "flannel",
+        "--prefix=true",
+        "read",
+        PREFIX,
+    ])?;
+    let reg = Registry::connect(&EtcdOptions {
+        endpoints: vec![etcd.endpoint.clone()],
+        prefix: PREFIX.into(),
+        username: Some("node".into()),
+        password: Some("node-secret".into()),
+        ..EtcdOptions::default()
+    })
+    .await?;
+    let key = SubnetKey::parse("10.244.1.0-24")?;
+    let attrs = LeaseAttrs::from_json(br#"{"PublicIP":"172.30.0.11","BackendType":"host-gw"}"#)?;
+    for _ in 0..3 {
+        let e = reg
+            .create_lease(&key, &attrs, Duration::from_secs(600))
+            .await
+            .expect_err("the role may not write");
+        assert!(e.to_string().contains("permission denied"), "{e}");
+    }
+    let grants = etcd.ctl(&["lease", "list"])?;
+    assert!(grants.starts_with("found 0 leases"), "{grants}");
+    Ok(())
+}

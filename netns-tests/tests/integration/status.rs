@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use netns_tests::binary;
-use netns_tests::cluster::Cluster;
+use netns_tests::cluster::{Cluster, ETCD_PREFIX};
 
 use crate::require_root;
 
@@ -92,6 +92,22 @@ fn status_shows_lease_devices_peers_and_a_forward_drop() -> Result<()> {
         .and_then(|cs| cs.iter().find(|c| c["name"] == "forward"))
         .context("no forward check in JSON")?;
     ensure!(forward["ok"] == false, "{forward}");
+
+    // A refused lease counts while it is there, not after.
+    let bad = format!("{ETCD_PREFIX}/subnets/10.244.250.0-24");
+    let etcd = c.etcd()?;
+    etcd.put(
+        &bad,
+        r#"{"PublicIP":"127.0.0.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:fa"}}"#,
+    )?;
+    let says = |want: &str| status(&c, 0, false).is_ok_and(|(_, t)| t.contains(want));
+    netns_tests::wait_until("1 refused", Duration::from_secs(10), || {
+        says("peers (1, 1 refused)")
+    })?;
+    etcd.ctl(&["del", &bad])?;
+    netns_tests::wait_until("0 refused again", Duration::from_secs(10), || {
+        says("peers (1, 0 refused)")
+    })?;
 
     // No daemon behind the socket: exit 2 with the reason.
     ensure!(c.stop_daemon(0) == Some(0), "SIGTERM should exit 0");

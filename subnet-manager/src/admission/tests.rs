@@ -261,3 +261,64 @@ fn every_refusal_kind_is_listed_for_metrics() {
         assert!(Refusal::KINDS.contains(&r.kind()), "{r:?}");
     }
 }
+
+#[test]
+fn whoever_took_our_old_key_is_a_peer_once_we_move() {
+    let mut a = with_own(
+        "host-gw",
+        no_claims(),
+        hostgw("10.230.1.0-24", "192.168.230.1"),
+    );
+    // Another node's value on our key: the daemon moves us, admission keeps it for then.
+    let taker = hostgw("10.230.1.0-24", "192.168.230.9");
+    assert_eq!(a.put(taker.clone()), Outcome::default());
+    let out = a.set_own(&hostgw("10.230.2.0-24", "192.168.230.1"));
+    assert_eq!(out.changes, vec![PeerChange::Add(taker.clone())]);
+    assert_eq!(a.admitted_count(), 1);
+    // Gone before we moved: nothing to add.
+    let mut a = with_own(
+        "host-gw",
+        no_claims(),
+        hostgw("10.230.1.0-24", "192.168.230.1"),
+    );
+    a.put(taker.clone());
+    a.remove(&taker.key);
+    assert_eq!(
+        a.set_own(&hostgw("10.230.2.0-24", "192.168.230.1")),
+        Outcome::default()
+    );
+    // Our own value seen on our key is not a taker.
+    let mut a = with_own(
+        "host-gw",
+        no_claims(),
+        hostgw("10.230.1.0-24", "192.168.230.1"),
+    );
+    a.put(hostgw("10.230.1.0-24", "192.168.230.1"));
+    assert_eq!(
+        a.set_own(&hostgw("10.230.2.0-24", "192.168.230.1")),
+        Outcome::default()
+    );
+}
+
+#[test]
+fn a_holder_letting_go_of_a_claim_lets_the_refused_in() {
+    let mut a = with_own(
+        "vxlan",
+        mac_claims(),
+        vxlan("10.230.1.0-24", "192.168.230.1", "0e:00:00:00:00:01"),
+    );
+    let holder = vxlan("10.230.2.0-24", "192.168.230.2", "0e:00:00:00:00:02");
+    let second = vxlan("10.230.3.0-24", "192.168.230.3", "0e:00:00:00:00:02");
+    a.put(holder);
+    assert!(matches!(
+        refusal(&a.put(second.clone())),
+        Refusal::Claimed { .. }
+    ));
+    let moved = vxlan("10.230.2.0-24", "192.168.230.2", "0e:00:00:00:00:22");
+    let out = a.put(moved.clone());
+    assert_eq!(
+        out.changes,
+        vec![PeerChange::Add(moved), PeerChange::Add(second)]
+    );
+    assert_eq!(a.refused_count(), 0);
+}

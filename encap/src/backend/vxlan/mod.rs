@@ -252,20 +252,25 @@ impl Vxlan {
         let keep_mac = Some(self.devices[pos].mac);
         let dev = open_device(&self.netlink, &self.cfg, &self.node, family, keep_mac).await?;
         self.devices[pos] = dev.clone();
-        if let Some(own) = self.own.clone() {
-            self.configure(&dev, &own).await?;
-        }
-        // The old entries and routes died with the old device (and named its index).
+        // The old entries and routes died with the old device (and named its index): forgotten
+        // before anything below can fail, or they would be "restored" on a dead index forever.
         for entries in self.installed.values_mut() {
             entries.retain(|e| e.family() != family);
         }
         self.routes.forget_on_link(old_index);
+        // An address that would not go on is tried again by the next repair; the peers are
+        // programmed meanwhile all the same.
+        let configured = match self.own.clone() {
+            Some(own) => self.configure(&dev, &own).await,
+            None => Ok(()),
+        };
         let peers: Vec<Lease> = self.leases.values().cloned().collect();
         for p in &peers {
             if let Err(e) = self.add_peer(p).await {
                 tracing::warn!("{e}");
             }
         }
+        configured?;
         let entries = self.installed.values().flatten();
         let entries = entries.filter(|e| e.family() == family).count();
         Ok(1 + entries + self.routes.count_on_link(dev.index()))
@@ -561,12 +566,17 @@ impl Vxlan {
             .filter(|e| e.family() == family && !e.present(&neigh, &fdb))
             .cloned()
             .collect();
+        let mut first_error = None;
         for e in &missing {
             tracing::warn!(entry = ?e, device = dev.name(), "an entry of ours was deleted: restoring it");
-            self.install(e).await?;
-            restored += 1;
+            match self.install(e).await {
+                Ok(()) => restored += 1,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        Ok(restored)
+        first_error.map_or(Ok(restored), Err)
     }
 
     /// Gives a device its address back if it lost it; returns whether it had to.
@@ -742,15 +752,26 @@ async fn ensure_device(
         mtu: cfg.device_mtu(family),
     };
     if let Some(have) = netlink.link_details(&name).await? {
-        match incompatibility(&have, &spec) {
+        // Recreating ours: a device someone else made under its name meanwhile carries another
+        // MAC, and peers would keep sending to the one our lease publishes.
+        let other_mac = keep_mac
+            .filter(|m| have.mac.as_slice() != m.as_slice())
+            .map(|m| {
+                format!(
+                    "its MAC is not {}, the one our lease publishes",
+                    format_mac(&m)
+                )
+            });
+        match incompatibility(&have, &spec).or(other_mac) {
             None => {
                 tracing::info!(device = %name, mac = %format_mac(&have.mac), "reusing the existing VXLAN device and its MAC");
                 return Ok(have);
             }
             Some(why) => {
                 tracing::warn!(device = %name, "existing device does not match the config ({why}): recreating it");
+                // At start, keep the MAC it had (peers may know it from our last lease).
                 if let Ok(mac) = <[u8; 6]>::try_from(have.mac.as_slice()) {
-                    if mac[0] & 1 == 0 && mac != [0; 6] {
+                    if keep_mac.is_none() && mac[0] & 1 == 0 && mac != [0; 6] {
                         spec.mac = mac;
                     }
                 }
@@ -845,11 +866,25 @@ impl Backend for Vxlan {
 
     async fn repair(&mut self) -> Result<usize, BackendError> {
         let families: Vec<Family> = self.devices.iter().map(|d| d.family).collect();
+        // Each part is tried whatever another's failure: one family's trouble must not keep
+        // the other's entries or the routes from coming back.
         let mut restored = 0;
+        let mut first_error = None;
         for family in families {
-            restored += self.repair_device(family).await?;
+            match self.repair_device(family).await {
+                Ok(n) => restored += n,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        Ok(restored + self.routes.repair().await?)
+        match self.routes.repair().await {
+            Ok(n) => restored += n,
+            Err(e) => {
+                first_error.get_or_insert(e.into());
+            }
+        }
+        first_error.map_or(Ok(restored), Err)
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError> {
