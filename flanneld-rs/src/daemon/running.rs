@@ -16,6 +16,7 @@ use subnet_manager::lease::{Lease, LeaseAttrs, SubnetKey};
 use subnet_manager::lifecycle::{self, LeaseLost, LeaseRequest};
 use subnet_manager::registry::{HeldLease, Registry};
 use subnet_manager::watch::{self, LeaseEvent};
+use tokio::sync::mpsc;
 
 use super::upkeep::{self, keep_programmed, sweep_devices, sweep_routes};
 use super::{start_lease, Failures, Renewer, Shutdown};
@@ -42,6 +43,8 @@ pub(super) struct Running {
     reconciled: bool,
     /// The upkeep's last failure, logged once while it lasts.
     upkeep_error: Option<String>,
+    /// Every node's lease as the watch reports it (spawned with the event loop).
+    events: Option<mpsc::Receiver<Vec<LeaseEvent>>>,
     /// Admitted peers the backend failed to program (a netlink error, an operator's route in
     /// the way), tried again at each upkeep: nothing else would bring them back, as their
     /// leases' renewals change nothing in etcd.
@@ -84,12 +87,13 @@ impl Running {
             reconciled: false,
             upkeep_error: None,
             unprogrammed: BTreeMap::new(),
+            events: None,
         }
     }
 
     /// Runs until told to stop (or the watch ends with the process).
     pub(super) async fn event_loop(&mut self, shutdown: &mut Shutdown) -> Result<()> {
-        let mut events = watch::spawn(self.registry.clone());
+        self.events = Some(watch::spawn(self.registry.clone()));
         let mut resync = self.resync_interval();
         loop {
             // What happened to our lease: lost for a reason, or rewritten (the event's value,
@@ -109,7 +113,7 @@ impl Running {
                     self.keep_programmed().await;
                     (None, None)
                 }
-                batch = events.recv() => {
+                batch = next_batch(&mut self.events) => {
                     let Some(batch) = batch else { return Ok(()) };
                     match self.on_batch(batch).await {
                         OwnEvent::None => (None, None),
@@ -513,11 +517,26 @@ impl Running {
         .await;
     }
 
+    /// A batch that came while we were busy with our own lease (acquiring it again, putting
+    /// it back): peers' changes reach the backend now, not once etcd lets us finish (a node
+    /// whose writes fail may still read). What it says of our own key is for the operation in
+    /// progress to find out by itself, and our own value under another key is the subnet we
+    /// are taking (not a peer to refuse).
+    async fn on_batch_meanwhile(&mut self, batch: Option<Vec<LeaseEvent>>) {
+        let Some(mut batch) = batch else {
+            self.events = None;
+            return;
+        };
+        batch.retain(|ev| !matches!(ev, LeaseEvent::Added(l) if l.attrs == self.own.attrs && l.key != self.own.key));
+        self.on_batch(batch).await;
+    }
+
     /// Runs `op` with back-off until it succeeds (`None`: told to stop), as `retry` does, but
-    /// the upkeep goes on every resync period meanwhile, as in the event loop: the datapath
-    /// keeps forwarding to the peers we know while etcd is away, and what someone removes of
-    /// ours is put back then too, not only once etcd returns. `op` works on copies of what it
-    /// needs: an attempt may hang as long as etcd does (an etcd that stopped answering).
+    /// the upkeep and the peers' lease events go on meanwhile, as in the event loop: the
+    /// datapath keeps forwarding to the peers we know while etcd is away, what someone removes
+    /// of ours is put back then too, and peers come and go, not only once etcd returns. `op`
+    /// works on copies of what it needs: an attempt may hang as long as etcd does (an etcd
+    /// that stopped answering).
     async fn retry_keeping_programmed<T, E, F, Fut>(
         &mut self,
         what: &str,
@@ -541,6 +560,7 @@ impl Running {
                     r = &mut attempt => break r,
                     _ = shutdown.wait() => return None,
                     _ = resync.tick(), if self.reconciled => self.keep_programmed().await,
+                    batch = next_batch(&mut self.events), if self.reconciled => self.on_batch_meanwhile(batch).await,
                 }
             };
             let pause = match attempt {
@@ -553,6 +573,7 @@ impl Running {
                     _ = &mut pause => break,
                     _ = shutdown.wait() => return None,
                     _ = resync.tick(), if self.reconciled => self.keep_programmed().await,
+                    batch = next_batch(&mut self.events), if self.reconciled => self.on_batch_meanwhile(batch).await,
                 }
             }
         }
@@ -584,6 +605,17 @@ impl Lost {
             why: why.into(),
             still_ours: false,
         }
+    }
+}
+
+/// The watch's next batch; never ready without a watch (not started, or gone), so that a
+/// select waits on its other arms.
+async fn next_batch(
+    events: &mut Option<mpsc::Receiver<Vec<LeaseEvent>>>,
+) -> Option<Vec<LeaseEvent>> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

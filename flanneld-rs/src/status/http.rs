@@ -33,7 +33,8 @@ use tokio::task::AbortHandle;
 use super::{metrics, Status};
 
 /// Connections served at once: each costs a descriptor. When all are taken, the one that has
-/// waited longest for its request is dropped for the newcomer (see `Waiting`).
+/// waited longest for its request, or else one whose answer is stuck, is dropped for the
+/// newcomer (see `Waiting`).
 const MAX_CONNECTIONS: usize = 64;
 /// The request line and headers must arrive within this.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -44,6 +45,12 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (EMFILE and the like): retrying at once fails again, and the
 /// loop would spin a core while the connections wait in the backlog anyway.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// With every slot taken and no connection still waiting for its request, one whose answer
+/// has been going out this long is a client not reading it (a reply is written at once to
+/// anyone who reads): it makes room, so a probe waits this long at worst, not
+/// `CONNECTION_TIMEOUT`. Looked at again this often while the slots stay full.
+const STUCK_ANSWER: Duration = Duration::from_millis(500);
+const EVICT_RETRY: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Copy)]
 pub(super) struct Limits {
@@ -292,30 +299,40 @@ async fn accept_loop<L: Listener>(listener: L, app: Router, limits: Limits) {
             );
             failures = 0;
         }
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                waiting.evict_oldest();
-                match slots.clone().acquire_owned().await {
-                    Ok(permit) => permit,
-                    Err(_) => return, // never closed
-                }
+        let permit = loop {
+            if let Ok(permit) = slots.clone().try_acquire_owned() {
+                break permit;
+            }
+            waiting.evict_oldest();
+            match tokio::time::timeout(EVICT_RETRY, slots.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => break permit,
+                Ok(Err(_)) => return, // never closed
+                Err(_) => {}          // none freed: one may have been stuck long enough now
             }
         };
         waiting.spawn(conn, app.clone(), limits.read_timeout, permit);
     }
 }
 
-/// Connections still waiting for their request, oldest first. Real clients send theirs at
-/// once, so when every slot is taken the oldest of these is idle or hostile, and dropping it
-/// keeps a flood of silent connections from locking a probe out for READ_TIMEOUT each.
+/// The open connections, oldest first, each either still waiting for its request or (with
+/// the time its request arrived) being answered. Real clients send theirs at once and read the
+/// answer as it comes, so when every slot is taken the oldest waiting one is idle or hostile,
+/// and so is one whose answer has not gone out within `STUCK_ANSWER`: dropping it keeps a
+/// flood of silent or non-reading connections from locking a probe out.
 #[derive(Default)]
 struct Waiting(Mutex<WaitingConns>);
 
 #[derive(Default)]
 struct WaitingConns {
     next_id: u64,
-    conns: VecDeque<(u64, AbortHandle)>,
+    conns: VecDeque<Conn>,
+}
+
+struct Conn {
+    id: u64,
+    task: AbortHandle,
+    /// When its request arrived; `None` while still waiting for it.
+    answering_since: Option<std::time::Instant>,
 }
 
 impl Waiting {
@@ -337,10 +354,10 @@ impl Waiting {
         let waiting = self.clone();
         let task = tokio::spawn(async move {
             let _slot = permit;
-            // The request has arrived once the router sees it: no longer a candidate.
+            // The request has arrived once the router sees it: being answered from now on.
             let seen = waiting.clone();
             let app = tower::ServiceExt::map_request(app, move |req| {
-                seen.done(id);
+                seen.answering(id);
                 req
             });
             let exchange = http1::Builder::new()
@@ -354,21 +371,41 @@ impl Waiting {
             let _ = tokio::time::timeout(CONNECTION_TIMEOUT, exchange).await;
             waiting.done(id);
         });
-        w.conns.push_back((id, task.abort_handle()));
+        w.conns.push_back(Conn {
+            id,
+            task: task.abort_handle(),
+            answering_since: None,
+        });
+    }
+
+    fn answering(&self, id: u64) {
+        if let Some(c) = self.lock().conns.iter_mut().find(|c| c.id == id) {
+            c.answering_since = Some(std::time::Instant::now());
+        }
     }
 
     fn done(&self, id: u64) {
-        self.lock().conns.retain(|(i, _)| *i != id);
+        self.lock().conns.retain(|c| c.id != id);
     }
 
-    /// Aborting the task drops its connection and its slot.
+    /// Drops the oldest connection still waiting for its request, else the oldest whose
+    /// answer has been stuck past `STUCK_ANSWER`, if any. Aborting the task drops its
+    /// connection and its slot.
     fn evict_oldest(&self) {
         let mut w = self.lock();
-        while let Some((_, task)) = w.conns.pop_front() {
-            if !task.is_finished() {
-                task.abort();
-                return;
-            }
+        w.conns.retain(|c| !c.task.is_finished());
+        let victim = w
+            .conns
+            .iter()
+            .position(|c| c.answering_since.is_none())
+            .or_else(|| {
+                w.conns.iter().position(|c| {
+                    c.answering_since
+                        .is_some_and(|t| t.elapsed() >= STUCK_ANSWER)
+                })
+            });
+        if let Some(c) = victim.and_then(|i| w.conns.remove(i)) {
+            c.task.abort();
         }
     }
 }

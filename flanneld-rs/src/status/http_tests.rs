@@ -139,6 +139,50 @@ async fn idle_connections_cannot_lock_out_a_probe() {
 }
 
 #[tokio::test]
+async fn clients_not_reading_their_answer_cannot_lock_out_a_probe() {
+    use crate::health::core::{PeerView, State};
+    // Enough probed peers for /metrics to outgrow both ends' socket buffers.
+    let status = Arc::new(Status::default());
+    let peer = |i: usize| PeerView {
+        key: format!("10.{}.{}.0-24{}", i / 256 % 256, i % 256, "x".repeat(200)),
+        state: State::Up,
+        rtt: Some(Duration::from_micros(100)),
+        loss: Some(0.0),
+        mtu_passes: Some(1450),
+        mtu_fails: None,
+    };
+    status.set_probes((0..20_000).map(peer).collect());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let limits = Limits {
+        connections: 2,
+        read_timeout: Duration::from_secs(5),
+    };
+    spawn_server(listener, status, limits, Endpoints::Probes);
+    // Two scrapers that never read their answer hold both slots.
+    let mut stuck = Vec::new();
+    for _ in 0..2 {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(4096).expect("rcvbuf");
+        let mut conn = sock.connect(addr).await.expect("connect");
+        conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .expect("send");
+        stuck.push(conn);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let reply = tokio::time::timeout(
+        Duration::from_secs(4),
+        exchange(addr, &[b"GET /healthz HTTP/1.0\r\n\r\n"]),
+    )
+    .await
+    .expect("answered while two scrapers sit on their answers");
+    assert!(reply.starts_with("HTTP/1.0 200 "), "{reply}");
+    eprintln!("probe answered after {:?}", started.elapsed());
+}
+
+#[tokio::test]
 async fn slow_requests_are_cut_off() {
     let addr = start_with(Limits {
         connections: 4,

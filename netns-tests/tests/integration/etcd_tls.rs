@@ -252,3 +252,55 @@ fn user_auth_survives_token_expiry() -> Result<()> {
     );
     Ok(())
 }
+
+/// A node whose writes etcd refuses (a role made read-only, a full database) while reads work:
+/// its renewals fail and it keeps trying to acquire a lease, and meanwhile peers that leave
+/// still leave its routes, as the watch reports them.
+#[test]
+fn peers_follow_while_our_own_writes_fail() -> Result<()> {
+    require_root!();
+    let mut c = auth_cluster(2, &[])?;
+    for i in 0..2 {
+        c.start_daemon(i, &["--subnet-lease-ttl=4s", "--iptables-resync=1"])?;
+        c.wait_subnet_env(i, Duration::from_secs(20))?;
+    }
+    let peer = c.lease_subnet(1)?;
+    let routed = |c: &Cluster| {
+        c.nodes[0]
+            .routes()
+            .is_ok_and(|r| r.lines().any(|l| l.starts_with(&format!("{peer} via"))))
+    };
+    wait_until("n1 to route n2's subnet", Duration::from_secs(10), || {
+        routed(&c)
+    })?;
+    let etcd = c.etcd()?;
+    etcd.ctl(&[
+        "role",
+        "revoke-permission",
+        "flannel",
+        "--prefix=true",
+        ETCD_PREFIX,
+    ])?;
+    etcd.ctl(&[
+        "role",
+        "grant-permission",
+        "flannel",
+        "--prefix=true",
+        "read",
+        ETCD_PREFIX,
+    ])?;
+    wait_until("n1 to try acquiring again", Duration::from_secs(20), || {
+        c.nodes[0].log().contains("acquiring again")
+    })?;
+    etcd.ctl(&[
+        "del",
+        &format!("{ETCD_PREFIX}/subnets/{}", peer.replace('/', "-")),
+    ])?;
+    wait_until(
+        "n1 to drop the route of the peer that left",
+        Duration::from_secs(10),
+        || !routed(&c),
+    )
+    .with_context(|| c.nodes[0].log())?;
+    Ok(())
+}
