@@ -368,10 +368,7 @@ impl Registry {
         let resp = match resp {
             Ok(resp) => resp,
             Err(e) => {
-                // Else each failed attempt (a role that may grant but not write, say) leaves
-                // a grant behind for its whole TTL. Had the put landed unseen, revoking deletes
-                // it again: the caller tries again anyway.
-                self.revoke(grant_id).await;
+                self.release_if_unused(key, grant_id).await;
                 return Err(e);
             }
         };
@@ -380,6 +377,22 @@ impl Registry {
         } else {
             self.revoke(grant_id).await;
             Ok((None, resp))
+        }
+    }
+
+    /// After a write whose answer was an error: revokes its grant unless the key is on it.
+    /// Else each failed attempt (a role that may grant but not write, say) would leave a grant
+    /// behind for its whole TTL; but a write that committed before its answer was lost put
+    /// the key on that grant, and revoking it would delete the key (the caller finds our value
+    /// on a grant it does not know at its next try, and takes it back). When even the read
+    /// fails, the grant is left to expire.
+    async fn release_if_unused(&self, key: &SubnetKey, grant_id: i64) {
+        match self.lease_key_now(key).await {
+            Ok(Some(now)) if now.grant == grant_id => {}
+            Ok(_) => self.revoke(grant_id).await,
+            Err(e) => {
+                tracing::debug!(grant_id, "not revoking the grant of a failed write: {e}");
+            }
         }
     }
 

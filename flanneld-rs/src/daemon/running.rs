@@ -43,12 +43,17 @@ pub(super) struct Running {
     reconciled: bool,
     /// The upkeep's last failure, logged once while it lasts.
     upkeep_error: Option<String>,
-    /// Every node's lease as the watch reports it (spawned with the event loop).
+    /// Every node's lease as the watch reports it (spawned with the event loop; `None` again
+    /// once the watch ended).
     events: Option<mpsc::Receiver<Vec<LeaseEvent>>>,
+    /// Our own key changed while we were busy with it (re-acquiring, putting it back): the
+    /// event loop reads it again before anything else.
+    recheck_own: bool,
     /// Admitted peers the backend failed to program (a netlink error, an operator's route in
     /// the way), tried again at each upkeep: nothing else would bring them back, as their
-    /// leases' renewals change nothing in etcd.
-    unprogrammed: BTreeMap<SubnetKey, Lease>,
+    /// leases' renewals change nothing in etcd. With whether it is known to have failed
+    /// (else it may have: a reconcile that failed names only its first failure).
+    unprogrammed: BTreeMap<SubnetKey, (Lease, bool)>,
 }
 
 impl Running {
@@ -88,6 +93,7 @@ impl Running {
             upkeep_error: None,
             unprogrammed: BTreeMap::new(),
             events: None,
+            recheck_own: false,
         }
     }
 
@@ -96,29 +102,37 @@ impl Running {
         self.events = Some(watch::spawn(self.registry.clone()));
         let mut resync = self.resync_interval();
         loop {
+            if self.events.is_none() {
+                return Ok(()); // the watch ended meanwhile (with the process)
+            }
             // What happened to our lease: lost for a reason, or rewritten (the event's value,
-            // and whether the renewer found it and so ended).
-            let (lost, rewritten) = tokio::select! {
-                _ = shutdown.wait() => return Ok(()),
-                lost = &mut self.renewer.lost => match lost {
-                    Ok(LeaseLost::Deleted) => (Some(Lost::gone("lease lost: our lease key is gone from etcd")), None),
-                    Ok(LeaseLost::Rewritten) => (None, Some((None, true))),
-                    Ok(LeaseLost::RenewFailed(n)) => (Some(Lost {
-                        why: format!("lease renewal failed {n} times (the key stays ours until it expires)"),
-                        still_ours: true,
-                    }), None),
-                    Err(_) => (Some(Lost::gone("renewal task ended")), None),
-                },
-                _ = resync.tick(), if self.reconciled => {
-                    self.keep_programmed().await;
-                    (None, None)
-                }
-                batch = next_batch(&mut self.events) => {
-                    let Some(batch) = batch else { return Ok(()) };
-                    match self.on_batch(batch).await {
-                        OwnEvent::None => (None, None),
-                        OwnEvent::Removed => (Some(Lost::gone("lease lost: our lease key was deleted from etcd")), None),
-                        OwnEvent::Rewritten(theirs) => (None, Some((Some(theirs), false))),
+            // and whether the renewer found it and so ended). A change seen while we were busy
+            // with our key is decided from the key as it is now.
+            let (lost, rewritten) = if std::mem::take(&mut self.recheck_own) {
+                (None, Some((None, false)))
+            } else {
+                tokio::select! {
+                    _ = shutdown.wait() => return Ok(()),
+                    lost = &mut self.renewer.lost => match lost {
+                        Ok(LeaseLost::Deleted) => (Some(Lost::gone("lease lost: our lease key is gone from etcd")), None),
+                        Ok(LeaseLost::Rewritten) => (None, Some((None, true))),
+                        Ok(LeaseLost::RenewFailed(n)) => (Some(Lost {
+                            why: format!("lease renewal failed {n} times (the key stays ours until it expires)"),
+                            still_ours: true,
+                        }), None),
+                        Err(_) => (Some(Lost::gone("renewal task ended")), None),
+                    },
+                    _ = resync.tick(), if self.reconciled => {
+                        self.keep_programmed().await;
+                        (None, None)
+                    }
+                    batch = next_batch(&mut self.events) => {
+                        let Some(batch) = batch else { return Ok(()) };
+                        match self.on_batch(batch).await {
+                            OwnEvent::None => (None, None),
+                            OwnEvent::Removed => (Some(Lost::gone("lease lost: our lease key was deleted from etcd")), None),
+                            OwnEvent::Rewritten(theirs) => (None, Some((Some(theirs), false))),
+                        }
                     }
                 }
             };
@@ -175,7 +189,7 @@ impl Running {
                 tracing::warn!("reconciling peers: {e}");
                 // Which ones failed is in the log; adding one again is harmless.
                 self.unprogrammed
-                    .extend(all.iter().map(|l| (l.key.clone(), l.clone())));
+                    .extend(all.iter().map(|l| (l.key.clone(), (l.clone(), false))));
             }
             sweep_devices(&self.netlink, self.backend.as_ref()).await;
             let blackholes = upkeep::blackholes(&self.flags, &self.own.key);
@@ -282,7 +296,8 @@ impl Running {
             match (&change, result) {
                 (PeerChange::Add(lease), Err(e)) => {
                     tracing::warn!("{e} (tried again at each --iptables-resync period)");
-                    self.unprogrammed.insert(lease.key.clone(), lease.clone());
+                    self.unprogrammed
+                        .insert(lease.key.clone(), (lease.clone(), true));
                 }
                 (PeerChange::Add(lease) | PeerChange::Remove(lease), result) => {
                     self.unprogrammed.remove(&lease.key);
@@ -296,16 +311,17 @@ impl Running {
 
     /// Tries again to program the peers whose programming failed; logged when it works.
     async fn retry_unprogrammed(&mut self) {
-        for (key, lease) in std::mem::take(&mut self.unprogrammed) {
+        for (key, (lease, failed)) in std::mem::take(&mut self.unprogrammed) {
             match self.backend.add_peer(&lease).await {
-                Ok(()) => {
+                Ok(()) if failed => {
                     tracing::info!(subnet = %key, "peer programmed after an earlier failure");
                     self.status.repairs.fetch_add(1, Ordering::Relaxed);
                 }
+                Ok(()) => {}
                 Err(e) => {
-                    // Said once already, when it first failed.
+                    // Said once, when it first failed (the reconcile said the first one).
                     tracing::debug!("{e}");
-                    self.unprogrammed.insert(key, lease);
+                    self.unprogrammed.insert(key, (lease, true));
                 }
             }
         }
@@ -519,16 +535,19 @@ impl Running {
 
     /// A batch that came while we were busy with our own lease (acquiring it again, putting
     /// it back): peers' changes reach the backend now, not once etcd lets us finish (a node
-    /// whose writes fail may still read). What it says of our own key is for the operation in
-    /// progress to find out by itself, and our own value under another key is the subnet we
-    /// are taking (not a peer to refuse).
+    /// whose writes fail may still read). A change to our own key is left to the event loop,
+    /// which reads the key again once the operation in progress is over (it may have changed
+    /// after that operation read or wrote it). Our own value under another key is the subnet
+    /// we are taking, not a peer to refuse.
     async fn on_batch_meanwhile(&mut self, batch: Option<Vec<LeaseEvent>>) {
         let Some(mut batch) = batch else {
             self.events = None;
             return;
         };
         batch.retain(|ev| !matches!(ev, LeaseEvent::Added(l) if l.attrs == self.own.attrs && l.key != self.own.key));
-        self.on_batch(batch).await;
+        if !matches!(self.on_batch(batch).await, OwnEvent::None) {
+            self.recheck_own = true;
+        }
     }
 
     /// Runs `op` with back-off until it succeeds (`None`: told to stop), as `retry` does, but

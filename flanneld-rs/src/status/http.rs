@@ -314,11 +314,12 @@ async fn accept_loop<L: Listener>(listener: L, app: Router, limits: Limits) {
     }
 }
 
-/// The open connections, oldest first, each either still waiting for its request or (with
-/// the time its request arrived) being answered. Real clients send theirs at once and read the
-/// answer as it comes, so when every slot is taken the oldest waiting one is idle or hostile,
-/// and so is one whose answer has not gone out within `STUCK_ANSWER`: dropping it keeps a
-/// flood of silent or non-reading connections from locking a probe out.
+/// The open connections, oldest first, each waiting for its request, being handled (a pod
+/// record waiting for etcd: never dropped), or having its answer written (since when). Real
+/// clients send theirs at once and read the answer as it comes, so when every slot is taken
+/// the oldest waiting one is idle or hostile, and so is one whose answer has not gone out
+/// within `STUCK_ANSWER`: dropping it keeps a flood of silent or non-reading connections from
+/// locking a probe out.
 #[derive(Default)]
 struct Waiting(Mutex<WaitingConns>);
 
@@ -331,8 +332,15 @@ struct WaitingConns {
 struct Conn {
     id: u64,
     task: AbortHandle,
-    /// When its request arrived; `None` while still waiting for it.
-    answering_since: Option<std::time::Instant>,
+    stage: Stage,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Stage {
+    Waiting,
+    Handling,
+    /// The answer is being written, since then.
+    Answering(std::time::Instant),
 }
 
 impl Waiting {
@@ -354,11 +362,16 @@ impl Waiting {
         let waiting = self.clone();
         let task = tokio::spawn(async move {
             let _slot = permit;
-            // The request has arrived once the router sees it: being answered from now on.
-            let seen = waiting.clone();
+            // The request has arrived once the router sees it, and its answer is being written
+            // once the handler returns it.
+            let (seen, answered) = (waiting.clone(), waiting.clone());
             let app = tower::ServiceExt::map_request(app, move |req| {
-                seen.answering(id);
+                seen.to_stage(id, Stage::Handling);
                 req
+            });
+            let app = tower::ServiceExt::map_response(app, move |resp| {
+                answered.to_stage(id, Stage::Answering(std::time::Instant::now()));
+                resp
             });
             let exchange = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -374,13 +387,13 @@ impl Waiting {
         w.conns.push_back(Conn {
             id,
             task: task.abort_handle(),
-            answering_since: None,
+            stage: Stage::Waiting,
         });
     }
 
-    fn answering(&self, id: u64) {
+    fn to_stage(&self, id: u64, stage: Stage) {
         if let Some(c) = self.lock().conns.iter_mut().find(|c| c.id == id) {
-            c.answering_since = Some(std::time::Instant::now());
+            c.stage = stage;
         }
     }
 
@@ -389,7 +402,7 @@ impl Waiting {
     }
 
     /// Drops the oldest connection still waiting for its request, else the oldest whose
-    /// answer has been stuck past `STUCK_ANSWER`, if any. Aborting the task drops its
+    /// answer has been stuck past `STUCK_ANSWER`, if any (never one being handled). Aborting the task drops its
     /// connection and its slot.
     fn evict_oldest(&self) {
         let mut w = self.lock();
@@ -397,12 +410,11 @@ impl Waiting {
         let victim = w
             .conns
             .iter()
-            .position(|c| c.answering_since.is_none())
+            .position(|c| c.stage == Stage::Waiting)
             .or_else(|| {
-                w.conns.iter().position(|c| {
-                    c.answering_since
-                        .is_some_and(|t| t.elapsed() >= STUCK_ANSWER)
-                })
+                w.conns.iter().position(
+                    |c| matches!(c.stage, Stage::Answering(t) if t.elapsed() >= STUCK_ANSWER),
+                )
             });
         if let Some(c) = victim.and_then(|i| w.conns.remove(i)) {
             c.task.abort();
