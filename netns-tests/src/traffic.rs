@@ -226,3 +226,87 @@ pub fn metric(body: &str, name_and_labels: &str) -> Option<f64> {
     body.lines()
         .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
 }
+
+/// What [`udp_burst`] saw arrive.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct UdpBurst {
+    /// Datagrams that arrived whole: their size and the content their index calls for.
+    pub whole: usize,
+    /// Datagrams that arrived with another size or other bytes.
+    pub damaged: usize,
+    /// Indexes that arrived more than once.
+    pub repeated: usize,
+}
+
+/// Sends `count` datagrams of `size` bytes (at least 4), back to back, from `from_ns` to
+/// `to_ip:port` in `to_ns`, each holding its index and bytes derived from it, and checks what
+/// arrives within 2 s of the last: datagram boundaries, sizes and contents, as a pod sees them.
+pub fn udp_burst(
+    from_ns: &str,
+    to_ns: &str,
+    to_ip: &str,
+    port: u16,
+    count: u32,
+    size: usize,
+) -> Result<UdpBurst> {
+    fn datagram(i: u32, size: usize) -> Vec<u8> {
+        let mut d: Vec<u8> = (0..size)
+            .map(|j| (i as usize * 31 + j * 7) as u8)
+            .collect();
+        d[..4].copy_from_slice(&i.to_be_bytes());
+        d
+    }
+    let ip: std::net::IpAddr = to_ip.parse().with_context(|| format!("address {to_ip}"))?;
+    let addr = SocketAddr::new(ip, port);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let to_ns = to_ns.to_string();
+    let receiver = std::thread::spawn(move || {
+        in_netns(&to_ns, move || {
+            let sock = std::net::UdpSocket::bind(addr).context("binding the receiver")?;
+            let _ = ready_tx.send(());
+            let mut seen = vec![false; count as usize];
+            let mut got = UdpBurst::default();
+            let mut buf = vec![0u8; 65536];
+            sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+            loop {
+                let n = match sock.recv(&mut buf) {
+                    Ok(n) => n,
+                    Err(_) => break, // quiet for the timeout: the burst is over
+                };
+                sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let i = buf
+                    .get(..4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                    .filter(|&i| i < count);
+                match i {
+                    Some(i) if n == size && buf[..n] == datagram(i, size)[..] => {
+                        if std::mem::replace(&mut seen[i as usize], true) {
+                            got.repeated += 1;
+                        } else {
+                            got.whole += 1;
+                        }
+                    }
+                    _ => got.damaged += 1,
+                }
+            }
+            Ok(got)
+        })
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("receiver did not start")?;
+    in_netns(from_ns, move || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        sock.connect(addr)?;
+        for i in 0..count {
+            // A full socket buffer drops here, not in the path under test.
+            while sock.send(&datagram(i, size)).is_err() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(())
+    })?;
+    receiver
+        .join()
+        .map_err(|_| anyhow!("receiver panicked"))?
+}

@@ -1,6 +1,10 @@
 //! Receive side: merge consecutive TCP segments of one flow, as they come off the UDP socket,
 //! back into super-packets with a `virtio_net_hdr`, so that one TUN write hands the kernel up
-//! to 64 KiB (what Linux GRO and wireguard-go/Tailscale's TUN offload do).
+//! to 64 KiB (what Linux GRO and wireguard-go/Tailscale's TUN offload do). Consecutive UDP
+//! datagrams of one flow with the same payload size (a flood, a QUIC transfer) merge the same
+//! way into a `GSO_UDP_L4` packet (at most 64, the kernel's UDP segment limit), which the kernel
+//! cuts back into the very same datagrams where it delivers them: one trip through routing,
+//! the bridge and the firewall instead of one per datagram.
 //!
 //! A segment is appended to the newest output packet of its flow only when it continues it
 //! exactly: next sequence number, same IP/TCP header apart from length/ID/checksum/sequence,
@@ -15,8 +19,8 @@
 //! order; within a flow nothing is reordered, since only a flow's newest packet grows.
 
 use super::bytes::{arr, be16, put16};
-use super::ip::{self, PROTO_TCP, V6_HDR_LEN};
-use super::vnet::{VnetHdr, FLAG_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN};
+use super::ip::{self, PROTO_TCP, PROTO_UDP, V6_HDR_LEN};
+use super::vnet::{VnetHdr, FLAG_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4, VNET_HDR_LEN};
 use super::{checksum, WireError};
 
 const TCP_PSH: u8 = 0x08;
@@ -25,19 +29,26 @@ const TCP_ACK: u8 = 0x10;
 const MAX_IP_LEN: usize = 65535;
 /// Offset of the checksum in the TCP header.
 const TCP_CSUM_OFFSET: usize = 16;
+/// Offset of the checksum in the UDP header, and the header's length.
+const UDP_CSUM_OFFSET: usize = 6;
+const UDP_HDR_LEN: usize = 8;
+/// Datagrams in one `GSO_UDP_L4` packet at most (the kernel's `UDP_MAX_SEGMENTS`).
+const UDP_MAX_SEGS: usize = 64;
 
-/// A TCP flow: addresses and ports (in packet byte order), one direction.
+/// A TCP or UDP flow: protocol, addresses and ports (in packet byte order), one direction.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct FlowKey {
     v6: bool,
+    udp: bool,
     addrs: [u8; 32],
     ports: [u8; 4],
 }
 
-/// A data segment that may start or extend a merge.
+/// A data segment (TCP) or datagram (UDP) that may start or extend a merge.
 struct Seg {
     key: FlowKey,
     v6: bool,
+    udp: bool,
     ip_hdr_len: usize,
     /// IP + TCP header length.
     hdr_len: usize,
@@ -47,13 +58,14 @@ struct Seg {
     psh: bool,
 }
 
-/// State of an output packet that holds TCP data.
+/// State of an output packet that holds TCP data or UDP datagrams.
 #[derive(Clone, Copy)]
 struct Run {
     v6: bool,
+    udp: bool,
     ip_hdr_len: usize,
     hdr_len: usize,
-    /// Payload length of the first segment: the MSS of the super-packet.
+    /// Payload length of the first segment: the MSS (datagram size) of the super-packet.
     gso_size: usize,
     segs: usize,
     next_seq: u32,
@@ -76,11 +88,11 @@ struct Flow {
 }
 
 enum Class {
-    /// Not TCP (or unparseable): passes through.
+    /// Neither TCP nor UDP (or unparseable): passes through.
     Other,
-    /// TCP that cannot be merged: passes through, and ends its flow's current merge so that
-    /// later segments are not moved in front of it.
-    TcpOther(FlowKey),
+    /// TCP or UDP that cannot be merged: passes through, and ends its flow's current merge so
+    /// that later segments are not moved in front of it.
+    FlowOther(FlowKey),
     Data(Seg),
 }
 
@@ -147,7 +159,7 @@ impl Gro {
                 self.check_room()?;
                 self.start(pkt, None)?;
             }
-            Class::TcpOther(key) => {
+            Class::FlowOther(key) => {
                 self.check_room()?;
                 self.start(pkt, None)?;
                 if let Some(i) = self.flows.iter().position(|f| f.key == key) {
@@ -259,9 +271,10 @@ impl Gro {
         let new_len = slot.len + seg.payload_len;
         if !run.open
             || run.v6 != seg.v6
+            || run.udp != seg.udp
             || run.ip_hdr_len != seg.ip_hdr_len
             || run.hdr_len != seg.hdr_len
-            || run.next_seq != seg.seq
+            || (!run.udp && run.next_seq != seg.seq)
             || seg.payload_len > run.gso_size
             || new_len > MAX_IP_LEN
             || new_len > self.stride - VNET_HDR_LEN
@@ -275,7 +288,7 @@ impl Gro {
         ) else {
             return false;
         };
-        if !headers_match(head, new, run.v6, run.ip_hdr_len) {
+        if !headers_match(head, new, run.v6, run.ip_hdr_len, run.udp) {
             return false;
         }
         // Without DF, IDs must be consecutive (Linux GRO's rule; resegmenting counts up).
@@ -301,7 +314,8 @@ impl Gro {
         run.segs += 1;
         run.next_seq = run.next_seq.wrapping_add(seg.payload_len as u32);
         run.next_id = run.next_id.wrapping_add(1);
-        run.open = !seg.psh && seg.payload_len == run.gso_size;
+        run.open =
+            !seg.psh && seg.payload_len == run.gso_size && (!run.udp || run.segs < UDP_MAX_SEGS);
         if let Some(s) = self.slots.get_mut(i) {
             *s = Slot {
                 len: new_len,
@@ -340,6 +354,7 @@ impl Run {
     fn first(seg: &Seg) -> Run {
         Run {
             v6: seg.v6,
+            udp: seg.udp,
             ip_hdr_len: seg.ip_hdr_len,
             hdr_len: seg.hdr_len,
             gso_size: seg.payload_len,
@@ -351,8 +366,9 @@ impl Run {
     }
 }
 
-/// Fixes the IP length (and IPv4 checksum) of a merged packet, puts the pseudo-header sum in
-/// the TCP checksum field, and returns the vnet header describing it.
+/// Fixes the IP length (and IPv4 checksum) of a merged packet (and a UDP one's UDP length),
+/// puts the pseudo-header sum in the transport checksum field, and returns the vnet header
+/// describing it.
 fn seal(pkt: &mut [u8], run: &Run) -> Option<VnetHdr> {
     let len = pkt.len();
     if run.v6 {
@@ -363,22 +379,31 @@ fn seal(pkt: &mut [u8], run: &Run) -> Option<VnetHdr> {
         let c = checksum::ipv4_header(pkt.get(..run.ip_hdr_len)?);
         put16(pkt, 10, c)?;
     }
-    let tcp_len = len - run.ip_hdr_len;
-    let psum = ip::pseudo(pkt, run.v6, PROTO_TCP, tcp_len)?;
-    put16(pkt, run.ip_hdr_len + TCP_CSUM_OFFSET, checksum::fold(psum))?;
+    let l4_len = len - run.ip_hdr_len;
+    let (proto, csum_offset, gso_type) = match (run.udp, run.v6) {
+        (true, _) => (PROTO_UDP, UDP_CSUM_OFFSET, GSO_UDP_L4),
+        (false, false) => (PROTO_TCP, TCP_CSUM_OFFSET, GSO_TCPV4),
+        (false, true) => (PROTO_TCP, TCP_CSUM_OFFSET, GSO_TCPV6),
+    };
+    if run.udp {
+        put16(pkt, run.ip_hdr_len + 4, u16::try_from(l4_len).ok()?)?;
+    }
+    let psum = ip::pseudo(pkt, run.v6, proto, l4_len)?;
+    put16(pkt, run.ip_hdr_len + csum_offset, checksum::fold(psum))?;
     Some(VnetHdr {
         flags: FLAG_NEEDS_CSUM,
-        gso_type: if run.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+        gso_type,
         hdr_len: u16::try_from(run.hdr_len).ok()?,
         gso_size: u16::try_from(run.gso_size).ok()?,
         csum_start: u16::try_from(run.ip_hdr_len).ok()?,
-        csum_offset: TCP_CSUM_OFFSET as u16,
+        csum_offset: csum_offset as u16,
     })
 }
 
 /// Whether two segments' headers agree on everything but IP length/ID/checksum and TCP
-/// sequence/checksum (and PSH, which only the newer may carry). Both are `hdr_len` long.
-fn headers_match(head: &[u8], new: &[u8], v6: bool, ip_hdr_len: usize) -> bool {
+/// sequence/checksum (and PSH, which only the newer may carry), or UDP length/checksum. Both
+/// are `hdr_len` long.
+fn headers_match(head: &[u8], new: &[u8], v6: bool, ip_hdr_len: usize, udp: bool) -> bool {
     let same = |a: usize, b: usize| {
         let (x, y) = (head.get(a..b), new.get(a..b));
         x.is_some() && x == y
@@ -391,6 +416,9 @@ fn headers_match(head: &[u8], new: &[u8], v6: bool, ip_hdr_len: usize) -> bool {
         same(0, 2) && same(6, 10) && same(12, 20)
     };
     let t = ip_hdr_len;
+    if udp {
+        return ip_ok && same(t, t + 4);
+    }
     let flags_ok = matches!(
         (head.get(t + 13), new.get(t + 13)),
         (Some(a), Some(b)) if *a == b & !TCP_PSH
@@ -403,23 +431,26 @@ fn headers_match(head: &[u8], new: &[u8], v6: bool, ip_hdr_len: usize) -> bool {
         && same(t + 18, head.len())
 }
 
-/// Sorts a received packet into pass-through or mergeable TCP data (checksums verified: the
-/// IPv4 header's always, the TCP one if `verify`).
+/// Sorts a received packet into pass-through or mergeable TCP data or UDP datagrams
+/// (checksums verified: the IPv4 header's always, the transport one if `verify`).
 fn classify(pkt: &[u8], verify: bool) -> Class {
     let Ok(ip) = ip::parse(pkt) else {
         return Class::Other;
     };
-    if ip.proto != PROTO_TCP || ip.fragment {
+    let udp = ip.proto == PROTO_UDP;
+    if !(udp || ip.proto == PROTO_TCP) || ip.fragment {
         return Class::Other;
     }
     let off = ip.hdr_len;
-    let Some(t) = arr::<20>(pkt, off).filter(|_| off + 20 <= ip.len) else {
+    let l4_min = if udp { UDP_HDR_LEN } else { 20 };
+    let Some(ports) = arr::<4>(pkt, off).filter(|_| off + l4_min <= ip.len) else {
         return Class::Other;
     };
     let mut key = FlowKey {
         v6: ip.v6,
+        udp,
         addrs: [0; 32],
-        ports: [t[0], t[1], t[2], t[3]],
+        ports: *ports,
     };
     let addrs = if ip.v6 {
         pkt.get(8..40)
@@ -429,6 +460,12 @@ fn classify(pkt: &[u8], verify: bool) -> Class {
     for (k, a) in key.addrs.iter_mut().zip(addrs.unwrap_or_default()) {
         *k = *a;
     }
+    if udp {
+        return classify_udp(pkt, &ip, key, verify);
+    }
+    let Some(t) = arr::<20>(pkt, off) else {
+        return Class::Other;
+    };
     let tcp_hdr_len = usize::from(t[12] >> 4) * 4;
     let hdr_len = off + tcp_hdr_len;
     let flags = t[13];
@@ -437,13 +474,14 @@ fn classify(pkt: &[u8], verify: bool) -> Class {
         && tcp_hdr_len >= 20
         && hdr_len < ip.len
         && (flags == TCP_ACK || flags == TCP_ACK | TCP_PSH)
-        && checksums_ok(pkt, ip.v6, off, verify);
+        && checksums_ok(pkt, ip.v6, off, PROTO_TCP, verify);
     if !mergeable {
-        return Class::TcpOther(key);
+        return Class::FlowOther(key);
     }
     Class::Data(Seg {
         key,
         v6: ip.v6,
+        udp: false,
         ip_hdr_len: off,
         hdr_len,
         payload_len: ip.len - hdr_len,
@@ -453,17 +491,48 @@ fn classify(pkt: &[u8], verify: bool) -> Class {
     })
 }
 
-/// IPv4 header checksum and (if `tcp`) TCP checksum of a whole (untrimmed) packet.
-fn checksums_ok(pkt: &[u8], v6: bool, ip_hdr_len: usize, tcp: bool) -> bool {
+/// A UDP datagram: mergeable when nothing about it is odd (no IP options or extension
+/// headers, its UDP length the rest of the packet, some payload) and its checksums hold; with
+/// `verify`, a UDP checksum must be there (0 means none in IPv4: the merged packet goes to
+/// the kernel as `NEEDS_CSUM`, which would give corrupt bytes a valid checksum).
+fn classify_udp(pkt: &[u8], ip: &ip::Ip, key: FlowKey, verify: bool) -> Class {
+    let off = ip.hdr_len;
+    let udp_len = be16(pkt, off + 4).map(usize::from);
+    let has_csum = be16(pkt, off + UDP_CSUM_OFFSET).is_some_and(|c| c != 0);
+    let mergeable = ip.len == pkt.len()
+        && (ip.v6 || off == 20)
+        && udp_len == Some(ip.len - off)
+        && ip.len > off + UDP_HDR_LEN
+        && (!verify || has_csum)
+        && checksums_ok(pkt, ip.v6, off, PROTO_UDP, verify);
+    if !mergeable {
+        return Class::FlowOther(key);
+    }
+    Class::Data(Seg {
+        key,
+        v6: ip.v6,
+        udp: true,
+        ip_hdr_len: off,
+        hdr_len: off + UDP_HDR_LEN,
+        payload_len: ip.len - off - UDP_HDR_LEN,
+        seq: 0,
+        id: if ip.v6 { 0 } else { be16(pkt, 4).unwrap_or(0) },
+        psh: false,
+    })
+}
+
+/// IPv4 header checksum and (if `l4`) the transport (`proto`) checksum of a whole (untrimmed)
+/// packet.
+fn checksums_ok(pkt: &[u8], v6: bool, ip_hdr_len: usize, proto: u8, l4: bool) -> bool {
     let ip_ok = v6
         || pkt
             .get(..ip_hdr_len)
             .is_some_and(|h| checksum::verifies(checksum::sum(h, 0)));
-    let tcp_len = pkt.len().saturating_sub(ip_hdr_len);
+    let l4_len = pkt.len().saturating_sub(ip_hdr_len);
     ip_ok
-        && (!tcp
+        && (!l4
             || matches!(
-            (pkt.get(ip_hdr_len..), ip::pseudo(pkt, v6, PROTO_TCP, tcp_len)),
-            (Some(tcp), Some(ps)) if checksum::verifies(checksum::sum(tcp, ps))
+            (pkt.get(ip_hdr_len..), ip::pseudo(pkt, v6, proto, l4_len)),
+            (Some(seg), Some(ps)) if checksum::verifies(checksum::sum(seg, ps))
             ))
 }

@@ -97,6 +97,28 @@ fn seg(spec: &TcpSpec, i: u32, len: usize) -> TcpSpec {
         .payload(&vec![i as u8; len])
 }
 
+/// What the kernel cuts a merged UDP packet into (checked as it would check the write).
+fn datagrams_of(h: &VnetHdr, pkt: &[u8]) -> Vec<Vec<u8>> {
+    assert_eq!(h.flags, FLAG_NEEDS_CSUM);
+    let ihl = ip_hdr_len(pkt);
+    assert_eq!(
+        (
+            usize::from(h.csum_start),
+            h.csum_offset,
+            usize::from(h.hdr_len)
+        ),
+        (ihl, 6, ihl + 8)
+    );
+    assert!(pkt.len() - ihl - 8 > usize::from(h.gso_size), "really GSO");
+    assert_ip_valid(pkt);
+    let mut done = pkt.to_vec();
+    complete_csum(h, &mut done).unwrap();
+    assert_l4_valid(&done, 17);
+    let mut out = vec![0u8; 128 * 1024];
+    let s = segment(h, pkt, 9000, &mut out).unwrap();
+    split_out(&out, &s)
+}
+
 fn segs_of(out: &[(VnetHdr, Vec<u8>)]) -> Vec<u16> {
     out.iter()
         .map(|(h, p)| {
@@ -250,15 +272,20 @@ fn wire_gro_interleaved_flows_and_passthrough_keep_order() {
     let c = TcpSpec::v6();
     let udp = TcpSpec::v4().udp();
     let mut pkts = Vec::new();
+    let mut datagrams = Vec::new();
     for i in 0..6 {
         pkts.push(seg(&a, i, 1000).build());
         pkts.push(seg(&b, i, 1000).build());
         pkts.push(seg(&c, i, 1000).build());
-        pkts.push(udp.clone().payload(&[i as u8; 10]).build());
+        // IDs counting up, as the kernel's cutting makes them.
+        let d = udp.clone().id(udp.id.wrapping_add(i as u16));
+        datagrams.push(d.payload(&[i as u8; 10]).build());
+        pkts.push(datagrams[i as usize].clone());
     }
     let mut gro = Gro::new(64, MAX);
     let out = run(&mut gro, &pkts);
-    assert_eq!(segs_of(&out), [6, 6, 6, 1, 1, 1, 1, 1, 1]);
+    assert_eq!(out.len(), 4);
+    assert_eq!(segs_of(&out[..3]), [6, 6, 6]);
     for (h, p) in &out[..3] {
         assert_kernel_accepts(h, p);
     }
@@ -266,14 +293,80 @@ fn wire_gro_interleaved_flows_and_passthrough_keep_order() {
     assert_eq!(ports(&out[0].1), 40000);
     assert_eq!(ports(&out[1].1), 40001);
     assert_eq!(out[2].1[0] >> 4, 6);
-    for (i, (_, p)) in out[3..].iter().enumerate() {
-        assert_eq!(p[28..], [i as u8; 10], "UDP in arrival order");
-    }
+    // The datagrams became one, which the kernel cuts back into them, in arrival order.
+    let (h, p) = &out[3];
+    assert_eq!((h.gso_type, h.gso_size), (GSO_UDP_L4, 10));
+    assert_eq!(datagrams_of(h, p), datagrams, "UDP in arrival order");
     // Payload bytes of flow A are in sequence order.
     let pa = &out[0].1[40..];
     for i in 0..6 {
         assert!(pa[i * 1000..(i + 1) * 1000].iter().all(|&x| x == i as u8));
     }
+}
+
+#[test]
+fn wire_gro_udp_round_trip_and_what_ends_a_run() {
+    for base in [TcpSpec::v4().udp(), TcpSpec::v6().udp()] {
+        // A UDP super-packet as a pod sends it with UDP_SEGMENT, cut the way we send it:
+        // merged back whole, and cut again into exactly those datagrams.
+        let payload = 64 * 1000 - 500;
+        let (_, _, _, segs) = cut(base.clone(), payload, 1000, 3);
+        assert_eq!(segs.len(), 64);
+        let mut gro = Gro::new(8, MAX);
+        let out = run(&mut gro, &segs);
+        assert_eq!(out.len(), 1, "all 64 in one");
+        assert_eq!(datagrams_of(&out[0].0, &out[0].1), segs);
+        // The 65th starts another; a larger one, another port or another TTL starts another;
+        // a shorter one joins as the last.
+        // IDs count up through each run, as the kernel's cutting makes them.
+        let d = |len: usize, i: u8, id: u16| base.clone().id(id).payload(&vec![i; len]).build();
+        let mut more: Vec<Vec<u8>> = (0..65).map(|i| d(100, i as u8, i as u16)).collect();
+        more.push(d(101, 1, 0));
+        more.push(d(100, 2, 1)); // shorter: joins, and ends the run
+        more.push(d(40, 3, 0));
+        more.push(d(100, 4, 0)); // larger than the run's size
+        more.push(base.clone().ports(1, 2).payload(&[5; 100]).build());
+        more.push(base.clone().ttl(9).payload(&[6; 100]).build());
+        let out = run(&mut gro, &more);
+        let counts: Vec<usize> = out
+            .iter()
+            .map(|(h, p)| {
+                if h.gso_type == GSO_NONE {
+                    1
+                } else {
+                    datagrams_of(h, p).len()
+                }
+            })
+            .collect();
+        assert_eq!(counts, [64, 1, 2, 1, 1, 1, 1]);
+        let again: Vec<Vec<u8>> = out
+            .iter()
+            .flat_map(|(h, p)| {
+                if h.gso_type == GSO_NONE {
+                    vec![p.clone()]
+                } else {
+                    datagrams_of(h, p)
+                }
+            })
+            .collect();
+        assert_eq!(again, more, "nothing lost, moved or changed");
+    }
+    // Without DF, IPv4 IDs must count up; a corrupt datagram or one without a checksum stays
+    // alone where checksums are verified.
+    let base = TcpSpec::v4().udp().df(false);
+    let d = |i: u16| base.clone().id(i).payload(&[1; 50]).build();
+    let mut gro = Gro::new(8, MAX);
+    assert_eq!(run(&mut gro, &[d(1), d(2), d(4)]).len(), 2);
+    let mut bad = d(3);
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    assert_eq!(run(&mut gro, &[d(2), bad.clone()]).len(), 2);
+    let mut none = d(3);
+    none[26..28].copy_from_slice(&[0, 0]);
+    assert_eq!(run(&mut gro, &[d(2), none.clone()]).len(), 2);
+    // Trusting the bytes, both merge.
+    let mut trusting = Gro::new(8, MAX).trusting();
+    assert_eq!(run(&mut trusting, &[d(2), none]).len(), 1);
 }
 
 #[test]
