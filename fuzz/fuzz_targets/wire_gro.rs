@@ -19,6 +19,9 @@ fn drain(gro: &mut Gro, pushed: &mut (u64, u64), cut: &mut [u8]) {
             let h = VnetHdr::decode(p).expect("a merged output has a vnet header");
             let s = segment(&h, &p[VNET_HDR_LEN..], 65_535, cut).expect("the segmenter takes it");
             assert_eq!(s.count as u64, c.packets);
+            if h.gso_type == encap::wire::vnet::GSO_UDP_L4 {
+                assert!(c.packets <= 64, "at most the kernel's UDP GRO limit");
+            }
         }
         carried.0 += c.packets;
         carried.1 += c.bytes;

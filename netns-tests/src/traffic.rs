@@ -250,9 +250,7 @@ pub fn udp_burst(
     size: usize,
 ) -> Result<UdpBurst> {
     fn datagram(i: u32, size: usize) -> Vec<u8> {
-        let mut d: Vec<u8> = (0..size)
-            .map(|j| (i as usize * 31 + j * 7) as u8)
-            .collect();
+        let mut d: Vec<u8> = (0..size).map(|j| (i as usize * 31 + j * 7) as u8).collect();
         d[..4].copy_from_slice(&i.to_be_bytes());
         d
     }
@@ -268,11 +266,8 @@ pub fn udp_burst(
             let mut got = UdpBurst::default();
             let mut buf = vec![0u8; 65536];
             sock.set_read_timeout(Some(Duration::from_secs(10)))?;
-            loop {
-                let n = match sock.recv(&mut buf) {
-                    Ok(n) => n,
-                    Err(_) => break, // quiet for the timeout: the burst is over
-                };
+            // Until quiet for the timeout: the burst is over.
+            while let Ok(n) = sock.recv(&mut buf) {
                 sock.set_read_timeout(Some(Duration::from_secs(2)))?;
                 let i = buf
                     .get(..4)
@@ -306,7 +301,5 @@ pub fn udp_burst(
         }
         Ok(())
     })?;
-    receiver
-        .join()
-        .map_err(|_| anyhow!("receiver panicked"))?
+    receiver.join().map_err(|_| anyhow!("receiver panicked"))?
 }

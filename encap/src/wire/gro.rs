@@ -2,11 +2,14 @@
 //! back into super-packets with a `virtio_net_hdr`, so that one TUN write hands the kernel up
 //! to 64 KiB (what Linux GRO and wireguard-go/Tailscale's TUN offload do). Consecutive UDP
 //! datagrams of one flow with the same payload size (a flood, a QUIC transfer) merge the same
-//! way into a `GSO_UDP_L4` packet (at most 64, the kernel's UDP segment limit), which the kernel
-//! cuts back into the very same datagrams where it delivers them: one trip through routing,
-//! the bridge and the firewall instead of one per datagram.
+//! way into a `GSO_UDP_L4` packet (at most 64, the kernel's own UDP GRO limit), which the
+//! kernel cuts back into the same datagrams where it delivers them (IPv4 IDs counted up from
+//! the first, as it cuts: with DF they mean nothing): one trip through routing, the bridge and
+//! the firewall instead of one per datagram. Only where the TUN took `TUN_F_USO` (kernel 6.2+):
+//! older kernels refuse such writes ([`Gro::without_udp`]). Like Linux GRO, a datagram without
+//! a UDP checksum is never merged (an IPv6 one must be dropped, and merging gives it one).
 //!
-//! A segment is appended to the newest output packet of its flow only when it continues it
+//! A TCP segment is appended to the newest output packet of its flow only when it continues it
 //! exactly: next sequence number, same IP/TCP header apart from length/ID/checksum/sequence,
 //! flags ACK (or ACK|PSH, which ends the packet), payload no larger than the first one's (the
 //! MSS; a shorter one ends the packet), IPv4 IDs consecutive or DF set, at most 65535 bytes in
@@ -16,7 +19,9 @@
 //! outer UDP checksum the kernel verified, an AEAD tag) skips the TCP checksum pass with
 //! [`Gro::trusting`]: it reads every payload byte once more, a few percent of a receiving
 //! thread's time at 10 Gbit/s. Everything else passes through unchanged, in arrival
-//! order; within a flow nothing is reordered, since only a flow's newest packet grows.
+//! order; within a flow nothing is reordered, since only a flow's newest packet grows, and
+//! a packet that may belong to a flow without showing its ports (a fragment, an IPv6 packet
+//! with extension headers) ends the merges between its two addresses.
 
 use super::bytes::{arr, be16, put16};
 use super::ip::{self, PROTO_TCP, PROTO_UDP, V6_HDR_LEN};
@@ -32,7 +37,8 @@ const TCP_CSUM_OFFSET: usize = 16;
 /// Offset of the checksum in the UDP header, and the header's length.
 const UDP_CSUM_OFFSET: usize = 6;
 const UDP_HDR_LEN: usize = 8;
-/// Datagrams in one `GSO_UDP_L4` packet at most (the kernel's `UDP_MAX_SEGMENTS`).
+/// Datagrams in one `GSO_UDP_L4` packet at most: the kernel's own UDP GRO limit
+/// (`UDP_GRO_CNT_MAX`), and its `UDP_MAX_SEGMENTS` before 6.x raised that to 128.
 const UDP_MAX_SEGS: usize = 64;
 
 /// A TCP or UDP flow: protocol, addresses and ports (in packet byte order), one direction.
@@ -50,7 +56,7 @@ struct Seg {
     v6: bool,
     udp: bool,
     ip_hdr_len: usize,
-    /// IP + TCP header length.
+    /// IP + TCP (or UDP) header length.
     hdr_len: usize,
     payload_len: usize,
     seq: u32,
@@ -88,8 +94,15 @@ struct Flow {
 }
 
 enum Class {
-    /// Neither TCP nor UDP (or unparseable): passes through.
+    /// Unparseable: passes through.
     Other,
+    /// Neither TCP nor UDP that shows its ports (another protocol, a fragment, IPv6 extension
+    /// headers): passes through, and ends the merges between its two addresses, since it may
+    /// belong to one of their flows.
+    Between {
+        v6: bool,
+        addrs: [u8; 32],
+    },
     /// TCP or UDP that cannot be merged: passes through, and ends its flow's current merge so
     /// that later segments are not moved in front of it.
     FlowOther(FlowKey),
@@ -116,6 +129,8 @@ pub struct Gro {
     finalized: usize,
     /// Whether TCP checksums are verified before a segment may merge (see [`Gro::trusting`]).
     verify: bool,
+    /// Whether UDP datagrams may merge (see [`Gro::without_udp`]).
+    udp: bool,
 }
 
 impl Gro {
@@ -131,12 +146,20 @@ impl Gro {
             flows: Vec::with_capacity(max_packets),
             finalized: 0,
             verify: true,
+            udp: true,
         }
     }
 
+    /// The same coalescer leaving UDP datagrams alone, for a TUN that refused `TUN_F_USO`
+    /// (before kernel 6.2 a `GSO_UDP_L4` write fails, and every datagram in it is lost).
+    pub fn without_udp(mut self) -> Self {
+        self.udp = false;
+        self
+    }
+
     /// The same coalescer for packets whose bytes are already guaranteed intact: it skips the
-    /// TCP checksum (a pass over the payload) before merging. IPv4 header checksums are still
-    /// checked; they are 20 bytes.
+    /// TCP and UDP checksums (a pass over the payload) before merging. IPv4 header checksums are
+    /// still checked; they are 20 bytes.
     pub fn trusting(mut self) -> Self {
         self.verify = false;
         self
@@ -154,10 +177,16 @@ impl Gro {
                 mtu: cap,
             });
         }
-        match classify(pkt, self.verify) {
+        match classify(pkt, self.verify, self.udp) {
             Class::Other => {
                 self.check_room()?;
                 self.start(pkt, None)?;
+            }
+            Class::Between { v6, addrs } => {
+                self.check_room()?;
+                self.start(pkt, None)?;
+                self.flows
+                    .retain(|f| f.key.v6 != v6 || f.key.addrs != addrs);
             }
             Class::FlowOther(key) => {
                 self.check_room()?;
@@ -200,8 +229,9 @@ impl Gro {
     }
 
     /// Finalizes the batch and yields each output packet as vnet header + IP packet, ready
-    /// for one TUN write. Merged packets carry `GSO_TCPV4`/`GSO_TCPV6`, `gso_size` = MSS,
-    /// `NEEDS_CSUM` with the pseudo-header sum in the TCP checksum field, and fixed IP lengths;
+    /// for one TUN write. Merged packets carry `GSO_TCPV4`/`GSO_TCPV6` (`GSO_UDP_L4`),
+    /// `gso_size` = MSS (datagram payload size), `NEEDS_CSUM` with the pseudo-header sum in the
+    /// TCP (UDP) checksum field, and fixed IP (and UDP) lengths;
     /// the others a zero header and their bytes unchanged. Packets pushed afterwards start new
     /// output packets; call [`Gro::clear`] once they are written.
     pub fn packets(&mut self) -> impl Iterator<Item = &[u8]> + '_ {
@@ -432,14 +462,24 @@ fn headers_match(head: &[u8], new: &[u8], v6: bool, ip_hdr_len: usize, udp: bool
 }
 
 /// Sorts a received packet into pass-through or mergeable TCP data or UDP datagrams
-/// (checksums verified: the IPv4 header's always, the transport one if `verify`).
-fn classify(pkt: &[u8], verify: bool) -> Class {
+/// (checksums verified: the IPv4 header's always, the transport one if `verify`); UDP only
+/// if `merge_udp`.
+fn classify(pkt: &[u8], verify: bool, merge_udp: bool) -> Class {
     let Ok(ip) = ip::parse(pkt) else {
         return Class::Other;
     };
     let udp = ip.proto == PROTO_UDP;
     if !(udp || ip.proto == PROTO_TCP) || ip.fragment {
-        return Class::Other;
+        let mut addrs = [0; 32];
+        let src = if ip.v6 {
+            pkt.get(8..40)
+        } else {
+            pkt.get(12..20)
+        };
+        for (k, a) in addrs.iter_mut().zip(src.unwrap_or_default()) {
+            *k = *a;
+        }
+        return Class::Between { v6: ip.v6, addrs };
     }
     let off = ip.hdr_len;
     let l4_min = if udp { UDP_HDR_LEN } else { 20 };
@@ -461,6 +501,9 @@ fn classify(pkt: &[u8], verify: bool) -> Class {
         *k = *a;
     }
     if udp {
+        if !merge_udp {
+            return Class::FlowOther(key);
+        }
         return classify_udp(pkt, &ip, key, verify);
     }
     let Some(t) = arr::<20>(pkt, off) else {
@@ -492,9 +535,9 @@ fn classify(pkt: &[u8], verify: bool) -> Class {
 }
 
 /// A UDP datagram: mergeable when nothing about it is odd (no IP options or extension
-/// headers, its UDP length the rest of the packet, some payload) and its checksums hold; with
-/// `verify`, a UDP checksum must be there (0 means none in IPv4: the merged packet goes to
-/// the kernel as `NEEDS_CSUM`, which would give corrupt bytes a valid checksum).
+/// headers, its UDP length the rest of the packet, some payload), it has a UDP checksum (0
+/// means none: the merged packet goes to the kernel as `NEEDS_CSUM`, which would give it one,
+/// and an IPv6 one must be dropped) and, with `verify`, its checksums hold.
 fn classify_udp(pkt: &[u8], ip: &ip::Ip, key: FlowKey, verify: bool) -> Class {
     let off = ip.hdr_len;
     let udp_len = be16(pkt, off + 4).map(usize::from);
@@ -503,7 +546,7 @@ fn classify_udp(pkt: &[u8], ip: &ip::Ip, key: FlowKey, verify: bool) -> Class {
         && (ip.v6 || off == 20)
         && udp_len == Some(ip.len - off)
         && ip.len > off + UDP_HDR_LEN
-        && (!verify || has_csum)
+        && has_csum
         && checksums_ok(pkt, ip.v6, off, PROTO_UDP, verify);
     if !mergeable {
         return Class::FlowOther(key);

@@ -38,7 +38,10 @@ fn udp_bursts_arrive_datagram_for_datagram() -> Result<()> {
         );
         let got = udp_burst(&pods[0].ns, &pods[1].ns, &pods[1].ip, port, 20_000, size)?;
         eprintln!("udp burst of {size}-byte datagrams: {got:?}");
-        ensure!(got.damaged == 0 && got.repeated == 0, "{size} bytes: {got:?}");
+        ensure!(
+            got.damaged == 0 && got.repeated == 0,
+            "{size} bytes: {got:?}"
+        );
         // A flood: what the path or the pod cannot take is dropped, as UDP may be.
         ensure!(got.whole >= 2_000, "{size} bytes: too few arrived: {got:?}");
         let per_call = (rx("flanneld_datapath_packets_total") - packets)

@@ -88,6 +88,8 @@ pub(crate) struct FakeTun {
     answer: Mutex<Option<Answer>>,
     /// Refuse every write (`EIO`, as a device set down does).
     pub refuse_writes: AtomicBool,
+    /// Whether writes may be UDP super-packets (`TUN_F_USO` taken); off, as before 6.2.
+    pub uso: AtomicBool,
 }
 
 type Answer = Box<dyn Fn(&[u8]) -> Option<Vec<u8>> + Send>;
@@ -139,6 +141,10 @@ impl TunIo for FakeTun {
 
     fn readable_now(&self) -> io::Result<()> {
         self.readable_within(Duration::ZERO)
+    }
+
+    fn writes_udp_gso(&self) -> bool {
+        self.uso.load(Ordering::Relaxed)
     }
 
     fn write(&self, pkt: &[u8]) -> io::Result<usize> {

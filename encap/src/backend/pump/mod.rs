@@ -138,7 +138,7 @@ pub(crate) trait Codec: Send + Sync + 'static {
     const SEND_FROM_QUEUE_PORTS: bool;
 
     /// Whether what `receive` delivers is already known intact, so that GRO need not verify
-    /// inner TCP checksums before merging segments (see [`crate::wire::Gro::trusting`]).
+    /// inner TCP and UDP checksums before merging (see [`crate::wire::Gro::trusting`]).
     const DELIVERS_INTACT: bool;
 
     /// Bytes the codec puts before each inner packet to make its datagram (wireguard: the

@@ -19,6 +19,8 @@ pub(crate) trait TunIo: Send + Sync + 'static {
     /// Whether a packet is queued now: `WouldBlock` if not.
     fn readable_now(&self) -> io::Result<()>;
     fn write(&self, pkt: &[u8]) -> io::Result<usize>;
+    /// Whether writes may be UDP super-packets (`GSO_UDP_L4`): the kernel took `TUN_F_USO`.
+    fn writes_udp_gso(&self) -> bool;
     /// The device name, for logs.
     fn name(&self) -> &str;
 }
@@ -53,6 +55,10 @@ impl TunIo for TunQueue {
 
     fn write(&self, pkt: &[u8]) -> io::Result<usize> {
         TunQueue::write(self, pkt)
+    }
+
+    fn writes_udp_gso(&self) -> bool {
+        self.offload().uso
     }
 
     fn name(&self) -> &str {
@@ -98,6 +104,10 @@ impl<T: TunIo> TunIo for std::sync::Arc<T> {
 
     fn write(&self, pkt: &[u8]) -> io::Result<usize> {
         (**self).write(pkt)
+    }
+
+    fn writes_udp_gso(&self) -> bool {
+        (**self).writes_udp_gso()
     }
 
     fn name(&self) -> &str {

@@ -1,7 +1,8 @@
 //! Network -> pod: receive datagrams in batches (`recvmmsg`, UDP GRO), let the codec open them
-//! and vet their senders, drop what is not for our subnet, merge TCP segments into
-//! super-packets and write them to the TUN; then send what the pods answered at once, when the
-//! queue's sender thread is not already sending (see `tx::TxTurn`).
+//! and vet their senders, drop what is not for our subnet, merge TCP segments (and, where the
+//! TUN takes them, same-size UDP datagrams) into super-packets and write them to the TUN; then
+//! send what the pods answered at once, when the queue's sender thread is not already sending
+//! (see `tx::TxTurn`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -44,6 +45,9 @@ pub(super) fn run<C: Codec, T: TunIo, U: UdpIo>(
     let mut gro = Gro::new(GRO_PACKETS, VNET_HDR_LEN + 65_535);
     if C::DELIVERS_INTACT {
         gro = gro.trusting();
+    }
+    if !tun.writes_udp_gso() {
+        gro = gro.without_udp();
     }
     let mut scratch = codec.rx_scratch();
     let mut replies = Outbox::new();

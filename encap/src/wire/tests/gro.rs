@@ -364,9 +364,39 @@ fn wire_gro_udp_round_trip_and_what_ends_a_run() {
     let mut none = d(3);
     none[26..28].copy_from_slice(&[0, 0]);
     assert_eq!(run(&mut gro, &[d(2), none.clone()]).len(), 2);
-    // Trusting the bytes, both merge.
+    // Trusting the bytes, the corrupt one merges, the one without a checksum still not (an
+    // IPv6 one must be dropped, and merging would give it a valid checksum).
     let mut trusting = Gro::new(8, MAX).trusting();
-    assert_eq!(run(&mut trusting, &[d(2), none]).len(), 1);
+    assert_eq!(run(&mut trusting, &[d(2), bad]).len(), 1);
+    assert_eq!(run(&mut trusting, &[d(2), none]).len(), 2);
+    let v6 = TcpSpec::v6().udp();
+    let mut none6 = v6.clone().payload(&[1; 50]).build();
+    none6[46..48].copy_from_slice(&[0, 0]);
+    let ok6 = v6.clone().payload(&[1; 50]).build();
+    assert_eq!(run(&mut trusting, &[ok6.clone(), none6]).len(), 2);
+    assert_eq!(run(&mut trusting, &[ok6.clone(), ok6.clone()]).len(), 1);
+    // Where the TUN takes no UDP super-packets, datagrams pass one by one; TCP still merges.
+    let mut no_uso = Gro::new(8, MAX).trusting().without_udp();
+    assert_eq!(run(&mut no_uso, &[ok6.clone(), ok6.clone()]).len(), 2);
+    let t = TcpSpec::v4();
+    assert_eq!(
+        segs_of(&run(
+            &mut no_uso,
+            &[seg(&t, 0, 1000).build(), seg(&t, 1, 1000).build()]
+        )),
+        [2]
+    );
+    // Something between the same two addresses that may belong to the flow without showing
+    // its ports (here another protocol) ends the run, so nothing moves in front of it.
+    let a = d(2);
+    let mut other = d(3);
+    other[9] = 47; // GRE
+    other[10..12].copy_from_slice(&[0, 0]);
+    let c = crate::wire::checksum::ipv4_header(&other[..20]);
+    other[10..12].copy_from_slice(&c.to_be_bytes());
+    let out = run(&mut gro, &[a, other, d(3)]);
+    assert_eq!(out.len(), 3);
+    assert!(out.iter().all(|(h, _)| h.gso_type == GSO_NONE));
 }
 
 #[test]
