@@ -352,6 +352,27 @@ impl Etcd {
         Ok(())
     }
 
+    /// After [`enable_auth`](Self::enable_auth): its role may read `prefix` but no longer
+    /// write it (as a full database or a read-only role refuses a node's writes).
+    pub fn make_read_only(&self, prefix: &str) -> Result<()> {
+        self.ctl(&[
+            "role",
+            "revoke-permission",
+            "flannel",
+            "--prefix=true",
+            prefix,
+        ])?;
+        self.ctl(&[
+            "role",
+            "grant-permission",
+            "flannel",
+            "--prefix=true",
+            "read",
+            prefix,
+        ])
+        .map(drop)
+    }
+
     /// The TLS files this etcd was started with, if any.
     pub fn tls(&self) -> Option<&TlsFiles> {
         self.tls.as_ref()

@@ -274,21 +274,7 @@ fn peers_follow_while_our_own_writes_fail() -> Result<()> {
         routed(&c)
     })?;
     let etcd = c.etcd()?;
-    etcd.ctl(&[
-        "role",
-        "revoke-permission",
-        "flannel",
-        "--prefix=true",
-        ETCD_PREFIX,
-    ])?;
-    etcd.ctl(&[
-        "role",
-        "grant-permission",
-        "flannel",
-        "--prefix=true",
-        "read",
-        ETCD_PREFIX,
-    ])?;
+    etcd.make_read_only(ETCD_PREFIX)?;
     wait_until("n1 to try acquiring again", Duration::from_secs(20), || {
         c.nodes[0].log().contains("acquiring again")
     })?;

@@ -379,21 +379,7 @@ async fn a_refused_write_leaves_no_grant_behind() -> Result<()> {
     let (mut etcd, _dir) = start_etcd()?;
     etcd.enable_auth("node", "node-secret", PREFIX)?;
     // A role that may read the prefix but not write it: granting still works, the put not.
-    etcd.ctl(&[
-        "role",
-        "revoke-permission",
-        "flannel",
-        "--prefix=true",
-        PREFIX,
-    ])?;
-    etcd.ctl(&[
-        "role",
-        "grant-permission",
-        "flannel",
-        "--prefix=true",
-        "read",
-        PREFIX,
-    ])?;
+    etcd.make_read_only(PREFIX)?;
     let reg = Registry::connect(&EtcdOptions {
         endpoints: vec![etcd.endpoint.clone()],
         prefix: PREFIX.into(),
