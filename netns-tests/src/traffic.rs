@@ -96,38 +96,28 @@ pub fn tcp_transfers(
     streams: usize,
     bytes: u64,
 ) -> Result<Vec<(u64, u64)>> {
-    let ip: std::net::IpAddr = to_ip.parse().with_context(|| format!("address {to_ip}"))?;
-    let addr = SocketAddr::new(ip, port);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let to_ns = to_ns.to_string();
-    // Threads spawned inside a namespace's thread stay in that namespace.
-    let receiver = std::thread::spawn(move || {
-        in_netns(&to_ns, move || {
-            let listener = TcpListener::bind(addr).context("binding the receiver")?;
-            let _ = ready_tx.send(());
-            let mut readers = Vec::new();
-            for _ in 0..streams {
-                let (mut conn, _) = listener.accept()?;
-                conn.set_read_timeout(Some(Duration::from_secs(60)))?;
-                // The sender's first 8 bytes say which stream this is (accept order is not
-                // connect order).
-                let mut id = [0u8; 8];
-                conn.read_exact(&mut id)?;
-                readers.push(std::thread::spawn(move || {
-                    hash_stream(&mut conn).map(|h| (u64::from_le_bytes(id), h))
-                }));
-            }
-            let mut got = Vec::new();
-            for r in readers {
-                got.push(r.join().map_err(|_| anyhow!("reader panicked"))??);
-            }
-            got.sort_unstable_by_key(|(id, _)| *id);
-            Ok(got)
-        })
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .context("receiver did not start")?;
+    let (addr, receiver) = serve_in(to_ns, to_ip, port, move |addr, ready| {
+        let listener = TcpListener::bind(addr).context("binding the receiver")?;
+        ready();
+        let mut readers = Vec::new();
+        for _ in 0..streams {
+            let (mut conn, _) = listener.accept()?;
+            conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+            // The sender's first 8 bytes say which stream this is (accept order is not
+            // connect order).
+            let mut id = [0u8; 8];
+            conn.read_exact(&mut id)?;
+            readers.push(std::thread::spawn(move || {
+                hash_stream(&mut conn).map(|h| (u64::from_le_bytes(id), h))
+            }));
+        }
+        let mut got = Vec::new();
+        for r in readers {
+            got.push(r.join().map_err(|_| anyhow!("reader panicked"))??);
+        }
+        got.sort_unstable_by_key(|(id, _)| *id);
+        Ok(got)
+    })?;
     let sent = in_netns(from_ns, move || {
         let writers: Vec<_> = (0..streams as u64)
             .map(|id| {
@@ -162,6 +152,36 @@ pub fn tcp_transfers(
         out.push((sent, hash));
     }
     Ok(out)
+}
+
+/// Runs `serve` on a thread inside `ns`, given `ip:port` and a `ready` to call once it listens,
+/// and returns when it did: the address and the thread.
+fn serve_in<T, F>(
+    ns: &str,
+    ip: &str,
+    port: u16,
+    serve: F,
+) -> Result<(SocketAddr, std::thread::JoinHandle<Result<T>>)>
+where
+    T: Send + 'static,
+    F: FnOnce(SocketAddr, &dyn Fn()) -> Result<T> + Send + 'static,
+{
+    let ip: std::net::IpAddr = ip.parse().with_context(|| format!("address {ip}"))?;
+    let addr = SocketAddr::new(ip, port);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let ns = ns.to_string();
+    // Threads spawned inside a namespace's thread stay in that namespace.
+    let handle = std::thread::spawn(move || {
+        in_netns(&ns, move || {
+            serve(addr, &|| {
+                let _ = ready_tx.send(());
+            })
+        })
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("receiver did not start")?;
+    Ok((addr, handle))
 }
 
 /// `GET path` on `127.0.0.1:port` inside `ns`; returns (status line, body).
@@ -254,42 +274,33 @@ pub fn udp_burst(
         d[..4].copy_from_slice(&i.to_be_bytes());
         d
     }
-    let ip: std::net::IpAddr = to_ip.parse().with_context(|| format!("address {to_ip}"))?;
-    let addr = SocketAddr::new(ip, port);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let to_ns = to_ns.to_string();
-    let receiver = std::thread::spawn(move || {
-        in_netns(&to_ns, move || {
-            let sock = std::net::UdpSocket::bind(addr).context("binding the receiver")?;
-            let _ = ready_tx.send(());
-            let mut seen = vec![false; count as usize];
-            let mut got = UdpBurst::default();
-            let mut buf = vec![0u8; 65536];
-            sock.set_read_timeout(Some(Duration::from_secs(10)))?;
-            // Until quiet for the timeout: the burst is over.
-            while let Ok(n) = sock.recv(&mut buf) {
-                sock.set_read_timeout(Some(Duration::from_secs(2)))?;
-                let i = buf
-                    .get(..4)
-                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-                    .filter(|&i| i < count);
-                match i {
-                    Some(i) if n == size && buf[..n] == datagram(i, size)[..] => {
-                        if std::mem::replace(&mut seen[i as usize], true) {
-                            got.repeated += 1;
-                        } else {
-                            got.whole += 1;
-                        }
+    let (addr, receiver) = serve_in(to_ns, to_ip, port, move |addr, ready| {
+        let sock = std::net::UdpSocket::bind(addr).context("binding the receiver")?;
+        ready();
+        let mut seen = vec![false; count as usize];
+        let mut got = UdpBurst::default();
+        let mut buf = vec![0u8; 65536];
+        sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+        // Until quiet for the timeout: the burst is over.
+        while let Ok(n) = sock.recv(&mut buf) {
+            sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let i = buf
+                .get(..4)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                .filter(|&i| i < count);
+            match i {
+                Some(i) if n == size && buf[..n] == datagram(i, size)[..] => {
+                    if std::mem::replace(&mut seen[i as usize], true) {
+                        got.repeated += 1;
+                    } else {
+                        got.whole += 1;
                     }
-                    _ => got.damaged += 1,
                 }
+                _ => got.damaged += 1,
             }
-            Ok(got)
-        })
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .context("receiver did not start")?;
+        }
+        Ok(got)
+    })?;
     in_netns(from_ns, move || {
         let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
         sock.connect(addr)?;

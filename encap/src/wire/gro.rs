@@ -521,17 +521,15 @@ fn classify(pkt: &[u8], verify: bool, merge_udp: bool) -> Class {
     if !mergeable {
         return Class::FlowOther(key);
     }
-    Class::Data(Seg {
+    let seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+    Class::Data(Seg::new(
         key,
-        v6: ip.v6,
-        udp: false,
-        ip_hdr_len: off,
-        hdr_len,
-        payload_len: ip.len - hdr_len,
-        seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
-        id: if ip.v6 { 0 } else { be16(pkt, 4).unwrap_or(0) },
-        psh: flags & TCP_PSH != 0,
-    })
+        &ip,
+        pkt,
+        tcp_hdr_len,
+        seq,
+        flags & TCP_PSH != 0,
+    ))
 }
 
 /// A UDP datagram: mergeable when nothing about it is odd (no IP options or extension
@@ -551,17 +549,26 @@ fn classify_udp(pkt: &[u8], ip: &ip::Ip, key: FlowKey, verify: bool) -> Class {
     if !mergeable {
         return Class::FlowOther(key);
     }
-    Class::Data(Seg {
-        key,
-        v6: ip.v6,
-        udp: true,
-        ip_hdr_len: off,
-        hdr_len: off + UDP_HDR_LEN,
-        payload_len: ip.len - off - UDP_HDR_LEN,
-        seq: 0,
-        id: if ip.v6 { 0 } else { be16(pkt, 4).unwrap_or(0) },
-        psh: false,
-    })
+    Class::Data(Seg::new(key, ip, pkt, UDP_HDR_LEN, 0, false))
+}
+
+impl Seg {
+    /// `pkt` (parsed as `ip`, its transport header `l4_hdr_len` long and shorter than what
+    /// follows the IP header) as a segment of `key`'s flow.
+    fn new(key: FlowKey, ip: &ip::Ip, pkt: &[u8], l4_hdr_len: usize, seq: u32, psh: bool) -> Seg {
+        let hdr_len = ip.hdr_len + l4_hdr_len;
+        Seg {
+            key,
+            v6: ip.v6,
+            udp: key.udp,
+            ip_hdr_len: ip.hdr_len,
+            hdr_len,
+            payload_len: ip.len.saturating_sub(hdr_len),
+            seq,
+            id: if ip.v6 { 0 } else { be16(pkt, 4).unwrap_or(0) },
+            psh,
+        }
+    }
 }
 
 /// IPv4 header checksum and (if `l4`) the transport (`proto`) checksum of a whole (untrimmed)
