@@ -8,4 +8,5 @@ pub mod policy;
 pub mod policy_cli;
 pub mod single;
 pub mod status;
+mod tool;
 pub mod traffic;

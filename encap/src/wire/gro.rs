@@ -54,7 +54,6 @@ struct FlowKey {
 struct Seg {
     key: FlowKey,
     v6: bool,
-    udp: bool,
     ip_hdr_len: usize,
     /// IP + TCP (or UDP) header length.
     hdr_len: usize,
@@ -130,7 +129,7 @@ pub struct Gro {
     /// Whether TCP checksums are verified before a segment may merge (see [`Gro::trusting`]).
     verify: bool,
     /// Whether UDP datagrams may merge (see [`Gro::without_udp`]).
-    udp: bool,
+    merge_udp: bool,
 }
 
 impl Gro {
@@ -146,14 +145,14 @@ impl Gro {
             flows: Vec::with_capacity(max_packets),
             finalized: 0,
             verify: true,
-            udp: true,
+            merge_udp: true,
         }
     }
 
     /// The same coalescer leaving UDP datagrams alone, for a TUN that refused `TUN_F_USO`
     /// (before kernel 6.2 a `GSO_UDP_L4` write fails, and every datagram in it is lost).
     pub fn without_udp(mut self) -> Self {
-        self.udp = false;
+        self.merge_udp = false;
         self
     }
 
@@ -177,7 +176,7 @@ impl Gro {
                 mtu: cap,
             });
         }
-        match classify(pkt, self.verify, self.udp) {
+        match classify(pkt, self.verify, self.merge_udp) {
             Class::Other => {
                 self.check_room()?;
                 self.start(pkt, None)?;
@@ -301,7 +300,7 @@ impl Gro {
         let new_len = slot.len + seg.payload_len;
         if !run.open
             || run.v6 != seg.v6
-            || run.udp != seg.udp
+            || run.udp != seg.key.udp
             || run.ip_hdr_len != seg.ip_hdr_len
             || run.hdr_len != seg.hdr_len
             || (!run.udp && run.next_seq != seg.seq)
@@ -384,7 +383,7 @@ impl Run {
     fn first(seg: &Seg) -> Run {
         Run {
             v6: seg.v6,
-            udp: seg.udp,
+            udp: seg.key.udp,
             ip_hdr_len: seg.ip_hdr_len,
             hdr_len: seg.hdr_len,
             gso_size: seg.payload_len,
@@ -470,36 +469,22 @@ fn classify(pkt: &[u8], verify: bool, merge_udp: bool) -> Class {
     };
     let udp = ip.proto == PROTO_UDP;
     if !(udp || ip.proto == PROTO_TCP) || ip.fragment {
-        let mut addrs = [0; 32];
-        let src = if ip.v6 {
-            pkt.get(8..40)
-        } else {
-            pkt.get(12..20)
+        return Class::Between {
+            v6: ip.v6,
+            addrs: addr_pair(pkt, ip.v6),
         };
-        for (k, a) in addrs.iter_mut().zip(src.unwrap_or_default()) {
-            *k = *a;
-        }
-        return Class::Between { v6: ip.v6, addrs };
     }
     let off = ip.hdr_len;
     let l4_min = if udp { UDP_HDR_LEN } else { 20 };
     let Some(ports) = arr::<4>(pkt, off).filter(|_| off + l4_min <= ip.len) else {
         return Class::Other;
     };
-    let mut key = FlowKey {
+    let key = FlowKey {
         v6: ip.v6,
         udp,
-        addrs: [0; 32],
+        addrs: addr_pair(pkt, ip.v6),
         ports: *ports,
     };
-    let addrs = if ip.v6 {
-        pkt.get(8..40)
-    } else {
-        pkt.get(12..20)
-    };
-    for (k, a) in key.addrs.iter_mut().zip(addrs.unwrap_or_default()) {
-        *k = *a;
-    }
     if udp {
         if !merge_udp {
             return Class::FlowOther(key);
@@ -532,6 +517,16 @@ fn classify(pkt: &[u8], verify: bool, merge_udp: bool) -> Class {
     ))
 }
 
+/// Source and destination address of an IP packet, as they stand in it (zero-padded for IPv4).
+fn addr_pair(pkt: &[u8], v6: bool) -> [u8; 32] {
+    let mut addrs = [0; 32];
+    let src = if v6 { pkt.get(8..40) } else { pkt.get(12..20) };
+    for (k, a) in addrs.iter_mut().zip(src.unwrap_or_default()) {
+        *k = *a;
+    }
+    addrs
+}
+
 /// A UDP datagram: mergeable when nothing about it is odd (no IP options or extension
 /// headers, its UDP length the rest of the packet, some payload), it has a UDP checksum (0
 /// means none: the merged packet goes to the kernel as `NEEDS_CSUM`, which would give it one,
@@ -560,7 +555,6 @@ impl Seg {
         Seg {
             key,
             v6: ip.v6,
-            udp: key.udp,
             ip_hdr_len: ip.hdr_len,
             hdr_len,
             payload_len: ip.len.saturating_sub(hdr_len),

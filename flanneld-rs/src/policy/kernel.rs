@@ -63,23 +63,10 @@ pub fn ensure_bridge_hooks(warned: &mut bool) {
 
 /// Packets dropped (ingress, egress) by the table's counters; None when there is no table.
 pub async fn denied_counters() -> Option<(u64, u64)> {
-    // A scrape waits for this: an nft stuck on a busy netlink socket must not hold it, nor
-    // live on after it (killed when the timeout drops it).
-    let out = tokio::time::timeout(
-        std::time::Duration::from_secs(2),
-        Command::new("nft")
-            .args(["-j", "list", "counters", "table", "inet", TABLE])
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    // A scrape waits for this.
+    let args = ["-j", "list", "counters", "table", "inet", TABLE];
+    let out = crate::tool::stdout("nft", &args, std::time::Duration::from_secs(2)).await?;
+    let json: serde_json::Value = serde_json::from_str(&out).ok()?;
     let mut counts = (0, 0);
     for item in json.get("nftables")?.as_array()? {
         let Some(c) = item.get("counter") else {

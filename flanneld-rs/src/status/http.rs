@@ -402,8 +402,8 @@ impl Waiting {
     }
 
     /// Drops the oldest connection still waiting for its request, else the oldest whose
-    /// answer has been stuck past `STUCK_ANSWER`, if any (never one being handled). Aborting the task drops its
-    /// connection and its slot.
+    /// answer has been stuck past `STUCK_ANSWER`, if any (never one being handled). Aborting
+    /// the task drops its connection and its slot.
     fn evict_oldest(&self) {
         let mut w = self.lock();
         w.conns.retain(|c| !c.task.is_finished());

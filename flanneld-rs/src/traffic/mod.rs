@@ -350,20 +350,15 @@ impl TrafficRules {
     }
 }
 
-/// A command's standard output, or nothing if it fails.
+/// A listing tool's standard output, or nothing if it fails (or hangs on a lock past
+/// `LISTING_TIMEOUT`: the upkeep must go on).
 async fn output(prog: &str, args: &[&str]) -> String {
-    match Command::new(prog)
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .output()
+    crate::tool::stdout(prog, args, LISTING_TIMEOUT)
         .await
-    {
-        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
-        _ => String::new(),
-    }
+        .unwrap_or_default()
 }
+
+const LISTING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Runs `prog args`, feeding `stdin` if given; an error carries the program's stderr.
 async fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<()> {
