@@ -8,4 +8,4 @@ pub mod peers;
 pub mod stats;
 pub mod wire;
 
-pub use backend::{lease_claims, new_backend, Backend, BackendError, Datapath, NodeInfo};
+pub use backend::{lease_claims, new_backend, Backend, BackendError, Datapath, NodeInfo, Repaired};

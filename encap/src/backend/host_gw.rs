@@ -9,7 +9,7 @@ use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::Lease;
 
 use super::routes::{PeerRoute, PeerRoutes};
-use super::{Backend, BackendError, LeaseData, NodeInfo};
+use super::{Backend, BackendError, LeaseData, NodeInfo, Repaired};
 use crate::netlink::{Netlink, OwnRoute};
 
 const TYPE: &str = "host-gw";
@@ -107,8 +107,8 @@ impl Backend for HostGw {
         self.routes.wanted()
     }
 
-    async fn repair(&mut self) -> Result<usize, BackendError> {
-        Ok(self.routes.repair().await?)
+    async fn repair(&mut self) -> Repaired {
+        self.routes.repair().await
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError> {

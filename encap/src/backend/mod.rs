@@ -3,11 +3,13 @@
 
 mod host_gw;
 mod pump;
+mod repaired;
 mod routes;
 mod udp;
 mod vxlan;
 mod wireguard;
 
+pub use repaired::Repaired;
 #[cfg(feature = "testutil")]
 pub use wireguard::cost as wireguard_cost;
 /// The WireGuard receive path for `cargo fuzz` (never in normal builds).
@@ -165,10 +167,12 @@ pub trait Backend: Send {
     }
 
     /// Puts back what was removed behind our back (routes, neighbours, FDB entries, the device
-    /// or its address), touching nothing that is still in place. Returns how many objects were
-    /// restored; the daemon calls it every `--iptables-resync` seconds.
-    async fn repair(&mut self) -> Result<usize, BackendError> {
-        Ok(0)
+    /// or its address), touching nothing that is still in place, and removes entries on our
+    /// own devices that nothing we installed justifies (one whose removal failed). Says how
+    /// many objects it put right, and the first failure; the daemon calls it every
+    /// `--iptables-resync` seconds.
+    async fn repair(&mut self) -> Repaired {
+        Repaired::default()
     }
 }
 

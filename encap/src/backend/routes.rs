@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use subnet_manager::lease::SubnetKey;
 
+use super::Repaired;
 use crate::netlink::{Netlink, NetlinkError, OwnRoute};
 
 /// One route a lease calls for.
@@ -115,13 +116,17 @@ impl PeerRoutes {
             .collect()
     }
 
-    /// Installs again the routes someone deleted; returns how many. One that cannot go back
-    /// (an operator's route in its place) does not keep the others out: the first error is
-    /// returned once every route was tried.
-    pub async fn repair(&self) -> Result<usize, NetlinkError> {
-        let present = self.netlink.own_routes().await?;
-        let mut restored = 0;
-        let mut first_error = None;
+    /// Installs again the routes someone deleted, and counts them. One that cannot go back
+    /// (an operator's route in its place) does not keep the others out.
+    pub async fn repair(&self) -> Repaired {
+        let mut pass = Repaired::default();
+        let present = match self.netlink.own_routes().await {
+            Ok(p) => p,
+            Err(e) => {
+                pass.fail(e);
+                return pass;
+            }
+        };
         for r in self.installed.values().flatten() {
             if present.contains(&r.as_own()) {
                 continue;
@@ -132,12 +137,10 @@ impl PeerRoutes {
                 .replace_route(r.dst, Some(r.via), r.oif, r.onlink, r.own_link)
                 .await
             {
-                Ok(()) => restored += 1,
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
+                Ok(()) => pass.count(1),
+                Err(e) => pass.fail(e),
             }
         }
-        first_error.map_or(Ok(restored), Err)
+        pass
     }
 }

@@ -63,19 +63,22 @@ pub(super) async fn keep_programmed(
     last_error: &mut Option<String>,
 ) {
     let mut errors = Vec::new();
-    match backend.repair().await {
-        Ok(0) => {}
-        Ok(n) => {
-            tracing::warn!(
-                restored = n,
-                "restored kernel state of ours that was removed"
-            );
-            status.repairs.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        Err(e) => errors.push(format!(
+    // What went back counts even when another part of the pass failed.
+    let pass = backend.repair().await;
+    if pass.restored > 0 {
+        tracing::warn!(
+            restored = pass.restored,
+            "put right kernel state of ours that was removed or left stale"
+        );
+        status
+            .repairs
+            .fetch_add(pass.restored as u64, Ordering::Relaxed);
+    }
+    if let Some(e) = pass.error {
+        errors.push(format!(
             "checking the {} backend's kernel state: {e}",
             backend.name()
-        )),
+        ));
     }
     match ensure_blackholes(netlink, blackholes).await {
         Ok(0) => {}

@@ -511,6 +511,55 @@ fn deleted_state_is_restored_vxlan() -> Result<()> {
         n.run("ip", &["neigh", "show", "dev", "flannel.1"])
             .is_ok_and(|o| o.contains("PERMANENT"))
     })?;
+    // Entries that none of our peers justifies (what a failed removal leaves when a peer goes)
+    // are removed by the next upkeep pass, not only at the next full listing; the peer's stay.
+    let repairs = node_metric(&c, 0, "flanneld_repairs_total");
+    let stale_mac = "0e:77:77:77:77:77";
+    n.run(
+        "ip",
+        &[
+            "neigh",
+            "add",
+            "10.244.250.0",
+            "lladdr",
+            stale_mac,
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ],
+    )?;
+    n.run(
+        "bridge",
+        &[
+            "fdb",
+            "add",
+            stale_mac,
+            "dev",
+            "flannel.1",
+            "dst",
+            "192.0.2.77",
+            "self",
+            "permanent",
+        ],
+    )?;
+    let t = Instant::now();
+    wait_until("the stale entries gone", Duration::from_secs(5), || {
+        let neigh = n.run("ip", &["neigh", "show", "dev", "flannel.1"]);
+        let fdb = n.run("bridge", &["fdb", "show", "dev", "flannel.1"]);
+        matches!((neigh, fdb), (Ok(a), Ok(b)) if !a.contains(stale_mac) && !b.contains(stale_mac))
+    })?;
+    eprintln!("vxlan: stale entries removed after {:?}", t.elapsed());
+    let neigh = n.run("ip", &["neigh", "show", "dev", "flannel.1"])?;
+    ensure!(
+        neigh.contains("PERMANENT"),
+        "the peer's neighbour went too: {neigh}"
+    );
+    ensure!(
+        node_metric(&c, 0, "flanneld_repairs_total") >= repairs + 2.0,
+        "stale entries removed but not counted as repairs"
+    );
+    c.ping_mesh(&pods)?;
     n.run("ip", &["link", "del", "flannel.1"])?;
     let t = Instant::now();
     wait_until("the device back", Duration::from_secs(10), || {
@@ -608,7 +657,9 @@ fn blocked_peers_and_routes_are_programmed_once_they_can_be_host_gw() -> Result<
         "not logged"
     );
     // An operator takes over n2's route (same path, their protocol), and ours to 10.244.200
-    // is deleted: that one comes back, whatever order the repair meets them in.
+    // is deleted: that one comes back, whatever order the repair meets them in, and counts
+    // as a repair though the pass failed on the other.
+    let repairs = node_metric(&c, 0, "flanneld_repairs_total");
     let peer = node_key(&c, 1)?.replace('-', "/");
     let via = c.nodes[1].ip.clone();
     n.run(
@@ -624,6 +675,10 @@ fn blocked_peers_and_routes_are_programmed_once_they_can_be_host_gw() -> Result<
             .lines()
             .any(|l| l.starts_with(&format!("{peer} via")) && l.contains("proto static")),
         "the operator's route was replaced"
+    );
+    ensure!(
+        node_metric(&c, 0, "flanneld_repairs_total") > repairs,
+        "a route put back beside a failing one was not counted"
     );
     // A route with our protocol number in another table is not ours to sweep.
     let swept = node_metric(&c, 0, "flanneld_stale_routes_removed_total");

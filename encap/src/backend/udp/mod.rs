@@ -18,7 +18,7 @@ use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::{Lease, SubnetKey};
 
 use super::pump::{Addressing, DeviceState, Family, Pump};
-use super::{backend_port, Backend, BackendError, LeaseData, NodeInfo};
+use super::{backend_port, Backend, BackendError, LeaseData, NodeInfo, Repaired};
 use crate::io::Listen;
 use crate::netlink::Netlink;
 use crate::peers::{Peer, PeerTable, SharedPeers};
@@ -138,9 +138,11 @@ impl Backend for Udp {
             .await
     }
 
-    async fn repair(&mut self) -> Result<usize, BackendError> {
-        let restored = self.addressing.repair(&self.netlink, &self.state).await?;
-        Ok(usize::from(restored))
+    async fn repair(&mut self) -> Repaired {
+        let mut pass = Repaired::default();
+        let restored = self.addressing.repair(&self.netlink, &self.state).await;
+        pass.note(restored.map(usize::from));
+        pass
     }
 
     async fn add_peer(&mut self, peer: &Lease) -> Result<(), BackendError> {

@@ -26,7 +26,9 @@
 //! - Removing a lease never deletes an FDB entry another lease still uses (same VtepMAC).
 //! - At start, permanent neighbour and FDB entries and routes on our devices, and our direct
 //!   routes, that no lease justifies are removed (stale peers from before a restart, or left
-//!   by Go Flannel on the same node).
+//!   by Go Flannel on the same node). Each repair pass removes the entries that none of the
+//!   peers we programmed justifies (one whose removal failed when its peer left is forgotten
+//!   then, and goes at the next pass).
 
 mod vtep;
 
@@ -39,7 +41,7 @@ use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::{Lease, SubnetKey};
 
 use super::routes::{PeerRoute, PeerRoutes};
-use super::{Backend, BackendError, LeaseData, NodeInfo};
+use super::{Backend, BackendError, LeaseData, NodeInfo, Repaired};
 use crate::netlink::{
     format_mac, FdbEntry, LinkDetails, Neighbour, Netlink, OwnRoute, VxlanAttrs, VxlanSpec,
 };
@@ -482,10 +484,15 @@ impl Vxlan {
     ) -> Result<(), BackendError> {
         // Routes first, so traffic never meets a route whose neighbour is gone.
         self.sweep_routes(wanted_routes).await?;
+        let mut pass = Repaired::default();
         for dev in &self.devices {
-            self.sweep_entries(dev, wanted).await?;
+            let idx = dev.index();
+            let neigh = self.netlink.neighbours(idx).await?;
+            let fdb = self.netlink.fdb_entries(idx).await?;
+            self.sweep_entries(dev, wanted, &neigh, &fdb, &mut pass)
+                .await;
         }
-        Ok(())
+        pass.error.map_or(Ok(()), Err)
     }
 
     /// Routes into the pod networks on our devices (whoever made them) and our direct routes
@@ -513,8 +520,16 @@ impl Vxlan {
         Ok(())
     }
 
-    /// Permanent FDB and neighbour entries on a device that no wanted entry justifies.
-    async fn sweep_entries(&self, dev: &Device, wanted: &[Entry]) -> Result<(), BackendError> {
+    /// Removes the permanent FDB and neighbour entries of a device (as dumped: `neigh`,
+    /// `fdb`) that no wanted entry justifies, each whatever another's failure.
+    async fn sweep_entries(
+        &self,
+        dev: &Device,
+        wanted: &[Entry],
+        neigh: &[Neighbour],
+        fdb: &[FdbEntry],
+        pass: &mut Repaired,
+    ) {
         let idx = dev.index();
         let want_neigh = |ip: IpAddr| {
             wanted
@@ -527,56 +542,58 @@ impl Vxlan {
                     && matches!(e, Entry::Fdb { mac: w, .. } if w.as_slice() == mac)
             })
         };
-        for f in self.netlink.fdb_entries(idx).await? {
+        for f in fdb {
             // Entries the kernel learned (Learning on) age out by themselves.
             if !f.permanent || want_mac(&f.mac) {
                 continue;
             }
             if let Ok(mac) = <[u8; 6]>::try_from(f.mac.as_slice()) {
                 tracing::info!(mac = %format_mac(&mac), dst = ?f.dst, device = dev.name(), "removing a stale FDB entry");
-                self.netlink.delete_fdb(idx, mac, f.dst).await?;
+                pass.note(self.netlink.delete_fdb(idx, mac, f.dst).await.map(|()| 1));
             }
         }
-        for n in self.netlink.neighbours(idx).await? {
+        for n in neigh {
             if n.permanent && !want_neigh(n.ip) {
                 tracing::info!(ip = %n.ip, device = dev.name(), "removing a stale neighbour entry");
-                self.netlink.delete_neighbour(idx, n.ip).await?;
+                pass.note(self.netlink.delete_neighbour(idx, n.ip).await.map(|()| 1));
             }
         }
-        Ok(())
     }
 
-    /// Puts back one device, its address and its entries, whatever was removed of them.
-    async fn repair_device(&mut self, family: Family) -> Result<usize, BackendError> {
+    /// Puts back one device, its address and its entries, whatever was removed of them, and
+    /// removes the entries on it that none of ours justifies: one whose removal failed when
+    /// its peer left (forgotten then, so that a later lease is never blocked by it), or one
+    /// added by hand. What it put right is counted in `pass`; `Err` is what stopped it.
+    async fn repair_device(
+        &mut self,
+        family: Family,
+        pass: &mut Repaired,
+    ) -> Result<(), BackendError> {
         let Some(dev) = self.device(family).cloned() else {
-            return Ok(0);
+            return Ok(());
         };
         let now = self.netlink.link_details(dev.name()).await?;
         if now.as_ref().map(|d| d.link.index) != Some(dev.index()) {
             tracing::warn!(device = dev.name(), mac = %format_mac(&dev.mac), "our VXLAN device was deleted: recreating it with the same MAC");
-            return self.recreate_device(family).await;
+            pass.count(self.recreate_device(family).await?);
+            return Ok(());
         }
-        let mut restored = usize::from(self.restore_address(&dev).await?);
+        pass.count(usize::from(self.restore_address(&dev).await?));
         let neigh = self.netlink.neighbours(dev.index()).await?;
         let fdb = self.netlink.fdb_entries(dev.index()).await?;
-        let missing: Vec<Entry> = self
+        let ours: Vec<Entry> = self
             .installed
             .values()
             .flatten()
-            .filter(|e| e.family() == family && !e.present(&neigh, &fdb))
+            .filter(|e| e.family() == family)
             .cloned()
             .collect();
-        let mut first_error = None;
-        for e in &missing {
+        for e in ours.iter().filter(|e| !e.present(&neigh, &fdb)) {
             tracing::warn!(entry = ?e, device = dev.name(), "an entry of ours was deleted: restoring it");
-            match self.install(e).await {
-                Ok(()) => restored += 1,
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
+            pass.note(self.install(e).await.map(|()| 1));
         }
-        first_error.map_or(Ok(restored), Err)
+        self.sweep_entries(&dev, &ours, &neigh, &fdb, pass).await;
+        Ok(())
     }
 
     /// Gives a device its address back if it lost it; returns whether it had to.
@@ -864,27 +881,18 @@ impl Backend for Vxlan {
         self.routes.wanted()
     }
 
-    async fn repair(&mut self) -> Result<usize, BackendError> {
+    async fn repair(&mut self) -> Repaired {
         let families: Vec<Family> = self.devices.iter().map(|d| d.family).collect();
         // Each part is tried whatever another's failure: one family's trouble must not keep
         // the other's entries or the routes from coming back.
-        let mut restored = 0;
-        let mut first_error = None;
+        let mut pass = Repaired::default();
         for family in families {
-            match self.repair_device(family).await {
-                Ok(n) => restored += n,
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
+            if let Err(e) = self.repair_device(family, &mut pass).await {
+                pass.fail(e);
             }
         }
-        match self.routes.repair().await {
-            Ok(n) => restored += n,
-            Err(e) => {
-                first_error.get_or_insert(e.into());
-            }
-        }
-        first_error.map_or(Ok(restored), Err)
+        pass.merge(self.routes.repair().await);
+        pass
     }
 
     async fn reconcile(&mut self, peers: &[Lease]) -> Result<(), BackendError> {

@@ -50,7 +50,7 @@ use subnet_manager::config::NetworkConfig;
 use subnet_manager::lease::Lease;
 
 use super::pump::{io_error, Family};
-use super::{Backend, BackendError, LeaseData, NodeInfo};
+use super::{Backend, BackendError, LeaseData, NodeInfo, Repaired};
 use crate::netlink::Netlink;
 use crate::stats::Stats;
 use config::{DeviceSpec, WgConfig};
@@ -207,12 +207,13 @@ impl Backend for WireGuard {
         Ok(())
     }
 
-    async fn repair(&mut self) -> Result<usize, BackendError> {
-        let mut restored = 0;
+    async fn repair(&mut self) -> Repaired {
+        // Each device is checked whatever the other's failure.
+        let mut pass = Repaired::default();
         for dev in &self.devices {
-            restored += usize::from(dev.repair(&self.netlink).await?);
+            pass.note(dev.repair(&self.netlink).await.map(usize::from));
         }
-        Ok(restored)
+        pass
     }
 
     async fn add_peer(&mut self, peer: &Lease) -> Result<(), BackendError> {
