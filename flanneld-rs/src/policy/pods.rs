@@ -170,12 +170,18 @@ impl Policy {
             let Ok(body) = std::fs::read(&path) else {
                 continue;
             };
-            let meta = serde_json::from_slice::<Value>(&body).ok().map(|j| {
+            let json = serde_json::from_slice::<Value>(&body).ok();
+            let meta = json.as_ref().map(|j| {
                 let m = &j["metadata"];
                 (
                     m["namespace"].as_str().unwrap_or("default").to_string(),
                     m["name"].as_str().unwrap_or_default().to_string(),
                 )
+            });
+            let container = json.as_ref().and_then(|j| {
+                j["metadata"]["annotations"][CONTAINER_ANNOTATION]
+                    .as_str()
+                    .map(str::to_string)
             });
             let Some((ns, name)) =
                 meta.filter(|(ns, n)| !n.is_empty() && !n.contains('/') && !ns.contains('/'))
@@ -184,10 +190,22 @@ impl Policy {
                 let _ = std::fs::remove_file(&path);
                 continue;
             };
+            let pod = format!("{ns}/{name}");
             match self.publish(&ns, &name, &body).await {
+                Ok(_) if taken_back(&path) => {
+                    // The plugin's DEL dropped the file while we published, and its DELETE
+                    // may have come before our record: the pod is gone, so is its record.
+                    match self.unpublish(&ns, &name, container.as_deref()).await {
+                        Ok(_) => {
+                            tracing::info!(pod = %pod, "a pending pod record was deleted while we published it: removed")
+                        }
+                        Err(e) => {
+                            tracing::warn!(pod = %pod, "removing the record of a pod deleted while we published it: {e:#}")
+                        }
+                    }
+                }
                 Ok(_) => {
-                    tracing::info!(pod = %format!("{ns}/{name}"), "published a pod record made while we were away");
-                    let _ = std::fs::remove_file(&path);
+                    tracing::info!(pod = %pod, "published a pod record made while we were away");
                 }
                 Err(PublishError::Invalid(why)) => {
                     tracing::warn!(path = %path.display(), "dropping a pending pod record: {why}");
@@ -233,6 +251,14 @@ impl Policy {
         }
         Ok(())
     }
+}
+
+/// Removes a pending record once published; true when it was gone already. Only the plugin's
+/// DEL drops such a file (before it tells us), so a file gone meanwhile is a pod deleted while
+/// we published it. Removing it first makes the order safe: a DEL that drops it later finds it
+/// gone and tells us afterwards, when our record is there to be removed.
+fn taken_back(path: &std::path::Path) -> bool {
+    matches!(std::fs::remove_file(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
 }
 
 /// A plugin killed while writing leaves its temp file behind: removed after this long.
@@ -317,5 +343,19 @@ mod tests {
         // A fresh temp file is left for its rename.
         assert!(dir.path().join(".x_b_c2.123.tmp").exists());
         assert!(files_in(&dir.path().join("absent")).is_empty());
+    }
+
+    #[test]
+    fn a_pending_record_dropped_while_published_reads_as_taken_back() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("prod_db-0_c1");
+        std::fs::write(&path, "{}").expect("write");
+        assert!(
+            !taken_back(&path),
+            "still there: published, and removed now"
+        );
+        assert!(!path.exists());
+        // The plugin's DEL dropped it meanwhile.
+        assert!(taken_back(&path));
     }
 }
