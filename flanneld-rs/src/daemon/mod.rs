@@ -237,7 +237,7 @@ pub async fn run(flags: Flags) -> Result<()> {
     });
     let renewer = Renewer::spawn(&registry, held, flags.renew_margin(), status.clone());
 
-    let health = start_health(&flags, backend.as_ref(), status.clone());
+    let health = start_health(&flags, backend.as_ref(), node.public_ip, status.clone());
     let flags_subnet_file = flags.subnet_file.clone();
     let mut running = Running::new(
         flags, registry, netlink, status, backend, req, own, rules, renewer, health,
@@ -335,11 +335,23 @@ fn public_ipv6(config: &NetworkConfig, node: &NodeInfo) -> Result<Option<std::ne
 
 /// The per-peer health prober, unless `--health-port=0`. A port that cannot be bound is
 /// reported and leaves the node without probes, never without networking.
-fn start_health(flags: &Flags, backend: &dyn Backend, status: Arc<Status>) -> Option<Health> {
+fn start_health(
+    flags: &Flags,
+    backend: &dyn Backend,
+    public_ip: std::net::Ipv4Addr,
+    status: Arc<Status>,
+) -> Option<Health> {
     if flags.health_port == 0 {
         return None;
     }
+    // host-gw's peers probe our PublicIP and take answers only from it; the encapsulating
+    // backends' probes go to and come from overlay addresses, which the routes pick.
+    let bind = match backend.name() {
+        "host-gw" => public_ip,
+        _ => std::net::Ipv4Addr::UNSPECIFIED,
+    };
     let cfg = HealthConfig {
+        bind,
         port: flags.health_port,
         interval: flags.health_probe_interval,
         pod_mtu: backend.mtu(),

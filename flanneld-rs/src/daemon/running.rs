@@ -220,16 +220,18 @@ impl Running {
         self.status.set_peers(self.admission.admitted());
         if let Some(h) = &self.health {
             // Over the path pods' packets take: the overlay address for the encapsulating
-            // backends, the underlay for host-gw.
+            // backends, the underlay for host-gw. Probes are IPv4: a peer without an IPv4
+            // subnet (IPv6-only) is not probed, its PublicIP being no path of its pods.
             let host_gw = self.backend.name() == "host-gw";
             let targets = self
                 .admission
                 .admitted()
                 .filter_map(|l| {
+                    let subnet = l.key.ipv4?;
                     let to = if host_gw {
                         IpAddr::V4(l.attrs.public_ip)
                     } else {
-                        IpAddr::V4(l.key.ipv4?.network())
+                        IpAddr::V4(subnet.network())
                     };
                     Some((l.key.to_string(), to))
                 })

@@ -97,6 +97,18 @@ pub enum State {
     Down,
 }
 
+/// What a probe request gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// From a peer's probe address: answered.
+    Answer,
+    /// From an address that is no peer's: not answered.
+    Refused,
+    /// One of our own probes, come back to us: not answered. `first` names the peer (key and
+    /// probe address) the first time this happens for it, to be logged once.
+    Looped { first: Option<(String, IpAddr)> },
+}
+
 /// A verdict that changed, to log once.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
@@ -131,6 +143,8 @@ struct Peer {
     big_misses: u32,
     mtu_problem: bool,
     passes: Option<u32>,
+    /// Our own probes to it came back to us: its probe address is one of ours.
+    looped: bool,
 }
 
 struct Outstanding {
@@ -181,6 +195,7 @@ impl Prober {
                 big_misses: 0,
                 mtu_problem: false,
                 passes: None,
+                looped: false,
             });
             peer.key = key.clone();
         }
@@ -189,6 +204,24 @@ impl Prober {
     /// Whether `from` is a peer's probe address (only those get answers).
     pub fn is_peer(&self, from: &IpAddr) -> bool {
         self.peers.contains_key(from)
+    }
+
+    /// What to do with a probe request: answer it only from a peer's probe address, and never
+    /// when it is one of our own probes come back to us (a peer's PublicIP or overlay address
+    /// that is also one of ours: answering ourselves would show a path never crossed as up).
+    pub fn on_request(&mut self, from: IpAddr, nonce: u64) -> Request {
+        if let Some(o) = self.outstanding.get(&nonce) {
+            let Some(p) = self.peers.get_mut(&o.to) else {
+                return Request::Looped { first: None };
+            };
+            let first = (!std::mem::replace(&mut p.looped, true)).then(|| (p.key.clone(), p.to));
+            return Request::Looped { first };
+        }
+        if self.is_peer(&from) {
+            Request::Answer
+        } else {
+            Request::Refused
+        }
     }
 
     fn big_size(&self, step: usize) -> u32 {
@@ -239,18 +272,14 @@ impl Prober {
         out
     }
 
-    /// An answer: counted only from the address the probe went to, with its nonce.
-    pub fn on_reply(&mut self, from: IpAddr, nonce: u64, now: Instant) -> Vec<Change> {
-        let Some(o) = self.outstanding.get(&nonce) else {
-            return Vec::new();
-        };
-        if o.to != from {
-            return Vec::new();
+    /// An answer: counted only from the address the probe went to, with its nonce, before
+    /// its timeout. `None`: refused (an unknown or expired nonce, or the wrong sender).
+    pub fn on_reply(&mut self, from: IpAddr, nonce: u64, now: Instant) -> Option<Vec<Change>> {
+        if self.outstanding.get(&nonce)?.to != from {
+            return None;
         }
-        let Some(o) = self.outstanding.remove(&nonce) else {
-            return Vec::new();
-        };
-        self.result(o, true, now)
+        let o = self.outstanding.remove(&nonce)?;
+        Some(self.result(o, true, now))
     }
 
     /// Probes unanswered past the timeout become losses.
@@ -401,7 +430,10 @@ mod tests {
         for pr in &probes {
             let is_big = pr.ip_size != SMALL;
             if (is_big && big) || (!is_big && small) {
-                changes.extend(p.on_reply(pr.to, pr.nonce, now + Duration::from_millis(1)));
+                changes.extend(
+                    p.on_reply(pr.to, pr.nonce, now + Duration::from_millis(1))
+                        .unwrap_or_default(),
+                );
             }
         }
         changes.extend(p.expire(now + Duration::from_secs(3)));
@@ -489,14 +521,47 @@ mod tests {
         let (mut p, now) = prober();
         let probes = p.due(now, || 42);
         assert!(!probes.is_empty());
-        // Right nonce from the wrong address, and a wrong nonce from the right one.
-        assert!(p
-            .on_reply("10.244.9.0".parse().expect("ip"), 42, now)
-            .is_empty());
-        assert!(p.on_reply(A.parse().expect("ip"), 43, now).is_empty());
+        // Right nonce from the wrong address, and a wrong nonce from the right one: refused.
+        assert_eq!(p.on_reply("10.244.9.0".parse().expect("ip"), 42, now), None);
+        assert_eq!(p.on_reply(A.parse().expect("ip"), 43, now), None);
         assert_eq!(p.views()[0].state, State::NotProbed);
+        // A reply after its probe's timeout is refused too.
+        assert!(p.expire(now + Duration::from_secs(3)).is_empty());
+        assert_eq!(p.on_reply(A.parse().expect("ip"), 42, now), None);
         assert!(p.is_peer(&A.parse().expect("ip")));
         assert!(!p.is_peer(&"172.30.0.254".parse().expect("ip")));
+    }
+
+    #[test]
+    fn our_own_probes_come_back_unanswered_and_said_once() {
+        let (mut p, now) = prober();
+        let a: IpAddr = A.parse().expect("ip");
+        let mut n = 0;
+        let probes = p.due(now, || {
+            n += 1;
+            n
+        });
+        // The peer's address is one of ours: our probe arrives as a request, from that address.
+        let first = p.on_request(a, probes[0].nonce);
+        assert_eq!(
+            first,
+            Request::Looped {
+                first: Some(("10.244.1.0-24".into(), a))
+            }
+        );
+        assert_eq!(
+            p.on_request(a, probes[1].nonce),
+            Request::Looped { first: None }
+        );
+        // Unanswered, the peer never shows as up.
+        assert!(p.expire(now + Duration::from_secs(3)).is_empty());
+        assert_eq!(p.views()[0].state, State::NotProbed);
+        // The peer's own probes are answered; a stranger's are not.
+        assert_eq!(p.on_request(a, 9_999), Request::Answer);
+        assert_eq!(
+            p.on_request("172.30.0.254".parse().expect("ip"), 9_998),
+            Request::Refused
+        );
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! the underlay to its PublicIP for host-gw) and answers the probes of its peers. The verdicts
 //! (`core`) reach the log (once per change), `flanneld_peer_*` metrics and `flanneld-rs status`.
 //!
-//! Trust: a request is answered only when it comes from a peer's probe address, and an answer
-//! counts only from the address the probe went to, echoing its random nonce: nobody off the
-//! path can fake health, and a stranger's datagrams change nothing (they are counted).
+//! Trust: a request is answered only when it comes from a peer's probe address and is not one
+//! of our own probes come back (a peer address that is also ours), and an answer counts only
+//! from the address the probe went to, echoing its random nonce, before its timeout: nobody
+//! off the path can fake health, and a stranger's datagrams change nothing (they are counted).
 
 pub mod core;
 
@@ -29,6 +30,11 @@ const TICK: Duration = Duration::from_millis(100);
 
 /// What the prober needs to start.
 pub struct HealthConfig {
+    /// The address probes leave from and answers are awaited on: the node's PublicIP where
+    /// that is the probe address peers know (host-gw), so that a node with several addresses
+    /// neither probes nor answers from another one (the peer would refuse it). Unspecified:
+    /// any (the overlay address for the encapsulating backends, which the route picks).
+    pub bind: Ipv4Addr,
     pub port: u16,
     pub interval: Duration,
     /// The pod MTU: the size full probes test.
@@ -48,10 +54,9 @@ impl Drop for Health {
 }
 
 impl Health {
-    /// Binds the probe port on every address and starts probing and answering.
+    /// Binds the probe port and starts probing and answering.
     pub fn spawn(cfg: HealthConfig, status: Arc<Status>) -> Result<Self> {
-        let std_sock = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, cfg.port))
-            .with_context(|| format!("binding the health probe port {}", cfg.port))?;
+        let std_sock = bind(cfg.bind, cfg.port)?;
         dont_fragment(&std_sock)?;
         std_sock.set_nonblocking(true)?;
         let sock = UdpSocket::from_std(std_sock)?;
@@ -63,6 +68,19 @@ impl Health {
     /// The peers to probe now: (lease key, probe address).
     pub fn set_peers(&self, peers: Vec<(String, IpAddr)>) {
         let _ = self.peers.send(peers);
+    }
+}
+
+/// The probe socket on `addr`, or on every address when `addr` is not one of this host's (a
+/// PublicIP that is a NAT's): then the route picks the source, as before.
+fn bind(addr: Ipv4Addr, port: u16) -> Result<std::net::UdpSocket> {
+    let context = || format!("binding the health probe port {port}");
+    match std::net::UdpSocket::bind((addr, port)) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+            tracing::info!(address = %addr, "health probes: not one of this host's addresses, probing from any");
+            std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).with_context(context)
+        }
+        other => other.with_context(context),
     }
 }
 
@@ -115,20 +133,32 @@ async fn run(
                     status.health.malformed.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };
-                match msg {
-                    Message::Request(nonce) if prober.is_peer(&from.ip()) => {
-                        if sock.try_send_to(&core::encode_reply(nonce), from).is_ok() {
-                            status.health.answered.fetch_add(1, Ordering::Relaxed);
+                let h = &status.health;
+                let counter = match msg {
+                    Message::Request(nonce) => match prober.on_request(from.ip(), nonce) {
+                        core::Request::Answer => {
+                            match sock.try_send_to(&core::encode_reply(nonce), from) {
+                                Ok(_) => &h.answered,
+                                Err(_) => &h.answer_failed,
+                            }
                         }
-                    }
-                    Message::Request(_) => {
-                        status.health.refused.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Message::Reply(nonce) => {
-                        let changes = prober.on_reply(from.ip(), nonce, Instant::now());
-                        report(&changes);
-                    }
-                }
+                        core::Request::Refused => &h.refused,
+                        core::Request::Looped { first } => {
+                            if let Some((key, to)) = first {
+                                tracing::warn!(peer = %key, address = %to, "probes to this peer reach this node itself (its address is one of ours: a wrong --public-ip or --iface on one side?); its path is not tested");
+                            }
+                            &h.looped
+                        }
+                    },
+                    Message::Reply(nonce) => match prober.on_reply(from.ip(), nonce, Instant::now()) {
+                        Some(changes) => {
+                            report(&changes);
+                            continue;
+                        }
+                        None => &h.reply_refused,
+                    },
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
             }
             _ = tick.tick() => {
                 let now = Instant::now();

@@ -247,14 +247,17 @@ impl Collector for StatusCollector {
         let h = &s.health;
         f.labelled(
             "flanneld_health_probes",
-            "Health probe datagrams: sent, send_failed (no room in the socket), answered (peers' probes we answered), refused (from no peer's address), malformed.",
+            "Health probe datagrams: sent, send_failed (no room in the socket), answered (peers' probes we answered), answer_failed (no room for the answer), refused (a probe from no peer's address), looped (our own probe come back: a peer address that is ours too), reply_refused (an answer with an unknown or expired nonce, or from another address than probed), malformed.",
             MetricType::Counter,
             "kind",
             [
                 ("sent", &h.sent),
                 ("send_failed", &h.send_failed),
                 ("answered", &h.answered),
+                ("answer_failed", &h.answer_failed),
                 ("refused", &h.refused),
+                ("looped", &h.looped),
+                ("reply_refused", &h.reply_refused),
                 ("malformed", &h.malformed),
             ]
             .into_iter()

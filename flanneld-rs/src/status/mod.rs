@@ -61,8 +61,14 @@ pub struct HealthCounters {
     pub send_failed: AtomicU64,
     /// Peers' probes we answered.
     pub answered: AtomicU64,
+    /// Answers the socket had no room for.
+    pub answer_failed: AtomicU64,
     /// Probes from addresses that are no peer's: not answered.
     pub refused: AtomicU64,
+    /// Our own probes that came back to us (a peer address that is also ours): not answered.
+    pub looped: AtomicU64,
+    /// Answers refused: an unknown or expired nonce, or from another address than probed.
+    pub reply_refused: AtomicU64,
     /// Datagrams on the probe port that are no probe.
     pub malformed: AtomicU64,
 }

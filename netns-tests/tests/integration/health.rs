@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use netns_tests::cluster::{Cluster, Pod};
+use netns_tests::cluster::{Cluster, Pod, ETCD_PREFIX};
 use netns_tests::goflannel;
 use netns_tests::proc::run_in;
 use netns_tests::traffic::{http_get, metric};
@@ -270,7 +270,7 @@ fn forged_probes_change_nothing() -> Result<()> {
             })
             .unwrap_or(-1.0)
     };
-    let refused = probes("refused");
+    let (refused, reply_refused) = (probes("refused"), probes("reply_refused"));
     // A request from the underlay gateway (no peer's probe address): refused, not answered;
     // a "reply" with a made-up nonce from there: nothing.
     let node = c.nodes[0].ip.clone();
@@ -287,10 +287,40 @@ fn forged_probes_change_nothing() -> Result<()> {
         Ok(sock.recv_from(&mut buf).is_ok())
     })?;
     ensure!(!answered, "a stranger's probe was answered");
-    wait_until("the refused probe counted", Duration::from_secs(5), || {
-        probes("refused") >= refused + 1.0
-    })?;
+    wait_until(
+        "the refused probe and reply counted",
+        Duration::from_secs(5),
+        || probes("refused") >= refused + 1.0 && probes("reply_refused") >= reply_refused + 1.0,
+    )?;
     ensure!(reachable(&c, 0, 1) == Some(1.0), "the peer's health moved");
+    // A peer whose overlay address is also one of ours: our probes to it come back to us, and
+    // answering them ourselves would show a path never crossed as up.
+    c.etcd()?.put(
+        &format!("{ETCD_PREFIX}/subnets/10.244.200.0-24"),
+        r#"{"PublicIP":"172.30.0.98","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:55:55:55:55:55"}}"#,
+    )?;
+    c.nodes[0].run("ip", &["addr", "add", "10.244.200.0/32", "dev", "lo"])?;
+    wait_until("our looped probes counted", Duration::from_secs(10), || {
+        probes("looped") >= 2.0
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    let view = |j: &str| {
+        http_get(&c.nodes[0].ns, METRICS, "/metrics")
+            .ok()
+            .and_then(|(_, b)| metric(&b, &format!("flanneld_peer_reachable{{peer=\"{j}\"}}")))
+    };
+    ensure!(
+        view("10.244.200.0-24").is_none(),
+        "a peer answered by ourselves shows as probed"
+    );
+    ensure!(
+        c.nodes[0].log().contains("reach this node itself"),
+        "the looped probes were not logged"
+    );
+    ensure!(
+        reachable(&c, 0, 1) == Some(1.0),
+        "the real peer's health moved"
+    );
     Ok(())
 }
 
