@@ -4,7 +4,8 @@
 //!
 //! Each round a peer gets two probes: a small one (is the path up?) and one of the size to
 //! test (does a full pod-MTU packet get through?). A peer that has never answered is "not
-//! probed": Go Flannel nodes run no responder, and silence from them is no failure. Once a peer
+//! probed": Go Flannel nodes run no responder, and silence from them is no failure; nor is a
+//! "port unreachable" from a peer that answered before (its responder stopped). Once a peer
 //! has answered, `DOWN_AFTER` small probes lost in a row mark it down and one answer marks it
 //! up. A full-size probe lost while small ones pass is a path MTU problem; the next rounds
 //! try smaller sizes down `MTU_LADDER` until one passes, which is reported.
@@ -126,6 +127,10 @@ pub enum Change {
     MtuFine {
         key: String,
     },
+    /// A peer that answered before now runs no responder: not probed any more.
+    NoResponder {
+        key: String,
+    },
 }
 
 struct Peer {
@@ -145,6 +150,27 @@ struct Peer {
     passes: Option<u32>,
     /// Our own probes to it came back to us: its probe address is one of ours.
     looped: bool,
+}
+
+impl Peer {
+    /// A peer with no verdict yet (key, address and next probe to be filled in).
+    fn fresh() -> Self {
+        Peer {
+            key: String::new(),
+            to: IpAddr::from([0, 0, 0, 0]),
+            next: Instant::now(),
+            answered: false,
+            down: false,
+            misses: 0,
+            window: VecDeque::new(),
+            rtt: None,
+            size_step: 0,
+            big_misses: 0,
+            mtu_problem: false,
+            passes: None,
+            looped: false,
+        }
+    }
 }
 
 struct Outstanding {
@@ -186,16 +212,7 @@ impl Prober {
                 key: key.clone(),
                 to: *to,
                 next: now + Duration::from_millis(phase),
-                answered: false,
-                down: false,
-                misses: 0,
-                window: VecDeque::new(),
-                rtt: None,
-                size_step: 0,
-                big_misses: 0,
-                mtu_problem: false,
-                passes: None,
-                looped: false,
+                ..Peer::fresh()
             });
             peer.key = key.clone();
         }
@@ -280,6 +297,28 @@ impl Prober {
         }
         let o = self.outstanding.remove(&nonce)?;
         Some(self.result(o, true, now))
+    }
+
+    /// The host probed said nothing listens on the probe port (an ICMP port unreachable
+    /// from the address probed, quoting the probe's nonce): the path works both ways and the
+    /// peer runs no responder (Go Flannel, `--health-port=0`, a responder since stopped). Its
+    /// verdict goes back to "not probed", for it is no failure of the path; `Some` when it
+    /// had answered before (said once).
+    pub fn on_no_responder(&mut self, to: IpAddr, nonce: u64) -> Option<Change> {
+        if self.outstanding.get(&nonce)?.to != to {
+            return None;
+        }
+        self.outstanding.remove(&nonce);
+        let p = self.peers.get_mut(&to)?;
+        let had_answered = p.answered;
+        *p = Peer {
+            key: p.key.clone(),
+            to: p.to,
+            next: p.next,
+            looped: p.looped,
+            ..Peer::fresh()
+        };
+        had_answered.then(|| Change::NoResponder { key: p.key.clone() })
     }
 
     /// Probes unanswered past the timeout become losses.
@@ -561,6 +600,56 @@ mod tests {
         assert_eq!(
             p.on_request("172.30.0.254".parse().expect("ip"), 9_998),
             Request::Refused
+        );
+    }
+
+    #[test]
+    fn a_peer_whose_responder_stopped_is_not_probed_rather_than_down() {
+        let (mut p, mut now) = prober();
+        let a: IpAddr = A.parse().expect("ip");
+        let mut n = 0;
+        assert_eq!(
+            round(&mut p, now, true, true, &mut n),
+            vec![Change::Up {
+                key: "10.244.1.0-24".into()
+            }]
+        );
+        now += Duration::from_secs(6);
+        let probes = p.due(now, || {
+            n += 1;
+            n
+        });
+        // Port unreachable quoting another nonce, or from another address: nothing.
+        assert_eq!(p.on_no_responder(a, 9_999), None);
+        assert_eq!(
+            p.on_no_responder("10.244.9.0".parse().expect("ip"), probes[0].nonce),
+            None
+        );
+        assert_eq!(
+            p.on_no_responder(a, probes[0].nonce),
+            Some(Change::NoResponder {
+                key: "10.244.1.0-24".into()
+            })
+        );
+        // Said once; the lost rounds after it never make it down.
+        assert_eq!(p.on_no_responder(a, probes[1].nonce), None);
+        for _ in 0..4 {
+            assert!(p.expire(now + Duration::from_secs(3)).is_empty());
+            now += Duration::from_secs(6);
+            let _ = p.due(now, || {
+                n += 1;
+                n
+            });
+        }
+        let v = &p.views()[0];
+        assert_eq!((v.state, v.rtt), (State::NotProbed, None));
+        // It answers again: up again.
+        now += Duration::from_secs(6);
+        assert_eq!(
+            round(&mut p, now, true, true, &mut n),
+            vec![Change::Up {
+                key: "10.244.1.0-24".into()
+            }]
         );
     }
 

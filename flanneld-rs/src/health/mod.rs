@@ -58,6 +58,10 @@ impl Health {
     pub fn spawn(cfg: HealthConfig, status: Arc<Status>) -> Result<Self> {
         let std_sock = bind(cfg.bind, cfg.port)?;
         dont_fragment(&std_sock)?;
+        // ICMP errors for our probes queue on the socket: a peer's "port unreachable" tells
+        // a stopped responder from a broken path.
+        nix::sys::socket::setsockopt(&std_sock, nix::sys::socket::sockopt::Ipv4RecvErr, &true)
+            .context("setting IP_RECVERR on the probe socket")?;
         std_sock.set_nonblocking(true)?;
         let sock = UdpSocket::from_std(std_sock)?;
         let (peers, rx) = watch::channel(Vec::new());
@@ -82,6 +86,42 @@ fn bind(addr: Ipv4Addr, port: u16) -> Result<std::net::UdpSocket> {
         }
         other => other.with_context(context),
     }
+}
+
+/// Most queued ICMP errors read per tick: a burst beyond it waits for the next tick.
+const ERRORS_PER_TICK: usize = 256;
+
+/// The probes that met an ICMP port unreachable, from the error queue: (address probed, the
+/// nonce quoted). Other errors (a network unreachable, a fragmentation needed) are dropped:
+/// to the prober they are losses, as they were.
+fn port_unreachables(sock: &UdpSocket, buf: &mut [u8]) -> Vec<(IpAddr, u64)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrIn};
+    let mut found = Vec::new();
+    for _ in 0..ERRORS_PER_TICK {
+        let mut cmsg = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in);
+        let mut iov = [std::io::IoSliceMut::new(buf)];
+        let Ok(msg) = recvmsg::<SockaddrIn>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT,
+        ) else {
+            break; // EAGAIN: the queue is empty
+        };
+        let to = msg.address.map(|a| IpAddr::V4(a.ip()));
+        let len = msg.bytes;
+        let unreachable_port = msg.cmsgs().is_ok_and(|mut c| {
+            c.any(|m| {
+                matches!(m, ControlMessageOwned::Ipv4RecvErr(e, _)
+                    if e.ee_origin == libc::SO_EE_ORIGIN_ICMP && e.ee_type == 3 && e.ee_code == 3)
+            })
+        });
+        let quoted = iov[0].get(..len).and_then(core::decode);
+        if let (true, Some(to), Some(Message::Request(nonce))) = (unreachable_port, to, quoted) {
+            found.push((to, nonce));
+        }
+    }
+    found
 }
 
 /// DF on every probe, and no local fragmentation or path-MTU cache: a full-size probe must
@@ -162,6 +202,10 @@ async fn run(
             }
             _ = tick.tick() => {
                 let now = Instant::now();
+                for (to, nonce) in port_unreachables(&sock, &mut buf) {
+                    status.health.no_responder.fetch_add(1, Ordering::Relaxed);
+                    report(prober.on_no_responder(to, nonce).as_slice());
+                }
                 let changes = prober.expire(now);
                 report(&changes);
                 for probe in prober.due(now, rand::random::<u64>) {
@@ -200,6 +244,10 @@ fn report(changes: &[Change]) {
             Change::MtuFine { key } => {
                 tracing::info!(peer = %key, "peer path carries full-size packets again")
             }
+            Change::NoResponder { key } => tracing::info!(
+                peer = %key,
+                "peer runs no probe responder any more (its host says nothing listens on the probe port: Go Flannel, or --health-port=0): not probed"
+            ),
         }
     }
 }

@@ -247,7 +247,7 @@ impl Collector for StatusCollector {
         let h = &s.health;
         f.labelled(
             "flanneld_health_probes",
-            "Health probe datagrams: sent, send_failed (no room in the socket), answered (peers' probes we answered), answer_failed (no room for the answer), refused (a probe from no peer's address), looped (our own probe come back: a peer address that is ours too), reply_refused (an answer with an unknown or expired nonce, or from another address than probed), malformed.",
+            "Health probe datagrams: sent, send_failed (no room in the socket), answered (peers' probes we answered), answer_failed (no room for the answer), refused (a probe from no peer's address), looped (our own probe come back: a peer address that is ours too), reply_refused (an answer with an unknown or expired nonce, or from another address than probed), no_responder (our probe met ICMP port unreachable: nothing listens there), malformed.",
             MetricType::Counter,
             "kind",
             [
@@ -258,6 +258,7 @@ impl Collector for StatusCollector {
                 ("refused", &h.refused),
                 ("looped", &h.looped),
                 ("reply_refused", &h.reply_refused),
+                ("no_responder", &h.no_responder),
                 ("malformed", &h.malformed),
             ]
             .into_iter()

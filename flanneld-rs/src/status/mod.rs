@@ -69,6 +69,8 @@ pub struct HealthCounters {
     pub looped: AtomicU64,
     /// Answers refused: an unknown or expired nonce, or from another address than probed.
     pub reply_refused: AtomicU64,
+    /// Our probes a peer's host answered with ICMP port unreachable: no responder there.
+    pub no_responder: AtomicU64,
     /// Datagrams on the probe port that are no probe.
     pub malformed: AtomicU64,
 }

@@ -1,7 +1,7 @@
 //! Per-peer path health: a path broken in the underlay is reported by both ends within 15 s
 //! and its repair too, the third node's view unchanged; a path that loses full-size packets is
-//! reported with the size that passes; forged probes change nothing; Go Flannel peers are "not
-//! probed", never down.
+//! reported with the size that passes; forged probes change nothing; Go Flannel peers, and a
+//! peer whose responder stopped, are "not probed", never down.
 
 use std::time::{Duration, Instant};
 
@@ -355,5 +355,34 @@ fn go_flannel_peer_is_not_probed_never_down() -> Result<()> {
         line.contains("not probed") && !line.contains("DOWN"),
         "{line}"
     );
+    Ok(())
+}
+
+#[test]
+fn a_peer_whose_responder_stops_is_not_probed_never_down() -> Result<()> {
+    require_root!();
+    let (mut c, pods) = cluster("vxlan", 2)?;
+    // Node 2 answered; now it runs without a responder (as after a migration back to Go
+    // Flannel): its host answers our probes with "port unreachable", which is no broken path.
+    c.stop_daemon(1);
+    c.start_daemon(1, &["--health-port=0"])?;
+    wait_until("the peer not probed any more", REPORTED, || {
+        reachable(&c, 0, 1).is_none()
+    })?;
+    // Several rounds at the 1 s interval.
+    std::thread::sleep(Duration::from_secs(5));
+    ensure!(reachable(&c, 0, 1).is_none(), "the peer got a sample again");
+    let log = c.nodes[0].log();
+    ensure!(
+        !log.contains("peer path DOWN") && log.contains("runs no probe responder"),
+        "a stopped responder was taken for a broken path:\n{log}"
+    );
+    let line = status_table(&c, 0)?
+        .lines()
+        .find(|l| l.contains(&key(&c, 1).unwrap_or_default()))
+        .map(str::to_string)
+        .context("no line for the peer")?;
+    ensure!(line.contains("not probed"), "{line}");
+    c.ping_mesh(&pods)?;
     Ok(())
 }
