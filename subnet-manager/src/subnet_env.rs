@@ -160,6 +160,26 @@ impl SubnetEnv {
         }
     }
 
+    /// The lease subnets a previous run recorded, read as Flannel reads them to ask for its old
+    /// subnet again: FLANNEL_SUBNET and FLANNEL_IPV6_SUBNET alone (later lines win), whatever
+    /// the rest of the file holds, so a hand-edited MTU or IPMASQ line does not cost the node
+    /// its subnet (and its pods their addresses). A bad value of either is an error naming it.
+    pub fn previous_leases(
+        text: &str,
+    ) -> Result<(Option<Ipv4Net>, Option<Ipv6Net>), SubnetEnvError> {
+        let (mut v4, mut v6) = (None, None);
+        for (idx, raw) in text.lines().enumerate() {
+            match split_line(raw) {
+                Some((SUBNET, value)) => v4 = Some(parse_net::<Ipv4Net>(idx + 1, SUBNET, value)?),
+                Some((IPV6_SUBNET, value)) => {
+                    v6 = Some(parse_net::<Ipv6Net>(idx + 1, IPV6_SUBNET, value)?)
+                }
+                _ => {}
+            }
+        }
+        Ok((v4.map(|s| s.trunc()), v6.map(|s| s.trunc())))
+    }
+
     /// Reads and parses the file; errors name the path.
     pub fn read(path: &Path) -> Result<SubnetEnv, SubnetEnvError> {
         let text = fs::read_to_string(path).map_err(|error| SubnetEnvError::Read {
@@ -364,6 +384,22 @@ mod tests {
                                    FLANNEL_IPV6_SUBNET=fc00:0:0:3::1/64\n\
                                    FLANNEL_MTU=1450\n\
                                    FLANNEL_IPMASQ=true\n";
+
+    #[test]
+    fn previous_leases_read_the_subnet_lines_alone() {
+        let ok = |t: &str| SubnetEnv::previous_leases(t).unwrap();
+        let v4: Ipv4Net = "10.244.3.0/24".parse().unwrap();
+        let v6: Ipv6Net = "fc00:0:0:3::/64".parse().unwrap();
+        assert_eq!(ok(GO_FLANNEL_V4), (Some(v4), None));
+        assert_eq!(ok(GO_FLANNEL_DUAL), (Some(v4), Some(v6)));
+        // A hand-edited rest of the file, which the full parse refuses, changes nothing.
+        let edited = "FLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_MTU=\nFLANNEL_IPMASQ=True\n";
+        assert!(SubnetEnv::parse(edited).is_err());
+        assert_eq!(ok(edited), (Some(v4), None));
+        assert_eq!(ok("FLANNEL_MTU=1450\n"), (None, None));
+        let bad = SubnetEnv::previous_leases("FLANNEL_SUBNET=10.244.3.1\n").unwrap_err();
+        assert!(bad.to_string().contains("FLANNEL_SUBNET"), "{bad}");
+    }
 
     fn v4() -> SubnetEnv {
         SubnetEnv {

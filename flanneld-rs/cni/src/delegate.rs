@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use serde_json::{json, Map, Value};
 use subnet_manager::subnet_env::SubnetEnv;
 
-use super::conf::{kind, NetConf};
+use super::conf::{field, kind, NetConf};
 use super::error::CniError;
 
 pub const DEFAULT_TYPE: &str = "bridge";
@@ -106,14 +106,17 @@ fn user_routes(ipam: &Map<String, Value>) -> Result<Vec<Value>, CniError> {
         let Value::Object(r) = route else {
             return Err(bad(i, format!("expected an object, got {}", kind(route))));
         };
-        match r.get("dst") {
+        // Read as Go's plugin reads them (CNI's `types.Route`): keys of any case, and an
+        // empty "gw" is no gateway (Go's `net.IP` takes "" as nil), as a templated config
+        // with an empty value renders it.
+        match field(r, "dst") {
             Some(Value::String(dst)) if dst.parse::<IpNet>().is_ok() => {}
             Some(dst) => return Err(bad(i, format!("\"dst\" is not a CIDR: {dst}"))),
             None => return Err(bad(i, "\"dst\" is missing".into())),
         }
-        match r.get("gw") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(gw)) if gw.parse::<IpAddr>().is_ok() => {}
+        match field(r, "gw") {
+            None => {}
+            Some(Value::String(gw)) if gw.is_empty() || gw.parse::<IpAddr>().is_ok() => {}
             Some(gw) => return Err(bad(i, format!("\"gw\" is not an IP address: {gw}"))),
         }
     }
@@ -240,6 +243,14 @@ mod tests {
             let err = build(&c, &env(V4)).unwrap_err();
             assert_eq!(err.code(), 7, "{routes}");
             assert!(err.to_string().contains("ipam.routes"), "{err}");
+        }
+        // As Go's plugin takes them: an empty gateway is none, keys of any case.
+        for routes in [
+            json!([{"dst": "10.0.0.0/8", "gw": ""}]),
+            json!([{"Dst": "10.0.0.0/8", "GW": "10.244.3.9"}]),
+        ] {
+            let c = conf(json!({"name": "n", "ipam": {"routes": routes}}));
+            assert!(build(&c, &env(V4)).is_ok(), "{routes}");
         }
     }
 }

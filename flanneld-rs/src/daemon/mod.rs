@@ -301,18 +301,30 @@ impl SubnetAddr for ipnet::Ipv6Net {
     }
 }
 
-/// The subnet recorded by a previous run (ours or Go Flannel's), to ask for it again.
+/// The subnet recorded by a previous run (ours or Go Flannel's), to ask for it again. Only the
+/// subnet lines count, as for Flannel; a file there that names none we can use is said at
+/// warn, for the node is about to take another subnet than its pods' addresses are in.
 fn previous_subnet(flags: &Flags) -> Option<SubnetKey> {
-    match SubnetEnv::read(&flags.subnet_file) {
-        Ok(env) => {
-            let key = SubnetKey {
-                ipv4: env.leased_ipv4(),
-                ipv6: env.leased_ipv6(),
-            };
-            (key.ipv4.is_some() || key.ipv6.is_some()).then_some(key)
+    let path = &flags.subnet_file;
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!("no previous subnet: cannot read {}: {e}", path.display());
+            return None;
+        }
+    };
+    match SubnetEnv::previous_leases(&text) {
+        Ok((ipv4, ipv6)) if ipv4.is_some() || ipv6.is_some() => Some(SubnetKey { ipv4, ipv6 }),
+        Ok(_) => {
+            tracing::warn!(
+                "no previous subnet: {} has no FLANNEL_SUBNET or FLANNEL_IPV6_SUBNET",
+                path.display()
+            );
+            None
         }
         Err(e) => {
-            tracing::debug!("no previous subnet: {e}");
+            tracing::warn!("no previous subnet in {}: {e}", path.display());
             None
         }
     }

@@ -146,6 +146,25 @@ fn restart_reclaims_and_lease_deletion_removes_routes() -> Result<()> {
         deleted.elapsed()
     );
     ensure!(has_route(&c, 0, &subnet2), "other routes must stay");
+
+    // Its lease gone, it comes back and asks for the subnet its subnet.env names, as Flannel
+    // does: only the subnet lines count, so a hand-edited MTU or IPMASQ line does not move
+    // the node (and its pods) to another subnet.
+    let path = c.nodes[2].subnet_file();
+    let edited: String = std::fs::read_to_string(&path)?
+        .lines()
+        .map(|l| match l.split_once('=') {
+            Some(("FLANNEL_MTU", _)) => "FLANNEL_MTU=\n".to_string(),
+            Some(("FLANNEL_IPMASQ", _)) => "FLANNEL_IPMASQ=True\n".to_string(),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(&path, edited)?;
+    c.start_daemon(2, &["--subnet-lease-ttl=60s"])?;
+    wait_until("n3's lease back", START, || {
+        c.etcd().and_then(|e| e.get(&key)).ok().flatten().is_some()
+    })
+    .with_context(|| format!("leases: {:?}", c.leases()))?;
     Ok(())
 }
 
