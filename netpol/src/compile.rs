@@ -268,6 +268,9 @@ fn policy_rules(
         // overlapping elements, and `[{protocol: TCP}, {port: 80}]` overlaps.
         let mut numeric: BTreeMap<u8, Vec<(u128, u128)>> = BTreeMap::new();
         let mut named: [BTreeSet<String>; 2] = Default::default();
+        // The peer pods egress named ports resolve on: found once per rule, not once per
+        // named port (every pod against every peer, each time).
+        let mut egress_dests: Option<Vec<&Pod>> = None;
         for pm in &rule.ports {
             match &pm.port {
                 PortRef::Any => {
@@ -285,18 +288,20 @@ fn policy_rules(
                 PortRef::Named(name) => {
                     // Resolved on the destination: the selected local pods for ingress, the
                     // peer pods for egress.
-                    let dests: Vec<&Pod> = match dir {
-                        Direction::Ingress => targets.to_vec(),
-                        Direction::Egress => world
-                            .pods()
-                            .filter(|p| {
-                                rule.peers.is_empty()
-                                    || rule
-                                        .peers
-                                        .iter()
-                                        .any(|peer| world.peer_has_pod(policy, peer, p))
-                            })
-                            .collect(),
+                    let dests: &[&Pod] = match dir {
+                        Direction::Ingress => targets,
+                        Direction::Egress => egress_dests.get_or_insert_with(|| {
+                            world
+                                .pods()
+                                .filter(|p| {
+                                    rule.peers.is_empty()
+                                        || rule
+                                            .peers
+                                            .iter()
+                                            .any(|peer| world.peer_has_pod(policy, peer, p))
+                                })
+                                .collect()
+                        }),
                     };
                     for pod in dests {
                         let Some(np) = pod

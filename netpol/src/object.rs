@@ -14,6 +14,12 @@ use crate::{clip, json_error, wire, Invalid};
 /// daemon memory or its log a megabyte line.
 pub const MAX_VALUE_BYTES: usize = 256 * 1024;
 
+/// Rules, peers and ports (both directions together) one policy may hold. The work and the
+/// nft elements a policy costs grow with them times the pods it reaches, and every node pays
+/// it: one record must not be able to stall every node's updates. Real policies hold a few;
+/// this leaves room for long allow-lists of address blocks.
+pub const MAX_POLICY_ENTRIES: usize = 1024;
+
 /// What a key under `<prefix>/policy/` names.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ObjectKey {
@@ -348,6 +354,20 @@ fn policy(namespace: &str, name: &str, spec: &wire::PolicySpec) -> Result<Policy
     } else {
         None
     };
+    let entries: usize = ingress
+        .iter()
+        .chain(egress.iter())
+        .flatten()
+        .map(|r| 1 + r.peers.len() + r.ports.len())
+        .sum();
+    if entries > MAX_POLICY_ENTRIES {
+        return Err(Invalid::new(
+            "spec",
+            format!(
+                "{entries} rules, peers and ports in all, over the {MAX_POLICY_ENTRIES} one policy may hold"
+            ),
+        ));
+    }
     Ok(Policy {
         namespace: namespace.to_string(),
         name: name.to_string(),
@@ -521,6 +541,18 @@ fn pod(namespace: &str, name: &str, raw: wire::Pod) -> Result<Pod, Invalid> {
         if !ips.contains(&ip) {
             ips.insert(0, ip);
         }
+    }
+    // A pod has at most one address per family (the API server's rule): a record listing
+    // thousands would make every rule that reaches it that much larger on every node.
+    let v6 = ips.iter().filter(|ip| ip.is_ipv6()).count();
+    if v6 > 1 || ips.len() - v6 > 1 {
+        return Err(Invalid::new(
+            "status.podIPs",
+            format!(
+                "{} addresses; a pod has at most one of each family",
+                ips.len()
+            ),
+        ));
     }
     let host_ip = raw
         .status
@@ -748,5 +780,30 @@ mod tests {
             .expect_err("bad ip")
             .to_string()
             .contains("status.podIP"));
+        // At most one address per family: a record claiming many is refused whole.
+        for many in [
+            r#"{"metadata":{"name":"a"},"status":{"podIPs":[{"ip":"10.244.1.2"},{"ip":"10.244.2.2"}]}}"#,
+            r#"{"metadata":{"name":"a"},"status":{"podIP":"10.244.1.2","podIPs":[{"ip":"fd00::2"},{"ip":"fd00::3"}]}}"#,
+        ] {
+            assert!(parse(&key, many.as_bytes())
+                .expect_err("many addresses")
+                .to_string()
+                .contains("at most one of each family"));
+        }
+    }
+
+    #[test]
+    fn a_policy_holds_a_bounded_number_of_rules_peers_and_ports() {
+        let rules = |n: usize| {
+            let rule = r#"{"from":[{"ipBlock":{"cidr":"10.0.0.0/8"}}],"ports":[{"port":80}]}"#;
+            format!(
+                r#"{{"metadata":{{"name":"p"}},"spec":{{"podSelector":{{}},"ingress":[{}]}}}}"#,
+                vec![rule; n].join(",")
+            )
+        };
+        // Three entries a rule (itself, a peer, a port).
+        assert!(pol(&rules(MAX_POLICY_ENTRIES / 3)).is_ok());
+        let err = pol(&rules(MAX_POLICY_ENTRIES / 3 + 1)).expect_err("too many");
+        assert!(err.to_string().contains("one policy may hold"), "{err}");
     }
 }

@@ -107,13 +107,19 @@ pub fn del(
     // Also without a saved config: an ADD whose PUT timed out may still have left a record.
     match PodId::from_env(env, &args.container_id) {
         Ok(pod) => {
-            let gone = handover::gone_dir(&conf.subnet_file);
-            handover::drop_pending(
+            let was_pending = handover::drop_pending(
                 &handover::pending_dir(&conf.subnet_file),
                 &pod,
                 &args.container_id,
             );
-            handover::delete_pod(&daemon_api(conf, opts), &pod, &args.container_id, &gone);
+            // A record still pending is in no daemon's hands: no tombstone if none answers.
+            let gone = (!was_pending).then(|| handover::gone_dir(&conf.subnet_file));
+            handover::delete_pod(
+                &daemon_api(conf, opts),
+                &pod,
+                &args.container_id,
+                gone.as_deref(),
+            );
         }
         // ADD refuses such a pod, so the daemon has no record of it.
         Err(e) => eprintln!("flannel: no pod record to delete: {e}"),

@@ -51,10 +51,13 @@ pub fn put_pod(
         }
         Ok(r) => Err(refused(api, pod, status_text(&r))),
         Err(e @ ApiError::BadResponse(_)) => Err(refused(api, pod, e.to_string())),
+        // InvalidInput: a socket path too long for a Unix socket, where no daemon can listen.
         Err(ApiError::Unreachable(e))
             if matches!(
                 e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::InvalidInput
             ) =>
         {
             leave_pending(api, pod, container_id, &body, pending, &e.to_string())
@@ -103,14 +106,24 @@ pub enum Removal {
     GaveUp(String),
 }
 
-/// `DELETE /v1/pods/<ns>/<name>?containerID=<id>`; never fails. Anything but `Done` is
-/// reported with a one-line warning on stderr.
-/// Drops a record ADD left pending (the daemon never published it).
-pub fn drop_pending(pending: &Path, pod: &PodId, container_id: &str) {
-    let _ = std::fs::remove_file(pending.join(tombstone_name(pod, container_id)));
+/// Drops a record ADD left pending; true when there was one. Such a record never reached a
+/// daemon but one publishing it at this moment, which finds its file gone afterwards and
+/// removes what it published.
+pub fn drop_pending(pending: &Path, pod: &PodId, container_id: &str) -> bool {
+    std::fs::remove_file(pending.join(tombstone_name(pod, container_id))).is_ok()
 }
 
-pub fn delete_pod(api: &DaemonApi, pod: &PodId, container_id: &str, gone: &Path) -> Removal {
+/// `DELETE /v1/pods/<ns>/<name>?containerID=<id>`; never fails. Anything but `Done` is
+/// reported with a one-line warning on stderr. When the daemon cannot be told, a tombstone is
+/// left under `gone`; with no `gone` (the record was still pending, so no daemon holds it)
+/// there is nothing to tell, and nothing is left: on a node that runs Go Flannel beside this
+/// plugin, tombstones would pile up in `/run` with every pod deleted.
+pub fn delete_pod(
+    api: &DaemonApi,
+    pod: &PodId,
+    container_id: &str,
+    gone: Option<&Path>,
+) -> Removal {
     let target = format!(
         "{}?containerID={}",
         pod.api_path(),
@@ -129,6 +142,9 @@ pub fn delete_pod(api: &DaemonApi, pod: &PodId, container_id: &str, gone: &Path)
         }
         Ok(r) => status_text(&r),
         Err(e) => e.to_string(),
+    };
+    let Some(gone) = gone else {
+        return Removal::Done;
     };
     match write_tombstone(gone, pod, container_id) {
         Ok(path) => {
@@ -315,8 +331,22 @@ mod tests {
         put_pod(&api, &pod(), "c1", &json!({"kind": "Pod"}), &pending).unwrap();
         let left = fs::read_to_string(pending.join("prod_db-0_c1")).unwrap();
         assert_eq!(left, "{\"kind\":\"Pod\"}");
-        drop_pending(&pending, &pod(), "c1");
+        assert!(drop_pending(&pending, &pod(), "c1"));
         assert!(!pending.join("prod_db-0_c1").exists());
+        assert!(
+            !drop_pending(&pending, &pod(), "c1"),
+            "nothing left to drop"
+        );
+        // A record dropped while pending reached no daemon: with none to tell, DEL leaves no
+        // tombstone behind (on a Go Flannel node they would pile up in /run).
+        let gone = tmp.path().join("gone");
+        assert_eq!(delete_pod(&api, &pod(), "c1", None), Removal::Done);
+        assert!(!gone.exists());
+        // A socket path too long for a Unix socket: no daemon can listen there either.
+        let long = tmp.path().join("d".repeat(120)).join("flanneld-rs.sock");
+        let api = DaemonApi::new(long, Duration::from_secs(1));
+        put_pod(&api, &pod(), "c2", &json!({"kind": "Pod"}), &pending).unwrap();
+        assert!(pending.join("prod_db-0_c2").exists());
     }
 
     #[test]
@@ -325,25 +355,26 @@ mod tests {
         let gone = tmp.path().join("gone");
         let daemon = FakeDaemon::start("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
         assert_eq!(
-            delete_pod(&api(&daemon), &pod(), "ctr1", &gone),
+            delete_pod(&api(&daemon), &pod(), "ctr1", Some(&gone)),
             Removal::Done
         );
         assert!(daemon.requests()[0]
             .starts_with("DELETE /v1/pods/prod/db-0?containerID=ctr1 HTTP/1.1\r\n"));
         daemon.answer("HTTP/1.1 404 Not Found\r\n\r\n");
         assert_eq!(
-            delete_pod(&api(&daemon), &pod(), "ctr1", &gone),
+            delete_pod(&api(&daemon), &pod(), "ctr1", Some(&gone)),
             Removal::Done
         );
         daemon.answer("HTTP/1.1 400 Bad Request\r\n\r\nno");
         assert!(matches!(
-            delete_pod(&api(&daemon), &pod(), "ctr1", &gone),
+            delete_pod(&api(&daemon), &pod(), "ctr1", Some(&gone)),
             Removal::GaveUp(_)
         ));
         assert!(!gone.exists(), "nothing left for answers the daemon gave");
 
         daemon.answer("HTTP/1.1 500 Oops\r\n\r\n");
-        let Removal::Tombstone(path) = delete_pod(&api(&daemon), &pod(), "ctr1", &gone) else {
+        let Removal::Tombstone(path) = delete_pod(&api(&daemon), &pod(), "ctr1", Some(&gone))
+        else {
             panic!("5xx leaves a tombstone");
         };
         assert_eq!(path, gone.join("prod_db-0_ctr1"));
@@ -397,7 +428,7 @@ mod tests {
         fs::write(&blocker, "").unwrap();
         let api = DaemonApi::new(tmp.path().join("none.sock"), Duration::from_secs(1));
         assert!(matches!(
-            delete_pod(&api, &pod(), "ctr1", &blocker.join("gone")),
+            delete_pod(&api, &pod(), "ctr1", Some(&blocker.join("gone"))),
             Removal::GaveUp(_)
         ));
     }

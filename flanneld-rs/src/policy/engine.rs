@@ -25,6 +25,8 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
     let mut installed: Option<Ruleset> = None;
     let mut bridge_hooks_warned = false;
     let mut pending_retry = false;
+    // The last failure logged, so that a lasting one is logged once.
+    let mut last_failure: Option<String> = None;
     // The newest revision applied to `world`: kept across failed attempts, so the retry that
     // lands reports the batches those attempts drained.
     let mut revision = policy.revision();
@@ -88,6 +90,9 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
             match kernel::apply(&script.text).await {
                 Ok(()) => {
                     pending_retry = false;
+                    if last_failure.take().is_some() {
+                        tracing::info!("the policy table is written again");
+                    }
                     let s = &policy.stats;
                     s.operations
                         .fetch_add(script.operations as u64, Ordering::Relaxed);
@@ -108,19 +113,27 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
                         );
                     }
                 }
-                // Nothing to enforce: a node without nft (or with a table it cannot remove)
-                // still answers its pods, which are not isolated anyway.
-                Err(e) if rules.is_empty() => {
+                // Nothing to enforce on a node without nft: its pods are not isolated
+                // anyway. Any other failure to remove the table is retried like any failed
+                // write: the table left behind would keep isolating addresses that new pods,
+                // selected by nothing, may reuse.
+                Err(e) if rules.is_empty() && kernel::nft_missing(&e) => {
                     tracing::debug!("no policy table to remove: {e:#}");
                     installed = Some(rules);
                     pending_retry = false;
                 }
                 Err(e) => {
                     policy.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(
-                        "programming the policy table: {e:#}; writing it whole in {} s",
-                        RETRY.as_secs()
-                    );
+                    // Logged when it first fails (and when the reason changes), not at every
+                    // retry: a lasting failure would otherwise log every second.
+                    let why = format!("{e:#}");
+                    if last_failure.as_ref() != Some(&why) {
+                        tracing::error!(
+                            "programming the policy table: {why}; writing it whole every {} s until it works",
+                            RETRY.as_secs()
+                        );
+                        last_failure = Some(why);
+                    }
                     installed = None;
                     pending_retry = true;
                     continue;

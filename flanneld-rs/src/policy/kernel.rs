@@ -36,6 +36,15 @@ pub async fn apply(script: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether `apply` failed because there is no `nft` to run (nothing else: a table `nft`
+/// could not write or remove is a failure to retry).
+pub fn nft_missing(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+    })
+}
+
 /// Bridged IPv4/IPv6 traffic passes the inet forward hook only with these set (per network
 /// namespace since Linux 5.3). Kubernetes nodes set them already; we make sure, on every
 /// programming while a pod is isolated (two reads): br_netfilter may be loaded after we
@@ -80,4 +89,23 @@ pub async fn denied_counters() -> Option<(u64, u64)> {
         }
     }
     Some(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_missing_nft_is_nothing_to_retry() {
+        let missing = Err::<(), _>(std::io::Error::from(std::io::ErrorKind::NotFound))
+            .context("running nft")
+            .unwrap_err();
+        assert!(nft_missing(&missing));
+        let failed = anyhow::anyhow!("nft failed: Error: Could not process rule");
+        assert!(!nft_missing(&failed));
+        let denied = Err::<(), _>(std::io::Error::from(std::io::ErrorKind::PermissionDenied))
+            .context("running nft")
+            .unwrap_err();
+        assert!(!nft_missing(&denied));
+    }
 }

@@ -515,34 +515,11 @@ fn deleted_state_is_restored_vxlan() -> Result<()> {
     // are removed by the next upkeep pass, not only at the next full listing; the peer's stay.
     let repairs = node_metric(&c, 0, "flanneld_repairs_total");
     let stale_mac = "0e:77:77:77:77:77";
-    n.run(
-        "ip",
-        &[
-            "neigh",
-            "add",
-            "10.244.250.0",
-            "lladdr",
-            stale_mac,
-            "dev",
-            "flannel.1",
-            "nud",
-            "permanent",
-        ],
-    )?;
-    n.run(
-        "bridge",
-        &[
-            "fdb",
-            "add",
-            stale_mac,
-            "dev",
-            "flannel.1",
-            "dst",
-            "192.0.2.77",
-            "self",
-            "permanent",
-        ],
-    )?;
+    let stale = format!(
+        "ip neigh add 10.244.250.0 lladdr {stale_mac} dev flannel.1 nud permanent && \
+         bridge fdb add {stale_mac} dev flannel.1 dst 192.0.2.77 self permanent"
+    );
+    n.run("sh", &["-c", &stale])?;
     let t = Instant::now();
     wait_until("the stale entries gone", Duration::from_secs(5), || {
         let neigh = n.run("ip", &["neigh", "show", "dev", "flannel.1"]);
