@@ -2,7 +2,7 @@
 //! addresses. Both the compiler and `explain` ask it the same questions (which policies
 //! select this pod, which pods does this peer stand for), so they cannot disagree.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use crate::object::{Object, ObjectKey, Peer, Pod, Policy};
@@ -35,6 +35,9 @@ pub struct World {
     pods: BTreeMap<Name, (Pod, i64)>,
     /// Each address belongs to the record that claims it with the highest [`Rank`].
     owner: HashMap<IpAddr, (Name, Rank)>,
+    /// The records claiming each address, so that finding its next holder looks at those
+    /// alone (a bulk deletion of N records would otherwise cost N times every pod).
+    claims: HashMap<IpAddr, BTreeSet<Name>>,
 }
 
 /// How strongly a record claims an address: first whether the node whose subnet holds the
@@ -75,10 +78,12 @@ impl World {
                 let old = self.pods.insert(key.clone(), (p, revision));
                 for ip in old.iter().flat_map(|(o, _)| &o.ips) {
                     if !ips.contains(ip) {
+                        self.unclaim(*ip, &key);
                         self.recompute(*ip);
                     }
                 }
                 for ip in ips {
+                    self.claims.entry(ip).or_default().insert(key.clone());
                     let Some((pod, _)) = self.pods.get(&key) else {
                         continue;
                     };
@@ -95,8 +100,10 @@ impl World {
                 }
             }
             (ObjectKey::Pod { namespace, name }, _) => {
-                if let Some((old, _)) = self.pods.remove(&(namespace.clone(), name.clone())) {
+                let key = (namespace.clone(), name.clone());
+                if let Some((old, _)) = self.pods.remove(&key) {
                     for ip in old.ips {
+                        self.unclaim(ip, &key);
                         self.recompute(ip);
                     }
                 }
@@ -104,14 +111,25 @@ impl World {
         }
     }
 
+    fn unclaim(&mut self, ip: IpAddr, key: &Name) {
+        if let Some(names) = self.claims.get_mut(&ip) {
+            names.remove(key);
+            if names.is_empty() {
+                self.claims.remove(&ip);
+            }
+        }
+    }
+
     /// Who holds `ip` now: the highest-ranked record claiming it. Only called for addresses
-    /// their holder's record changed, so a pod's usual put costs its own addresses, not a scan.
+    /// their holder's record changed, and it looks only at the records claiming `ip`.
     fn recompute(&mut self, ip: IpAddr) {
+        let pods = &self.pods;
         let newest = self
-            .pods
-            .iter()
-            .filter(|(_, (p, _))| p.ips.contains(&ip))
-            .map(|(n, (p, rev))| (n, rank(p, ip, *rev)))
+            .claims
+            .get(&ip)
+            .into_iter()
+            .flatten()
+            .filter_map(|n| pods.get(n).map(|(p, rev)| (n, rank(p, ip, *rev))))
             .max_by(|a, b| (a.1, a.0).cmp(&(b.1, b.0)))
             .map(|(n, r)| (n.clone(), r));
         match newest {
@@ -238,6 +256,29 @@ pub(crate) mod tests {
         assert_eq!(w.pod_at(ip).map(|p| p.name.as_str()), Some("new"));
         let old = w.pod("x", "old").expect("old");
         assert_eq!(w.addresses(old).count(), 0);
+    }
+
+    #[test]
+    fn deleting_or_moving_the_holder_hands_the_address_on() {
+        let mut w = world(&[
+            ("pods/x/a", pod_json("x", "a", "10.244.1.5", "{}")),
+            ("pods/x/b", pod_json("x", "b", "10.244.1.5", "{}")),
+            ("pods/x/c", pod_json("x", "c", "10.244.1.5", "{}")),
+        ]);
+        let ip: IpAddr = "10.244.1.5".parse().expect("ip");
+        let holder = |w: &World| w.pod_at(ip).map(|p| p.name.clone());
+        assert_eq!(holder(&w).as_deref(), Some("c"));
+        // The holder deleted: the newest other claimant.
+        w.apply(&ObjectKey::parse("pods/x/c").expect("key"), None, 10);
+        assert_eq!(holder(&w).as_deref(), Some("b"));
+        // The holder moves to another address: the one left.
+        let k = ObjectKey::parse("pods/x/b").expect("key");
+        let moved = parse(&k, pod_json("x", "b", "10.244.1.6", "{}").as_bytes()).expect("pod");
+        w.apply(&k, Some(moved), 11);
+        assert_eq!(holder(&w).as_deref(), Some("a"));
+        w.apply(&ObjectKey::parse("pods/x/a").expect("key"), None, 12);
+        assert_eq!(holder(&w), None);
+        assert!(!w.claims.contains_key(&ip), "no claim left behind");
     }
 
     /// A hand-made record copying a pod's address (newer, but not published by the node whose

@@ -202,7 +202,18 @@ pub struct RawBatch {
 /// Any prefix, unparsed: the receiver checks the values (policy records).
 pub struct Records {
     prefix: String,
-    known: HashMap<String, (Vec<u8>, i64)>,
+    /// Each key's value as last seen, by digest and revision (the revision alone would miss a
+    /// different value at the same revision after a wipe): what a re-list compares with,
+    /// without keeping every value whole, however large, in memory.
+    known: HashMap<String, (u64, i64)>,
+}
+
+/// A value's digest, to tell a changed value from the one seen before.
+fn digest(value: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
 }
 
 impl Records {
@@ -240,13 +251,9 @@ impl Keyspace for Records {
             .collect();
         self.known.retain(|k, _| fresh.contains_key(k.as_str()));
         for kv in &list.kvs {
-            let same = self
-                .known
-                .get(&kv.key)
-                .is_some_and(|(v, r)| *v == kv.value && *r == kv.mod_revision);
-            if !same {
-                self.known
-                    .insert(kv.key.clone(), (kv.value.clone(), kv.mod_revision));
+            let seen = (digest(&kv.value), kv.mod_revision);
+            if self.known.get(&kv.key) != Some(&seen) {
+                self.known.insert(kv.key.clone(), seen);
                 events.push(RawEvent::Put {
                     key: kv.key.clone(),
                     value: kv.value.clone(),
@@ -272,7 +279,7 @@ impl Keyspace for Records {
             match ev.event_type() {
                 EventType::Put => {
                     self.known
-                        .insert(key.clone(), (kv.value().to_vec(), kv.mod_revision()));
+                        .insert(key.clone(), (digest(kv.value()), kv.mod_revision()));
                     events.push(RawEvent::Put {
                         key,
                         value: kv.value().to_vec(),

@@ -150,6 +150,22 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
     }
 }
 
+/// Longest key `GET /v1/policy/status` lists a rejected record under.
+const LISTED_KEY_MAX: usize = 256;
+
+/// `rel` as the rejected records are listed: itself when short, else its first characters
+/// and a hash of the whole (still one entry per key, so a later valid write clears it).
+fn listed_key(rel: &str) -> String {
+    if rel.len() <= LISTED_KEY_MAX {
+        return rel.to_string();
+    }
+    let cut: String = rel.chars().take(64).collect();
+    let hash = rel.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("{cut}…#{hash:016x}")
+}
+
 /// What woke the engine.
 enum Wake {
     Records(RawBatch),
@@ -177,6 +193,9 @@ fn apply(policy: &Policy, world: &mut World, ev: RawEvent) -> bool {
     let Some(okey) = ObjectKey::parse(rel) else {
         return false; // not a kind we read
     };
+    // Listed under a key of bounded length: a key any writer chose may be megabytes long.
+    let listed = listed_key(rel);
+    let rel = listed.as_str();
     let mut rejected = policy
         .rejected
         .lock()
@@ -208,4 +227,20 @@ fn apply(policy: &Policy, world: &mut World, ev: RawEvent) -> bool {
         },
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejected_records_are_listed_under_bounded_keys() {
+        assert_eq!(listed_key("pods/x/a"), "pods/x/a");
+        let long = format!("pods/x/{}", "a".repeat(100_000));
+        let other = format!("pods/x/{}b", "a".repeat(100_000));
+        let (l, o) = (listed_key(&long), listed_key(&other));
+        assert!(l.len() < 100, "{} bytes", l.len());
+        assert_ne!(l, o, "two keys, two entries");
+        assert_eq!(l, listed_key(&long), "one key, one entry");
+    }
 }
