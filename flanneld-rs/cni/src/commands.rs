@@ -107,13 +107,14 @@ pub fn del(
     // Also without a saved config: an ADD whose PUT timed out may still have left a record.
     match PodId::from_env(env, &args.container_id) {
         Ok(pod) => {
-            let was_pending = handover::drop_pending(
+            let dropped = handover::drop_pending(
                 &handover::pending_dir(&conf.subnet_file),
                 &pod,
                 &args.container_id,
             );
-            // A record still pending is in no daemon's hands: no tombstone if none answers.
-            let gone = (!was_pending).then(|| handover::gone_dir(&conf.subnet_file));
+            // A record still pending that no daemon ever had: no tombstone if none answers.
+            let never_sent = dropped == Some(handover::Sent::Never);
+            let gone = (!never_sent).then(|| handover::gone_dir(&conf.subnet_file));
             handover::delete_pod(
                 &daemon_api(conf, opts),
                 &pod,

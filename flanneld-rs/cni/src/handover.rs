@@ -46,9 +46,17 @@ pub fn put_pod(
     match api.request("PUT", &pod.api_path(), Some(&body)) {
         Ok(r) if r.is_success() => Ok(()),
         // The daemon cannot publish now (etcd away): it will from the pending directory.
-        Ok(r) if r.status >= 500 => {
-            leave_pending(api, pod, container_id, &body, pending, &status_text(&r))
-        }
+        // It may have written the record before failing (its rules not in force in time):
+        // the pending file says so, and DEL then still leaves a tombstone.
+        Ok(r) if r.status >= 500 => leave_pending(
+            api,
+            pod,
+            container_id,
+            &body,
+            pending,
+            &status_text(&r),
+            Sent::Maybe,
+        ),
         Ok(r) => Err(refused(api, pod, status_text(&r))),
         Err(e @ ApiError::BadResponse(_)) => Err(refused(api, pod, e.to_string())),
         // InvalidInput: a socket path too long for a Unix socket, where no daemon can listen.
@@ -60,12 +68,38 @@ pub fn put_pod(
                     | std::io::ErrorKind::InvalidInput
             ) =>
         {
-            leave_pending(api, pod, container_id, &body, pending, &e.to_string())
+            leave_pending(
+                api,
+                pod,
+                container_id,
+                &body,
+                pending,
+                &e.to_string(),
+                Sent::Never,
+            )
         }
         Err(e) => Err(CniError::DaemonUnreachable {
             socket: api.socket().to_path_buf(),
             reason: e.to_string(),
         }),
+    }
+}
+
+/// Whether a pending record may have reached a daemon: never, when none listened; maybe,
+/// when one answered with a failure (it may have written the record first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sent {
+    Never,
+    Maybe,
+}
+
+/// The pending file's name: a record a daemon may hold already carries a suffix, so that DEL
+/// knows to leave a tombstone for it.
+fn pending_name(pod: &PodId, container_id: &str, sent: Sent) -> String {
+    let name = tombstone_name(pod, container_id);
+    match sent {
+        Sent::Never => name,
+        Sent::Maybe => format!("{name}.sent"),
     }
 }
 
@@ -76,8 +110,15 @@ fn leave_pending(
     body: &[u8],
     pending: &Path,
     e: &str,
+    sent: Sent,
 ) -> Result<(), CniError> {
-    let name = tombstone_name(pod, container_id);
+    let name = pending_name(pod, container_id, sent);
+    // One pending file per container: a later attempt's replaces an earlier one's.
+    let other = match sent {
+        Sent::Never => Sent::Maybe,
+        Sent::Maybe => Sent::Never,
+    };
+    let _ = std::fs::remove_file(pending.join(pending_name(pod, container_id, other)));
     write_atomic(pending, &name, body).map_err(|w| CniError::DaemonUnreachable {
         socket: api.socket().to_path_buf(),
         reason: format!(
@@ -106,11 +147,17 @@ pub enum Removal {
     GaveUp(String),
 }
 
-/// Drops a record ADD left pending; true when there was one. Such a record never reached a
-/// daemon but one publishing it at this moment, which finds its file gone afterwards and
-/// removes what it published.
-pub fn drop_pending(pending: &Path, pod: &PodId, container_id: &str) -> bool {
-    std::fs::remove_file(pending.join(tombstone_name(pod, container_id))).is_ok()
+/// Drops the record ADD left pending, and says which kind it was (`None`: none). One no
+/// daemon ever had (`Sent::Never`) is in no daemon's hands but one publishing it at this
+/// moment, which finds its file gone afterwards and removes what it published.
+pub fn drop_pending(pending: &Path, pod: &PodId, container_id: &str) -> Option<Sent> {
+    let mut dropped = None;
+    for sent in [Sent::Maybe, Sent::Never] {
+        if std::fs::remove_file(pending.join(pending_name(pod, container_id, sent))).is_ok() {
+            dropped = dropped.or(Some(sent));
+        }
+    }
+    dropped
 }
 
 /// `DELETE /v1/pods/<ns>/<name>?containerID=<id>`; never fails. Anything but `Done` is
@@ -281,13 +328,16 @@ mod tests {
         );
         // A daemon that cannot publish now (etcd away) gets the record from the pending
         // directory later; ADD goes on.
+        // It may have written the record before failing: the file says so, and DEL that
+        // drops it still leaves a tombstone.
         daemon.answer("HTTP/1.1 503 Busy\r\n\r\n");
         let tmp = tempfile::tempdir().unwrap();
         put_pod(&api(&daemon), &pod(), "c1", &json!({}), tmp.path()).unwrap();
         assert_eq!(
-            fs::read_to_string(tmp.path().join("prod_db-0_c1")).unwrap(),
+            fs::read_to_string(tmp.path().join("prod_db-0_c1.sent")).unwrap(),
             "{}"
         );
+        assert_eq!(drop_pending(tmp.path(), &pod(), "c1"), Some(Sent::Maybe));
         daemon.answer("garbage");
         let err = put_pod(
             &api(&daemon),
@@ -331,12 +381,9 @@ mod tests {
         put_pod(&api, &pod(), "c1", &json!({"kind": "Pod"}), &pending).unwrap();
         let left = fs::read_to_string(pending.join("prod_db-0_c1")).unwrap();
         assert_eq!(left, "{\"kind\":\"Pod\"}");
-        assert!(drop_pending(&pending, &pod(), "c1"));
+        assert_eq!(drop_pending(&pending, &pod(), "c1"), Some(Sent::Never));
         assert!(!pending.join("prod_db-0_c1").exists());
-        assert!(
-            !drop_pending(&pending, &pod(), "c1"),
-            "nothing left to drop"
-        );
+        assert_eq!(drop_pending(&pending, &pod(), "c1"), None, "nothing left");
         // A record dropped while pending reached no daemon: with none to tell, DEL leaves no
         // tombstone behind (on a Go Flannel node they would pile up in /run).
         let gone = tmp.path().join("gone");

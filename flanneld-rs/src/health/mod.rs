@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -88,40 +89,53 @@ fn bind(addr: Ipv4Addr, port: u16) -> Result<std::net::UdpSocket> {
     }
 }
 
-/// Most queued ICMP errors read per tick: a burst beyond it waits for the next tick.
-const ERRORS_PER_TICK: usize = 256;
+/// Most queued ICMP errors read in one go, before the loop serves its other work.
+const ERRORS_PER_WAKE: usize = 256;
 
-/// The probes that met an ICMP port unreachable, from the error queue: (address probed, the
-/// nonce quoted). Other errors (a network unreachable, a fragmentation needed) are dropped:
-/// to the prober they are losses, as they were.
-fn port_unreachables(sock: &UdpSocket, buf: &mut [u8]) -> Vec<(IpAddr, u64)> {
+/// One queued ICMP error (`MSG_ERRQUEUE`): `Some((address probed, nonce quoted))` for a port
+/// unreachable sent by the very address our probe went to; `None` for any other error (a
+/// network unreachable, a fragmentation needed: losses to the prober, as they were). `Err`
+/// (always `WouldBlock`, so that the socket's error readiness is cleared) when the queue is
+/// empty or cannot be read.
+fn read_error(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Option<(IpAddr, u64)>> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrIn};
-    let mut found = Vec::new();
-    for _ in 0..ERRORS_PER_TICK {
-        let mut cmsg = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in);
-        let mut iov = [std::io::IoSliceMut::new(buf)];
-        let Ok(msg) = recvmsg::<SockaddrIn>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT,
-        ) else {
-            break; // EAGAIN: the queue is empty
-        };
-        let to = msg.address.map(|a| IpAddr::V4(a.ip()));
-        let len = msg.bytes;
-        let unreachable_port = msg.cmsgs().is_ok_and(|mut c| {
-            c.any(|m| {
-                matches!(m, ControlMessageOwned::Ipv4RecvErr(e, _)
-                    if e.ee_origin == libc::SO_EE_ORIGIN_ICMP && e.ee_type == 3 && e.ee_code == 3)
-            })
-        });
-        let quoted = iov[0].get(..len).and_then(core::decode);
-        if let (true, Some(to), Some(Message::Request(nonce))) = (unreachable_port, to, quoted) {
-            found.push((to, nonce));
-        }
+    let mut cmsg = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let Ok(msg) = recvmsg::<SockaddrIn>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT,
+    ) else {
+        return Err(std::io::ErrorKind::WouldBlock.into());
+    };
+    let to = msg.address.map(|a| IpAddr::V4(a.ip()));
+    let len = msg.bytes;
+    let sender = msg.cmsgs().ok().and_then(|mut c| {
+        c.find_map(|m| match m {
+            ControlMessageOwned::Ipv4RecvErr(e, from)
+                if e.ee_origin == libc::SO_EE_ORIGIN_ICMP && e.ee_type == 3 && e.ee_code == 3 =>
+            {
+                from.map(|f| IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(f.sin_addr.s_addr))))
+            }
+            _ => None,
+        })
+    });
+    let quoted = iov[0].get(..len).and_then(core::decode);
+    Ok(match (to, sender, quoted) {
+        (Some(to), Some(from), Some(Message::Request(nonce))) if from == to => Some((to, nonce)),
+        _ => None,
+    })
+}
+
+/// Sends without waiting for room, trying twice: an ICMP error that arrived just before is
+/// reported once, by whichever call on the socket comes next (IP_RECVERR), and must not
+/// cost a probe or an answer.
+fn send_now(sock: &UdpSocket, data: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+    match sock.try_send_to(data, to) {
+        Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => sock.try_send_to(data, to),
+        done => done,
     }
-    found
 }
 
 /// DF on every probe, and no local fragmentation or path-MTU cache: a full-size probe must
@@ -177,7 +191,7 @@ async fn run(
                 let counter = match msg {
                     Message::Request(nonce) => match prober.on_request(from.ip(), nonce) {
                         core::Request::Answer => {
-                            match sock.try_send_to(&core::encode_reply(nonce), from) {
+                            match send_now(&sock, &core::encode_reply(nonce), from) {
                                 Ok(_) => &h.answered,
                                 Err(_) => &h.answer_failed,
                             }
@@ -200,12 +214,25 @@ async fn run(
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
             }
+            ready = sock.ready(Interest::ERROR) => {
+                // ICMP errors for our probes, read as they come: the queue shares the
+                // socket's receive buffer with probes and answers.
+                if ready.is_err() {
+                    return; // the runtime is going away
+                }
+                for _ in 0..ERRORS_PER_WAKE {
+                    match sock.try_io(Interest::ERROR, || read_error(&sock, &mut buf)) {
+                        Ok(Some((to, nonce))) => {
+                            status.health.no_responder.fetch_add(1, Ordering::Relaxed);
+                            report(prober.on_no_responder(to, nonce).as_slice());
+                        }
+                        Ok(None) => {}
+                        Err(_) => break,
+                    }
+                }
+            }
             _ = tick.tick() => {
                 let now = Instant::now();
-                for (to, nonce) in port_unreachables(&sock, &mut buf) {
-                    status.health.no_responder.fetch_add(1, Ordering::Relaxed);
-                    report(prober.on_no_responder(to, nonce).as_slice());
-                }
                 let changes = prober.expire(now);
                 report(&changes);
                 for probe in prober.due(now, rand::random::<u64>) {
@@ -214,7 +241,7 @@ async fn run(
                     let to = SocketAddr::new(probe.to, cfg.port);
                     // Never wait for room: probes queued behind an unresolved neighbour
                     // would hold up everyone else's; one not sent is a loss like any other.
-                    let counter = match sock.try_send_to(&out, to) {
+                    let counter = match send_now(&sock, &out, to) {
                         Ok(_) => &status.health.sent,
                         Err(_) => &status.health.send_failed,
                     };

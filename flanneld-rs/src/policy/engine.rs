@@ -136,6 +136,11 @@ pub async fn run(policy: Arc<Policy>, mut records: mpsc::Receiver<RawBatch>) {
                     }
                     installed = None;
                     pending_retry = true;
+                    // With nothing to enforce, no pod waits on the removal being retried: a
+                    // pod's ADD would otherwise hang 5 s and leave its record pending.
+                    if rules.is_empty() {
+                        policy.programmed.send_replace(revision);
+                    }
                     continue;
                 }
             }
