@@ -253,6 +253,7 @@ impl Flags {
     /// Parses the process arguments. Go's flag package also accepts a single dash before long
     /// names (`-etcd-endpoints=…`), which Flannel's manifests use, so we accept it too.
     pub fn from_args() -> Self {
+        drop_empty_env();
         Flags::parse_from(normalize_args(std::env::args()))
     }
 
@@ -333,9 +334,37 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
+/// Whether an environment variable is one of ours that is set but empty: Go Flannel sets a
+/// flag from its variable only when the value is not empty (`flagutil.SetFlagsFromEnv`), so
+/// `FLANNELD_IFACE=` in an env file means "not given", never an interface named "".
+fn empty_flag_var(name: &str, value: &std::ffi::OsStr) -> bool {
+    value.is_empty() && (name.starts_with("FLANNELD_") || name == "WIREGUARD_KEY_FILE")
+}
+
+/// Removes our empty flag variables before parsing (called first thing in `main`, while the
+/// process has one thread).
+fn drop_empty_env() {
+    let empty: Vec<std::ffi::OsString> = std::env::vars_os()
+        .filter(|(k, v)| k.to_str().is_some_and(|k| empty_flag_var(k, v)))
+        .map(|(k, _)| k)
+        .collect();
+    for k in empty {
+        std::env::remove_var(k);
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn empty_flag_variables_count_as_not_given() {
+        use std::ffi::OsStr;
+        assert!(empty_flag_var("FLANNELD_IFACE", OsStr::new("")));
+        assert!(empty_flag_var("WIREGUARD_KEY_FILE", OsStr::new("")));
+        assert!(!empty_flag_var("FLANNELD_IFACE", OsStr::new("eth0")));
+        assert!(!empty_flag_var("HOME", OsStr::new("")));
+    }
 
     use std::sync::Mutex;
 

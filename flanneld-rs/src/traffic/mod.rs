@@ -358,7 +358,9 @@ async fn output(prog: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-const LISTING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+const LISTING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long one rule-changing run of a tool may take.
+const RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Runs `prog args`, feeding `stdin` if given; an error carries the program's stderr.
 async fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<()> {
@@ -380,9 +382,16 @@ async fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<()> {
             .with_context(|| format!("writing to {prog}"))?;
         // Dropping the pipe closes it: the program sees the end of its input.
     }
-    let out = child
-        .wait_with_output()
+    // Bounded: a held xtables lock (`-w` waits for it) or a hung tool must not stall the
+    // daemon's event loop; the child is killed when the wait is abandoned.
+    let out = tokio::time::timeout(RUN_TIMEOUT, child.wait_with_output())
         .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "{prog} did not finish within {} s (an xtables lock held elsewhere?)",
+                RUN_TIMEOUT.as_secs()
+            )
+        })?
         .with_context(|| format!("waiting for {prog}"))?;
     if !out.status.success() {
         bail!(
