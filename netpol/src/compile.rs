@@ -221,21 +221,18 @@ pub fn policy_chain(p: &Policy, dir: Direction) -> String {
     } else {
         format!(
             "pol_{:016x}_{}",
-            fnv(&format!("{}/{}", p.namespace, p.name)),
+            crate::fnv(&format!("{}/{}", p.namespace, p.name)),
             short(dir)
         )
     }
 }
 
 fn group_chain(policy_chains: &[String], dir: Direction) -> String {
-    format!("grp_{:016x}_{}", fnv(&policy_chains.join(",")), short(dir))
-}
-
-/// FNV-1a: stable across runs and builds, which is all a chain name needs.
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-    })
+    format!(
+        "grp_{:016x}_{}",
+        crate::fnv(&policy_chains.join(",")),
+        short(dir)
+    )
 }
 
 fn policy_rules(

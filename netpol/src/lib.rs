@@ -35,6 +35,14 @@ impl Invalid {
     }
 }
 
+/// FNV-1a of `s`: short names for what may be too long to name itself (chains, keys), stable
+/// across runs and builds, which is all such a name needs.
+pub fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
+}
+
 /// Quotes of untrusted text stop at 64 characters, so a huge value never reaches a log whole.
 pub fn clip(s: &str) -> String {
     clip_to(s, 64)

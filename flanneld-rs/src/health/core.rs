@@ -153,12 +153,12 @@ struct Peer {
 }
 
 impl Peer {
-    /// A peer with no verdict yet (key, address and next probe to be filled in).
-    fn fresh() -> Self {
+    /// A peer with no verdict yet, probed next at `next`.
+    fn fresh(key: String, to: IpAddr, next: Instant) -> Self {
         Peer {
-            key: String::new(),
-            to: IpAddr::from([0, 0, 0, 0]),
-            next: Instant::now(),
+            key,
+            to,
+            next,
             answered: false,
             down: false,
             misses: 0,
@@ -208,11 +208,8 @@ impl Prober {
         for (i, (key, to)) in peers.iter().enumerate() {
             let interval = self.interval.as_millis().max(1) as u64;
             let phase = (seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) % interval;
-            let peer = self.peers.entry(*to).or_insert_with(|| Peer {
-                key: key.clone(),
-                to: *to,
-                next: now + Duration::from_millis(phase),
-                ..Peer::fresh()
+            let peer = self.peers.entry(*to).or_insert_with(|| {
+                Peer::fresh(key.clone(), *to, now + Duration::from_millis(phase))
             });
             peer.key = key.clone();
         }
@@ -292,11 +289,17 @@ impl Prober {
     /// An answer: counted only from the address the probe went to, with its nonce, before
     /// its timeout. `None`: refused (an unknown or expired nonce, or the wrong sender).
     pub fn on_reply(&mut self, from: IpAddr, nonce: u64, now: Instant) -> Option<Vec<Change>> {
-        if self.outstanding.get(&nonce)?.to != from {
+        let o = self.take_outstanding(nonce, from)?;
+        Some(self.result(o, true, now))
+    }
+
+    /// The outstanding probe with `nonce`, taken, if it went to `to` (else left in place:
+    /// a datagram from elsewhere changes nothing).
+    fn take_outstanding(&mut self, nonce: u64, to: IpAddr) -> Option<Outstanding> {
+        if self.outstanding.get(&nonce)?.to != to {
             return None;
         }
-        let o = self.outstanding.remove(&nonce)?;
-        Some(self.result(o, true, now))
+        self.outstanding.remove(&nonce)
     }
 
     /// The host probed said nothing listens on the probe port (an ICMP port unreachable
@@ -305,18 +308,12 @@ impl Prober {
     /// verdict goes back to "not probed", for it is no failure of the path; `Some` when it
     /// had answered before (said once).
     pub fn on_no_responder(&mut self, to: IpAddr, nonce: u64) -> Option<Change> {
-        if self.outstanding.get(&nonce)?.to != to {
-            return None;
-        }
-        self.outstanding.remove(&nonce);
+        self.take_outstanding(nonce, to)?;
         let p = self.peers.get_mut(&to)?;
         let had_answered = p.answered;
         *p = Peer {
-            key: p.key.clone(),
-            to: p.to,
-            next: p.next,
             looped: p.looped,
-            ..Peer::fresh()
+            ..Peer::fresh(std::mem::take(&mut p.key), p.to, p.next)
         };
         had_answered.then(|| Change::NoResponder { key: p.key.clone() })
     }

@@ -164,11 +164,7 @@ fn listed_key(rel: &str) -> String {
     if rel.len() <= LISTED_KEY_MAX {
         return rel.to_string();
     }
-    let cut: String = rel.chars().take(64).collect();
-    let hash = rel.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    format!("{cut}…#{hash:016x}")
+    format!("{}#{:016x}", netpol::clip(rel), netpol::fnv(rel))
 }
 
 /// What woke the engine.
